@@ -1,0 +1,306 @@
+"""The mathematics of Gaussian diffusion, in one place.
+
+Everything that knows what a beta schedule, a forward posterior or a reverse step is lives here:
+the pools, the objective, the trainer and the samplers only call into it. Schedules are held in
+float64 and cast per step (as improved-DDPM and the DKDM authors' code do), so results agree with
+their float64 reference to float32 rounding.
+
+Timesteps here are *model* indices 0 .. T-1: index t is the step from x_{t+1} to x_t in the
+1-based notation of the papers, and the index the network is conditioned on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+PREDICTIONS = ("epsilon", "v_prediction", "sample")
+VARIANCES = ("fixed_small", "fixed_large", "learned_range")
+SCHEDULES = ("linear", "cosine", "scaled_linear")
+
+
+def _alpha_bar_betas(num_steps: int, alpha_bar, max_beta: float = 0.999) -> np.ndarray:
+    betas = []
+    for i in range(num_steps):
+        t1, t2 = i / num_steps, (i + 1) / num_steps
+        betas.append(min(1.0 - alpha_bar(t2) / alpha_bar(t1), max_beta))
+    return np.asarray(betas, dtype=np.float64)
+
+
+def make_betas(
+    name: str, num_steps: int, beta_start: float | None = None, beta_end: float | None = None
+) -> np.ndarray:
+    """Named beta schedules as improved-DDPM / diffusers define them (float64).
+
+    ``linear`` without explicit endpoints scales DDPM's (1e-4, 0.02) by 1000/T, so a 100-step
+    linear schedule covers the same noise range as a 1000-step one (improved-DDPM's convention).
+    """
+    if num_steps < 2:
+        raise ValueError(f"a schedule needs at least 2 steps, got {num_steps}")
+    if name == "cosine":
+        return _alpha_bar_betas(
+            num_steps, lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+        )
+    if name == "linear":
+        scale = 1000.0 / num_steps
+        start = beta_start if beta_start is not None else scale * 1e-4
+        end = beta_end if beta_end is not None else scale * 0.02
+        return np.linspace(start, end, num_steps, dtype=np.float64)
+    if name == "scaled_linear":
+        start = beta_start if beta_start is not None else 0.00085
+        end = beta_end if beta_end is not None else 0.012
+        return np.linspace(start**0.5, end**0.5, num_steps, dtype=np.float64) ** 2
+    raise ValueError(f"unknown noise schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+
+
+_DIFFUSERS_SCHEDULES = {
+    "linear": "linear",
+    "scaled_linear": "scaled_linear",
+    "squaredcos_cap_v2": "cosine",
+}
+
+
+@dataclass
+class Reverse:
+    """A model's (or the true posterior's) reverse-step distribution at (x_t, t)."""
+
+    eps: torch.Tensor
+    x0: torch.Tensor
+    mean: torch.Tensor
+    variance: torch.Tensor
+    log_variance: torch.Tensor
+
+
+@dataclass
+class TrainingBatch:
+    """What every data source hands the trainer: inputs, model timesteps, and the target step."""
+
+    x_t: torch.Tensor
+    t: torch.Tensor
+    target: Reverse
+    meta: dict = field(default_factory=dict)
+
+
+def _take(arr: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """arr[t] (float64) cast to like's dtype/device and shaped to broadcast over like."""
+    out = arr.to(t.device)[t].to(like.dtype)
+    return out.view(-1, *([1] * (like.dim() - 1)))
+
+
+class Schedule:
+    """A discrete DDPM noise schedule and every quantity derived from it."""
+
+    def __init__(self, betas, config: dict | None = None):
+        b = torch.as_tensor(np.asarray(betas, dtype=np.float64))
+        if b.dim() != 1 or len(b) < 2:
+            raise ValueError("betas must be a 1-D sequence of at least 2 values")
+        if not bool(((b > 0) & (b <= 1)).all()):
+            raise ValueError("betas must lie in (0, 1]")
+        self.config = dict(config) if config else {"betas": b.tolist()}
+        self.betas = b
+        self.num_steps = len(b)
+        alphas = 1.0 - b
+        self.alphas_cumprod = torch.cumprod(alphas, 0)
+        prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
+        self.alphas_cumprod_prev = prev
+        self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
+        self.sqrt_one_minus_alphas_cumprod = (1.0 - self.alphas_cumprod).sqrt()
+        self.sqrt_recip_alphas_cumprod = (1.0 / self.alphas_cumprod).sqrt()
+        self.sqrt_recipm1_alphas_cumprod = (1.0 / self.alphas_cumprod - 1.0).sqrt()
+        self.posterior_variance = b * (1.0 - prev) / (1.0 - self.alphas_cumprod)
+        self.posterior_log_variance_clipped = torch.log(
+            torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]])
+        )
+        self.posterior_mean_coef1 = b * prev.sqrt() / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (1.0 - prev) * alphas.sqrt() / (1.0 - self.alphas_cumprod)
+        self.log_betas = torch.log(b)
+        large = torch.cat([self.posterior_variance[1:2], b[1:]])
+        self.fixed_large_variance = large
+        self.fixed_large_log_variance = torch.log(large)
+
+    # construction -------------------------------------------------------------------------
+    @classmethod
+    def named(cls, name: str, num_steps: int, **kw) -> "Schedule":
+        betas = make_betas(name, num_steps, **kw)
+        return cls(betas, {"schedule": name, "num_steps": num_steps, **kw})
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Schedule":
+        """Inverse of ``self.config``: a named schedule or explicit betas."""
+        if "betas" in config:
+            return cls(config["betas"], config)
+        kw = {k: config[k] for k in ("beta_start", "beta_end") if config.get(k) is not None}
+        return cls.named(config["schedule"], int(config["num_steps"]), **kw)
+
+    @classmethod
+    def from_diffusers(cls, scheduler_config: dict) -> "Schedule":
+        """Read the schedule of a diffusers DDPM-family scheduler config."""
+        steps = int(scheduler_config.get("num_train_timesteps", 1000))
+        trained = scheduler_config.get("trained_betas")
+        if trained is not None:
+            return cls(trained)
+        kind = scheduler_config.get("beta_schedule", "linear")
+        if kind not in _DIFFUSERS_SCHEDULES:
+            raise ValueError(
+                f"unsupported diffusers beta_schedule {kind!r}; "
+                f"supported: {', '.join(_DIFFUSERS_SCHEDULES)}"
+            )
+        name = _DIFFUSERS_SCHEDULES[kind]
+        if name == "cosine":
+            return cls.named("cosine", steps)
+        return cls.named(
+            name,
+            steps,
+            beta_start=float(scheduler_config.get("beta_start", 0.0001)),
+            beta_end=float(scheduler_config.get("beta_end", 0.02)),
+        )
+
+    def to_diffusers(self) -> dict:
+        """The diffusers DDPMScheduler arguments that reproduce this schedule."""
+        cfg = self.config
+        if cfg.get("schedule") == "cosine":
+            return {"num_train_timesteps": self.num_steps, "beta_schedule": "squaredcos_cap_v2"}
+        if cfg.get("schedule") in ("linear", "scaled_linear"):
+            b = make_betas(cfg["schedule"], self.num_steps, cfg.get("beta_start"), cfg.get("beta_end"))
+            return {
+                "num_train_timesteps": self.num_steps,
+                "beta_schedule": cfg["schedule"],
+                "beta_start": float(b[0]) if cfg["schedule"] == "linear" else cfg.get("beta_start", 0.00085),
+                "beta_end": float(b[-1]) if cfg["schedule"] == "linear" else cfg.get("beta_end", 0.012),
+            }
+        return {"num_train_timesteps": self.num_steps, "trained_betas": self.betas.tolist()}
+
+    def respace(self, num_steps: int) -> tuple["Schedule", torch.Tensor]:
+        """An evenly respaced schedule with the same alpha-bar at the kept steps.
+
+        Returns the new schedule and the map from its indices to this schedule's model indices
+        (the network is still conditioned on the original timesteps).
+        """
+        if not 2 <= num_steps <= self.num_steps:
+            raise ValueError(f"sampling steps must be in 2..{self.num_steps}, got {num_steps}")
+        keep = np.unique(np.round(np.linspace(0, self.num_steps - 1, num_steps)).astype(np.int64))
+        abar = self.alphas_cumprod.numpy()[keep]
+        prev = np.concatenate([[1.0], abar[:-1]])
+        betas = 1.0 - abar / prev
+        return Schedule(betas), torch.as_tensor(keep)
+
+    # forward process ----------------------------------------------------------------------
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return _take(self.sqrt_alphas_cumprod, t, x0) * x0 + _take(
+            self.sqrt_one_minus_alphas_cumprod, t, x0
+        ) * noise
+
+    def q_posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> Reverse:
+        """The forward posterior q(x_{t-1} | x_t, x0): the target of data-based training."""
+        mean = _take(self.posterior_mean_coef1, t, x_t) * x0 + _take(
+            self.posterior_mean_coef2, t, x_t
+        ) * x_t
+        var = _take(self.posterior_variance, t, x_t).expand_as(x_t)
+        log_var = _take(self.posterior_log_variance_clipped, t, x_t).expand_as(x_t)
+        eps = self.eps_from_x0(x_t, t, x0)
+        return Reverse(eps=eps, x0=x0, mean=mean, variance=var, log_variance=log_var)
+
+    # conversions --------------------------------------------------------------------------
+    def x0_from_eps(self, x_t, t, eps):
+        return _take(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - _take(
+            self.sqrt_recipm1_alphas_cumprod, t, x_t
+        ) * eps
+
+    def eps_from_x0(self, x_t, t, x0):
+        return (_take(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0) / _take(
+            self.sqrt_recipm1_alphas_cumprod, t, x_t
+        )
+
+    def v_target(self, x0, t, eps):
+        return _take(self.sqrt_alphas_cumprod, t, x0) * eps - _take(
+            self.sqrt_one_minus_alphas_cumprod, t, x0
+        ) * x0
+
+    # reverse process ----------------------------------------------------------------------
+    def reverse(
+        self,
+        output: torch.Tensor,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        prediction: str = "epsilon",
+        variance: str = "learned_range",
+        clip_x0: bool = False,
+    ) -> Reverse:
+        """A model's reverse-step distribution p(x_{t-1} | x_t) from its raw output.
+
+        ``output`` has C channels (fixed variance) or 2C (learned range: prediction, then the
+        interpolation value v in [-1, 1]) along dim 1. ``eps`` is the model's own prediction;
+        ``x0`` and ``mean`` use the clamped x0 when ``clip_x0`` (as the teacher's step does).
+        """
+        if variance == "learned_range":
+            if output.shape[1] != 2 * x_t.shape[1]:
+                raise ValueError(
+                    f"a learned-variance model must output {2 * x_t.shape[1]} channels, "
+                    f"got {output.shape[1]}"
+                )
+            pred, v = output.chunk(2, dim=1)
+            min_log = _take(self.posterior_log_variance_clipped, t, x_t)
+            max_log = _take(self.log_betas, t, x_t)
+            frac = (v + 1) / 2
+            log_var = frac * max_log + (1 - frac) * min_log
+            var = torch.exp(log_var)
+        elif variance in ("fixed_small", "fixed_large"):
+            if output.shape[1] != x_t.shape[1]:
+                raise ValueError(
+                    f"a fixed-variance model must output {x_t.shape[1]} channels, "
+                    f"got {output.shape[1]}"
+                )
+            pred = output
+            if variance == "fixed_small":
+                var_arr, log_arr = self.posterior_variance, self.posterior_log_variance_clipped
+            else:
+                var_arr, log_arr = self.fixed_large_variance, self.fixed_large_log_variance
+            var = _take(var_arr, t, x_t).expand_as(x_t)
+            log_var = _take(log_arr, t, x_t).expand_as(x_t)
+        else:
+            raise ValueError(f"unknown variance type {variance!r}; choose one of {VARIANCES}")
+
+        if prediction == "epsilon":
+            eps = pred
+            x0 = self.x0_from_eps(x_t, t, eps)
+        elif prediction == "sample":
+            x0 = pred
+            eps = self.eps_from_x0(x_t, t, x0)
+        elif prediction == "v_prediction":
+            x0 = _take(self.sqrt_alphas_cumprod, t, x_t) * x_t - _take(
+                self.sqrt_one_minus_alphas_cumprod, t, x_t
+            ) * pred
+            eps = _take(self.sqrt_alphas_cumprod, t, x_t) * pred + _take(
+                self.sqrt_one_minus_alphas_cumprod, t, x_t
+            ) * x_t
+        else:
+            raise ValueError(f"unknown prediction type {prediction!r}; choose one of {PREDICTIONS}")
+        if clip_x0:
+            x0 = x0.clamp(-1, 1)
+        mean = _take(self.posterior_mean_coef1, t, x_t) * x0 + _take(
+            self.posterior_mean_coef2, t, x_t
+        ) * x_t
+        return Reverse(eps=eps, x0=x0, mean=mean, variance=var, log_variance=log_var)
+
+
+def reverse_sample(step: Reverse, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Draw x_{t-1} from a reverse step; no noise is added at t = 0."""
+    nonzero = (t != 0).to(step.mean.dtype).view(-1, *([1] * (step.mean.dim() - 1)))
+    return step.mean + nonzero * torch.exp(0.5 * step.log_variance) * noise
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) elementwise, in nats."""
+    return 0.5 * (
+        -1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+        + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
+    )
+
+
+def kl_bits(p: Reverse, q: Reverse) -> torch.Tensor:
+    """Per-sample KL(p || q) averaged over elements, in bits."""
+    kl = normal_kl(p.mean, p.log_variance, q.mean, q.log_variance)
+    return kl.flatten(1).mean(1) / math.log(2.0)
