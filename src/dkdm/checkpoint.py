@@ -1,0 +1,105 @@
+"""Training checkpoints as safetensors + JSON, written atomically.
+
+A checkpoint is a directory ``checkpoints/step_NNNNNNNN`` holding ``state.safetensors`` (every
+tensor: student, EMA, optimizer moments, data-source state such as the pool, RNG states) and
+``meta.json`` (step, optimizer hyper-parameters, lr schedule, run config). It is assembled in a
+temporary directory and renamed into place, so a crash never leaves a half-written checkpoint
+under a final name. No pickle anywhere: a checkpoint from a stranger is safe to load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import DkdmError
+
+PREFIX = "step_"
+
+
+def flatten(prefix: str, tensors: dict) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v.detach().contiguous().cpu() for k, v in tensors.items()}
+
+
+def unflatten(prefix: str, flat: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    p = prefix + "."
+    return {k[len(p):]: v for k, v in flat.items() if k.startswith(p)}
+
+
+def optimizer_to_flat(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state_dict into tensors and a JSON-able remainder."""
+    tensors, scalars = {}, {}
+    for pid, pstate in state["state"].items():
+        for name, val in pstate.items():
+            if torch.is_tensor(val):
+                tensors[f"{pid}.{name}"] = val
+            else:
+                scalars[f"{pid}.{name}"] = val
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, val in list(tensors.items()) + list(meta["scalars"].items()):
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = val
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    out = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"cuda{i}"] = s
+    return out
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available():
+        cuda = [state[k] for k in sorted(state) if k.startswith("cuda")]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def save_checkpoint(root, step: int, tensors: dict[str, torch.Tensor], meta: dict, keep: int = 2) -> Path:
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = root / f".tmp_{PREFIX}{step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(tensors, str(tmp / "state.safetensors"))
+    (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=1))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root) -> list[Path]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "meta.json").exists())
+
+
+def load_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict]:
+    path = Path(path)
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        tensors = load_file(str(path / "state.safetensors"))
+    except (OSError, json.JSONDecodeError, SafetensorError) as e:
+        raise DkdmError(f"checkpoint {path} is unreadable ({e}); delete it to resume from an earlier one")
+    return tensors, meta

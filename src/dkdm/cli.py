@@ -1,0 +1,332 @@
+"""The ``dkdm`` command line: train, distill, sample, evaluate.
+
+Settings come from built-in defaults, then a YAML file (``--config``), then flags. A user
+mistake prints one line and exits 2; a diverged run exits 3; an interrupt checkpoints and exits
+130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import DkdmError
+
+#: Settings that suit each built-in data set (flags and --config override them).
+DATA_DEFAULTS = {
+    "toy2d": {"model": "mlp:width=128,depth=3", "schedule": "linear", "diffusion_steps": 100, "batch": 256, "lr": 1e-3,
+              "ema": 0.995, "steps": 3000},
+}
+COMMON_DEFAULTS = {
+    "seed": 0, "steps": 2000, "batch": 128, "lr": 1e-4, "weight_decay": 0.0, "ema": 0.9999,
+    "grad_clip": 1.0, "warmup": 0, "mixed_precision": "no", "log_every": 50, "ckpt_every": 500,
+    "keep_checkpoints": 2, "vlb_weight": 1.0,
+}
+TRAIN_DEFAULTS = {"data": "toy2d", "model": None, "schedule": "cosine", "diffusion_steps": 1000,
+                  "variance": "learned_range", "prediction": "epsilon"}
+DISTILL_DEFAULTS = {"teacher": None, "student": None, "pool": "dynamic", "rho": 0.4,
+                    "pool_dtype": "float32", "prep_batch": 8192, "variance": "learned_range"}
+
+
+def _common(p: argparse.ArgumentParser, training: bool) -> None:
+    p.add_argument("--config", help="YAML file of settings (flags override it)")
+    p.add_argument("--seed", type=int, help="random seed (same seed, same result on CPU)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    if not training:
+        return
+    p.add_argument("--out", help="run directory to create (it becomes the model directory)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--steps", type=int, help="training iterations")
+    p.add_argument("--batch", type=int, help="training batch size B")
+    p.add_argument("--lr", type=float, help="AdamW learning rate")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--ema", type=float, help="EMA decay of the saved weights")
+    p.add_argument("--grad-clip", type=float, help="gradient-norm clip (0: off)")
+    p.add_argument("--warmup", type=int, help="learning-rate warm-up steps")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
+    p.add_argument("--log-every", type=int)
+    p.add_argument("--ckpt-every", type=int, help="checkpoint every K steps")
+    p.add_argument("--keep-checkpoints", type=int)
+    p.add_argument("--vlb-weight", type=float, help="lambda on L*vlb (default 1: the authors' code)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="dkdm", description="Data-free knowledge distillation for diffusion models.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    tr = sub.add_parser("train", help="ordinary data-based training (teachers and baselines)")
+    _common(tr, True)
+    tr.add_argument("--data", help="built-in data set: toy2d")
+    tr.add_argument("--model", help="architecture spec, e.g. mlp:width=128,depth=3")
+    tr.add_argument("--schedule", choices=["linear", "cosine", "scaled_linear"])
+    tr.add_argument("--diffusion-steps", type=int, help="T, the number of diffusion steps")
+    tr.add_argument("--variance", choices=["learned_range", "fixed_small", "fixed_large"])
+    tr.add_argument("--prediction", choices=["epsilon", "v_prediction", "sample"])
+
+    di = sub.add_parser("distill", help="data-free distillation of a teacher into a student (DKDM)")
+    _common(di, True)
+    di.add_argument("--teacher", help="teacher model directory")
+    di.add_argument("--student", help="student architecture spec (default: the teacher's type, default size)")
+    di.add_argument("--pool", choices=["iterative", "shuffled", "dynamic"])
+    di.add_argument("--rho", type=float, help="dynamic pool size in batches per diffusion step (paper: 0.4)")
+    di.add_argument("--pool-dtype", choices=["float32", "float16", "bfloat16"])
+    di.add_argument("--prep-batch", type=int, help="teacher batch size for pool preparation")
+    di.add_argument("--variance", choices=["learned_range", "fixed_small", "fixed_large"],
+                    help="student variance (learned_range trains it with L*vlb)")
+
+    sa = sub.add_parser("sample", help="draw samples from a model directory")
+    _common(sa, False)
+    sa.add_argument("--model", required=True, help="model directory")
+    sa.add_argument("--num", type=int, default=1000)
+    sa.add_argument("--steps", type=int, help="sampling steps (default: all diffusion steps)")
+    sa.add_argument("--batch", type=int, default=1024)
+    sa.add_argument("--out", required=True, help="output .npz file")
+
+    ev = sub.add_parser("evaluate", help="metrics of a model's samples against a reference, as JSON")
+    _common(ev, False)
+    ev.add_argument("--model", required=True, help="model directory")
+    ev.add_argument("--reference", help="built-in data set (default: the one the model or its teacher learned)")
+    ev.add_argument("--num", type=int, help="number of samples (default: the metric's fixed count)")
+    ev.add_argument("--steps", type=int, help="sampling steps (default: all diffusion steps)")
+    return ap
+
+
+def _settings(args, *defaults) -> dict:
+    """defaults <- --config YAML <- flags given on the command line."""
+    merged: dict = {}
+    for d in defaults:
+        merged.update(d)
+    if getattr(args, "config", None):
+        import yaml
+
+        path = Path(args.config)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise DkdmError(f"cannot read config {path}: {e.__class__.__name__}: {e}")
+        if not isinstance(loaded, dict):
+            raise DkdmError(f"config {path} must be a YAML mapping of settings")
+        loaded = {k.replace("-", "_"): v for k, v in loaded.items()}
+        unknown = set(loaded) - set(merged)
+        if unknown:
+            raise DkdmError(f"config {path}: unknown setting(s) {', '.join(sorted(unknown))}")
+        merged.update(loaded)
+    for k, v in vars(args).items():
+        if v is not None and k in merged:
+            merged[k] = v
+    return merged
+
+
+def _check_out(s: dict) -> Path:
+    if not s.get("out"):
+        raise DkdmError("--out DIR is required: the run directory to create")
+    out = Path(s["out"])
+    if out.exists() and not out.is_dir():
+        raise DkdmError(f"--out {out} is a file; choose a directory path")
+    if s.get("resume"):
+        from .checkpoint import list_checkpoints
+
+        if not list_checkpoints(out / "checkpoints"):
+            raise DkdmError(f"--resume: {out} has no checkpoint to resume from; drop --resume to start afresh")
+    elif out.exists() and any(out.iterdir()):
+        raise DkdmError(f"--out {out} already holds a run; pass --resume to continue it or choose another directory")
+    return out
+
+
+def _train_config(s: dict):
+    from .trainer import TrainConfig
+
+    cfg = TrainConfig(
+        steps=int(s["steps"]), lr=float(s["lr"]), weight_decay=float(s["weight_decay"]),
+        ema_decay=float(s["ema"]), grad_clip=float(s["grad_clip"]), warmup=int(s["warmup"]),
+        mixed_precision=s["mixed_precision"], log_every=int(s["log_every"]), ckpt_every=int(s["ckpt_every"]),
+        keep_checkpoints=int(s["keep_checkpoints"]), vlb_weight=float(s["vlb_weight"]),
+    )
+    cfg.validate()
+    if int(s["batch"]) < 1:
+        raise DkdmError(f"--batch must be at least 1, got {s['batch']}")
+    return cfg
+
+
+def _run(trainer, s: dict, out: Path, prepare=None) -> None:
+    """Resume or start (optionally preparing the pool first, then checkpointing it), then train."""
+    import torch
+
+    if s.get("resume"):
+        step = trainer.resume()
+        print(f"resuming {out} from step {step}", file=sys.stderr)
+    else:
+        if prepare is not None:
+            prepare()
+        torch.manual_seed(int(s["seed"]) + 1)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run.json").write_text(json.dumps(s, indent=1, default=str))
+        trainer.save()
+    last = trainer.train()
+    print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in last.items()}))
+
+
+def cmd_train(args) -> None:
+    import torch
+    from accelerate import Accelerator
+
+    from .data import DataSource, builtin_dataset
+    from .diffusion import Schedule
+    from .model import DiffusionModel
+    from .trainer import Trainer
+
+    data_name = args.data or TRAIN_DEFAULTS["data"]
+    dataset = builtin_dataset(data_name)
+    s = _settings(args, COMMON_DEFAULTS, TRAIN_DEFAULTS, DATA_DEFAULTS.get(data_name, {}), {"out": None, "resume": False})
+    s["model"] = s["model"] or "mlp"
+    cfg = _train_config(s)
+    out = _check_out(s)
+    if int(s["diffusion_steps"]) < 2:
+        raise DkdmError(f"--diffusion-steps must be at least 2, got {s['diffusion_steps']}")
+    schedule = Schedule.named(s["schedule"], int(s["diffusion_steps"]))
+    torch.manual_seed(int(s["seed"]))
+    model = DiffusionModel.build(
+        s["model"], dataset.sample_shape, schedule, variance=s["variance"], prediction=s["prediction"],
+        clip_x0=dataset.clip_x0, extra={"data": data_name},
+    )
+    acc = Accelerator(mixed_precision=cfg.mixed_precision)
+    source = DataSource(dataset, schedule, int(s["batch"]), seed=int(s["seed"]), device=acc.device)
+    info = {"student": model.describe(), "source": source.describe()}
+    trainer = Trainer(model, source, cfg, out, info, progress=not args.no_progress, accelerator=acc)
+    _run(trainer, s, out)
+
+
+def cmd_distill(args) -> None:
+    import torch
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    from .model import DiffusionModel, load_model
+    from .pool import KnowledgePool, pool_memory_bytes, pool_size, preparation_cost
+    from .students import parse_spec
+    from .trainer import Trainer
+
+    if not (args.teacher or args.config):
+        raise DkdmError("--teacher DIR is required: a model directory written by `dkdm train` or `dkdm distill`")
+    s = _settings(args, COMMON_DEFAULTS, DISTILL_DEFAULTS, {"out": None, "resume": False})
+    if not s["teacher"]:
+        raise DkdmError("--teacher DIR is required: a model directory written by `dkdm train` or `dkdm distill`")
+    acc = Accelerator(mixed_precision=s["mixed_precision"])
+    teacher = load_model(s["teacher"], device=acc.device, role="teacher")
+    teacher.requires_grad_(False)
+    # the teacher's data set brings its training defaults; --config and flags still win
+    data_defaults = {k: v for k, v in DATA_DEFAULTS.get(teacher.extra.get("data"), {}).items() if k in COMMON_DEFAULTS}
+    s = _settings(args, COMMON_DEFAULTS, data_defaults, DISTILL_DEFAULTS, {"out": None, "resume": False})
+    cfg = _train_config(s)
+    student_spec = parse_spec(s["student"] or {"type": teacher.spec["type"]})
+    size = pool_size(s["pool"], float(s["rho"]), teacher.schedule.num_steps, int(s["batch"]))
+    out = _check_out(s)
+    torch.manual_seed(int(s["seed"]))
+    student = DiffusionModel.build(
+        student_spec, teacher.sample_shape, teacher.schedule, variance=s["variance"], prediction="epsilon",
+        clip_x0=teacher.clip_x0, extra={"data": teacher.extra.get("data"), "teacher": str(Path(s["teacher"]).resolve())},
+    )
+    T = teacher.schedule.num_steps
+    mem = pool_memory_bytes(size, teacher.sample_shape, s["pool_dtype"])
+    prep = preparation_cost(s["pool"], size, T)
+    print(
+        f"pool: {s['pool']}, {size} entries x {list(teacher.sample_shape)} {s['pool_dtype']} = {mem / 2**20:.1f} MiB; "
+        f"preparation ~{prep:,} teacher sample-steps; training {cfg.steps * int(s['batch']):,} teacher sample-forwards",
+        file=sys.stderr,
+    )
+    pool = KnowledgePool(teacher, int(s["batch"]), s["pool"], float(s["rho"]), s["pool_dtype"],
+                         seed=int(s["seed"]), device=acc.device)
+    info = {"student": student.describe(), "source": pool.describe(), "teacher": str(Path(s["teacher"]).resolve())}
+    trainer = Trainer(student, pool, cfg, out, info, progress=not args.no_progress, accelerator=acc)
+
+    def prepare():
+        with tqdm(total=prep, desc="pool", unit="step", unit_scale=True,
+                  disable=args.no_progress or prep == 0, dynamic_ncols=True) as bar:
+            pool.prepare(chunk=int(s["prep_batch"]), progress=bar)
+
+    _run(trainer, s, out, prepare)
+
+
+def _reference_for(model_dir, given):
+    from .model import read_model_config
+
+    if given:
+        return given
+    cfg = read_model_config(model_dir)
+    if cfg.get("data"):
+        return cfg["data"]
+    raise DkdmError(f"{model_dir} does not record its data set; pass --reference NAME")
+
+
+def cmd_sample(args) -> None:
+    import numpy as np
+    import torch
+
+    from .model import load_model
+
+    if args.num < 1:
+        raise DkdmError(f"--num must be at least 1, got {args.num}")
+    out = Path(args.out)
+    if out.suffix != ".npz":
+        raise DkdmError(f"--out {out}: samples are written as .npz; give a file name ending in .npz")
+    model = load_model(args.model)
+    g = torch.Generator().manual_seed(args.seed or 0)
+    x = _sample(model, args.num, args.steps, g, args.batch, args.no_progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, samples=x.numpy())
+    print(f"wrote {args.num} samples {list(x.shape[1:])} to {out}", file=sys.stderr)
+
+
+def _sample(model, num, steps, generator, batch, no_progress):
+    from tqdm.auto import tqdm
+
+    T = model.schedule.num_steps
+    if steps is not None and not 2 <= steps <= T:
+        raise DkdmError(f"--steps must be in 2..{T}, got {steps}")
+    total = num * (steps or T)
+    with tqdm(total=total, desc="sample", unit="step", unit_scale=True, disable=no_progress, dynamic_ncols=True) as bar:
+        return model.sample(num, steps, generator, batch, progress=bar)
+
+
+def cmd_evaluate(args) -> None:
+    import torch
+
+    from .data import builtin_dataset
+    from .metrics.toy import NUM_SAMPLES, sliced_w2
+    from .model import load_model
+
+    ref = _reference_for(args.model, args.reference)
+    dataset = builtin_dataset(ref)
+    model = load_model(args.model)
+    if tuple(model.sample_shape) != tuple(dataset.sample_shape):
+        raise DkdmError(f"model samples have shape {list(model.sample_shape)} but {ref} has {list(dataset.sample_shape)}")
+    num = args.num or NUM_SAMPLES
+    g = torch.Generator().manual_seed(args.seed or 0)
+    x = _sample(model, num, args.steps, g, 4096, args.no_progress)
+    result = {"model": str(args.model), "reference": ref, "num_samples": num,
+              "sampling_steps": args.steps or model.schedule.num_steps, "sliced_w2": sliced_w2(x, dataset)}
+    print(json.dumps(result))
+
+
+COMMANDS = {"train": cmd_train, "distill": cmd_distill, "sample": cmd_sample, "evaluate": cmd_evaluate}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except DkdmError as e:
+        from .trainer import TrainingDiverged
+
+        print(f"dkdm {args.command}: error: {e}", file=sys.stderr)
+        return 3 if isinstance(e, TrainingDiverged) else 2
+    except KeyboardInterrupt as e:
+        print(f"dkdm {args.command}: {e or 'interrupted'}", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

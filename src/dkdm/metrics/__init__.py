@@ -1,0 +1,1 @@
+"""Sample-quality metrics. Each metric module imports only what it needs, lazily."""

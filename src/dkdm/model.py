@@ -1,0 +1,177 @@
+"""A diffusion model: a network plus the process it models, saved as a self-describing directory.
+
+A model directory holds ``dkdm_model.json`` (architecture spec, data shape, output
+parameterization, schedule) and ``model.safetensors`` (weights). Teachers and students are both
+``DiffusionModel``s; the pool, the trainer and the samplers only use this class.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .diffusion import PREDICTIONS, VARIANCES, Schedule, reverse_sample
+from .errors import DkdmError
+from .students import build_net, parse_spec
+
+MODEL_JSON = "dkdm_model.json"
+WEIGHTS = "model.safetensors"
+
+
+class DiffusionModel(nn.Module):
+    """``net(x, t)`` with the schedule and output parameterization needed to read its output."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        schedule: Schedule,
+        sample_shape,
+        prediction: str = "epsilon",
+        variance: str = "learned_range",
+        clip_x0: bool = False,
+        spec: dict | None = None,
+        extra: dict | None = None,
+    ):
+        super().__init__()
+        if prediction not in PREDICTIONS:
+            raise DkdmError(f"unknown prediction type {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
+        if variance not in VARIANCES:
+            raise DkdmError(f"unknown variance type {variance!r}; choose one of {', '.join(VARIANCES)}")
+        self.net = net
+        self.schedule = schedule
+        self.sample_shape = tuple(int(s) for s in sample_shape)
+        self.prediction = prediction
+        self.variance = variance
+        self.clip_x0 = clip_x0
+        self.spec = spec
+        self.extra = dict(extra or {})
+
+    @classmethod
+    def build(cls, spec, sample_shape, schedule: Schedule, variance="learned_range", **kw):
+        """A fresh model of architecture ``spec`` (learned variance doubles the output channels)."""
+        spec = parse_spec(spec)
+        channels = sample_shape[0]
+        out = 2 * channels if variance == "learned_range" else channels
+        net = build_net(spec, sample_shape, out)
+        return cls(net, schedule, sample_shape, variance=variance, spec=spec, **kw)
+
+    def forward(self, x, t):
+        return self.net(x, t)
+
+    def reverse(self, x, t, schedule: Schedule | None = None, t_model=None, clip_x0=None):
+        """The model's reverse step at (x, t); ``schedule``/``t_model`` for respaced sampling."""
+        out = self.net(x, t if t_model is None else t_model)
+        sched = schedule or self.schedule
+        clip = self.clip_x0 if clip_x0 is None else clip_x0
+        return sched.reverse(out.float(), x, t, self.prediction, self.variance, clip_x0=clip)
+
+    @torch.no_grad()
+    def sample(self, num: int, steps: int | None = None, generator=None, batch_size: int = 1024, progress=None):
+        """Ancestral sampling with ``steps`` evenly respaced steps (default: all of them)."""
+        device = next(self.parameters()).device
+        if steps is None or steps == self.schedule.num_steps:
+            sched, tmap = self.schedule, torch.arange(self.schedule.num_steps)
+        else:
+            sched, tmap = self.schedule.respace(steps)
+        tmap = tmap.to(device)
+        chunks = []
+        for start in range(0, num, batch_size):
+            n = min(batch_size, num - start)
+            x = torch.randn((n, *self.sample_shape), generator=generator, device=device)
+            for i in reversed(range(sched.num_steps)):
+                t = torch.full((n,), i, device=device, dtype=torch.long)
+                step = self.reverse(x, t, schedule=sched, t_model=tmap[t])
+                x = reverse_sample(step, t, torch.randn(x.shape, generator=generator, device=device))
+                if progress is not None:
+                    progress.update(n)
+            chunks.append(x.cpu())
+        return torch.cat(chunks)
+
+    # persistence -----------------------------------------------------------------------------
+    def describe(self) -> dict:
+        return {
+            "format": "dkdm-model",
+            "version": 1,
+            "spec": self.spec,
+            "sample_shape": list(self.sample_shape),
+            "prediction": self.prediction,
+            "variance": self.variance,
+            "clip_x0": self.clip_x0,
+            "schedule": self.schedule.config,
+            **self.extra,
+        }
+
+    def save(self, directory, state_dict: dict | None = None) -> None:
+        """Write the model directory; ``state_dict`` overrides the weights (e.g. the EMA)."""
+        if self.spec is None:
+            raise DkdmError("a model built from a custom nn.Module has no spec; save its weights yourself")
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        sd = state_dict if state_dict is not None else self.net.state_dict()
+        tmp = d / (WEIGHTS + ".tmp")
+        save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp))
+        os.replace(tmp, d / WEIGHTS)
+        tmpj = d / (MODEL_JSON + ".tmp")
+        tmpj.write_text(json.dumps(self.describe(), indent=1))
+        os.replace(tmpj, d / MODEL_JSON)
+
+
+def read_model_config(directory, role: str = "model") -> dict:
+    d = Path(directory)
+    if not d.exists():
+        raise DkdmError(f"{role} directory {d} does not exist")
+    if not d.is_dir():
+        raise DkdmError(f"{role} path {d} is not a directory; pass a directory written by `dkdm train` or `dkdm distill`")
+    cfg_path = d / MODEL_JSON
+    if not cfg_path.exists():
+        raise DkdmError(
+            f"{d} is not a dkdm model directory (no {MODEL_JSON}); pass a directory written by "
+            f"`dkdm train` or `dkdm distill`"
+        )
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DkdmError(f"cannot read {cfg_path}: {e}")
+    if cfg.get("format") != "dkdm-model":
+        raise DkdmError(f"{cfg_path} is not a dkdm model description (format={cfg.get('format')!r})")
+    return cfg
+
+
+def load_model(directory, device="cpu", role: str = "model", net: nn.Module | None = None) -> DiffusionModel:
+    """Load a model directory; pass ``net`` for a model built from a custom module."""
+    cfg = read_model_config(directory, role)
+    d = Path(directory)
+    try:
+        schedule = Schedule.from_config(cfg["schedule"])
+        shape = cfg["sample_shape"]
+        if net is None:
+            model = DiffusionModel.build(
+                cfg["spec"], shape, schedule, variance=cfg["variance"], prediction=cfg["prediction"],
+                clip_x0=cfg["clip_x0"], extra={k: v for k, v in cfg.items() if k not in _CORE},
+            )
+        else:
+            model = DiffusionModel(net, schedule, shape, cfg["prediction"], cfg["variance"], cfg["clip_x0"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise DkdmError(f"{d / MODEL_JSON} is malformed ({e.__class__.__name__}: {e})")
+    weights = d / WEIGHTS
+    if not weights.exists():
+        raise DkdmError(f"{role} directory {d} has no {WEIGHTS}; the run may not have finished (see its checkpoints/)")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise DkdmError(f"cannot read {weights}: {e}; the file is corrupt or not safetensors")
+    try:
+        model.net.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise DkdmError(f"{weights} does not fit the architecture in {MODEL_JSON}: {first[1].strip() if len(first) > 1 else first[0]}")
+    return model.to(device).eval()
+
+
+_CORE = {"format", "version", "spec", "sample_shape", "prediction", "variance", "clip_x0", "schedule"}

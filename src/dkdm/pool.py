@@ -1,0 +1,157 @@
+"""Knowledge extraction: the teacher's own reverse process as the data source (METHOD.md).
+
+Pool entries are (x, s) with s the 1-based step of the papers: x is x_s, s = T_steps is pure
+noise, s = 0 a finished sample. The teacher's step from x_s is conditioned on model index s - 1.
+
+Three kinds share one interface (``next_batch``, ``state_dict``, ``load_state_dict``):
+- ``iterative``: B trajectories in lock-step, every batch at one t;
+- ``shuffled``: B entries at independent t, all advanced each iteration;
+- ``dynamic``: round(rho*T)*B entries, B drawn at random each iteration (the paper's method).
+Each training sample costs exactly one teacher forward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .diffusion import TrainingBatch, reverse_sample
+from .errors import DkdmError
+
+KINDS = ("iterative", "shuffled", "dynamic")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def pool_size(kind: str, rho: float, num_steps: int, batch_size: int) -> int:
+    """Number of pool entries, validated; DkdmError for impossible settings."""
+    if kind not in KINDS:
+        raise DkdmError(f"unknown pool kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if batch_size < 1:
+        raise DkdmError(f"--batch must be at least 1, got {batch_size}")
+    if kind != "dynamic":
+        return batch_size
+    if not rho > 0:
+        raise DkdmError(f"--rho must be > 0, got {rho}")
+    blocks = round(rho * num_steps)
+    if blocks < 1:
+        raise DkdmError(
+            f"--rho {rho} with {num_steps} diffusion steps gives a pool of round(rho*T)={blocks} "
+            f"batches, smaller than one batch of {batch_size}; use --rho >= {0.5 / num_steps:g}"
+        )
+    return blocks * batch_size
+
+
+def pool_memory_bytes(size: int, sample_shape, dtype: str) -> int:
+    return size * math.prod(sample_shape) * DTYPES[dtype].itemsize + size * 8
+
+
+def preparation_cost(kind: str, size: int, num_steps: int) -> int:
+    """Expected teacher sample-steps to prepare the pool (N * T/2 for random stops)."""
+    return 0 if kind == "iterative" else size * num_steps // 2
+
+
+class KnowledgePool:
+    """A pool of partially denoised teacher samples that yields student training batches."""
+
+    def __init__(self, teacher, batch_size: int, kind: str = "dynamic", rho: float = 0.4,
+                 dtype: str = "float32", seed: int = 0, device="cpu"):
+        if dtype not in DTYPES:
+            raise DkdmError(f"unknown pool dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        self.teacher = teacher
+        self.kind = kind
+        self.rho = rho
+        self.batch_size = batch_size
+        self.num_steps = teacher.schedule.num_steps
+        self.size = pool_size(kind, rho, self.num_steps, batch_size)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.x = torch.zeros((self.size, *teacher.sample_shape), dtype=DTYPES[dtype], device=self.device)
+        self.s = torch.zeros(self.size, dtype=torch.long, device=self.device)
+        self.teacher_calls = 0  # teacher sample-forwards spent on training batches
+        self.prep_calls = 0  # teacher sample-forwards spent preparing the pool
+        self.prepared = False
+
+    def _noise(self, shape):
+        return torch.randn(shape, generator=self.generator, device=self.device)
+
+    @torch.no_grad()
+    def _teacher_step(self, x, s):
+        """One teacher reverse step from (x_s, s): returns x_{s-1} and the step's distribution."""
+        t = s - 1
+        step = self.teacher.reverse(x, t)
+        return reverse_sample(step, t, self._noise(x.shape)), step
+
+    @torch.no_grad()
+    def prepare(self, chunk: int = 4096, progress=None) -> None:
+        """Bring every entry from noise to its own stop step, uniform over 1..T-1."""
+        T = self.num_steps
+        self.x.copy_(self._noise(self.x.shape))
+        if self.kind == "iterative":
+            self.s.fill_(T)
+            self.prepared = True
+            return
+        stops = torch.randint(1, T, (self.size,), generator=self.generator, device=self.device)
+        for start in range(0, self.size, chunk):
+            x = self.x[start:start + chunk].float()
+            stop = stops[start:start + chunk]
+            for s in range(T, 1, -1):
+                active = (stop < s).nonzero().squeeze(1)
+                if len(active) == 0:
+                    break
+                sv = torch.full((len(active),), s, device=self.device)
+                x[active], _ = self._teacher_step(x[active], sv)
+                self.prep_calls += len(active)
+                if progress is not None:
+                    progress.update(len(active))
+            self.x[start:start + chunk] = x.to(self.x.dtype)
+        self.s.copy_(stops)
+        self.prepared = True
+
+    def _draw(self) -> torch.Tensor:
+        if self.kind == "dynamic":
+            return torch.randperm(self.size, generator=self.generator, device=self.device)[: self.batch_size]
+        return torch.arange(self.size, device=self.device)
+
+    @torch.no_grad()
+    def next_batch(self) -> TrainingBatch:
+        if not self.prepared:
+            raise RuntimeError("prepare() the pool (or load its state) before drawing batches")
+        idx = self._draw()
+        s = self.s[idx]
+        x = self.x[idx].float()
+        done = s == 0
+        if bool(done.any()):
+            x[done] = self._noise((int(done.sum()), *x.shape[1:]))
+            s = torch.where(done, torch.full_like(s, self.num_steps), s)
+        x_prev, step = self._teacher_step(x, s)
+        self.x[idx] = x_prev.to(self.x.dtype)
+        self.s[idx] = s - 1
+        self.teacher_calls += len(idx)
+        return TrainingBatch(x_t=x, t=s - 1, target=step)
+
+    # state --------------------------------------------------------------------------------
+    def describe(self) -> dict:
+        return {"source": "pool", "pool": self.kind, "rho": self.rho, "batch": self.batch_size,
+                "size": self.size, "dtype": self.dtype}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            "x": self.x, "s": self.s, "rng": self.generator.get_state(),
+            "teacher_calls": torch.tensor(self.teacher_calls),
+            "prep_calls": torch.tensor(self.prep_calls),
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if tuple(state["x"].shape) != tuple(self.x.shape) or state["x"].dtype != self.x.dtype:
+            raise DkdmError(
+                f"saved pool holds {list(state['x'].shape)} {state['x'].dtype}, this run needs "
+                f"{list(self.x.shape)} {self.x.dtype}: pool kind, --rho, --batch and --pool-dtype must match the saved run"
+            )
+        self.x.copy_(state["x"])
+        self.s.copy_(state["s"])
+        self.generator.set_state(state["rng"])
+        self.teacher_calls = int(state["teacher_calls"])
+        self.prep_calls = int(state["prep_calls"])
+        self.prepared = True

@@ -1,0 +1,205 @@
+"""One training loop for every data source: a knowledge pool (distillation) or a data set.
+
+A source is anything with ``next_batch() -> TrainingBatch``, ``state_dict()`` and
+``load_state_dict()``; the loop does not know which kind it has. Devices and mixed precision
+come from accelerate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from .checkpoint import (
+    flatten, list_checkpoints, load_checkpoint, optimizer_from_flat, optimizer_to_flat, rng_state,
+    save_checkpoint, set_rng_state, unflatten,
+)
+from .errors import DkdmError
+from .model import DiffusionModel
+from .objective import DEFAULT_VLB_WEIGHT, dkdm_loss
+
+
+class TrainingDiverged(DkdmError):
+    """The loss became NaN or inf; the run stopped and its last good checkpoint is kept."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    ema_decay: float = 0.9999
+    grad_clip: float = 1.0
+    warmup: int = 0
+    mixed_precision: str = "no"
+    log_every: int = 50
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2
+    vlb_weight: float = DEFAULT_VLB_WEIGHT
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise DkdmError(f"--steps must be at least 1, got {self.steps}")
+        if not self.lr > 0:
+            raise DkdmError(f"--lr must be > 0, got {self.lr}")
+        if not 0 <= self.ema_decay < 1:
+            raise DkdmError(f"--ema must be in [0, 1), got {self.ema_decay}")
+        if self.ckpt_every < 1 or self.log_every < 1:
+            raise DkdmError("--ckpt-every and --log-every must be at least 1")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise DkdmError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+
+
+class EMA:
+    """Exponential moving average of the weights, with diffusers' warm-up of the decay.
+
+    Hand-written (a dozen lines) because its state must be a flat tensor dict for safetensors.
+    """
+
+    def __init__(self, net: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() for k, v in net.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, net: torch.nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, v in net.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].lerp_(v.float(), 1 - d)
+            else:
+                self.shadow[k].copy_(v)
+
+
+class Trainer:
+    """Train ``student`` on ``source``, writing logs, checkpoints and the final model to ``out``."""
+
+    def __init__(self, student: DiffusionModel, source, config: TrainConfig, out, run_info: dict | None = None,
+                 progress: bool = True, accelerator: Accelerator | None = None):
+        config.validate()
+        self.student = student
+        self.source = source
+        self.cfg = config
+        self.out = Path(out)
+        self.run_info = dict(run_info or {})
+        self.progress = progress
+        self.accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
+        self.step = 0
+        opt = torch.optim.AdamW(student.net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        warm = max(1, config.warmup)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        self.net, self.opt, self.lr_sched = self.accelerator.prepare(student.net, opt, sched)
+        self.ema = EMA(self.accelerator.unwrap_model(self.net), config.ema_decay)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.log_path = self.out / "log.jsonl"
+
+    # checkpoints ------------------------------------------------------------------------------
+    def save(self) -> Path:
+        net = self.accelerator.unwrap_model(self.net)
+        opt_tensors, opt_meta = optimizer_to_flat(self.opt.state_dict())
+        tensors = {
+            **flatten("student", net.state_dict()),
+            **flatten("ema", self.ema.shadow),
+            **flatten("optim", opt_tensors),
+            **flatten("source", self.source.state_dict()),
+            **flatten("rng", rng_state()),
+        }
+        meta = {"optimizer": opt_meta, "lr_scheduler": self.lr_sched.state_dict(),
+                "config": asdict(self.cfg), "run": self.run_info}
+        return save_checkpoint(self.ckpt_dir, self.step, tensors, meta, self.cfg.keep_checkpoints)
+
+    def resume(self) -> int:
+        ckpts = list_checkpoints(self.ckpt_dir)
+        if not ckpts:
+            raise DkdmError(f"--resume: {self.out} has no checkpoint to resume from; drop --resume to start afresh")
+        tensors, meta = load_checkpoint(ckpts[-1])
+        saved = meta.get("run", {})
+        for key in ("student", "source", "teacher"):
+            if key in saved and key in self.run_info and saved[key] != self.run_info[key]:
+                raise DkdmError(
+                    f"--resume: the {key} settings differ from the run in {self.out} "
+                    f"(saved {saved[key]}, now {self.run_info[key]}); resume with the same settings"
+                )
+        net = self.accelerator.unwrap_model(self.net)
+        net.load_state_dict(unflatten("student", tensors))
+        self.ema.shadow = {k: v.to(self.ema.shadow[k].device) for k, v in unflatten("ema", tensors).items()}
+        self.opt.load_state_dict(optimizer_from_flat(unflatten("optim", tensors), meta["optimizer"]))
+        self.lr_sched.load_state_dict(meta["lr_scheduler"])
+        self.source.load_state_dict({k: v for k, v in unflatten("source", tensors).items()})
+        set_rng_state(unflatten("rng", tensors))
+        self.step = int(meta["step"])
+        return self.step
+
+    # the loop ---------------------------------------------------------------------------------
+    def _log(self, record: dict) -> None:
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def train(self) -> dict:
+        """Run to ``config.steps``; returns the last logged record. Saves the EMA model at the end."""
+        cfg, schedule, student = self.cfg, self.student.schedule, self.student
+        T = schedule.num_steps
+        self.out.mkdir(parents=True, exist_ok=True)
+        sums = torch.zeros(3, 4, dtype=torch.float64)  # (mse, vb, count) x quarter of t
+        last, t0, n0 = {}, time.time(), self.step
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step",
+                   disable=not self.progress, dynamic_ncols=True)
+        try:
+            while self.step < cfg.steps:
+                batch = self.source.next_batch()
+                self.net.train()
+                with self.accelerator.autocast():
+                    output = self.net(batch.x_t, batch.t)
+                terms = dkdm_loss(schedule, output.float(), batch.x_t, batch.t, batch.target,
+                                  student.prediction, student.variance, cfg.vlb_weight)
+                loss = terms["loss"].mean()
+                if not torch.isfinite(loss):
+                    bad = (~torch.isfinite(terms["loss"])).nonzero().flatten()
+                    raise TrainingDiverged(
+                        f"loss became {loss.item()} at step {self.step + 1} (t={batch.t[bad[:4]].tolist()}); "
+                        f"stopped, last good checkpoint kept in {self.ckpt_dir}; lower --lr or enable --grad-clip"
+                    )
+                self.opt.zero_grad(set_to_none=True)
+                self.accelerator.backward(loss)
+                if cfg.grad_clip > 0:
+                    self.accelerator.clip_grad_norm_(self.net.parameters(), cfg.grad_clip)
+                self.opt.step()
+                self.lr_sched.step()
+                self.step += 1
+                self.ema.update(self.accelerator.unwrap_model(self.net), self.step)
+                with torch.no_grad():
+                    q = (batch.t * 4 // T).cpu()
+                    for i, key in enumerate(("mse", "vb")):
+                        sums[i].index_add_(0, q, terms[key].detach().double().cpu())
+                    sums[2].index_add_(0, q, torch.ones(len(q), dtype=torch.float64))
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    cnt = sums[2].clamp(min=1)
+                    mse, vb = sums[0].sum() / cnt.sum(), sums[1].sum() / cnt.sum()
+                    last = {
+                        "step": self.step, "loss": float(mse + cfg.vlb_weight * vb), "mse": float(mse),
+                        "vb": float(vb), "lr": self.lr_sched.get_last_lr()[0],
+                        **{f"mse_q{i}": float(sums[0, i] / cnt[i]) for i in range(4)},
+                        **{f"vb_q{i}": float(sums[1, i] / cnt[i]) for i in range(4)},
+                        "steps_per_s": (self.step - n0) / max(time.time() - t0, 1e-9),
+                        **({"teacher_calls": self.source.teacher_calls} if hasattr(self.source, "teacher_calls") else {}),
+                    }
+                    self._log(last)
+                    bar.set_postfix(loss=f"{last['loss']:.4f}")
+                    sums.zero_()
+                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                    self.save()
+        except KeyboardInterrupt:
+            bar.close()
+            path = self.save()
+            raise KeyboardInterrupt(f"interrupted at step {self.step}; checkpoint written to {path}; continue with --resume")
+        finally:
+            bar.close()
+        student.save(self.out, {k: v for k, v in self.ema.shadow.items()})
+        return last
