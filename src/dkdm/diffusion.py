@@ -36,7 +36,8 @@ def make_betas(
     """Named beta schedules as improved-DDPM / diffusers define them (float64).
 
     ``linear`` without explicit endpoints scales DDPM's (1e-4, 0.02) by 1000/T, so a 100-step
-    linear schedule covers the same noise range as a 1000-step one (improved-DDPM's convention).
+    linear schedule covers the same noise range as a 1000-step one (improved-DDPM's convention);
+    the last beta is capped at 0.999 so very short schedules stay well defined.
     """
     if num_steps < 2:
         raise ValueError(f"a schedule needs at least 2 steps, got {num_steps}")
@@ -47,7 +48,7 @@ def make_betas(
     if name == "linear":
         scale = 1000.0 / num_steps
         start = beta_start if beta_start is not None else scale * 1e-4
-        end = beta_end if beta_end is not None else scale * 0.02
+        end = beta_end if beta_end is not None else min(scale * 0.02, 0.999)
         return np.linspace(start, end, num_steps, dtype=np.float64)
     if name == "scaled_linear":
         start = beta_start if beta_start is not None else 0.00085
@@ -97,8 +98,8 @@ class Schedule:
         b = torch.as_tensor(np.asarray(betas, dtype=np.float64))
         if b.dim() != 1 or len(b) < 2:
             raise ValueError("betas must be a 1-D sequence of at least 2 values")
-        if not bool(((b > 0) & (b <= 1)).all()):
-            raise ValueError("betas must lie in (0, 1]")
+        if not bool(((b > 0) & (b < 1)).all()):
+            raise ValueError("betas must lie in (0, 1)")
         self.config = dict(config) if config else {"betas": b.tolist()}
         self.betas = b
         self.num_steps = len(b)

@@ -109,8 +109,6 @@ class DiffusionModel(nn.Module):
 
     def save(self, directory, state_dict: dict | None = None) -> None:
         """Write the model directory; ``state_dict`` overrides the weights (e.g. the EMA)."""
-        if self.spec is None:
-            raise DkdmError("a model built from a custom nn.Module has no spec; save its weights yourself")
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         sd = state_dict if state_dict is not None else self.net.state_dict()
@@ -150,6 +148,8 @@ def load_model(directory, device="cpu", role: str = "model", net: nn.Module | No
     try:
         schedule = Schedule.from_config(cfg["schedule"])
         shape = cfg["sample_shape"]
+        if net is None and cfg["spec"] is None:
+            raise DkdmError(f"{d} holds a model built from a custom nn.Module; load it with load_model(dir, net=...)")
         if net is None:
             model = DiffusionModel.build(
                 cfg["spec"], shape, schedule, variance=cfg["variance"], prediction=cfg["prediction"],

@@ -1,0 +1,140 @@
+"""Knowledge pools: preparation spread, draws, restarts, teacher cost, state round trip."""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dkdm.errors import DkdmError
+from dkdm.pool import KnowledgePool, pool_memory_bytes, pool_size
+from helpers import CountingNet, tiny_teacher
+
+
+def test_prepared_pool_is_uniform_over_1_to_T_minus_1():
+    T = 20
+    teacher = tiny_teacher(T)
+    teacher.net = CountingNet(teacher.net)
+    pool = KnowledgePool(teacher, batch_size=64, kind="dynamic", rho=5.0, seed=3)
+    assert pool.size == 100 * 64
+    pool.prepare(chunk=1000)
+    s = pool.s
+    assert s.min() >= 1 and s.max() <= T - 1
+    counts = torch.bincount(s, minlength=T)[1:T].double()
+    expected = pool.size / (T - 1)
+    chi2 = ((counts - expected) ** 2 / expected).sum()
+    dof = T - 2
+    p_value = torch.special.gammaincc(torch.tensor(dof / 2.0, dtype=torch.float64), chi2 / 2)
+    assert p_value > 1e-3, f"chi-square {chi2:.1f} on {dof} dof, p={p_value:.2e}"
+    # each entry cost exactly T - stop teacher steps, and training has cost nothing yet
+    assert pool.prep_calls == int((T - s).sum()) == teacher.net.samples
+    assert pool.teacher_calls == 0
+
+
+class PointMassEps(torch.nn.Module):
+    """The exact epsilon of data that is a point mass at 0: eps = x_t / sqrt(1 - abar_t)."""
+
+    def __init__(self, schedule):
+        super().__init__()
+        self.s = schedule.sqrt_one_minus_alphas_cumprod.float()
+
+    def forward(self, x, t):
+        return x / self.s[t][:, None]
+
+
+def test_prepared_entries_follow_the_teachers_marginal_at_their_step():
+    from dkdm.diffusion import Schedule
+    from dkdm.model import DiffusionModel
+
+    T = 20
+    sched = Schedule.named("linear", T)
+    teacher = DiffusionModel(PointMassEps(sched), sched, (2,), variance="fixed_small")
+    pool = KnowledgePool(teacher, batch_size=100, kind="dynamic", rho=3.0, seed=0)
+    pool.prepare()
+    # x_s ~ N(0, 1 - abar_s) exactly when the reverse steps are right (abar_s at model index s-1)
+    for s in range(1, T):
+        x = pool.x[pool.s == s]
+        want = 1 - sched.alphas_cumprod[s - 1].item()
+        got = x.double().pow(2).mean().item()
+        assert got == pytest.approx(want, rel=0.25), (s, got, want)
+
+
+def test_dynamic_draws_distinct_entries_and_writes_back():
+    pool = KnowledgePool(tiny_teacher(), batch_size=16, kind="dynamic", rho=1.0, seed=1)
+    pool.prepare()
+    for _ in range(20):
+        idx = pool._draw()
+        assert len(idx) == 16 and len(set(idx.tolist())) == 16
+    before = pool.s.clone()
+    batch = pool.next_batch()
+    changed = (pool.s != before).nonzero().flatten()
+    assert len(changed) <= 16 and len(batch.t) == 16
+    assert torch.equal(pool.s[changed], before[changed] - 1)
+
+
+def test_finished_entries_restart_from_noise_at_T():
+    T = 20
+    pool = KnowledgePool(tiny_teacher(T), batch_size=8, kind="dynamic", rho=0.5, seed=2)
+    pool.prepare()
+    pool.s.zero_()
+    pool.x.fill_(1e6)  # finished samples: must not be fed to the teacher again
+    batch = pool.next_batch()
+    assert torch.equal(batch.t, torch.full((8,), T - 1))
+    assert batch.x_t.abs().max() < 10
+    drawn = (pool.s == T - 1).nonzero().flatten()
+    assert len(drawn) == 8
+
+
+def test_teacher_calls_equal_samples_trained_on():
+    from dkdm.trainer import TrainConfig, Trainer
+
+    teacher = tiny_teacher()
+    counter = CountingNet(teacher.net)
+    teacher.net = counter
+    pool = KnowledgePool(teacher, batch_size=32, kind="dynamic", rho=1.0, seed=0)
+    pool.prepare()
+    prep = counter.samples
+    student = tiny_teacher(seed=1, spec="mlp:width=16,depth=1").train()
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        Trainer(student, pool, TrainConfig(steps=7, ckpt_every=100, lr=1e-3), d, progress=False).train()
+    assert counter.samples - prep == 7 * 32 == pool.teacher_calls
+
+
+def test_iterative_pool_moves_in_lock_step_and_restarts():
+    T = 6
+    pool = KnowledgePool(tiny_teacher(T), batch_size=5, kind="iterative")
+    pool.prepare()
+    seen = [pool.next_batch().t.unique().tolist() for _ in range(T + 2)]
+    assert seen == [[5], [4], [3], [2], [1], [0], [5], [4]]
+
+
+def test_shuffled_pool_advances_every_entry():
+    pool = KnowledgePool(tiny_teacher(10), batch_size=12, kind="shuffled", seed=0)
+    pool.prepare()
+    before = pool.s.clone()
+    pool.next_batch()
+    assert torch.equal(pool.s, torch.where(before == 0, torch.full_like(before, 10), before) - 1)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_state_round_trip_through_safetensors(tmp_path, dtype):
+    pool = KnowledgePool(tiny_teacher(), batch_size=8, kind="dynamic", rho=1.0, dtype=dtype, seed=5)
+    pool.prepare()
+    pool.next_batch()
+    save_file(pool.state_dict(), str(tmp_path / "pool.safetensors"))
+    other = KnowledgePool(tiny_teacher(), batch_size=8, kind="dynamic", rho=1.0, dtype=dtype, seed=99)
+    other.load_state_dict(load_file(str(tmp_path / "pool.safetensors")))
+    a, b = pool.next_batch(), other.next_batch()
+    assert torch.equal(a.x_t, b.x_t) and torch.equal(a.t, b.t) and torch.equal(pool.x, other.x)
+    assert pool.x.dtype == {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    assert pool_memory_bytes(pool.size, (2,), dtype) == pool.x.numel() * pool.x.element_size() + pool.s.numel() * 8
+
+
+def test_bad_pool_settings_are_refused():
+    with pytest.raises(DkdmError, match="rho"):
+        pool_size("dynamic", 0.0, 100, 8)
+    with pytest.raises(DkdmError, match="smaller than one batch"):
+        pool_size("dynamic", 0.001, 100, 8)
+    with pytest.raises(DkdmError, match="pool kind"):
+        pool_size("bogus", 0.4, 100, 8)
+    assert pool_size("dynamic", 0.4, 1000, 128) == 400 * 128
