@@ -75,9 +75,16 @@ def parse_spec(spec) -> dict:
             f"it takes {', '.join(DEFAULTS[kind])}"
         )
     full = {"type": kind, **DEFAULTS[kind], **{k: v for k, v in spec.items() if k != "type"}}
-    for key in ("widths", "attn"):
-        if key in full and not isinstance(full[key], list):
-            full[key] = [] if full[key] in ("", None) else [full[key]]
+    for key, default in DEFAULTS[kind].items():
+        val = full[key]
+        if isinstance(default, list):
+            val = full[key] = [] if val in ("", None) else (val if isinstance(val, list) else [val])
+            ok = all(isinstance(v, int) and not isinstance(v, bool) for v in val)
+        else:
+            ok = isinstance(val, int) and not isinstance(val, bool) and val > 0
+        if not ok:
+            kind_of = "a list of integers (a-b-c)" if isinstance(default, list) else "a positive integer"
+            raise DkdmError(f"model spec field {key}={val!r} must be {kind_of}; specs look like {SPEC_HELP}")
     return full
 
 
