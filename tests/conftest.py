@@ -15,3 +15,15 @@ def adm_reference():
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Keep metric caches out of the user's home during tests."""
+    old = os.environ.get("DKDM_CACHE")
+    os.environ["DKDM_CACHE"] = str(tmp_path_factory.mktemp("dkdm-cache"))
+    yield
+    if old is None:
+        os.environ.pop("DKDM_CACHE", None)
+    else:
+        os.environ["DKDM_CACHE"] = old

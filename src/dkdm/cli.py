@@ -18,15 +18,26 @@ from .errors import DkdmError
 DATA_DEFAULTS = {
     "toy2d": {"model": "mlp:width=128,depth=3", "schedule": "linear", "diffusion_steps": 100, "batch": 256, "lr": 1e-3,
               "ema": 0.995, "steps": 3000},
+    "digits": {"model": "unet:widths=32-64,layers=2,groups=8", "schedule": "cosine",
+               "diffusion_steps": 1000, "batch": 128, "lr": 5e-4, "ema": 0.999, "steps": 12000,
+               "warmup": 200},
+}
+#: Distillation settings per teacher data set: sized so the default digits run (pool preparation
+#: included) finishes in minutes on 2 CPU cores; the cost is printed before it is spent.
+DISTILL_DATA_DEFAULTS = {
+    "toy2d": {"student": "mlp:width=96,depth=2", "steps": 2500, "batch": 256, "lr": 1e-3, "ema": 0.995},
+    "digits": {"student": "unet:widths=16-32,layers=2,groups=8", "steps": 6000, "batch": 64, "rho": 0.02,
+               "lr": 5e-4, "ema": 0.999, "warmup": 200},
 }
 COMMON_DEFAULTS = {
     "seed": 0, "steps": 2000, "batch": 128, "lr": 1e-4, "weight_decay": 0.0, "ema": 0.9999,
     "grad_clip": 1.0, "warmup": 0, "mixed_precision": "no", "log_every": 50, "ckpt_every": 500,
-    "keep_checkpoints": 2, "vlb_weight": 1.0,
+    "keep_checkpoints": 2, "vlb_weight": 1.0, "no_report": False,
+    "eval_num": None, "eval_steps": None,
 }
 TRAIN_DEFAULTS = {"data": "toy2d", "model": None, "schedule": "cosine", "diffusion_steps": 1000,
                   "variance": "learned_range", "prediction": "epsilon"}
-DISTILL_DEFAULTS = {"teacher": None, "student": None, "pool": "dynamic", "rho": 0.4,
+DISTILL_DEFAULTS = {"teacher": "builtin:digits", "student": None, "pool": "dynamic", "rho": 0.4,
                     "pool_dtype": "float32", "prep_batch": 8192, "variance": "learned_range"}
 
 
@@ -50,6 +61,10 @@ def _common(p: argparse.ArgumentParser, training: bool) -> None:
     p.add_argument("--ckpt-every", type=int, help="checkpoint every K steps")
     p.add_argument("--keep-checkpoints", type=int)
     p.add_argument("--vlb-weight", type=float, help="lambda on L*vlb (default 1: the authors' code)")
+    p.add_argument("--no-report", action="store_true", default=None,
+                   help="skip the final samples / metrics report")
+    p.add_argument("--eval-num", type=int, help="samples for the final report (default: per data set)")
+    p.add_argument("--eval-steps", type=int, help="sampling steps for the final report (default: per data set)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="ordinary data-based training (teachers and baselines)")
     _common(tr, True)
-    tr.add_argument("--data", help="built-in data set: toy2d")
+    tr.add_argument("--data", help="built-in data set: toy2d or digits")
     tr.add_argument("--model", help="architecture spec, e.g. mlp:width=128,depth=3")
     tr.add_argument("--schedule", choices=["linear", "cosine", "scaled_linear"])
     tr.add_argument("--diffusion-steps", type=int, help="T, the number of diffusion steps")
@@ -67,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     di = sub.add_parser("distill", help="data-free distillation of a teacher into a student (DKDM)")
     _common(di, True)
-    di.add_argument("--teacher", help="teacher model directory")
+    di.add_argument("--teacher", help="teacher model directory, or builtin:digits (the default)")
     di.add_argument("--student", help="student architecture spec (default: the teacher's type, default size)")
     di.add_argument("--pool", choices=["iterative", "shuffled", "dynamic"])
     di.add_argument("--rho", type=float, help="dynamic pool size in batches per diffusion step (paper: 0.4)")
@@ -82,12 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--num", type=int, default=1000)
     sa.add_argument("--steps", type=int, help="sampling steps (default: all diffusion steps)")
     sa.add_argument("--batch", type=int, default=1024)
-    sa.add_argument("--out", required=True, help="output .npz file")
+    sa.add_argument("--out", required=True, help="output file: .npz (arrays) or .png (image grid)")
 
     ev = sub.add_parser("evaluate", help="metrics of a model's samples against a reference, as JSON")
     _common(ev, False)
     ev.add_argument("--model", required=True, help="model directory")
     ev.add_argument("--reference", help="built-in data set (default: the one the model or its teacher learned)")
+    ev.add_argument("--inception-weights", help="local Inception weights for FID/sFID/IS on RGB image models")
     ev.add_argument("--num", type=int, help="number of samples (default: the metric's fixed count)")
     ev.add_argument("--steps", type=int, help="sampling steps (default: all diffusion steps)")
     return ap
@@ -117,6 +133,12 @@ def _settings(args, *defaults) -> dict:
         if v is not None and k in merged:
             merged[k] = v
     return merged
+
+
+def _default_out(command: str) -> str:
+    import time
+
+    return str(Path("dkdm-runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def _check_out(s: dict) -> Path:
@@ -150,9 +172,12 @@ def _train_config(s: dict):
     return cfg
 
 
-def _run(trainer, s: dict, out: Path, prepare=None) -> None:
-    """Resume or start (optionally preparing the pool first, then checkpointing it), then train."""
+def _run(trainer, s: dict, out: Path, args, prepare=None, teacher=None) -> None:
+    """Resume or start (optionally preparing the pool first, then checkpointing it), train, report."""
     import torch
+
+    from .evaluation import summary_table, write_report
+    from .model import load_model
 
     if s.get("resume"):
         step = trainer.resume()
@@ -166,6 +191,21 @@ def _run(trainer, s: dict, out: Path, prepare=None) -> None:
         trainer.save()
     last = trainer.train()
     print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in last.items()}))
+    reference = trainer.student.extra.get("data")
+    if reference and not s.get("no_report"):
+        model = load_model(out, device=trainer.accelerator.device)
+        rows = write_report(out, model, reference, teacher=teacher, teacher_dir=s.get("teacher") and
+                            _model_dir(s["teacher"]), seed=int(s["seed"]), progress=not args.no_progress,
+                            num=s["eval_num"], steps=s["eval_steps"])
+        print(summary_table(rows))
+        print(f"run directory: {out} (metrics.json{', samples.png' if (out / 'samples.png').exists() else ''})",
+              file=sys.stderr)
+
+
+def _model_dir(path):
+    from .model import resolve_model_dir
+
+    return resolve_model_dir(path)
 
 
 def cmd_train(args) -> None:
@@ -195,7 +235,7 @@ def cmd_train(args) -> None:
     source = DataSource(dataset, schedule, int(s["batch"]), seed=int(s["seed"]), device=acc.device)
     info = {"student": model.describe(), "source": source.describe()}
     trainer = Trainer(model, source, cfg, out, info, progress=not args.no_progress, accelerator=acc)
-    _run(trainer, s, out)
+    _run(trainer, s, out, args)
 
 
 def cmd_distill(args) -> None:
@@ -208,26 +248,24 @@ def cmd_distill(args) -> None:
     from .students import parse_spec
     from .trainer import Trainer
 
-    if not (args.teacher or args.config):
-        raise DkdmError("--teacher DIR is required: a model directory written by `dkdm train` or `dkdm distill`")
     s = _settings(args, COMMON_DEFAULTS, DISTILL_DEFAULTS, {"out": None, "resume": False})
-    if not s["teacher"]:
-        raise DkdmError("--teacher DIR is required: a model directory written by `dkdm train` or `dkdm distill`")
     acc = Accelerator(mixed_precision=s["mixed_precision"])
     teacher = load_model(s["teacher"], device=acc.device, role="teacher")
     teacher.requires_grad_(False)
-    # the teacher's data set brings its training defaults; --config and flags still win
-    data_defaults = {k: v for k, v in DATA_DEFAULTS.get(teacher.extra.get("data"), {}).items() if k in COMMON_DEFAULTS}
-    s = _settings(args, COMMON_DEFAULTS, data_defaults, DISTILL_DEFAULTS, {"out": None, "resume": False})
+    # the teacher's data set brings its distillation defaults; --config and flags still win
+    s = _settings(args, COMMON_DEFAULTS, DISTILL_DEFAULTS, DISTILL_DATA_DEFAULTS.get(teacher.extra.get("data"), {}),
+                  {"out": None, "resume": False})
+    s["out"] = s["out"] or _default_out("distill")
     cfg = _train_config(s)
-    student_spec = parse_spec(s["student"] or {"type": teacher.spec["type"]})
-    size = pool_size(s["pool"], float(s["rho"]), teacher.schedule.num_steps, int(s["batch"]))
-    out = _check_out(s)
+    teacher_ref = s["teacher"] if str(s["teacher"]).startswith("builtin:") else str(Path(s["teacher"]).resolve())
     torch.manual_seed(int(s["seed"]))
     student = DiffusionModel.build(
-        student_spec, teacher.sample_shape, teacher.schedule, variance=s["variance"], prediction="epsilon",
-        clip_x0=teacher.clip_x0, extra={"data": teacher.extra.get("data"), "teacher": str(Path(s["teacher"]).resolve())},
+        parse_spec(s["student"] or {"type": teacher.spec["type"]}), teacher.sample_shape, teacher.schedule,
+        variance=s["variance"], prediction="epsilon", clip_x0=teacher.clip_x0,
+        extra={"data": teacher.extra.get("data"), "teacher": teacher_ref},
     )
+    size = pool_size(s["pool"], float(s["rho"]), teacher.schedule.num_steps, int(s["batch"]))
+    out = _check_out(s)
     T = teacher.schedule.num_steps
     mem = pool_memory_bytes(size, teacher.sample_shape, s["pool_dtype"])
     prep = preparation_cost(s["pool"], size, T)
@@ -238,7 +276,7 @@ def cmd_distill(args) -> None:
     )
     pool = KnowledgePool(teacher, int(s["batch"]), s["pool"], float(s["rho"]), s["pool_dtype"],
                          seed=int(s["seed"]), device=acc.device)
-    info = {"student": student.describe(), "source": pool.describe(), "teacher": str(Path(s["teacher"]).resolve())}
+    info = {"student": student.describe(), "source": pool.describe(), "teacher": teacher_ref}
     trainer = Trainer(student, pool, cfg, out, info, progress=not args.no_progress, accelerator=acc)
 
     def prepare():
@@ -246,7 +284,7 @@ def cmd_distill(args) -> None:
                   disable=args.no_progress or prep == 0, dynamic_ncols=True) as bar:
             pool.prepare(chunk=int(s["prep_batch"]), progress=bar)
 
-    _run(trainer, s, out, prepare)
+    _run(trainer, s, out, args, prepare, teacher=teacher)
 
 
 def _reference_for(model_dir, given):
@@ -262,52 +300,49 @@ def _reference_for(model_dir, given):
 
 def cmd_sample(args) -> None:
     import numpy as np
-    import torch
 
+    from .evaluation import draw
     from .model import load_model
 
+    out = Path(args.out)
+    if out.suffix not in (".npz", ".png"):
+        raise DkdmError(f"--out {out}: write samples as .npz (arrays) or .png (an image grid)")
     if args.num < 1:
         raise DkdmError(f"--num must be at least 1, got {args.num}")
-    out = Path(args.out)
-    if out.suffix != ".npz":
-        raise DkdmError(f"--out {out}: samples are written as .npz; give a file name ending in .npz")
     model = load_model(args.model)
-    g = torch.Generator().manual_seed(args.seed or 0)
-    x = _sample(model, args.num, args.steps, g, args.batch, args.no_progress)
+    if out.suffix == ".png" and len(model.sample_shape) != 3:
+        raise DkdmError(f"--out {out}: a PNG grid needs image samples; this model draws {list(model.sample_shape)} vectors, use .npz")
+    x = draw(model, args.num, args.steps, args.seed or 0, not args.no_progress)
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, samples=x.numpy())
+    if out.suffix == ".png":
+        from .images import save_grid
+
+        save_grid(x, out)
+    else:
+        np.savez(out, samples=x.numpy())
     print(f"wrote {args.num} samples {list(x.shape[1:])} to {out}", file=sys.stderr)
 
 
-def _sample(model, num, steps, generator, batch, no_progress):
-    from tqdm.auto import tqdm
-
-    T = model.schedule.num_steps
-    if steps is not None and not 2 <= steps <= T:
-        raise DkdmError(f"--steps must be in 2..{T}, got {steps}")
-    total = num * (steps or T)
-    with tqdm(total=total, desc="sample", unit="step", unit_scale=True, disable=no_progress, dynamic_ncols=True) as bar:
-        return model.sample(num, steps, generator, batch, progress=bar)
-
-
 def cmd_evaluate(args) -> None:
-    import torch
-
     from .data import builtin_dataset
-    from .metrics.toy import NUM_SAMPLES, sliced_w2
-    from .model import load_model
+    from .evaluation import evaluate_model
+    from .model import load_model, read_model_config
 
+    if args.inception_weights:
+        from .metrics.inception import check_rgb, check_weights, load_backend
+
+        check_weights(args.inception_weights)
+        check_rgb(read_model_config(args.model)["sample_shape"])
+        load_backend()
+        raise DkdmError("Inception metrics need an RGB reference data set; none is built in yet")
     ref = _reference_for(args.model, args.reference)
     dataset = builtin_dataset(ref)
     model = load_model(args.model)
     if tuple(model.sample_shape) != tuple(dataset.sample_shape):
         raise DkdmError(f"model samples have shape {list(model.sample_shape)} but {ref} has {list(dataset.sample_shape)}")
-    num = args.num or NUM_SAMPLES
-    g = torch.Generator().manual_seed(args.seed or 0)
-    x = _sample(model, num, args.steps, g, 4096, args.no_progress)
-    result = {"model": str(args.model), "reference": ref, "num_samples": num,
-              "sampling_steps": args.steps or model.schedule.num_steps, "sliced_w2": sliced_w2(x, dataset)}
-    print(json.dumps(result))
+    result, _ = evaluate_model(model, _model_dir(args.model), ref, args.num, args.steps, args.seed or 0,
+                               not args.no_progress)
+    print(json.dumps({"model": str(args.model), **result}))
 
 
 COMMANDS = {"train": cmd_train, "distill": cmd_distill, "sample": cmd_sample, "evaluate": cmd_evaluate}

@@ -50,7 +50,43 @@ class Toy2D:
         return (lo + hi) / 2
 
 
-BUILTIN = {"toy2d": Toy2D}
+class Digits:
+    """scikit-learn's handwritten digits (1,797 8x8 images, shipped with scikit-learn), in [-1, 1].
+
+    A fixed split: a seeded permutation puts 360 images (20%) in ``test`` and the rest in
+    ``train``. Only ``train`` teaches; ``test`` is the reference for evaluation.
+    """
+
+    name = "digits"
+    sample_shape = (1, 8, 8)
+    clip_x0 = True
+    test_size = 360
+
+    def __init__(self, split: str = "train"):
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError as e:  # pragma: no cover - scikit-learn is a dependency
+            raise DkdmError(f"the digits data set needs scikit-learn ({e}); pip install scikit-learn")
+        if split not in ("train", "test", "all"):
+            raise DkdmError(f"unknown digits split {split!r}; choose train, test or all")
+        raw = load_digits()
+        images = torch.tensor(raw.images, dtype=torch.float32) / 8.0 - 1.0
+        labels = torch.tensor(raw.target, dtype=torch.long)
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(20240903))
+        test, train = order[: self.test_size], order[self.test_size:]
+        idx = {"train": train, "test": test, "all": order}[split]
+        self.split = split
+        self.images = images[idx].unsqueeze(1)
+        self.labels = labels[idx]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.images[torch.randint(0, len(self.images), (n,), generator=generator)]
+
+
+BUILTIN = {"toy2d": Toy2D, "digits": Digits}
 
 
 def builtin_dataset(name: str):

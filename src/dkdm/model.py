@@ -22,6 +22,21 @@ from .students import build_net, parse_spec
 
 MODEL_JSON = "dkdm_model.json"
 WEIGHTS = "model.safetensors"
+ASSETS = Path(__file__).resolve().parent / "assets"
+#: Teachers shipped inside the package, named ``builtin:NAME`` on the command line.
+BUILTIN_TEACHERS = {"digits": ASSETS / "digits_teacher"}
+
+
+def resolve_model_dir(path) -> Path:
+    """A model directory path, or ``builtin:NAME`` for a teacher shipped with dkdm."""
+    text = str(path)
+    if text.startswith("builtin:"):
+        name = text[len("builtin:"):]
+        if name not in BUILTIN_TEACHERS:
+            raise DkdmError(f"unknown built-in model {text!r}; choose one of "
+                            f"{', '.join('builtin:' + k for k in BUILTIN_TEACHERS)}")
+        return BUILTIN_TEACHERS[name]
+    return Path(path)
 
 
 class DiffusionModel(nn.Module):
@@ -108,20 +123,52 @@ class DiffusionModel(nn.Module):
         }
 
     def save(self, directory, state_dict: dict | None = None) -> None:
-        """Write the model directory; ``state_dict`` overrides the weights (e.g. the EMA)."""
+        """Write the model directory; ``state_dict`` overrides the weights (e.g. the EMA).
+
+        A UNet is written as a diffusers ``DDPMPipeline`` (``model_index.json``, ``unet/``,
+        ``scheduler/``) beside ``dkdm_model.json``, so plain diffusers can sample from it; other
+        architectures keep their weights in ``model.safetensors``.
+        """
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         sd = state_dict if state_dict is not None else self.net.state_dict()
-        tmp = d / (WEIGHTS + ".tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp))
-        os.replace(tmp, d / WEIGHTS)
+        sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+        if self.spec is not None and self.spec["type"] == "unet":
+            self._save_ddpm_pipeline(d, sd)
+        else:
+            tmp = d / (WEIGHTS + ".tmp")
+            save_file(sd, str(tmp))
+            os.replace(tmp, d / WEIGHTS)
         tmpj = d / (MODEL_JSON + ".tmp")
         tmpj.write_text(json.dumps(self.describe(), indent=1))
         os.replace(tmpj, d / MODEL_JSON)
 
 
+    def _save_ddpm_pipeline(self, d: Path, state: dict) -> None:
+        from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+        unet = UNet2DModel.from_config(self.net.unet.config)
+        unet.load_state_dict({k[len("unet."):]: v for k, v in state.items()})
+        scheduler = DDPMScheduler(**self.schedule.to_diffusers(), variance_type=self.variance,
+                                  prediction_type=self.prediction, clip_sample=self.clip_x0)
+        DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(d, safe_serialization=True)
+
+
+def _read_weights(d: Path, role: str) -> dict:
+    """The weights of a model directory, from model.safetensors or a diffusers unet/ folder."""
+    diffusers_unet = d / "unet" / "diffusion_pytorch_model.safetensors"
+    path, prefix = (d / WEIGHTS, "") if (d / WEIGHTS).exists() else (diffusers_unet, "unet.")
+    if not path.exists():
+        raise DkdmError(f"{role} directory {d} has no {WEIGHTS} (nor unet/); the run may not have finished (see its checkpoints/)")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise DkdmError(f"cannot read {path}: {e}; the file is corrupt or not safetensors")
+    return {prefix + k: v for k, v in state.items()}
+
+
 def read_model_config(directory, role: str = "model") -> dict:
-    d = Path(directory)
+    d = resolve_model_dir(directory)
     if not d.exists():
         raise DkdmError(f"{role} directory {d} does not exist")
     if not d.is_dir():
@@ -144,7 +191,7 @@ def read_model_config(directory, role: str = "model") -> dict:
 def load_model(directory, device="cpu", role: str = "model", net: nn.Module | None = None) -> DiffusionModel:
     """Load a model directory; pass ``net`` for a model built from a custom module."""
     cfg = read_model_config(directory, role)
-    d = Path(directory)
+    d = resolve_model_dir(directory)
     try:
         schedule = Schedule.from_config(cfg["schedule"])
         shape = cfg["sample_shape"]
@@ -159,18 +206,12 @@ def load_model(directory, device="cpu", role: str = "model", net: nn.Module | No
             model = DiffusionModel(net, schedule, shape, cfg["prediction"], cfg["variance"], cfg["clip_x0"])
     except (KeyError, TypeError, ValueError) as e:
         raise DkdmError(f"{d / MODEL_JSON} is malformed ({e.__class__.__name__}: {e})")
-    weights = d / WEIGHTS
-    if not weights.exists():
-        raise DkdmError(f"{role} directory {d} has no {WEIGHTS}; the run may not have finished (see its checkpoints/)")
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError) as e:
-        raise DkdmError(f"cannot read {weights}: {e}; the file is corrupt or not safetensors")
+    state = _read_weights(d, role)
     try:
         model.net.load_state_dict(state)
     except RuntimeError as e:
         first = str(e).strip().splitlines()
-        raise DkdmError(f"{weights} does not fit the architecture in {MODEL_JSON}: {first[1].strip() if len(first) > 1 else first[0]}")
+        raise DkdmError(f"the weights in {d} do not fit the architecture in {MODEL_JSON}: {first[1].strip() if len(first) > 1 else first[0]}")
     return model.to(device).eval()
 
 

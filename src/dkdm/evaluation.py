@@ -1,0 +1,130 @@
+"""Sample a model and score it against its reference data; write a run's report.
+
+One place decides which metrics a data set gets (sliced W2 for 2-D data, digits-FID /
+precision / recall / class histogram for digits), so ``dkdm evaluate`` and the end of
+``dkdm train`` / ``dkdm distill`` report the same numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import DkdmError
+
+#: Samples and sampling steps used by default per data set (fixed so numbers compare; for digits
+#: as many samples as the train split, whose own score is the floor in the report).
+EVAL_DEFAULTS = {"toy2d": {"num": 4000, "steps": None}, "digits": {"num": 1437, "steps": 100}}
+
+
+def score(samples: torch.Tensor, reference: str) -> dict:
+    from .data import builtin_dataset
+
+    dataset = builtin_dataset(reference)
+    if tuple(samples.shape[1:]) != tuple(dataset.sample_shape):
+        raise DkdmError(f"samples have shape {list(samples.shape[1:])} but {reference} has {list(dataset.sample_shape)}")
+    if reference == "toy2d":
+        from .metrics.toy import sliced_w2
+
+        return {"sliced_w2": sliced_w2(samples, dataset)}
+    if reference == "digits":
+        from .metrics.digits import digits_metrics
+
+        return digits_metrics(samples)
+    raise DkdmError(f"no metrics defined for {reference!r}")
+
+
+def data_floor(reference: str) -> dict | None:
+    """The real train split scored like a model (the best a model of the data can expect)."""
+    if reference != "digits":
+        return None
+    from .data import Digits
+
+    return score(Digits("train").images, "digits")
+
+
+def draw(model, num: int, steps: int | None, seed: int, progress: bool = True) -> torch.Tensor:
+    from tqdm.auto import tqdm
+
+    T = model.schedule.num_steps
+    if steps is not None and not 2 <= steps <= T:
+        raise DkdmError(f"--steps must be in 2..{T}, got {steps}")
+    if num < 2:
+        raise DkdmError(f"--num must be at least 2, got {num}")
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    with tqdm(total=num * (steps or T), desc="sample", unit="step", unit_scale=True,
+              disable=not progress, dynamic_ncols=True) as bar:
+        return model.sample(num, steps, g, batch_size=1024, progress=bar)
+
+
+def _weights_key(model_dir: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(model_dir.rglob("*.safetensors")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def evaluate_model(model, model_dir, reference: str, num=None, steps=None, seed: int = 0,
+                   progress: bool = True, cache: bool = False) -> tuple[dict, torch.Tensor | None]:
+    """Metrics of ``model``'s samples; with ``cache`` the result is kept per weights + settings."""
+    d = EVAL_DEFAULTS.get(reference, {"num": 1000, "steps": None})
+    num = num or d["num"]
+    steps = steps if steps is not None else d["steps"]
+    settings = {"reference": reference, "num_samples": num, "sampling_steps": steps or model.schedule.num_steps,
+                "seed": seed}
+    path = None
+    if cache:
+        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+        cache_dir = Path(os.environ.get("DKDM_CACHE", Path.home() / ".cache" / "dkdm"))
+        path = cache_dir / f"eval-{_weights_key(Path(model_dir))}-{key}.json"
+        if path.exists():
+            try:
+                return json.loads(path.read_text()), None
+            except (OSError, json.JSONDecodeError):
+                pass
+    samples = draw(model, num, steps, seed, progress)
+    result = {**settings, **score(samples, reference)}
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(result))
+        except OSError:
+            pass
+    return result, samples
+
+
+def summary_table(rows: dict[str, dict]) -> str:
+    """A plain-text table of the headline metrics, one row per model."""
+    keys = [k for k in ("digits_fid", "precision", "recall", "sliced_w2") if any(k in r for r in rows.values())]
+    lines = ["| model | " + " | ".join(keys) + (" | missing classes |" if "digits_fid" in keys else " |")]
+    lines.append("|---" * (len(keys) + 1 + ("digits_fid" in keys)) + "|")
+    for name, r in rows.items():
+        cells = [f"{r[k]:.4f}" if k in r else "-" for k in keys]
+        if "digits_fid" in keys:
+            cells.append(str(r.get("missing_classes", [])) if "missing_classes" in r else "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(out, student, reference: str, teacher=None, teacher_dir=None, seed: int = 0,
+                 progress: bool = True, num: int | None = None, steps: int | None = None) -> dict:
+    """samples.png (images), metrics.json and the summary table for a finished run."""
+    out = Path(out)
+    rows = {}
+    if teacher is not None:
+        rows["teacher"], _ = evaluate_model(teacher, teacher_dir, reference, num, steps, seed, progress, cache=True)
+    rows["student" if teacher is not None else "model"], samples = evaluate_model(
+        student, out, reference, num, steps, seed, progress)
+    floor = data_floor(reference)
+    if floor is not None:
+        rows["real train split"] = floor
+    if samples is not None and samples.dim() == 4:
+        from .images import save_grid
+
+        save_grid(samples[:100], out / "samples.png", nrow=10)
+    (out / "metrics.json").write_text(json.dumps(rows, indent=1))
+    return rows
