@@ -63,7 +63,7 @@ def draw(model, num: int, steps: int | None, seed: int, progress: bool = True) -
 
 def _weights_key(model_dir: Path) -> str:
     h = hashlib.sha256()
-    for f in sorted(model_dir.rglob("*.safetensors")):
+    for f in sorted([*model_dir.glob("*.safetensors"), *model_dir.glob("unet/*.safetensors")]):
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
 

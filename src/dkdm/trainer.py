@@ -131,7 +131,7 @@ class Trainer:
         self.ema.shadow = {k: v.to(self.ema.shadow[k].device) for k, v in unflatten("ema", tensors).items()}
         self.opt.load_state_dict(optimizer_from_flat(unflatten("optim", tensors), meta["optimizer"]))
         self.lr_sched.load_state_dict(meta["lr_scheduler"])
-        self.source.load_state_dict({k: v for k, v in unflatten("source", tensors).items()})
+        self.source.load_state_dict(unflatten("source", tensors))
         set_rng_state(unflatten("rng", tensors))
         self.step = int(meta["step"])
         return self.step
