@@ -66,10 +66,16 @@ def test_distill_from_digits_teacher_reports_both(digits_teacher, tmp_path, caps
     (["distill", "--teacher", "{teacher}", "--student", "mlp"], "vector data"),
     (["distill", "--teacher", "{teacher}", "--student", "dit:patch=3"], "must divide the image size"),
     (["evaluate", "--model", "{teacher}", "--inception-weights", "{tmp}/none.pth"], "does not exist"),
+    (["evaluate", "--model", "{teacher}", "--inception-weights", "{tmp}/notes.txt"], "neither a torch zip"),
+    (["evaluate", "--model", "{teacher}", "--inception-weights", "{tmp}/w.safetensors"], "apply to RGB image models"),
     (["sample", "--model", "{teacher}", "--out", "{tmp}/x.jpg"], ".png"),
 ])
 def test_digits_bad_input(digits_teacher, tmp_path, capsys, argv, msg):
     argv = [a.format(teacher=digits_teacher, tmp=tmp_path) for a in argv] + ["--no-progress"]
+    (tmp_path / "notes.txt").write_text("these are not weights")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "w.safetensors"))
     if argv[0] == "distill":
         argv += ["--out", str(tmp_path / "r")]
     assert main(argv) == 2
