@@ -215,6 +215,17 @@ class Schedule:
             self.sqrt_recipm1_alphas_cumprod, t, x_t
         )
 
+    def eps_and_x0(self, pred, x_t, t, prediction: str):
+        """A model's epsilon and x0 from its prediction (epsilon, v or x0), before any clamping."""
+        if prediction == "epsilon":
+            return pred, self.x0_from_eps(x_t, t, pred)
+        if prediction == "sample":
+            return self.eps_from_x0(x_t, t, pred), pred
+        if prediction == "v_prediction":
+            a, s = _take(self.sqrt_alphas_cumprod, t, x_t), _take(self.sqrt_one_minus_alphas_cumprod, t, x_t)
+            return a * pred + s * x_t, a * x_t - s * pred
+        raise ValueError(f"unknown prediction type {prediction!r}; choose one of {PREDICTIONS}")
+
     def v_target(self, x0, t, eps):
         return _take(self.sqrt_alphas_cumprod, t, x0) * eps - _take(
             self.sqrt_one_minus_alphas_cumprod, t, x0
@@ -264,21 +275,7 @@ class Schedule:
         else:
             raise ValueError(f"unknown variance type {variance!r}; choose one of {VARIANCES}")
 
-        if prediction == "epsilon":
-            eps = pred
-            x0 = self.x0_from_eps(x_t, t, eps)
-        elif prediction == "sample":
-            x0 = pred
-            eps = self.eps_from_x0(x_t, t, x0)
-        elif prediction == "v_prediction":
-            x0 = _take(self.sqrt_alphas_cumprod, t, x_t) * x_t - _take(
-                self.sqrt_one_minus_alphas_cumprod, t, x_t
-            ) * pred
-            eps = _take(self.sqrt_alphas_cumprod, t, x_t) * pred + _take(
-                self.sqrt_one_minus_alphas_cumprod, t, x_t
-            ) * x_t
-        else:
-            raise ValueError(f"unknown prediction type {prediction!r}; choose one of {PREDICTIONS}")
+        eps, x0 = self.eps_and_x0(pred, x_t, t, prediction)
         if clip_x0:
             x0 = x0.clamp(-1, 1)
         mean = _take(self.posterior_mean_coef1, t, x_t) * x0 + _take(

@@ -34,11 +34,10 @@ def dkdm_loss(
     if variance == "learned_range":
         pred, v = student_output.chunk(2, dim=1)
         frozen = torch.cat([pred.detach(), v], dim=1)
-        student_eps = schedule.reverse(student_output, x_t, t, prediction, variance).eps
-        student_step = schedule.reverse(frozen, x_t, t, prediction, variance)
-        vb = kl_bits(target, student_step)
+        vb = kl_bits(target, schedule.reverse(frozen, x_t, t, prediction, variance))
     else:
-        student_eps = schedule.reverse(student_output, x_t, t, prediction, variance).eps
+        pred = student_output
         vb = torch.zeros(x_t.shape[0], dtype=student_output.dtype, device=x_t.device)
+    student_eps = pred if prediction == "epsilon" else schedule.eps_and_x0(pred, x_t, t, prediction)[0]
     mse = (target.eps.to(student_eps.dtype) - student_eps).pow(2).flatten(1).mean(1)
     return {"mse": mse, "vb": vb, "loss": mse + vlb_weight * vb}

@@ -146,7 +146,8 @@ class Trainer:
         cfg, schedule, student = self.cfg, self.student.schedule, self.student
         T = schedule.num_steps
         self.out.mkdir(parents=True, exist_ok=True)
-        sums = torch.zeros(3, 4, dtype=torch.float64)  # (mse, vb, count) x quarter of t
+        # (mse, vb, count) x quarter of t, kept on the device: no host sync until a log line
+        sums = torch.zeros(3, 4, dtype=torch.float64, device=self.accelerator.device)
         last, t0, n0 = {}, time.time(), self.step
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step",
                    disable=not self.progress, dynamic_ncols=True)
@@ -174,14 +175,15 @@ class Trainer:
                 self.step += 1
                 self.ema.update(self.accelerator.unwrap_model(self.net), self.step)
                 with torch.no_grad():
-                    q = (batch.t * 4 // T).cpu()
+                    q = (batch.t * 4 // T).to(sums.device)
                     for i, key in enumerate(("mse", "vb")):
-                        sums[i].index_add_(0, q, terms[key].detach().double().cpu())
-                    sums[2].index_add_(0, q, torch.ones(len(q), dtype=torch.float64))
+                        sums[i].index_add_(0, q, terms[key].detach().double().to(sums.device))
+                    sums[2].index_add_(0, q, torch.ones(len(q), dtype=torch.float64, device=sums.device))
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     cnt = sums[2].clamp(min=1)
-                    mse, vb = sums[0].sum() / cnt.sum(), sums[1].sum() / cnt.sum()
+                    total = sums[2].sum().clamp(min=1)
+                    mse, vb = sums[0].sum() / total, sums[1].sum() / total
                     last = {
                         "step": self.step, "loss": float(mse + cfg.vlb_weight * vb), "mse": float(mse),
                         "vb": float(vb), "lr": self.lr_sched.get_last_lr()[0],
@@ -196,7 +198,6 @@ class Trainer:
                 if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
                     self.save()
         except KeyboardInterrupt:
-            bar.close()
             path = self.save()
             raise KeyboardInterrupt(f"interrupted at step {self.step}; checkpoint written to {path}; continue with --resume")
         finally:
