@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dkdm.errors import DkdmError
-from dkdm.pool import KnowledgePool, pool_memory_bytes, pool_size
+from dkdm.pool import KnowledgePool, pool_memory_bytes, pool_size, preparation_cost
 from helpers import CountingNet, tiny_teacher
 
 
@@ -40,14 +40,16 @@ class PointMassEps(torch.nn.Module):
         return x / self.s[t][:, None]
 
 
-def test_prepared_entries_follow_the_teachers_marginal_at_their_step():
+@pytest.mark.parametrize("preparation", ["exact", "sampled"])
+def test_prepared_entries_follow_the_teachers_marginal_at_their_step(preparation):
     from dkdm.diffusion import Schedule
     from dkdm.model import DiffusionModel
 
     T = 20
     sched = Schedule.named("linear", T)
     teacher = DiffusionModel(PointMassEps(sched), sched, (2,), variance="fixed_small")
-    pool = KnowledgePool(teacher, batch_size=100, kind="dynamic", rho=3.0, seed=0)
+    pool = KnowledgePool(teacher, batch_size=100, kind="dynamic", rho=3.0, seed=0, preparation=preparation,
+                         prep_steps=4)
     pool.prepare()
     # x_s ~ N(0, 1 - abar_s) exactly when the reverse steps are right (abar_s at model index s-1)
     for s in range(1, T):
@@ -55,6 +57,25 @@ def test_prepared_entries_follow_the_teachers_marginal_at_their_step():
         want = 1 - sched.alphas_cumprod[s - 1].item()
         got = x.double().pow(2).mean().item()
         assert got == pytest.approx(want, rel=0.25), (s, got, want)
+
+
+def test_sampled_preparation_costs_k_teacher_steps_per_entry():
+    T, K = 50, 5
+    teacher = tiny_teacher(T)
+    teacher.net = CountingNet(teacher.net)
+    pool = KnowledgePool(teacher, batch_size=32, kind="dynamic", rho=0.2, seed=0, preparation="sampled", prep_steps=K)
+    pool.prepare(chunk=100)
+    assert pool.prep_calls == pool.size * K == teacher.net.samples
+    assert pool.s.min() >= 1 and pool.s.max() <= T - 1 and pool.prepared
+    assert preparation_cost("dynamic", pool.size, T, "sampled", K) == pool.prep_calls
+    assert preparation_cost("dynamic", pool.size, T) == pool.size * T // 2
+
+
+def test_bad_preparation_settings_are_refused():
+    with pytest.raises(DkdmError, match="preparation"):
+        KnowledgePool(tiny_teacher(), 8, preparation="fast")
+    with pytest.raises(DkdmError, match="--prep-steps"):
+        KnowledgePool(tiny_teacher(20), 8, preparation="sampled", prep_steps=21)
 
 
 def test_dynamic_draws_distinct_entries_and_writes_back():

@@ -35,10 +35,11 @@ COMMON_DEFAULTS = {
     "keep_checkpoints": 2, "vlb_weight": 1.0, "no_report": False,
     "eval_num": None, "eval_steps": None,
 }
-TRAIN_DEFAULTS = {"data": "toy2d", "model": None, "schedule": "cosine", "diffusion_steps": 1000,
+TRAIN_DEFAULTS = {"data": "toy2d", "real_fraction": None, "synthetic": None, "model": None, "schedule": "cosine", "diffusion_steps": 1000,
                   "variance": "learned_range", "prediction": "epsilon"}
 DISTILL_DEFAULTS = {"teacher": "builtin:digits", "student": None, "pool": "dynamic", "rho": 0.4,
-                    "pool_dtype": "float32", "prep_batch": 8192, "variance": "learned_range"}
+                    "pool_dtype": "float32", "prep_batch": 8192, "prep": "exact", "prep_steps": 25,
+                    "variance": "learned_range"}
 
 
 def _common(p: argparse.ArgumentParser, training: bool) -> None:
@@ -73,7 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="ordinary data-based training (teachers and baselines)")
     _common(tr, True)
-    tr.add_argument("--data", help="built-in data set: toy2d or digits")
+    tr.add_argument("--data", help="built-in data set (toy2d, digits) or a sample set written by `dkdm synth`")
+    tr.add_argument("--real-fraction", type=float,
+                    help="data-limited baseline: keep this percentage of --data, fill up with --synthetic samples")
+    tr.add_argument("--synthetic", help="sample set (from `dkdm synth`) that fills up a --real-fraction set")
     tr.add_argument("--model", help="architecture spec, e.g. mlp:width=128,depth=3")
     tr.add_argument("--schedule", choices=["linear", "cosine", "scaled_linear"])
     tr.add_argument("--diffusion-steps", type=int, help="T, the number of diffusion steps")
@@ -88,8 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--rho", type=float, help="dynamic pool size in batches per diffusion step (paper: 0.4)")
     di.add_argument("--pool-dtype", choices=["float32", "float16", "bfloat16"])
     di.add_argument("--prep-batch", type=int, help="teacher batch size for pool preparation")
+    di.add_argument("--prep", choices=["exact", "sampled"],
+                    help="pool preparation: exact (teacher chains, N*T/2 steps) or sampled (K-step x0, noised by q)")
+    di.add_argument("--prep-steps", type=int, help="K, the teacher sampling steps of --prep sampled")
     di.add_argument("--variance", choices=["learned_range", "fixed_small", "fixed_large"],
                     help="student variance (learned_range trains it with L*vlb)")
+
+    sy = sub.add_parser("synth", help="sample a synthetic data set from a teacher (the data-free baseline's data)")
+    _common(sy, False)
+    sy.add_argument("--teacher", default="builtin:digits", help="teacher model directory or builtin:NAME")
+    sy.add_argument("--num", type=int, help="number of samples (default: the size of the teacher's training set)")
+    sy.add_argument("--steps", type=int, default=100, help="teacher sampling steps (the paper: 1000 or 100)")
+    sy.add_argument("--batch", type=int, default=1024)
+    sy.add_argument("--out", required=True, help="sample set directory to create (train on it with --data DIR)")
 
     sa = sub.add_parser("sample", help="draw samples from a model directory")
     _common(sa, False)
@@ -212,14 +227,21 @@ def cmd_train(args) -> None:
     import torch
     from accelerate import Accelerator
 
-    from .data import DataSource, builtin_dataset
+    from .data import DataSource, MixedSet, SampleSet, load_dataset, reference_of
     from .diffusion import Schedule
     from .model import DiffusionModel
     from .trainer import Trainer
 
     data_name = args.data or TRAIN_DEFAULTS["data"]
-    dataset = builtin_dataset(data_name)
-    s = _settings(args, COMMON_DEFAULTS, TRAIN_DEFAULTS, DATA_DEFAULTS.get(data_name, {}), {"out": None, "resume": False})
+    dataset = load_dataset(data_name)
+    if (args.real_fraction is None) != (args.synthetic is None):
+        raise DkdmError("--real-fraction P and --synthetic DIR go together: P% of --data, the rest from DIR")
+    if args.real_fraction is not None:
+        if not hasattr(dataset, "images") or isinstance(dataset, SampleSet):
+            raise DkdmError(f"--real-fraction needs a built-in image data set as --data (digits), got {data_name}")
+        dataset = MixedSet(dataset, SampleSet(args.synthetic), args.real_fraction, seed=args.seed or 0)
+    reference = reference_of(dataset)
+    s = _settings(args, COMMON_DEFAULTS, TRAIN_DEFAULTS, DATA_DEFAULTS.get(reference, {}), {"out": None, "resume": False})
     s["model"] = s["model"] or "mlp"
     cfg = _train_config(s)
     out = _check_out(s)
@@ -229,7 +251,7 @@ def cmd_train(args) -> None:
     torch.manual_seed(int(s["seed"]))
     model = DiffusionModel.build(
         s["model"], dataset.sample_shape, schedule, variance=s["variance"], prediction=s["prediction"],
-        clip_x0=dataset.clip_x0, extra={"data": data_name},
+        clip_x0=dataset.clip_x0, extra={"data": reference, **({"trained_on": dataset.name} if dataset.name != reference else {})},
     )
     acc = Accelerator(mixed_precision=cfg.mixed_precision)
     source = DataSource(dataset, schedule, int(s["batch"]), seed=int(s["seed"]), device=acc.device)
@@ -268,14 +290,14 @@ def cmd_distill(args) -> None:
     out = _check_out(s)
     T = teacher.schedule.num_steps
     mem = pool_memory_bytes(size, teacher.sample_shape, s["pool_dtype"])
-    prep = preparation_cost(s["pool"], size, T)
+    prep = preparation_cost(s["pool"], size, T, s["prep"], int(s["prep_steps"]))
     print(
         f"pool: {s['pool']}, {size} entries x {list(teacher.sample_shape)} {s['pool_dtype']} = {mem / 2**20:.1f} MiB; "
         f"preparation ~{prep:,} teacher sample-steps; training {cfg.steps * int(s['batch']):,} teacher sample-forwards",
         file=sys.stderr,
     )
     pool = KnowledgePool(teacher, int(s["batch"]), s["pool"], float(s["rho"]), s["pool_dtype"],
-                         seed=int(s["seed"]), device=acc.device)
+                         seed=int(s["seed"]), device=acc.device, preparation=s["prep"], prep_steps=int(s["prep_steps"]))
     info = {"student": student.describe(), "source": pool.describe(), "teacher": teacher_ref}
     trainer = Trainer(student, pool, cfg, out, info, progress=not args.no_progress, accelerator=acc)
 
@@ -296,6 +318,43 @@ def _reference_for(model_dir, given):
     if cfg.get("data"):
         return cfg["data"]
     raise DkdmError(f"{model_dir} does not record its data set; pass --reference NAME")
+
+
+def cmd_synth(args) -> None:
+    import time
+
+    from .data import save_sample_set
+    from .evaluation import draw
+    from .model import load_model, resolve_model_dir
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DkdmError(f"--out {out} already exists; choose a new directory for the sample set")
+    model = load_model(args.teacher, role="teacher")
+    data = model.extra.get("data")
+    num = args.num
+    if num is None:
+        from .data import builtin_dataset
+
+        ref = builtin_dataset(data) if data else None
+        if ref is None or not hasattr(ref, "images"):
+            raise DkdmError(f"the teacher does not record an image data set whose size to match; pass --num N")
+        num = len(ref.images)
+    if args.batch < 1:
+        raise DkdmError(f"--batch must be at least 1, got {args.batch}")
+    seed = args.seed or 0
+    t0 = time.time()
+    x = draw(model, num, args.steps, seed, not args.no_progress, batch_size=args.batch)
+    teacher_ref = args.teacher if str(args.teacher).startswith("builtin:") else str(resolve_model_dir(args.teacher).resolve())
+    save_sample_set(out, x, {"reference": data, "teacher": teacher_ref, "steps": args.steps, "seed": seed,
+                             "clip_x0": model.clip_x0, "teacher_sample_steps": num * args.steps,
+                             "wall_s": round(time.time() - t0, 2)})
+    if x.dim() == 4:
+        from .images import save_grid
+
+        save_grid(x[:100], out / "preview.png", nrow=10)
+    print(f"wrote {num} teacher samples ({args.steps} steps, {num * args.steps:,} teacher sample-steps) to {out}; "
+          f"train on them with: dkdm train --data {out}", file=sys.stderr)
 
 
 def cmd_sample(args) -> None:
@@ -345,7 +404,7 @@ def cmd_evaluate(args) -> None:
     print(json.dumps({"model": str(args.model), **result}))
 
 
-COMMANDS = {"train": cmd_train, "distill": cmd_distill, "sample": cmd_sample, "evaluate": cmd_evaluate}
+COMMANDS = {"train": cmd_train, "distill": cmd_distill, "synth": cmd_synth, "sample": cmd_sample, "evaluate": cmd_evaluate}
 
 
 def main(argv=None) -> int:

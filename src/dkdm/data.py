@@ -6,7 +6,9 @@ evaluate against the truth.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
 
@@ -87,12 +89,112 @@ class Digits:
 
 
 BUILTIN = {"toy2d": Toy2D, "digits": Digits}
+SAMPLES_JSON = "dataset.json"
+SAMPLES_FILE = "samples.safetensors"
 
 
 def builtin_dataset(name: str):
     if name not in BUILTIN:
         raise DkdmError(f"unknown built-in data set {name!r}; choose one of {', '.join(BUILTIN)}")
     return BUILTIN[name]()
+
+
+class SampleSet:
+    """A fixed set of samples on disk (``dkdm synth`` writes them): the data-free baseline's data.
+
+    ``reference`` names the built-in data set the samples stand in for, so models trained on them
+    are evaluated against the same truth as every other student.
+    """
+
+    clip_x0 = True
+
+    def __init__(self, directory):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        meta_path = d / SAMPLES_JSON
+        if not d.is_dir() or not meta_path.exists():
+            raise DkdmError(f"{d} is neither a built-in data set ({', '.join(BUILTIN)}) nor a sample set written "
+                            f"by `dkdm synth` (no {SAMPLES_JSON})")
+        try:
+            meta = json.loads(meta_path.read_text())
+            images = load_file(str(d / SAMPLES_FILE))["samples"].float()
+        except (OSError, json.JSONDecodeError, SafetensorError, KeyError) as e:
+            raise DkdmError(f"cannot read the sample set in {d}: {e.__class__.__name__}: {e}; write it again with `dkdm synth`")
+        if meta.get("format") != "dkdm-samples" or list(images.shape[1:]) != meta.get("sample_shape"):
+            raise DkdmError(f"{d / SAMPLES_JSON} does not describe {d / SAMPLES_FILE}; write it again with `dkdm synth`")
+        self.name = str(d)
+        self.meta = meta
+        self.reference = meta.get("reference")
+        self.sample_shape = tuple(meta["sample_shape"])
+        self.clip_x0 = bool(meta.get("clip_x0", True))
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.images[torch.randint(0, len(self.images), (n,), generator=generator)]
+
+
+def save_sample_set(directory, samples: torch.Tensor, meta: dict) -> Path:
+    """Write a sample set atomically (a temporary directory renamed into place)."""
+    from safetensors.torch import save_file
+
+    d = Path(directory)
+    tmp = d.with_name(d.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file({"samples": samples.float().contiguous()}, str(tmp / SAMPLES_FILE))
+    info = {"format": "dkdm-samples", "version": 1, "num": len(samples), "sample_shape": list(samples.shape[1:]), **meta}
+    (tmp / SAMPLES_JSON).write_text(json.dumps(info, indent=1))
+    if d.exists():
+        d.rmdir()
+    tmp.rename(d)
+    return d
+
+
+class MixedSet:
+    """The data-limited baseline: ``percent`` % of the real set, the rest teacher samples, same total size.
+
+    Which real and synthetic items are kept is fixed by ``seed``.
+    """
+
+    def __init__(self, real, synthetic: SampleSet, percent: float, seed: int = 0):
+        if not 0 <= percent <= 100:
+            raise DkdmError(f"--real-fraction must be a percentage in 0..100, got {percent}")
+        if tuple(real.sample_shape) != tuple(synthetic.sample_shape):
+            raise DkdmError(f"--synthetic {synthetic.name} holds {list(synthetic.sample_shape)} samples but "
+                            f"{real.name} has {list(real.sample_shape)}")
+        total = len(real.images)
+        n_real = round(total * percent / 100)
+        if len(synthetic) < total - n_real:
+            raise DkdmError(f"--synthetic {synthetic.name} holds {len(synthetic)} samples; {percent}% real data needs "
+                            f"{total - n_real} to fill the set to {total}: synthesize at least that many")
+        g = torch.Generator().manual_seed(seed)
+        keep_real = torch.randperm(total, generator=g)[:n_real]
+        keep_syn = torch.randperm(len(synthetic), generator=g)[: total - n_real]
+        self.name = f"{real.name}+{percent:g}%real+{synthetic.name}"
+        self.reference = real.name
+        self.sample_shape = real.sample_shape
+        self.clip_x0 = real.clip_x0
+        self.num_real = n_real
+        self.images = torch.cat([real.images[keep_real], synthetic.images[keep_syn]])
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.images[torch.randint(0, len(self.images), (n,), generator=generator)]
+
+
+def load_dataset(name_or_dir: str):
+    """A built-in data set by name, or a sample set directory."""
+    if name_or_dir in BUILTIN:
+        return builtin_dataset(name_or_dir)
+    return SampleSet(name_or_dir)
+
+
+def reference_of(dataset) -> str:
+    """The built-in data set a training set stands for (itself when built in)."""
+    return getattr(dataset, "reference", None) or dataset.name
 
 
 class DataSource:

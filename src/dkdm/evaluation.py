@@ -47,7 +47,7 @@ def data_floor(reference: str) -> dict | None:
     return score(Digits("train").images, "digits")
 
 
-def draw(model, num: int, steps: int | None, seed: int, progress: bool = True) -> torch.Tensor:
+def draw(model, num: int, steps: int | None, seed: int, progress: bool = True, batch_size: int = 1024) -> torch.Tensor:
     from tqdm.auto import tqdm
 
     T = model.schedule.num_steps
@@ -55,10 +55,10 @@ def draw(model, num: int, steps: int | None, seed: int, progress: bool = True) -
         raise DkdmError(f"--steps must be in 2..{T}, got {steps}")
     if num < 2:
         raise DkdmError(f"--num must be at least 2, got {num}")
-    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    g = torch.Generator(device=next(model.parameters(), torch.empty(0)).device).manual_seed(seed)
     with tqdm(total=num * (steps or T), desc="sample", unit="step", unit_scale=True,
               disable=not progress, dynamic_ncols=True) as bar:
-        return model.sample(num, steps, g, batch_size=1024, progress=bar)
+        return model.sample(num, steps, g, batch_size=batch_size, progress=bar)
 
 
 def _weights_key(model_dir: Path) -> str:

@@ -89,7 +89,7 @@ class DiffusionModel(nn.Module):
     @torch.no_grad()
     def sample(self, num: int, steps: int | None = None, generator=None, batch_size: int = 1024, progress=None):
         """Ancestral sampling with ``steps`` evenly respaced steps (default: all of them)."""
-        device = next(self.parameters()).device
+        device = next(self.parameters(), torch.empty(0)).device
         if steps is None or steps == self.schedule.num_steps:
             sched, tmap = self.schedule, torch.arange(self.schedule.num_steps)
         else:

@@ -20,6 +20,7 @@ from .diffusion import TrainingBatch, reverse_sample
 from .errors import DkdmError
 
 KINDS = ("iterative", "shuffled", "dynamic")
+PREPARATIONS = ("exact", "sampled")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -46,18 +47,27 @@ def pool_memory_bytes(size: int, sample_shape, dtype: str) -> int:
     return size * math.prod(sample_shape) * DTYPES[dtype].itemsize + size * 8
 
 
-def preparation_cost(kind: str, size: int, num_steps: int) -> int:
-    """Expected teacher sample-steps to prepare the pool (N * T/2 for random stops)."""
-    return 0 if kind == "iterative" else size * num_steps // 2
+def preparation_cost(kind: str, size: int, num_steps: int, method: str = "exact", prep_steps: int = 25) -> int:
+    """Teacher sample-steps to prepare the pool: N * T/2 (exact, expected) or N * K (sampled)."""
+    if kind == "iterative":
+        return 0
+    return size * prep_steps if method == "sampled" else size * num_steps // 2
 
 
 class KnowledgePool:
     """A pool of partially denoised teacher samples that yields student training batches."""
 
     def __init__(self, teacher, batch_size: int, kind: str = "dynamic", rho: float = 0.4,
-                 dtype: str = "float32", seed: int = 0, device="cpu"):
+                 dtype: str = "float32", seed: int = 0, device="cpu", preparation: str = "exact",
+                 prep_steps: int = 25):
         if dtype not in DTYPES:
             raise DkdmError(f"unknown pool dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        if preparation not in PREPARATIONS:
+            raise DkdmError(f"unknown pool preparation {preparation!r}; choose one of {', '.join(PREPARATIONS)}")
+        if preparation == "sampled" and not 2 <= prep_steps <= teacher.schedule.num_steps:
+            raise DkdmError(f"--prep-steps must be in 2..{teacher.schedule.num_steps}, got {prep_steps}")
+        self.preparation = preparation
+        self.prep_steps = prep_steps
         self.teacher = teacher
         self.kind = kind
         self.rho = rho
@@ -93,6 +103,9 @@ class KnowledgePool:
             self.prepared = True
             return
         stops = torch.randint(1, T, (self.size,), generator=self.generator, device=self.device)
+        if self.preparation == "sampled":
+            self._prepare_sampled(stops, chunk, progress)
+            return
         for start in range(0, self.size, chunk):
             x = self.x[start:start + chunk].float()
             stop = stops[start:start + chunk]
@@ -106,6 +119,21 @@ class KnowledgePool:
                 if progress is not None:
                     progress.update(len(active))
             self.x[start:start + chunk] = x.to(self.x.dtype)
+        self.s.copy_(stops)
+        self.prepared = True
+
+    @torch.no_grad()
+    def _prepare_sampled(self, stops, chunk, progress) -> None:
+        """Cheap preparation: x0 from a K-step respaced teacher sampler, noised to each stop by q.
+
+        x_s then follows q(x_s | x0) with x0 from the teacher's (few-step) distribution instead of
+        the teacher's own marginal at s; it costs N*K teacher steps instead of N*T/2.
+        """
+        x0 = self.teacher.sample(self.size, self.prep_steps, self.generator, batch_size=chunk, progress=progress)
+        self.prep_calls += self.size * self.prep_steps
+        x0 = x0.to(self.device)
+        t = stops - 1
+        self.x.copy_(self.teacher.schedule.q_sample(x0, t, self._noise(x0.shape)).to(self.x.dtype))
         self.s.copy_(stops)
         self.prepared = True
 
@@ -133,8 +161,11 @@ class KnowledgePool:
 
     # state --------------------------------------------------------------------------------
     def describe(self) -> dict:
-        return {"source": "pool", "pool": self.kind, "rho": self.rho, "batch": self.batch_size,
-                "size": self.size, "dtype": self.dtype}
+        d = {"source": "pool", "pool": self.kind, "rho": self.rho, "batch": self.batch_size,
+             "size": self.size, "dtype": self.dtype, "preparation": self.preparation}
+        if self.preparation == "sampled":
+            d["prep_steps"] = self.prep_steps
+        return d
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {
