@@ -37,7 +37,7 @@ COMMON_DEFAULTS = {
 }
 TRAIN_DEFAULTS = {"data": "toy2d", "real_fraction": None, "synthetic": None, "model": None, "schedule": "cosine", "diffusion_steps": 1000,
                   "variance": "learned_range", "prediction": "epsilon"}
-DISTILL_DEFAULTS = {"teacher": "builtin:digits", "student": None, "pool": "dynamic", "rho": 0.4,
+DISTILL_DEFAULTS = {"teacher": "builtin:digits", "teacher_config": None, "student": None, "pool": "dynamic", "rho": 0.4,
                     "pool_dtype": "float32", "prep_batch": 8192, "prep": "exact", "prep_steps": 25,
                     "variance": "learned_range"}
 
@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     di = sub.add_parser("distill", help="data-free distillation of a teacher into a student (DKDM)")
     _common(di, True)
-    di.add_argument("--teacher", help="teacher model directory, or builtin:digits (the default)")
+    di.add_argument("--teacher", help="teacher model directory, an ADM checkpoint (.pt/.safetensors), or builtin:digits (the default)")
+    di.add_argument("--teacher-config", help="guided-diffusion flags (YAML/JSON) of an ADM checkpoint --teacher")
     di.add_argument("--student", help="student architecture spec (default: the teacher's type, default size)")
     di.add_argument("--pool", choices=["iterative", "shuffled", "dynamic"])
     di.add_argument("--rho", type=float, help="dynamic pool size in batches per diffusion step (paper: 0.4)")
@@ -100,11 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sy = sub.add_parser("synth", help="sample a synthetic data set from a teacher (the data-free baseline's data)")
     _common(sy, False)
-    sy.add_argument("--teacher", default="builtin:digits", help="teacher model directory or builtin:NAME")
+    sy.add_argument("--teacher", default="builtin:digits", help="teacher model directory, ADM checkpoint, or builtin:NAME")
+    sy.add_argument("--teacher-config", help="guided-diffusion flags (YAML/JSON) of an ADM checkpoint --teacher")
     sy.add_argument("--num", type=int, help="number of samples (default: the size of the teacher's training set)")
     sy.add_argument("--steps", type=int, default=100, help="teacher sampling steps (the paper: 1000 or 100)")
     sy.add_argument("--batch", type=int, default=1024)
     sy.add_argument("--out", required=True, help="sample set directory to create (train on it with --data DIR)")
+
+    co = sub.add_parser("convert", help="turn an ADM / guided-diffusion checkpoint into a dkdm model directory")
+    co.add_argument("--checkpoint", required=True, help="guided-diffusion state dict (.pt loaded weights-only, or .safetensors)")
+    co.add_argument("--config", required=True, help="its guided-diffusion flags, YAML or JSON")
+    co.add_argument("--out", required=True, help="model directory to create")
 
     sa = sub.add_parser("sample", help="draw samples from a model directory")
     _common(sa, False)
@@ -272,7 +279,7 @@ def cmd_distill(args) -> None:
 
     s = _settings(args, COMMON_DEFAULTS, DISTILL_DEFAULTS, {"out": None, "resume": False})
     acc = Accelerator(mixed_precision=s["mixed_precision"])
-    teacher = load_model(s["teacher"], device=acc.device, role="teacher")
+    teacher = load_model(s["teacher"], device=acc.device, role="teacher", config=s["teacher_config"])
     teacher.requires_grad_(False)
     # the teacher's data set brings its distillation defaults; --config and flags still win
     s = _settings(args, COMMON_DEFAULTS, DISTILL_DEFAULTS, DISTILL_DATA_DEFAULTS.get(teacher.extra.get("data"), {}),
@@ -330,7 +337,7 @@ def cmd_synth(args) -> None:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DkdmError(f"--out {out} already exists; choose a new directory for the sample set")
-    model = load_model(args.teacher, role="teacher")
+    model = load_model(args.teacher, role="teacher", config=args.teacher_config)
     data = model.extra.get("data")
     num = args.num
     if num is None:
@@ -355,6 +362,19 @@ def cmd_synth(args) -> None:
         save_grid(x[:100], out / "preview.png", nrow=10)
     print(f"wrote {num} teacher samples ({args.steps} steps, {num * args.steps:,} teacher sample-steps) to {out}; "
           f"train on them with: dkdm train --data {out}", file=sys.stderr)
+
+
+def cmd_convert(args) -> None:
+    from .model import load_checkpoint_file
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DkdmError(f"--out {out} already exists; choose a new directory")
+    model = load_checkpoint_file(args.checkpoint, args.config, role="checkpoint")
+    model.save(out)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"wrote {out}: ADM UNet, {n:,} parameters, {model.variance} variance, {model.prediction} prediction, "
+          f"T={model.schedule.num_steps}; use it as --teacher {out}", file=sys.stderr)
 
 
 def cmd_sample(args) -> None:
@@ -404,7 +424,7 @@ def cmd_evaluate(args) -> None:
     print(json.dumps({"model": str(args.model), **result}))
 
 
-COMMANDS = {"train": cmd_train, "distill": cmd_distill, "synth": cmd_synth, "sample": cmd_sample, "evaluate": cmd_evaluate}
+COMMANDS = {"train": cmd_train, "distill": cmd_distill, "synth": cmd_synth, "convert": cmd_convert, "sample": cmd_sample, "evaluate": cmd_evaluate}
 
 
 def main(argv=None) -> int:

@@ -188,8 +188,32 @@ def read_model_config(directory, role: str = "model") -> dict:
     return cfg
 
 
-def load_model(directory, device="cpu", role: str = "model", net: nn.Module | None = None) -> DiffusionModel:
-    """Load a model directory; pass ``net`` for a model built from a custom module."""
+def load_checkpoint_file(path, config, device="cpu", role: str = "teacher") -> DiffusionModel:
+    """An ADM / guided-diffusion checkpoint (.pt or .safetensors) configured by its flags file."""
+    from .teachers.adm import (load_weights, prediction_and_variance, read_flags, read_state_dict,
+                               schedule_from_flags)
+
+    if config is None:
+        raise DkdmError(f"{path} is a checkpoint file: pass the guided-diffusion flags it was trained with "
+                        f"(YAML or JSON) with --{role}-config FILE")
+    flags = read_flags(config)
+    if flags["class_cond"]:
+        raise DkdmError(f"{config}: class-conditional ADM models (class_cond: true) are not supported yet")
+    prediction, variance = prediction_and_variance(flags)
+    c, size = int(flags["in_channels"]), int(flags["image_size"])
+    model = DiffusionModel.build({"type": "adm", **flags}, (c, size, size), schedule_from_flags(flags),
+                                 variance=variance, prediction=prediction, clip_x0=True,
+                                 extra={"converted_from": str(Path(path).resolve())})
+    load_weights(model.net.adm, read_state_dict(path), path)
+    return model.to(device).eval()
+
+
+def load_model(directory, device="cpu", role: str = "model", net: nn.Module | None = None,
+               config=None) -> DiffusionModel:
+    """Load a model directory (or an ADM checkpoint file with its flags ``config``); pass ``net``
+    for a model built from a custom module."""
+    if Path(str(directory)).is_file():
+        return load_checkpoint_file(directory, config, device, role)
     cfg = read_model_config(directory, role)
     d = resolve_model_dir(directory)
     try:

@@ -23,8 +23,9 @@ DEFAULTS = {
 }
 SPEC_HELP = (
     "mlp[:width=256,depth=4]  |  unet[:widths=32-64,layers=1,attn=1,groups=8]  |  "
-    "dit[:patch=2,depth=4,width=128,heads=4]"
+    "dit[:patch=2,depth=4,width=128,heads=4]  |  adm[:num_channels=64,num_res_blocks=2,...] (guided-diffusion flags)"
 )
+KINDS = (*DEFAULTS, "adm")
 
 
 def _value(text: str):
@@ -66,8 +67,12 @@ def parse_spec(spec) -> dict:
     if not isinstance(spec, dict) or "type" not in spec:
         raise DkdmError(f"model spec must name a type; specs look like {SPEC_HELP}")
     kind = spec["type"]
-    if kind not in DEFAULTS:
-        raise DkdmError(f"unknown model type {kind!r}; choose one of {', '.join(DEFAULTS)} ({SPEC_HELP})")
+    if kind not in KINDS:
+        raise DkdmError(f"unknown model type {kind!r}; choose one of {', '.join(KINDS)} ({SPEC_HELP})")
+    if kind == "adm":
+        from .teachers.adm import parse_flags
+
+        return {"type": "adm", **parse_flags(spec)}
     unknown = set(spec) - set(DEFAULTS[kind]) - {"type"}
     if unknown:
         raise DkdmError(
@@ -142,6 +147,17 @@ class DiTNet(nn.Module):
         return self.dit(x, timestep=t, class_labels=labels, return_dict=False)[0]
 
 
+class ADMNet(nn.Module):
+    """An OpenAI ADM UNet (guided-diffusion layout), unconditional use."""
+
+    def __init__(self, adm):
+        super().__init__()
+        self.adm = adm
+
+    def forward(self, x, t):
+        return self.adm(x, t)
+
+
 def build_net(spec, sample_shape, out_channels: int) -> nn.Module:
     """Build the network for ``spec`` on data of ``sample_shape`` (C,H,W or D)."""
     s = parse_spec(spec)
@@ -175,6 +191,14 @@ def build_net(spec, sample_shape, out_channels: int) -> nn.Module:
             norm_num_groups=groups, attention_head_dim=min(widths),
         )
         return UNetNet(unet)
+    if kind == "adm":
+        from .teachers.adm import ADMUNet, parse_flags
+
+        flags = {**s, "in_channels": c, "image_size": h}  # the data decides these two
+        if out_channels not in (c, 2 * c):
+            raise DkdmError(f"an adm model outputs {c} or {2 * c} channels, not {out_channels}")
+        flags["learn_sigma"] = out_channels == 2 * c
+        return ADMNet(ADMUNet(parse_flags(flags)))
     if kind == "dit":
         from diffusers import DiTTransformer2DModel
 

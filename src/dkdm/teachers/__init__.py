@@ -1,0 +1,1 @@
+"""Adapters that load models from outside formats into dkdm (they import only the diffusion math)."""

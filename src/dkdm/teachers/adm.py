@@ -1,0 +1,317 @@
+"""OpenAI ADM (guided-diffusion / improved-diffusion / DDPM-IP) checkpoints, loaded unchanged.
+
+The network is written here from the published architecture so that a guided-diffusion state
+dict loads key for key, without the original code or any unpickling; it is configured by
+guided-diffusion's own flag names (``num_channels``, ``attention_resolutions``, ...). The same
+flags give the diffusion: schedule, learned sigma, epsilon or x0 prediction.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..diffusion import Schedule
+from ..errors import DkdmError
+
+#: guided-diffusion's defaults (script_util.model_and_diffusion_defaults), plus in/out channels.
+FLAG_DEFAULTS = {
+    "image_size": 64, "num_channels": 128, "num_res_blocks": 2, "num_heads": 4, "num_heads_upsample": -1,
+    "num_head_channels": -1, "attention_resolutions": "16,8", "channel_mult": "", "dropout": 0.0,
+    "class_cond": False, "use_checkpoint": False, "use_scale_shift_norm": True, "resblock_updown": False,
+    "use_fp16": False, "use_new_attention_order": False, "learn_sigma": False, "diffusion_steps": 1000,
+    "noise_schedule": "linear", "timestep_respacing": "", "use_kl": False, "predict_xstart": False,
+    "rescale_timesteps": False, "rescale_learned_sigmas": False, "in_channels": 3, "num_classes": 1000,
+}
+#: channel_mult per image size when the flag is empty, as guided-diffusion chooses it.
+DEFAULT_MULT = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4),
+                32: (1, 2, 2, 2)}
+
+
+def parse_flags(flags: dict) -> dict:
+    """Full, validated flags from a guided-diffusion flag mapping (unknown names are refused)."""
+    if not isinstance(flags, dict):
+        raise DkdmError("an ADM config must be a mapping of guided-diffusion flags (e.g. num_channels: 128)")
+    unknown = set(flags) - set(FLAG_DEFAULTS) - {"type"}
+    if unknown:
+        raise DkdmError(f"unknown ADM flag(s) {', '.join(sorted(unknown))}; guided-diffusion flags are "
+                        f"{', '.join(sorted(FLAG_DEFAULTS))}")
+    f = {**FLAG_DEFAULTS, **{k: v for k, v in flags.items() if k != "type"}}
+    if f["timestep_respacing"] not in ("", None):
+        raise DkdmError("ADM timestep_respacing is a sampling setting; give the checkpoint's full schedule "
+                        "(timestep_respacing: \"\") and choose sampling steps in dkdm")
+    if f["rescale_learned_sigmas"] or f["use_kl"]:
+        raise DkdmError("ADM use_kl / rescale_learned_sigmas change the training loss only; set them false "
+                        "(the network and its reverse step do not depend on them)")
+    try:
+        _derived(f)
+    except (TypeError, ValueError) as e:
+        raise DkdmError(f"bad ADM flags ({e}); channel_mult looks like 1,2,2,2 and attention_resolutions like 16,8")
+    return f
+
+
+def _derived(f: dict) -> tuple[tuple, list[int]]:
+    """channel_mult as numbers and the attention downsampling factors, as guided-diffusion derives them."""
+    size = int(f["image_size"])
+    mult = f["channel_mult"]
+    if mult in ("", None):
+        if size not in DEFAULT_MULT:
+            raise DkdmError(f"ADM image_size {size} has no default channel_mult; set channel_mult (e.g. 1,2,2,2)")
+        mult = DEFAULT_MULT[size]
+    elif isinstance(mult, str):
+        mult = tuple(float(m) if "." in m else int(m) for m in mult.split(","))
+    elif not isinstance(mult, (list, tuple)):
+        mult = (mult,)
+    res = f["attention_resolutions"]
+    if isinstance(res, (list, tuple)):
+        res = [int(r) for r in res]
+    elif isinstance(res, int):
+        res = [res]
+    else:
+        res = [int(r) for r in str(res).split(",") if r.strip()]
+    return tuple(mult), sorted({size // r for r in res})
+
+
+def prediction_and_variance(f: dict) -> tuple[str, str]:
+    """What the network outputs, as guided-diffusion reads it (fixed_large unless sigma is learned)."""
+    return ("sample" if f["predict_xstart"] else "epsilon"), ("learned_range" if f["learn_sigma"] else "fixed_large")
+
+
+def schedule_from_flags(f: dict) -> Schedule:
+    if f["noise_schedule"] not in ("linear", "cosine"):
+        raise DkdmError(f"ADM noise_schedule {f['noise_schedule']!r} is not supported; use linear or cosine")
+    return Schedule.named(f["noise_schedule"], int(f["diffusion_steps"]))
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """ADM's sinusoidal embedding: cosines first, then sines."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 whatever the input dtype (as ADM does)."""
+
+    def forward(self, x):
+        return super().forward(x.float()).type(x.dtype)
+
+
+def _norm(ch):
+    return GroupNorm32(32, ch)
+
+
+class _Resample(nn.Module):
+    def __init__(self, ch, use_conv, out_ch, up):
+        super().__init__()
+        self.up = up
+        if use_conv:
+            conv = nn.Conv2d(ch, out_ch, 3, padding=1) if up else nn.Conv2d(ch, out_ch, 3, stride=2, padding=1)
+            setattr(self, "conv" if up else "op", conv)
+        self.use_conv = use_conv
+
+    def forward(self, x):
+        if self.up:
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+            return self.conv(x) if self.use_conv else x
+        return self.op(x) if self.use_conv else F.avg_pool2d(x, 2, 2)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, ch, emb_ch, dropout, out_ch, scale_shift, up=False, down=False):
+        super().__init__()
+        self.in_layers = nn.Sequential(_norm(ch), nn.SiLU(), nn.Conv2d(ch, out_ch, 3, padding=1))
+        self.updown = up or down
+        if self.updown:
+            self.h_upd = _Resample(ch, False, ch, up)
+            self.x_upd = _Resample(ch, False, ch, up)
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_ch, 2 * out_ch if scale_shift else out_ch))
+        self.out_layers = nn.Sequential(_norm(out_ch), nn.SiLU(), nn.Dropout(dropout), nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.scale_shift = scale_shift
+        self.skip_connection = nn.Identity() if out_ch == ch else nn.Conv2d(ch, out_ch, 1)
+
+    def forward(self, x, emb):
+        if self.updown:
+            h = self.in_layers[:-1](x)
+            h = self.in_layers[-1](self.h_upd(h))
+            x = self.x_upd(x)
+        else:
+            h = self.in_layers(x)
+        e = self.emb_layers(emb).type(h.dtype)[..., None, None]
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.out_layers[1:](self.out_layers[0](h) * (1 + scale) + shift)
+        else:
+            h = self.out_layers(h + e)
+        return self.skip_connection(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over positions; ``new_order`` splits q/k/v before heads (QKVAttention)."""
+
+    def __init__(self, ch, num_heads, head_channels, new_order):
+        super().__init__()
+        if head_channels != -1:
+            if ch % head_channels:
+                raise DkdmError(f"ADM channels {ch} not divisible by num_head_channels {head_channels}")
+            num_heads = ch // head_channels
+        self.heads = num_heads
+        self.new_order = new_order
+        self.norm = _norm(ch)
+        self.qkv = nn.Conv1d(ch, 3 * ch, 1)
+        self.proj_out = nn.Conv1d(ch, ch, 1)
+
+    def forward(self, x):
+        b, c, *spatial = x.shape
+        x = x.reshape(b, c, -1)
+        qkv = self.qkv(self.norm(x))
+        n, length = self.heads, qkv.shape[-1]
+        ch = c // n
+        if self.new_order:
+            q, k, v = (z.reshape(b * n, ch, length) for z in qkv.chunk(3, dim=1))
+        else:
+            q, k, v = qkv.reshape(b * n, 3 * ch, length).split(ch, dim=1)
+        scale = 1 / math.sqrt(math.sqrt(ch))
+        w = torch.einsum("bct,bcs->bts", q * scale, k * scale)
+        w = torch.softmax(w.float(), dim=-1).type(w.dtype)
+        h = torch.einsum("bts,bcs->bct", w, v).reshape(b, c, length)
+        return (x + self.proj_out(h)).reshape(b, c, *spatial)
+
+
+class _Block(nn.ModuleList):
+    """A sequence whose ResBlocks also take the embedding (TimestepEmbedSequential)."""
+
+    def forward(self, x, emb):
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
+        return x
+
+
+class ADMUNet(nn.Module):
+    """guided-diffusion's UNetModel; parameter names match its state dicts exactly."""
+
+    def __init__(self, f: dict):
+        super().__init__()
+        mult, attn_ds = _derived(f)
+        mc, drop = int(f["num_channels"]), float(f["dropout"])
+        out_ch = f["in_channels"] * (2 if f["learn_sigma"] else 1)
+        ss, updown, new = bool(f["use_scale_shift_norm"]), bool(f["resblock_updown"]), bool(f["use_new_attention_order"])
+        heads, head_ch = int(f["num_heads"]), int(f["num_head_channels"])
+        heads_up = heads if int(f["num_heads_upsample"]) == -1 else int(f["num_heads_upsample"])
+        emb = mc * 4
+        self.model_channels = mc
+        self.time_scale = 1000.0 / int(f["diffusion_steps"]) if f["rescale_timesteps"] else 1.0
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb), nn.SiLU(), nn.Linear(emb, emb))
+        self.num_classes = int(f["num_classes"]) if f["class_cond"] else None
+        if self.num_classes:
+            self.label_emb = nn.Embedding(self.num_classes, emb)
+        ch = input_ch = int(mult[0] * mc)
+        self.input_blocks = nn.ModuleList([_Block([nn.Conv2d(f["in_channels"], ch, 3, padding=1)])])
+        chans, ds = [ch], 1
+        for level, m in enumerate(mult):
+            for _ in range(int(f["num_res_blocks"])):
+                layers = [ResBlock(ch, emb, drop, int(m * mc), ss)]
+                ch = int(m * mc)
+                if ds in attn_ds:
+                    layers.append(AttentionBlock(ch, heads, head_ch, new))
+                self.input_blocks.append(_Block(layers))
+                chans.append(ch)
+            if level != len(mult) - 1:
+                down = ResBlock(ch, emb, drop, ch, ss, down=True) if updown else _Resample(ch, True, ch, up=False)
+                self.input_blocks.append(_Block([down]))
+                chans.append(ch)
+                ds *= 2
+        self.middle_block = _Block([ResBlock(ch, emb, drop, ch, ss), AttentionBlock(ch, heads, head_ch, new),
+                                    ResBlock(ch, emb, drop, ch, ss)])
+        self.output_blocks = nn.ModuleList()
+        for level, m in list(enumerate(mult))[::-1]:
+            for i in range(int(f["num_res_blocks"]) + 1):
+                layers = [ResBlock(ch + chans.pop(), emb, drop, int(mc * m), ss)]
+                ch = int(mc * m)
+                if ds in attn_ds:
+                    layers.append(AttentionBlock(ch, heads_up, head_ch, new))
+                if level and i == int(f["num_res_blocks"]):
+                    layers.append(ResBlock(ch, emb, drop, ch, ss, up=True) if updown else _Resample(ch, True, ch, up=True))
+                    ds //= 2
+                self.output_blocks.append(_Block(layers))
+        self.out = nn.Sequential(_norm(ch), nn.SiLU(), nn.Conv2d(input_ch, out_ch, 3, padding=1))
+
+    def forward(self, x, t, y=None):
+        emb = self.time_embed(timestep_embedding(t * self.time_scale, self.model_channels))
+        if self.num_classes:
+            if y is None:
+                raise DkdmError("this ADM model is class-conditional; it needs class labels")
+            emb = emb + self.label_emb(y)
+        hs, h = [], x
+        for block in self.input_blocks:
+            h = block(h, emb)
+            hs.append(h)
+        h = self.middle_block(h, emb)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, hs.pop()], dim=1), emb)
+        return self.out(h)
+
+
+def read_state_dict(path) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors or a ``.pt`` loaded with ``weights_only=True`` (no code runs)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DkdmError(f"checkpoint {p} does not exist")
+    if p.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(p))
+        except (SafetensorError, OSError) as e:
+            raise DkdmError(f"cannot read {p}: {e}; the file is corrupt or not safetensors")
+    try:
+        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError or others for non-weights files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise DkdmError(
+            f"{p} is not a plain weights file that loads without running code ({first[:200]}); dkdm never unpickles "
+            f"arbitrary objects: save the model's state_dict() (or convert it to safetensors) and pass that"
+        )
+    for key in ("state_dict", "model", "ema"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict) and not any(torch.is_tensor(v) for v in obj.values()):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
+        raise DkdmError(f"{p} does not hold a state dict (a mapping of parameter names to tensors)")
+    return obj
+
+
+def load_weights(net: nn.Module, state: dict[str, torch.Tensor], source) -> None:
+    """Load ``state`` into ``net``, naming the first key that is missing, extra or of another shape."""
+    own = net.state_dict()
+    for k, v in own.items():
+        if k not in state:
+            raise DkdmError(f"{source} does not fit this ADM config: it lacks {k} (the config expects shape "
+                            f"{list(v.shape)}); check the flags against the ones the checkpoint was trained with")
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise DkdmError(f"{source} does not fit this ADM config: {k} has shape {list(state[k].shape)} in the "
+                            f"checkpoint but {list(v.shape)} in the config; check num_channels, channel_mult, "
+                            f"num_res_blocks, attention_resolutions and learn_sigma")
+    extra = sorted(set(state) - set(own))
+    if extra:
+        raise DkdmError(f"{source} does not fit this ADM config: it has {extra[0]} (and {len(extra) - 1} more) that the "
+                        f"config does not build; check attention_resolutions, class_cond and resblock_updown")
+    net.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+
+
+def read_flags(path) -> dict:
+    """guided-diffusion flags from a YAML or JSON file."""
+    import yaml
+
+    p = Path(path)
+    try:
+        flags = yaml.safe_load(p.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise DkdmError(f"cannot read ADM config {p}: {e.__class__.__name__}: {e}")
+    return parse_flags(flags)
