@@ -224,6 +224,14 @@ def _run(trainer, s: dict, out: Path, args, prepare=None, teacher=None) -> None:
               file=sys.stderr)
 
 
+def _teacher_ref(teacher) -> str:
+    """How a run records its teacher: builtin names and Hub ids as given, paths made absolute."""
+    from .teachers.diffusers_dir import looks_like_hub_id
+
+    text = str(teacher)
+    return text if text.startswith("builtin:") or looks_like_hub_id(text) else str(Path(text).resolve())
+
+
 def _model_dir(path):
     from .model import resolve_model_dir
 
@@ -286,10 +294,11 @@ def cmd_distill(args) -> None:
                   {"out": None, "resume": False})
     s["out"] = s["out"] or _default_out("distill")
     cfg = _train_config(s)
-    teacher_ref = s["teacher"] if str(s["teacher"]).startswith("builtin:") else str(Path(s["teacher"]).resolve())
+    teacher_ref = _teacher_ref(s["teacher"])
     torch.manual_seed(int(s["seed"]))
     student = DiffusionModel.build(
-        parse_spec(s["student"] or {"type": teacher.spec["type"]}), teacher.sample_shape, teacher.schedule,
+        parse_spec(s["student"] or {"type": teacher.spec["type"] if teacher.spec else "unet"}), teacher.sample_shape,
+        teacher.schedule,
         variance=s["variance"], prediction="epsilon", clip_x0=teacher.clip_x0,
         extra={"data": teacher.extra.get("data"), "teacher": teacher_ref},
     )
@@ -332,7 +341,7 @@ def cmd_synth(args) -> None:
 
     from .data import save_sample_set
     from .evaluation import draw
-    from .model import load_model, resolve_model_dir
+    from .model import load_model
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -352,7 +361,7 @@ def cmd_synth(args) -> None:
     seed = args.seed or 0
     t0 = time.time()
     x = draw(model, num, args.steps, seed, not args.no_progress, batch_size=args.batch)
-    teacher_ref = args.teacher if str(args.teacher).startswith("builtin:") else str(resolve_model_dir(args.teacher).resolve())
+    teacher_ref = _teacher_ref(args.teacher)
     save_sample_set(out, x, {"reference": data, "teacher": teacher_ref, "steps": args.steps, "seed": seed,
                              "clip_x0": model.clip_x0, "teacher_sample_steps": num * args.steps,
                              "wall_s": round(time.time() - t0, 2)})

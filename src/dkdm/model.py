@@ -208,12 +208,33 @@ def load_checkpoint_file(path, config, device="cpu", role: str = "teacher") -> D
     return model.to(device).eval()
 
 
+def load_pipeline_dir(d: Path, device="cpu") -> DiffusionModel:
+    """A plain diffusers DDPM/DDIM pipeline directory (no dkdm_model.json) as a model."""
+    from .students import UNetNet
+    from .teachers.diffusers_dir import read_pipeline
+
+    unet, schedule, prediction, variance, clip = read_pipeline(d)
+    size = unet.config.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    model = DiffusionModel(UNetNet(unet), schedule, (unet.config.in_channels, h, w), prediction, variance, clip,
+                           extra={"diffusers": str(d)})
+    return model.to(device).eval()
+
+
 def load_model(directory, device="cpu", role: str = "model", net: nn.Module | None = None,
                config=None) -> DiffusionModel:
     """Load a model directory (or an ADM checkpoint file with its flags ``config``); pass ``net``
     for a model built from a custom module."""
-    if Path(str(directory)).is_file():
+    text = str(directory)
+    if Path(text).is_file():
         return load_checkpoint_file(directory, config, device, role)
+    if not text.startswith("builtin:"):
+        from .teachers.diffusers_dir import fetch, is_pipeline_dir, looks_like_hub_id
+
+        p = fetch(text) if looks_like_hub_id(text) else Path(text)
+        if p.is_dir() and is_pipeline_dir(p) and not (p / MODEL_JSON).exists():
+            return load_pipeline_dir(p, device)
+        directory = p
     cfg = read_model_config(directory, role)
     d = resolve_model_dir(directory)
     try:

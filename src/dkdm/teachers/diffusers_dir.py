@@ -1,0 +1,87 @@
+"""diffusers pixel pipelines as teachers: a ``UNet2DModel`` with a DDPM-family scheduler.
+
+A local directory written by ``save_pretrained`` (``model_index.json``, ``unet/``,
+``scheduler/``), or a Hub id (e.g. ``google/ddpm-cifar10-32``) fetched with huggingface_hub when
+online. The scheduler's config gives the schedule, the output parameterization and the variance.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from ..diffusion import Schedule
+from ..errors import DkdmError
+
+PIPELINES = ("DDPMPipeline", "DDIMPipeline")
+SCHEDULERS = ("DDPMScheduler", "DDIMScheduler")
+#: diffusers variance_type -> dkdm variance (the *_log forms differ only in how diffusers computes them)
+VARIANCES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large",
+             "fixed_large_log": "fixed_large", "learned_range": "learned_range"}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_pipeline_dir(d: Path) -> bool:
+    return (d / "model_index.json").exists()
+
+
+def looks_like_hub_id(text: str) -> bool:
+    return bool(HUB_ID.match(text)) and not Path(text).exists()
+
+
+def fetch(repo_id: str) -> Path:
+    """Download (or find in the local cache) a Hub pipeline; offline, say how to pass a local path."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=["model_index.json", "unet/*", "scheduler/*"]))
+    except Exception as e:  # network, auth and missing-repo errors all end here
+        raise DkdmError(
+            f"cannot fetch {repo_id!r} from the Hugging Face Hub ({e.__class__.__name__}); offline or private? "
+            f"download it where you have access (huggingface-cli download {repo_id} --local-dir DIR) and pass "
+            f"--teacher DIR"
+        )
+
+
+def read_pipeline(d: Path):
+    """(unet, schedule, prediction, variance, clip_x0) of a diffusers pipeline directory."""
+    try:
+        index = json.loads((d / "model_index.json").read_text())
+        sched_cfg = json.loads((d / "scheduler" / "scheduler_config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DkdmError(f"cannot read the diffusers pipeline in {d}: {e}")
+    pipe = index.get("_class_name")
+    if pipe not in PIPELINES:
+        raise DkdmError(f"{d} holds a {pipe}; dkdm reads pixel-space {' / '.join(PIPELINES)} directories "
+                        f"(a UNet2DModel with a {' or '.join(SCHEDULERS)})")
+    unet_cls = index.get("unet", [None, None])[1]
+    if unet_cls != "UNet2DModel":
+        raise DkdmError(f"{d}: its unet is a {unet_cls}; dkdm reads UNet2DModel teachers")
+    sched_cls = sched_cfg.get("_class_name")
+    if sched_cls not in SCHEDULERS:
+        raise DkdmError(f"{d}: scheduler {sched_cls} is not supported; use one of {', '.join(SCHEDULERS)}")
+    prediction = sched_cfg.get("prediction_type", "epsilon")
+    if prediction not in ("epsilon", "v_prediction", "sample"):
+        raise DkdmError(f"{d}: prediction_type {prediction!r} is not supported; use epsilon, v_prediction or sample")
+    vt = sched_cfg.get("variance_type", "fixed_small") if sched_cls == "DDPMScheduler" else "fixed_small"
+    if vt not in VARIANCES:
+        raise DkdmError(f"{d}: variance_type {vt!r} is not supported; use one of {', '.join(VARIANCES)}")
+    try:
+        schedule = Schedule.from_diffusers(sched_cfg)
+    except ValueError as e:
+        raise DkdmError(f"{d}: {e}")
+    clip = bool(sched_cfg.get("clip_sample", True))
+    if clip and float(sched_cfg.get("clip_sample_range", 1.0)) != 1.0:
+        raise DkdmError(f"{d}: clip_sample_range {sched_cfg['clip_sample_range']} is not supported (dkdm clips x0 to [-1, 1])")
+    from diffusers import UNet2DModel
+
+    try:
+        unet = UNet2DModel.from_pretrained(str(d / "unet"))
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise DkdmError(f"cannot load the UNet2DModel in {d / 'unet'}: {e}")
+    want = unet.config.in_channels * (2 if VARIANCES[vt] == "learned_range" else 1)
+    if unet.config.out_channels != want:
+        raise DkdmError(f"{d}: the unet outputs {unet.config.out_channels} channels but variance_type {vt!r} "
+                        f"needs {want}")
+    return unet, schedule, prediction, VARIANCES[vt], clip

@@ -1,0 +1,77 @@
+"""diffusers pixel pipelines as teachers: read as diffusers itself reads them, offline."""
+
+import json
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
+
+from dkdm.cli import main
+from dkdm.diffusion import reverse_sample
+from dkdm.errors import DkdmError
+from dkdm.model import load_model
+
+
+def tiny_pipeline(path, prediction="epsilon", variance="fixed_small", scheduler=DDPMScheduler, steps=50):
+    torch.manual_seed(0)
+    out = 6 if variance == "learned_range" else 3
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=out, block_out_channels=(8, 16),
+                       layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+    kw = {"variance_type": variance} if scheduler is DDPMScheduler else {}
+    sched = scheduler(num_train_timesteps=steps, beta_schedule="squaredcos_cap_v2", prediction_type=prediction,
+                      clip_sample=True, **kw)
+    DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(path)
+    return unet, sched
+
+
+@pytest.mark.parametrize("prediction, variance", [
+    ("epsilon", "fixed_small"), ("v_prediction", "fixed_large"), ("sample", "learned_range"),
+])
+def test_pipeline_teacher_steps_like_the_diffusers_scheduler(tmp_path, prediction, variance):
+    unet, sched = tiny_pipeline(tmp_path / "p", prediction, variance)
+    teacher = load_model(tmp_path / "p")
+    assert (teacher.prediction, teacher.variance, teacher.clip_x0) == (prediction, variance, True)
+    assert teacher.sample_shape == (3, 8, 8) and teacher.schedule.num_steps == 50
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 8, 8)
+    for t in (3, 20, 49):
+        tt = torch.full((2,), t)
+        with torch.no_grad():
+            out = unet(x, tt).sample
+            step = teacher.reverse(x, tt)
+        prev = sched.step(out, t, x, generator=torch.Generator().manual_seed(5)).prev_sample
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+        mine = reverse_sample(step, tt, noise)
+        assert ((mine - prev).abs().max() / prev.abs().max()).item() < 1e-5, t
+
+
+def test_ddim_scheduler_dirs_load_and_distill(tmp_path):
+    tiny_pipeline(tmp_path / "p", scheduler=DDIMScheduler)
+    teacher = load_model(tmp_path / "p")
+    assert teacher.variance == "fixed_small"
+    assert main(["distill", "--teacher", str(tmp_path / "p"), "--student", "unet:widths=8-16,layers=1,groups=4",
+                 "--pool", "iterative", "--batch", "4", "--steps", "2", "--no-progress", "--out",
+                 str(tmp_path / "run")]) == 0
+    cfg = json.loads((tmp_path / "run" / "dkdm_model.json").read_text())
+    assert cfg["sample_shape"] == [3, 8, 8] and cfg["schedule"]["num_steps"] == 50
+
+
+def test_unsupported_scheduler_or_variance_is_named(tmp_path):
+    tiny_pipeline(tmp_path / "p")
+    cfg_path = tmp_path / "p" / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "_class_name": "EulerDiscreteScheduler"}))
+    with pytest.raises(DkdmError, match="EulerDiscreteScheduler is not supported; use one of DDPMScheduler"):
+        load_model(tmp_path / "p")
+    cfg_path.write_text(json.dumps({**cfg, "variance_type": "learned"}))
+    with pytest.raises(DkdmError, match="variance_type 'learned' is not supported"):
+        load_model(tmp_path / "p")
+
+
+def test_hub_id_offline_says_how_to_use_a_local_path(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert main(["distill", "--teacher", "google/ddpm-cifar10-32", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "huggingface-cli download google/ddpm-cifar10-32 --local-dir DIR" in err and len(err.strip().splitlines()) == 1
