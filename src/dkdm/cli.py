@@ -37,7 +37,7 @@ COMMON_DEFAULTS = {
 }
 TRAIN_DEFAULTS = {"data": "toy2d", "real_fraction": None, "synthetic": None, "model": None, "schedule": "cosine", "diffusion_steps": 1000,
                   "variance": "learned_range", "prediction": "epsilon"}
-DISTILL_DEFAULTS = {"teacher": "builtin:digits", "teacher_config": None, "student": None, "pool": "dynamic", "rho": 0.4,
+DISTILL_DEFAULTS = {"teacher": "builtin:digits", "teacher_config": None, "student": None, "student_steps": None, "pool": "dynamic", "rho": 0.4,
                     "pool_dtype": "float32", "prep_batch": 8192, "prep": "exact", "prep_steps": 25,
                     "variance": "learned_range"}
 
@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--teacher", help="teacher model directory, an ADM checkpoint (.pt/.safetensors), or builtin:digits (the default)")
     di.add_argument("--teacher-config", help="guided-diffusion flags (YAML/JSON) of an ADM checkpoint --teacher")
     di.add_argument("--student", help="student architecture spec (default: the teacher's type, default size)")
+    di.add_argument("--student-steps", type=int,
+                    help="the student's diffusion steps: an even respacing of the teacher's (default: the same)")
     di.add_argument("--pool", choices=["iterative", "shuffled", "dynamic"])
     di.add_argument("--rho", type=float, help="dynamic pool size in batches per diffusion step (paper: 0.4)")
     di.add_argument("--pool-dtype", choices=["float32", "float16", "bfloat16"])
@@ -295,6 +297,9 @@ def cmd_distill(args) -> None:
     s["out"] = s["out"] or _default_out("distill")
     cfg = _train_config(s)
     teacher_ref = _teacher_ref(s["teacher"])
+    if s["student_steps"] is not None:
+        # the pool runs the teacher on the student's steps, so every batch is a step the student takes
+        teacher = teacher.respaced(int(s["student_steps"]))
     torch.manual_seed(int(s["seed"]))
     student = DiffusionModel.build(
         parse_spec(s["student"] or {"type": teacher.spec["type"] if teacher.spec else "unet"}), teacher.sample_shape,

@@ -79,6 +79,21 @@ class DiffusionModel(nn.Module):
     def forward(self, x, t):
         return self.net(x, t)
 
+    def respaced(self, num_steps: int) -> "DiffusionModel":
+        """This model on an evenly respaced schedule of ``num_steps`` steps (shares the weights).
+
+        Each of its steps jumps between kept steps of the original schedule; the network still
+        sees the original timesteps. A teacher viewed this way feeds a student with fewer steps.
+        """
+        if num_steps == self.schedule.num_steps:
+            return self
+        try:
+            sched, tmap = self.schedule.respace(num_steps)
+        except ValueError as e:
+            raise DkdmError(f"cannot respace {self.schedule.num_steps} steps to {num_steps}: {e}")
+        return DiffusionModel(_Respaced(self.net, tmap), sched, self.sample_shape, self.prediction, self.variance,
+                              self.clip_x0, extra=self.extra)
+
     def reverse(self, x, t, schedule: Schedule | None = None, t_model=None, clip_x0=None):
         """The model's reverse step at (x, t); ``schedule``/``t_model`` for respaced sampling."""
         out = self.net(x, t if t_model is None else t_model)
@@ -152,6 +167,18 @@ class DiffusionModel(nn.Module):
         scheduler = DDPMScheduler(**self.schedule.to_diffusers(), variance_type=self.variance,
                                   prediction_type=self.prediction, clip_sample=self.clip_x0)
         DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(d, safe_serialization=True)
+
+
+class _Respaced(nn.Module):
+    """A network called with respaced indices, mapped back to the timesteps it was trained on."""
+
+    def __init__(self, net: nn.Module, tmap: torch.Tensor):
+        super().__init__()
+        self.inner = net
+        self.register_buffer("tmap", tmap, persistent=False)
+
+    def forward(self, x, t):
+        return self.inner(x, self.tmap.to(t.device)[t])
 
 
 def _read_weights(d: Path, role: str) -> dict:

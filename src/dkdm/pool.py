@@ -83,6 +83,11 @@ class KnowledgePool:
         self.prep_calls = 0  # teacher sample-forwards spent preparing the pool
         self.prepared = False
 
+    @property
+    def schedule(self):
+        """The schedule whose indices the batches' t are (the teacher's)."""
+        return self.teacher.schedule
+
     def _noise(self, shape):
         return torch.randn(shape, generator=self.generator, device=self.device)
 

@@ -83,6 +83,16 @@ class Trainer:
     def __init__(self, student: DiffusionModel, source, config: TrainConfig, out, run_info: dict | None = None,
                  progress: bool = True, accelerator: Accelerator | None = None):
         config.validate()
+        source_schedule = getattr(source, "schedule", None)
+        if source_schedule is not None and not (
+            source_schedule.num_steps == student.schedule.num_steps
+            and torch.allclose(source_schedule.betas, student.schedule.betas, rtol=1e-9, atol=1e-12)
+        ):
+            raise DkdmError(
+                f"the student's schedule ({student.schedule.num_steps} steps) is not the one its batches come from "
+                f"({source_schedule.num_steps} steps): give the student the teacher's schedule, or view the teacher "
+                f"on the student's respacing (teacher.respaced(n), --student-steps n)"
+            )
         self.student = student
         self.source = source
         self.cfg = config
