@@ -72,7 +72,7 @@ def test_output_directory_holding_a_run_is_refused(tmp_path, teacher, capsys):
 
 
 @pytest.mark.parametrize("argv,msg", [
-    (["train", "--data", "mnist", "--out", "{tmp}/r"], "unknown built-in data set"),
+    (["train", "--data", "mnist", "--out", "{tmp}/r"], "neither a built-in data set"),
     (["train", "--model", "mlp:depth=x=1", "--out", "{tmp}/r"], "model spec"),
     (["train", "--out", "{tmp}/r", "--lr", "0"], "--lr must be > 0"),
     (["sample", "--model", "{teacher}", "--out", "{tmp}/s.txt"], ".npz"),

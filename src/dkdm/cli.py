@@ -37,7 +37,7 @@ COMMON_DEFAULTS = {
 }
 TRAIN_DEFAULTS = {"data": "toy2d", "real_fraction": None, "synthetic": None, "model": None, "schedule": "cosine", "diffusion_steps": 1000,
                   "variance": "learned_range", "prediction": "epsilon"}
-DISTILL_DEFAULTS = {"teacher": "builtin:digits", "teacher_config": None, "student": None, "student_steps": None, "pool": "dynamic", "rho": 0.4,
+DISTILL_DEFAULTS = {"teacher": "builtin:digits", "teacher_config": None, "student": None, "student_steps": None, "guidance": 1.0, "pool": "dynamic", "rho": 0.4,
                     "pool_dtype": "float32", "prep_batch": 8192, "prep": "exact", "prep_steps": 25,
                     "variance": "learned_range"}
 
@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--teacher", help="teacher model directory, an ADM checkpoint (.pt/.safetensors), or builtin:digits (the default)")
     di.add_argument("--teacher-config", help="guided-diffusion flags (YAML/JSON) of an ADM checkpoint --teacher")
     di.add_argument("--student", help="student architecture spec (default: the teacher's type, default size)")
+    di.add_argument("--guidance", type=float,
+                    help="classifier-free guidance scale of a class-conditional teacher's targets (1: none)")
     di.add_argument("--student-steps", type=int,
                     help="the student's diffusion steps: an even respacing of the teacher's (default: the same)")
     di.add_argument("--pool", choices=["iterative", "shuffled", "dynamic"])
@@ -226,6 +228,18 @@ def _run(trainer, s: dict, out: Path, args, prepare=None, teacher=None) -> None:
               file=sys.stderr)
 
 
+def _student_spec(given, teacher) -> dict:
+    """The student's spec; a class-conditional teacher's student conditions on the same classes
+    unless the spec says otherwise (classes=0 learns the class-marginal distribution)."""
+    from .students import parse_spec
+
+    spec = parse_spec(given or {"type": teacher.spec["type"] if teacher.spec else "unet"})
+    named = ("classes" in given) if isinstance(given, dict) else ("classes=" in str(given or ""))
+    if teacher.num_classes and spec["type"] != "adm" and not named:
+        spec["classes"] = teacher.num_classes
+    return spec
+
+
 def _teacher_ref(teacher) -> str:
     """How a run records its teacher: builtin names and Hub ids as given, paths made absolute."""
     from .teachers.diffusers_dir import looks_like_hub_id
@@ -271,7 +285,13 @@ def cmd_train(args) -> None:
         clip_x0=dataset.clip_x0, extra={"data": reference, **({"trained_on": dataset.name} if dataset.name != reference else {})},
     )
     acc = Accelerator(mixed_precision=cfg.mixed_precision)
-    source = DataSource(dataset, schedule, int(s["batch"]), seed=int(s["seed"]), device=acc.device)
+    classes = getattr(dataset, "num_classes", 0)
+    if model.num_classes and model.num_classes != classes:
+        raise DkdmError(f"the model conditions on {model.num_classes} classes but {dataset.name} has "
+                        f"{classes or 'no'} labels; use classes={classes} in the spec" if classes else
+                        f"the model conditions on classes but {dataset.name} has no labels; drop classes= from the spec")
+    source = DataSource(dataset, schedule, int(s["batch"]), seed=int(s["seed"]), device=acc.device,
+                        conditional=bool(model.num_classes))
     info = {"student": model.describe(), "source": source.describe()}
     trainer = Trainer(model, source, cfg, out, info, progress=not args.no_progress, accelerator=acc)
     _run(trainer, s, out, args)
@@ -284,7 +304,6 @@ def cmd_distill(args) -> None:
 
     from .model import DiffusionModel, load_model
     from .pool import KnowledgePool, pool_memory_bytes, pool_size, preparation_cost
-    from .students import parse_spec
     from .trainer import Trainer
 
     s = _settings(args, COMMON_DEFAULTS, DISTILL_DEFAULTS, {"out": None, "resume": False})
@@ -302,8 +321,7 @@ def cmd_distill(args) -> None:
         teacher = teacher.respaced(int(s["student_steps"]))
     torch.manual_seed(int(s["seed"]))
     student = DiffusionModel.build(
-        parse_spec(s["student"] or {"type": teacher.spec["type"] if teacher.spec else "unet"}), teacher.sample_shape,
-        teacher.schedule,
+        _student_spec(s["student"], teacher), teacher.sample_shape, teacher.schedule,
         variance=s["variance"], prediction="epsilon", clip_x0=teacher.clip_x0,
         extra={"data": teacher.extra.get("data"), "teacher": teacher_ref},
     )
@@ -318,7 +336,8 @@ def cmd_distill(args) -> None:
         file=sys.stderr,
     )
     pool = KnowledgePool(teacher, int(s["batch"]), s["pool"], float(s["rho"]), s["pool_dtype"],
-                         seed=int(s["seed"]), device=acc.device, preparation=s["prep"], prep_steps=int(s["prep_steps"]))
+                         seed=int(s["seed"]), device=acc.device, preparation=s["prep"], prep_steps=int(s["prep_steps"]),
+                         guidance=float(s["guidance"]))
     info = {"student": student.describe(), "source": pool.describe(), "teacher": teacher_ref}
     trainer = Trainer(student, pool, cfg, out, info, progress=not args.no_progress, accelerator=acc)
 

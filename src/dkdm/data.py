@@ -28,10 +28,17 @@ class Toy2D:
         angles = 2 * math.pi * torch.arange(modes, dtype=torch.float64) / modes
         self.centers = radius * torch.stack([angles.cos(), angles.sin()], 1)
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    @property
+    def num_classes(self) -> int:
+        return self.modes  # the mixture component is the class
+
+    def sample_labeled(self, n: int, generator: torch.Generator | None = None):
         k = torch.randint(0, self.modes, (n,), generator=generator)
         noise = torch.randn(n, 2, generator=generator, dtype=torch.float64)
-        return (self.centers[k] + self.std * noise).float()
+        return (self.centers[k] + self.std * noise).float(), k
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.sample_labeled(n, generator)[0]
 
     def projected_quantiles(self, directions: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         """Exact quantiles of the data projected on unit ``directions`` [P,2] at ``probs`` [N].
@@ -84,8 +91,14 @@ class Digits:
     def __len__(self) -> int:
         return len(self.images)
 
+    num_classes = 10
+
+    def sample_labeled(self, n: int, generator: torch.Generator | None = None):
+        idx = torch.randint(0, len(self.images), (n,), generator=generator)
+        return self.images[idx], self.labels[idx]
+
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.images[torch.randint(0, len(self.images), (n,), generator=generator)]
+        return self.sample_labeled(n, generator)[0]
 
 
 BUILTIN = {"toy2d": Toy2D, "digits": Digits}
@@ -200,7 +213,11 @@ def reference_of(dataset) -> str:
 class DataSource:
     """Ordinary diffusion training batches: x0 from the data, t uniform, the true posterior as target."""
 
-    def __init__(self, dataset, schedule: Schedule, batch_size: int, seed: int = 0, device="cpu"):
+    def __init__(self, dataset, schedule: Schedule, batch_size: int, seed: int = 0, device="cpu",
+                 conditional: bool = False):
+        if conditional and not getattr(dataset, "num_classes", 0):
+            raise DkdmError(f"a class-conditional model needs labelled data; {dataset.name} has no labels")
+        self.conditional = conditional
         self.dataset = dataset
         self.schedule = schedule
         self.batch_size = batch_size
@@ -210,13 +227,14 @@ class DataSource:
 
     def next_batch(self) -> TrainingBatch:
         g, b = self.generator, self.batch_size
-        x0 = self.dataset.sample(b, g)
+        x0, y = self.dataset.sample_labeled(b, g) if self.conditional else (self.dataset.sample(b, g), None)
         t = torch.randint(0, self.schedule.num_steps, (b,), generator=g)
         noise = torch.randn(x0.shape, generator=g)
         x0, t, noise = x0.to(self.device), t.to(self.device), noise.to(self.device)
         x_t = self.schedule.q_sample(x0, t, noise)
         self.samples_served += b
-        return TrainingBatch(x_t=x_t, t=t, target=self.schedule.q_posterior(x0, x_t, t))
+        return TrainingBatch(x_t=x_t, t=t, target=self.schedule.q_posterior(x0, x_t, t),
+                             y=None if y is None else y.to(self.device))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"rng": self.generator.get_state(), "samples_served": torch.tensor(self.samples_served)}
@@ -226,4 +244,5 @@ class DataSource:
         self.samples_served = int(state["samples_served"])
 
     def describe(self) -> dict:
-        return {"source": "data", "dataset": self.dataset.name, "batch": self.batch_size}
+        return {"source": "data", "dataset": self.dataset.name, "batch": self.batch_size,
+                **({"conditional": True} if self.conditional else {})}

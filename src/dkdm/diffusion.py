@@ -83,6 +83,7 @@ class TrainingBatch:
     t: torch.Tensor
     target: Reverse
     meta: dict = field(default_factory=dict)
+    y: torch.Tensor | None = None  # class labels of a class-conditional model
 
 
 def _take(arr: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from torch import nn
 from .diffusion import PREDICTIONS, VARIANCES, Schedule, reverse_sample
 from .errors import DkdmError
 from .students import build_net, parse_spec
+from .students import num_classes as _num_classes
 
 MODEL_JSON = "dkdm_model.json"
 WEIGHTS = "model.safetensors"
@@ -52,6 +53,8 @@ class DiffusionModel(nn.Module):
         clip_x0: bool = False,
         spec: dict | None = None,
         extra: dict | None = None,
+        num_classes: int | None = None,
+        null_class: int | None = None,
     ):
         super().__init__()
         if prediction not in PREDICTIONS:
@@ -66,6 +69,8 @@ class DiffusionModel(nn.Module):
         self.clip_x0 = clip_x0
         self.spec = spec
         self.extra = dict(extra or {})
+        self.num_classes = num_classes if num_classes is not None else _num_classes(spec)
+        self.null_class = null_class  # label of the unconditional model, for classifier-free guidance
 
     @classmethod
     def build(cls, spec, sample_shape, schedule: Schedule, variance="learned_range", **kw):
@@ -76,8 +81,32 @@ class DiffusionModel(nn.Module):
         net = build_net(spec, sample_shape, out)
         return cls(net, schedule, sample_shape, variance=variance, spec=spec, **kw)
 
-    def forward(self, x, t):
-        return self.net(x, t)
+    def forward(self, x, t, y=None):
+        return self.net(x, t) if y is None else self.net(x, t, y)
+
+    def labels_for(self, n: int, generator=None, device="cpu", prior: torch.Tensor | None = None):
+        """Class labels for n samples: uniform over the classes, or drawn from ``prior``."""
+        if not self.num_classes:
+            return None
+        if prior is not None:
+            return torch.multinomial(prior.to(device).double(), n, replacement=True, generator=generator)
+        return torch.randint(0, self.num_classes, (n,), generator=generator, device=device)
+
+    def output(self, x, t, y=None, guidance: float = 1.0):
+        """The network output; with ``guidance`` != 1, classifier-free guided towards ``y``.
+
+        Guidance mixes the prediction channels only; a learned variance comes from the
+        conditional output.
+        """
+        out = self(x, t, y)
+        if guidance == 1.0 or y is None:
+            return out
+        if self.null_class is None:
+            raise DkdmError("classifier-free guidance needs a model with an unconditional (null) label; this one has none")
+        uncond = self(x, t, torch.full_like(y, self.null_class))
+        c = x.shape[1]
+        mixed = uncond[:, :c] + guidance * (out[:, :c] - uncond[:, :c])
+        return torch.cat([mixed, out[:, c:]], dim=1)
 
     def respaced(self, num_steps: int) -> "DiffusionModel":
         """This model on an evenly respaced schedule of ``num_steps`` steps (shares the weights).
@@ -92,31 +121,40 @@ class DiffusionModel(nn.Module):
         except ValueError as e:
             raise DkdmError(f"cannot respace {self.schedule.num_steps} steps to {num_steps}: {e}")
         return DiffusionModel(_Respaced(self.net, tmap), sched, self.sample_shape, self.prediction, self.variance,
-                              self.clip_x0, extra=self.extra)
+                              self.clip_x0, extra=self.extra, num_classes=self.num_classes, null_class=self.null_class)
 
-    def reverse(self, x, t, schedule: Schedule | None = None, t_model=None, clip_x0=None):
-        """The model's reverse step at (x, t); ``schedule``/``t_model`` for respaced sampling."""
-        out = self.net(x, t if t_model is None else t_model)
+    def reverse(self, x, t, schedule: Schedule | None = None, t_model=None, clip_x0=None, y=None,
+                guidance: float = 1.0):
+        """The model's reverse step at (x, t[, label y]); ``schedule``/``t_model`` for respaced sampling."""
+        out = self.output(x, t if t_model is None else t_model, y, guidance)
         sched = schedule or self.schedule
         clip = self.clip_x0 if clip_x0 is None else clip_x0
         return sched.reverse(out.float(), x, t, self.prediction, self.variance, clip_x0=clip)
 
     @torch.no_grad()
-    def sample(self, num: int, steps: int | None = None, generator=None, batch_size: int = 1024, progress=None):
-        """Ancestral sampling with ``steps`` evenly respaced steps (default: all of them)."""
+    def sample(self, num: int, steps: int | None = None, generator=None, batch_size: int = 1024, progress=None,
+               labels: torch.Tensor | None = None, guidance: float = 1.0):
+        """Ancestral sampling with ``steps`` evenly respaced steps (default: all of them).
+
+        A class-conditional model draws uniform labels unless ``labels`` are given.
+        """
         device = next(self.parameters(), torch.empty(0)).device
         if steps is None or steps == self.schedule.num_steps:
             sched, tmap = self.schedule, torch.arange(self.schedule.num_steps)
         else:
             sched, tmap = self.schedule.respace(steps)
         tmap = tmap.to(device)
+        if labels is None:
+            labels = self.labels_for(num, generator, device)
+        self.last_labels = labels
         chunks = []
         for start in range(0, num, batch_size):
             n = min(batch_size, num - start)
+            y = None if labels is None else labels[start:start + n].to(device)
             x = torch.randn((n, *self.sample_shape), generator=generator, device=device)
             for i in reversed(range(sched.num_steps)):
                 t = torch.full((n,), i, device=device, dtype=torch.long)
-                step = self.reverse(x, t, schedule=sched, t_model=tmap[t])
+                step = self.reverse(x, t, schedule=sched, t_model=tmap[t], y=y, guidance=guidance)
                 x = reverse_sample(step, t, torch.randn(x.shape, generator=generator, device=device))
                 if progress is not None:
                     progress.update(n)
@@ -134,21 +172,24 @@ class DiffusionModel(nn.Module):
             "variance": self.variance,
             "clip_x0": self.clip_x0,
             "schedule": self.schedule.config,
+            "num_classes": self.num_classes,
+            **({"null_class": self.null_class} if self.null_class is not None else {}),
             **self.extra,
         }
 
     def save(self, directory, state_dict: dict | None = None) -> None:
         """Write the model directory; ``state_dict`` overrides the weights (e.g. the EMA).
 
-        A UNet is written as a diffusers ``DDPMPipeline`` (``model_index.json``, ``unet/``,
-        ``scheduler/``) beside ``dkdm_model.json``, so plain diffusers can sample from it; other
-        architectures keep their weights in ``model.safetensors``.
+        An unconditional UNet is written as a diffusers ``DDPMPipeline`` (``model_index.json``,
+        ``unet/``, ``scheduler/``) beside ``dkdm_model.json``, so plain diffusers can sample from
+        it (``DDPMPipeline`` cannot pass class labels); other models keep their weights in
+        ``model.safetensors``.
         """
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         sd = state_dict if state_dict is not None else self.net.state_dict()
         sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
-        if self.spec is not None and self.spec["type"] == "unet":
+        if self.spec is not None and self.spec["type"] == "unet" and not self.num_classes:
             self._save_ddpm_pipeline(d, sd)
         else:
             tmp = d / (WEIGHTS + ".tmp")
@@ -224,8 +265,6 @@ def load_checkpoint_file(path, config, device="cpu", role: str = "teacher") -> D
         raise DkdmError(f"{path} is a checkpoint file: pass the guided-diffusion flags it was trained with "
                         f"(YAML or JSON) with --{role}-config FILE")
     flags = read_flags(config)
-    if flags["class_cond"]:
-        raise DkdmError(f"{config}: class-conditional ADM models (class_cond: true) are not supported yet")
     prediction, variance = prediction_and_variance(flags)
     c, size = int(flags["in_channels"]), int(flags["image_size"])
     model = DiffusionModel.build({"type": "adm", **flags}, (c, size, size), schedule_from_flags(flags),
@@ -273,9 +312,11 @@ def load_model(directory, device="cpu", role: str = "model", net: nn.Module | No
             model = DiffusionModel.build(
                 cfg["spec"], shape, schedule, variance=cfg["variance"], prediction=cfg["prediction"],
                 clip_x0=cfg["clip_x0"], extra={k: v for k, v in cfg.items() if k not in _CORE},
+                null_class=cfg.get("null_class"),
             )
         else:
-            model = DiffusionModel(net, schedule, shape, cfg["prediction"], cfg["variance"], cfg["clip_x0"])
+            model = DiffusionModel(net, schedule, shape, cfg["prediction"], cfg["variance"], cfg["clip_x0"],
+                                   num_classes=cfg.get("num_classes", 0), null_class=cfg.get("null_class"))
     except (KeyError, TypeError, ValueError) as e:
         raise DkdmError(f"{d / MODEL_JSON} is malformed ({e.__class__.__name__}: {e})")
     state = _read_weights(d, role)
@@ -287,4 +328,5 @@ def load_model(directory, device="cpu", role: str = "model", net: nn.Module | No
     return model.to(device).eval()
 
 
-_CORE = {"format", "version", "spec", "sample_shape", "prediction", "variance", "clip_x0", "schedule"}
+_CORE = {"format", "version", "spec", "sample_shape", "prediction", "variance", "clip_x0", "schedule",
+         "num_classes", "null_class"}

@@ -59,7 +59,7 @@ class KnowledgePool:
 
     def __init__(self, teacher, batch_size: int, kind: str = "dynamic", rho: float = 0.4,
                  dtype: str = "float32", seed: int = 0, device="cpu", preparation: str = "exact",
-                 prep_steps: int = 25):
+                 prep_steps: int = 25, class_prior: torch.Tensor | None = None, guidance: float = 1.0):
         if dtype not in DTYPES:
             raise DkdmError(f"unknown pool dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         if preparation not in PREPARATIONS:
@@ -68,6 +68,17 @@ class KnowledgePool:
             raise DkdmError(f"--prep-steps must be in 2..{teacher.schedule.num_steps}, got {prep_steps}")
         self.preparation = preparation
         self.prep_steps = prep_steps
+        self.num_classes = teacher.num_classes
+        if class_prior is not None:
+            class_prior = torch.as_tensor(class_prior, dtype=torch.float64)
+            if not self.num_classes or class_prior.shape != (self.num_classes,) or (class_prior < 0).any() \
+                    or not class_prior.sum() > 0:
+                raise DkdmError(f"class_prior must be {self.num_classes or 'no'} non-negative weights, one per class "
+                                f"of the teacher")
+        if guidance != 1.0 and (not self.num_classes or teacher.null_class is None):
+            raise DkdmError("guidance needs a class-conditional teacher with an unconditional (null) label")
+        self.class_prior = class_prior
+        self.guidance = guidance
         self.teacher = teacher
         self.kind = kind
         self.rho = rho
@@ -79,6 +90,7 @@ class KnowledgePool:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.x = torch.zeros((self.size, *teacher.sample_shape), dtype=DTYPES[dtype], device=self.device)
         self.s = torch.zeros(self.size, dtype=torch.long, device=self.device)
+        self.y = torch.zeros(self.size, dtype=torch.long, device=self.device) if self.num_classes else None
         self.teacher_calls = 0  # teacher sample-forwards spent on training batches
         self.prep_calls = 0  # teacher sample-forwards spent preparing the pool
         self.prepared = False
@@ -91,11 +103,14 @@ class KnowledgePool:
     def _noise(self, shape):
         return torch.randn(shape, generator=self.generator, device=self.device)
 
+    def _labels(self, n):
+        return self.teacher.labels_for(n, self.generator, self.device, self.class_prior)
+
     @torch.no_grad()
-    def _teacher_step(self, x, s):
+    def _teacher_step(self, x, s, y=None):
         """One teacher reverse step from (x_s, s): returns x_{s-1} and the step's distribution."""
         t = s - 1
-        step = self.teacher.reverse(x, t)
+        step = self.teacher.reverse(x, t, y=y, guidance=self.guidance)
         return reverse_sample(step, t, self._noise(x.shape)), step
 
     @torch.no_grad()
@@ -103,6 +118,8 @@ class KnowledgePool:
         """Bring every entry from noise to its own stop step, uniform over 1..T-1."""
         T = self.num_steps
         self.x.copy_(self._noise(self.x.shape))
+        if self.y is not None:
+            self.y.copy_(self._labels(self.size))
         if self.kind == "iterative":
             self.s.fill_(T)
             self.prepared = True
@@ -114,12 +131,13 @@ class KnowledgePool:
         for start in range(0, self.size, chunk):
             x = self.x[start:start + chunk].float()
             stop = stops[start:start + chunk]
+            y = None if self.y is None else self.y[start:start + chunk]
             for s in range(T, 1, -1):
                 active = (stop < s).nonzero().squeeze(1)
                 if len(active) == 0:
                     break
                 sv = torch.full((len(active),), s, device=self.device)
-                x[active], _ = self._teacher_step(x[active], sv)
+                x[active], _ = self._teacher_step(x[active], sv, None if y is None else y[active])
                 self.prep_calls += len(active)
                 if progress is not None:
                     progress.update(len(active))
@@ -134,7 +152,8 @@ class KnowledgePool:
         x_s then follows q(x_s | x0) with x0 from the teacher's (few-step) distribution instead of
         the teacher's own marginal at s; it costs N*K teacher steps instead of N*T/2.
         """
-        x0 = self.teacher.sample(self.size, self.prep_steps, self.generator, batch_size=chunk, progress=progress)
+        x0 = self.teacher.sample(self.size, self.prep_steps, self.generator, batch_size=chunk, progress=progress,
+                                 labels=self.y, guidance=self.guidance)
         self.prep_calls += self.size * self.prep_steps
         x0 = x0.to(self.device)
         t = stops - 1
@@ -154,15 +173,20 @@ class KnowledgePool:
         idx = self._draw()
         s = self.s[idx]
         x = self.x[idx].float()
+        y = None if self.y is None else self.y[idx]
         done = s == 0
         if bool(done.any()):
             x[done] = self._noise((int(done.sum()), *x.shape[1:]))
             s = torch.where(done, torch.full_like(s, self.num_steps), s)
-        x_prev, step = self._teacher_step(x, s)
+            if y is not None:  # a restarted entry is a new sample: it gets a new label
+                y = y.clone()
+                y[done] = self._labels(int(done.sum()))
+                self.y[idx] = y
+        x_prev, step = self._teacher_step(x, s, y)
         self.x[idx] = x_prev.to(self.x.dtype)
         self.s[idx] = s - 1
         self.teacher_calls += len(idx)
-        return TrainingBatch(x_t=x, t=s - 1, target=step)
+        return TrainingBatch(x_t=x, t=s - 1, target=step, y=y)
 
     # state --------------------------------------------------------------------------------
     def describe(self) -> dict:
@@ -170,6 +194,9 @@ class KnowledgePool:
              "size": self.size, "dtype": self.dtype, "preparation": self.preparation}
         if self.preparation == "sampled":
             d["prep_steps"] = self.prep_steps
+        if self.num_classes:
+            d["classes"] = self.num_classes
+            d["guidance"] = self.guidance
         return d
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -177,6 +204,7 @@ class KnowledgePool:
             "x": self.x, "s": self.s, "rng": self.generator.get_state(),
             "teacher_calls": torch.tensor(self.teacher_calls),
             "prep_calls": torch.tensor(self.prep_calls),
+            **({"y": self.y} if self.y is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -187,6 +215,10 @@ class KnowledgePool:
             )
         self.x.copy_(state["x"])
         self.s.copy_(state["s"])
+        if self.y is not None:
+            if "y" not in state:
+                raise DkdmError("the saved pool has no class labels but this teacher is class-conditional")
+            self.y.copy_(state["y"])
         self.generator.set_state(state["rng"])
         self.teacher_calls = int(state["teacher_calls"])
         self.prep_calls = int(state["prep_calls"])

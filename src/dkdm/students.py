@@ -17,12 +17,12 @@ from torch import nn
 from .errors import DkdmError
 
 DEFAULTS = {
-    "mlp": {"width": 256, "depth": 4, "temb": 64},
-    "unet": {"widths": [32, 64], "layers": 1, "attn": [], "groups": 8},
-    "dit": {"patch": 2, "depth": 4, "width": 128, "heads": 4},
+    "mlp": {"width": 256, "depth": 4, "temb": 64, "classes": 0},
+    "unet": {"widths": [32, 64], "layers": 1, "attn": [], "groups": 8, "classes": 0},
+    "dit": {"patch": 2, "depth": 4, "width": 128, "heads": 4, "classes": 0},
 }
 SPEC_HELP = (
-    "mlp[:width=256,depth=4]  |  unet[:widths=32-64,layers=1,attn=1,groups=8]  |  "
+    "(any type takes classes=K for K-class conditioning)  mlp[:width=256,depth=4]  |  unet[:widths=32-64,layers=1,attn=1,groups=8]  |  "
     "dit[:patch=2,depth=4,width=128,heads=4]  |  adm[:num_channels=64,num_res_blocks=2,...] (guided-diffusion flags)"
 )
 KINDS = (*DEFAULTS, "adm")
@@ -86,7 +86,7 @@ def parse_spec(spec) -> dict:
             val = full[key] = [] if val in ("", None) else (val if isinstance(val, list) else [val])
             ok = all(isinstance(v, int) and not isinstance(v, bool) for v in val)
         else:
-            ok = isinstance(val, int) and not isinstance(val, bool) and val > 0
+            ok = isinstance(val, int) and not isinstance(val, bool) and (val > 0 or (key == "classes" and val == 0))
         if not ok:
             kind_of = "a list of integers (a-b-c)" if isinstance(default, list) else "a positive integer"
             raise DkdmError(f"model spec field {key}={val!r} must be {kind_of}; specs look like {SPEC_HELP}")
@@ -103,9 +103,11 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 class MLPNet(nn.Module):
     """A residual MLP for vector data, conditioned on a sinusoidal timestep embedding."""
 
-    def __init__(self, dim: int, out_dim: int, width: int, depth: int, temb: int):
+    def __init__(self, dim: int, out_dim: int, width: int, depth: int, temb: int, classes: int = 0):
         super().__init__()
         self.temb = temb
+        if classes:
+            self.label = nn.Embedding(classes, width)
         self.inp = nn.Linear(dim, width)
         self.time = nn.Sequential(nn.Linear(temb, width), nn.SiLU(), nn.Linear(width, width))
         self.blocks = nn.ModuleList(
@@ -114,8 +116,10 @@ class MLPNet(nn.Module):
         )
         self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, out_dim))
 
-    def forward(self, x, t):
+    def forward(self, x, t, y=None):
         h = self.inp(x) + self.time(timestep_embedding(t, self.temb))
+        if y is not None:
+            h = h + self.label(y)
         for block in self.blocks:
             h = h + block(h)
         return self.out(h)
@@ -128,12 +132,13 @@ class UNetNet(nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, x, t):
-        return self.unet(x, t, return_dict=False)[0]
+    def forward(self, x, t, y=None):
+        return self.unet(x, t, class_labels=y, return_dict=False)[0]
 
 
 class DiTNet(nn.Module):
-    """diffusers ``DiTTransformer2DModel``, unconditional: one class, label dropout off."""
+    """diffusers ``DiTTransformer2DModel``; unconditional models use one class. Label dropout is
+    off (dkdm never drops labels while training), but a pretrained table's null row is kept."""
 
     def __init__(self, dit):
         super().__init__()
@@ -142,20 +147,20 @@ class DiTNet(nn.Module):
             if hasattr(m, "dropout_prob") and hasattr(m, "embedding_table"):
                 m.dropout_prob = 0.0
 
-    def forward(self, x, t):
-        labels = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    def forward(self, x, t, y=None):
+        labels = torch.zeros(x.shape[0], dtype=torch.long, device=x.device) if y is None else y
         return self.dit(x, timestep=t, class_labels=labels, return_dict=False)[0]
 
 
 class ADMNet(nn.Module):
-    """An OpenAI ADM UNet (guided-diffusion layout), unconditional use."""
+    """An OpenAI ADM UNet (guided-diffusion layout)."""
 
     def __init__(self, adm):
         super().__init__()
         self.adm = adm
 
-    def forward(self, x, t):
-        return self.adm(x, t)
+    def forward(self, x, t, y=None):
+        return self.adm(x, t, y)
 
 
 def build_net(spec, sample_shape, out_channels: int) -> nn.Module:
@@ -166,7 +171,7 @@ def build_net(spec, sample_shape, out_channels: int) -> nn.Module:
     if kind == "mlp":
         if len(shape) != 1:
             raise DkdmError(f"an mlp takes vector data, but the data has shape {list(shape)}; use unet or dit")
-        return MLPNet(shape[0], out_channels, int(s["width"]), int(s["depth"]), int(s["temb"]))
+        return MLPNet(shape[0], out_channels, int(s["width"]), int(s["depth"]), int(s["temb"]), int(s["classes"]))
     if len(shape) != 3 or shape[1] != shape[2]:
         raise DkdmError(f"a {kind} takes square images (C,H,W), but the data has shape {list(shape)}; use mlp")
     c, h, _ = shape
@@ -188,7 +193,7 @@ def build_net(spec, sample_shape, out_channels: int) -> nn.Module:
         unet = UNet2DModel(
             sample_size=h, in_channels=c, out_channels=out_channels, block_out_channels=widths,
             layers_per_block=int(s["layers"]), down_block_types=down, up_block_types=up,
-            norm_num_groups=groups, attention_head_dim=min(widths),
+            norm_num_groups=groups, attention_head_dim=min(widths), num_class_embeds=int(s["classes"]) or None,
         )
         return UNetNet(unet)
     if kind == "adm":
@@ -210,10 +215,19 @@ def build_net(spec, sample_shape, out_channels: int) -> nn.Module:
         dit = DiTTransformer2DModel(
             num_attention_heads=heads, attention_head_dim=width // heads, in_channels=c,
             out_channels=out_channels, num_layers=int(s["depth"]), sample_size=h, patch_size=patch,
-            num_embeds_ada_norm=1,
+            num_embeds_ada_norm=int(s["classes"]) or 1,
         )
         return DiTNet(dit)
     raise DkdmError(f"unknown model type {kind!r}")
+
+
+def num_classes(spec: dict | None) -> int:
+    """Classes a spec conditions on (0: unconditional)."""
+    if not spec:
+        return 0
+    if spec["type"] == "adm":
+        return int(spec["num_classes"]) if spec.get("class_cond") else 0
+    return int(spec.get("classes", 0))
 
 
 def count_parameters(net: nn.Module) -> int:

@@ -93,6 +93,12 @@ class Trainer:
                 f"({source_schedule.num_steps} steps): give the student the teacher's schedule, or view the teacher "
                 f"on the student's respacing (teacher.respaced(n), --student-steps n)"
             )
+        source_classes = getattr(source, "num_classes", 0) if getattr(source, "conditional", True) else 0
+        if student.num_classes and student.num_classes != source_classes:
+            raise DkdmError(
+                f"the student conditions on {student.num_classes} classes but its batches carry "
+                f"{source_classes or 'no'} class labels; match the teacher's classes or build an unconditional student"
+            )
         self.student = student
         self.source = source
         self.cfg = config
@@ -166,7 +172,8 @@ class Trainer:
                 batch = self.source.next_batch()
                 self.net.train()
                 with self.accelerator.autocast():
-                    output = self.net(batch.x_t, batch.t)
+                    y = batch.y if student.num_classes else None  # an unconditional student learns the marginal
+                    output = self.net(batch.x_t, batch.t) if y is None else self.net(batch.x_t, batch.t, y)
                 terms = dkdm_loss(schedule, output.float(), batch.x_t, batch.t, batch.target,
                                   student.prediction, student.variance, cfg.vlb_weight)
                 loss = terms["loss"].mean()
