@@ -218,6 +218,7 @@ class DataSource:
         if conditional and not getattr(dataset, "num_classes", 0):
             raise DkdmError(f"a class-conditional model needs labelled data; {dataset.name} has no labels")
         self.conditional = conditional
+        self.num_classes = dataset.num_classes if conditional else 0
         self.dataset = dataset
         self.schedule = schedule
         self.batch_size = batch_size

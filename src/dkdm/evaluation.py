@@ -21,7 +21,7 @@ from .errors import DkdmError
 EVAL_DEFAULTS = {"toy2d": {"num": 4000, "steps": None}, "digits": {"num": 1437, "steps": 100}}
 
 
-def score(samples: torch.Tensor, reference: str) -> dict:
+def score(samples: torch.Tensor, reference: str, labels: torch.Tensor | None = None) -> dict:
     from .data import builtin_dataset
 
     dataset = builtin_dataset(reference)
@@ -34,7 +34,7 @@ def score(samples: torch.Tensor, reference: str) -> dict:
     if reference == "digits":
         from .metrics.digits import digits_metrics
 
-        return digits_metrics(samples)
+        return digits_metrics(samples, labels=labels)
     raise DkdmError(f"no metrics defined for {reference!r}")
 
 
@@ -87,7 +87,7 @@ def evaluate_model(model, model_dir, reference: str, num=None, steps=None, seed:
             except (OSError, json.JSONDecodeError):
                 pass
     samples = draw(model, num, steps, seed, progress)
-    result = {**settings, **score(samples, reference)}
+    result = {**settings, **score(samples, reference, getattr(model, "last_labels", None))}
     if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,7 +99,7 @@ def evaluate_model(model, model_dir, reference: str, num=None, steps=None, seed:
 
 def summary_table(rows: dict[str, dict]) -> str:
     """A plain-text table of the headline metrics, one row per model."""
-    keys = [k for k in ("digits_fid", "precision", "recall", "sliced_w2") if any(k in r for r in rows.values())]
+    keys = [k for k in ("digits_fid", "precision", "recall", "label_accuracy", "sliced_w2") if any(k in r for r in rows.values())]
     lines = ["| model | " + " | ".join(keys) + (" | missing classes |" if "digits_fid" in keys else " |")]
     lines.append("|---" * (len(keys) + 1 + ("digits_fid" in keys)) + "|")
     for name, r in rows.items():

@@ -93,7 +93,7 @@ class Trainer:
                 f"({source_schedule.num_steps} steps): give the student the teacher's schedule, or view the teacher "
                 f"on the student's respacing (teacher.respaced(n), --student-steps n)"
             )
-        source_classes = getattr(source, "num_classes", 0) if getattr(source, "conditional", True) else 0
+        source_classes = getattr(source, "num_classes", 0)
         if student.num_classes and student.num_classes != source_classes:
             raise DkdmError(
                 f"the student conditions on {student.num_classes} classes but its batches carry "

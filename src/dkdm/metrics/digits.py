@@ -86,12 +86,16 @@ def reference_features(split: str = "test") -> torch.Tensor:
     return feats
 
 
-def digits_metrics(images: torch.Tensor, split: str = "test") -> dict:
-    """digits-FID, precision, recall and predicted-class histogram of ``images`` [N,1,8,8]."""
+def digits_metrics(images: torch.Tensor, split: str = "test", labels: torch.Tensor | None = None) -> dict:
+    """digits-FID, precision, recall and predicted-class histogram of ``images`` [N,1,8,8]; with
+    the ``labels`` a conditional model drew them for, the classifier's agreement with them."""
     real = reference_features(split)
     fake, preds = embed(load_classifier(), images)
     fid = frechet_distance(*mean_cov(real), *mean_cov(fake))
     precision, recall = precision_recall(real, fake)
     hist = torch.bincount(preds, minlength=10)
-    return {"digits_fid": fid, "precision": precision, "recall": recall,
-            "class_histogram": hist.tolist(), "missing_classes": [i for i in range(10) if hist[i] == 0]}
+    out = {"digits_fid": fid, "precision": precision, "recall": recall,
+           "class_histogram": hist.tolist(), "missing_classes": [i for i in range(10) if hist[i] == 0]}
+    if labels is not None:
+        out["label_accuracy"] = (preds.cpu() == labels.cpu()).double().mean().item()
+    return out
