@@ -75,3 +75,46 @@ def test_hub_id_offline_says_how_to_use_a_local_path(monkeypatch, capsys, tmp_pa
     assert main(["distill", "--teacher", "google/ddpm-cifar10-32", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "huggingface-cli download google/ddpm-cifar10-32 --local-dir DIR" in err and len(err.strip().splitlines()) == 1
+
+
+def tiny_ldm(path):
+    from diffusers import LDMPipeline, VQModel
+
+    torch.manual_seed(0)
+    vq = VQModel(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                 up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
+                 latent_channels=2, norm_num_groups=4, num_vq_embeddings=16, vq_embed_dim=2, sample_size=16)
+    unet = UNet2DModel(sample_size=8, in_channels=2, out_channels=2, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4)
+    sched = DDIMScheduler(num_train_timesteps=30, beta_schedule="linear")
+    LDMPipeline(vqvae=vq, unet=unet, scheduler=sched).save_pretrained(path)
+
+
+def test_latent_pipeline_teacher_distills_in_latent_space_into_an_ldm_pipeline(tmp_path):
+    from diffusers import LDMPipeline
+
+    tiny_ldm(tmp_path / "ldm")
+    teacher = load_model(tmp_path / "ldm")
+    assert teacher.sample_shape == (2, 8, 8) and teacher.decoder is not None and not teacher.clip_x0
+    out = tmp_path / "student"
+    assert main(["distill", "--teacher", str(tmp_path / "ldm"), "--student", "unet:widths=8-16,layers=1,groups=4",
+                 "--pool", "shuffled", "--batch", "4", "--steps", "3", "--no-progress", "--out", str(out)]) == 0
+    student = load_model(out)
+    assert student.sample_shape == (2, 8, 8) and student.decoder is not None
+    # decoding goes through the teacher's autoencoder, with LDMPipeline's scaling
+    z = torch.randn(2, 2, 8, 8)
+    vq = LDMPipeline.from_pretrained(tmp_path / "ldm").vqvae
+    with torch.no_grad():
+        want = vq.decode(z / vq.config.scaling_factor).sample
+    assert torch.allclose(student.decode(z), want, atol=1e-5)
+    # plain diffusers samples from the student
+    pipe = LDMPipeline.from_pretrained(out)
+    img = pipe(batch_size=2, num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert img.shape == (2, 16, 16, 3)
+    assert main(["sample", "--model", str(out), "--num", "4", "--steps", "3", "--out", str(tmp_path / "s.npz"),
+                 "--no-progress"]) == 0
+    import numpy as np
+
+    saved = np.load(tmp_path / "s.npz")
+    assert saved["samples"].shape == (4, 3, 16, 16) and saved["latents"].shape == (4, 2, 8, 8)

@@ -322,7 +322,7 @@ def cmd_distill(args) -> None:
     torch.manual_seed(int(s["seed"]))
     student = DiffusionModel.build(
         _student_spec(s["student"], teacher), teacher.sample_shape, teacher.schedule,
-        variance=s["variance"], prediction="epsilon", clip_x0=teacher.clip_x0,
+        variance=s["variance"], prediction="epsilon", clip_x0=teacher.clip_x0, decoder=teacher.decoder,
         extra={"data": teacher.extra.get("data"), "teacher": teacher_ref},
     )
     size = pool_size(s["pool"], float(s["rho"]), teacher.schedule.num_steps, int(s["batch"]))
@@ -425,13 +425,14 @@ def cmd_sample(args) -> None:
     if out.suffix == ".png" and len(model.sample_shape) != 3:
         raise DkdmError(f"--out {out}: a PNG grid needs image samples; this model draws {list(model.sample_shape)} vectors, use .npz")
     x = draw(model, args.num, args.steps, args.seed or 0, not args.no_progress)
+    latents, x = x, model.decode(x)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".png":
         from .images import save_grid
 
         save_grid(x, out)
     else:
-        np.savez(out, samples=x.numpy())
+        np.savez(out, samples=x.numpy(), **({"latents": latents.numpy()} if model.decoder is not None else {}))
     print(f"wrote {args.num} samples {list(x.shape[1:])} to {out}", file=sys.stderr)
 
 

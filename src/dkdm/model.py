@@ -55,6 +55,7 @@ class DiffusionModel(nn.Module):
         extra: dict | None = None,
         num_classes: int | None = None,
         null_class: int | None = None,
+        decoder: nn.Module | None = None,
     ):
         super().__init__()
         if prediction not in PREDICTIONS:
@@ -71,6 +72,7 @@ class DiffusionModel(nn.Module):
         self.extra = dict(extra or {})
         self.num_classes = num_classes if num_classes is not None else _num_classes(spec)
         self.null_class = null_class  # label of the unconditional model, for classifier-free guidance
+        self.decoder = decoder  # a latent model's autoencoder (shared with its teacher), or None
 
     @classmethod
     def build(cls, spec, sample_shape, schedule: Schedule, variance="learned_range", **kw):
@@ -83,6 +85,14 @@ class DiffusionModel(nn.Module):
 
     def forward(self, x, t, y=None):
         return self.net(x, t) if y is None else self.net(x, t, y)
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """Images from samples: a latent model decodes them with its autoencoder."""
+        if self.decoder is None:
+            return x
+        dev = next(self.decoder.parameters()).device
+        return torch.cat([self.decoder.decode(x[i:i + batch_size].to(dev)).cpu() for i in range(0, len(x), batch_size)])
 
     def labels_for(self, n: int, generator=None, device="cpu", prior: torch.Tensor | None = None):
         """Class labels for n samples: uniform over the classes, or drawn from ``prior``."""
@@ -121,7 +131,8 @@ class DiffusionModel(nn.Module):
         except ValueError as e:
             raise DkdmError(f"cannot respace {self.schedule.num_steps} steps to {num_steps}: {e}")
         return DiffusionModel(_Respaced(self.net, tmap), sched, self.sample_shape, self.prediction, self.variance,
-                              self.clip_x0, extra=self.extra, num_classes=self.num_classes, null_class=self.null_class)
+                              self.clip_x0, extra=self.extra, num_classes=self.num_classes, null_class=self.null_class,
+                              decoder=self.decoder)
 
     def reverse(self, x, t, schedule: Schedule | None = None, t_model=None, clip_x0=None, y=None,
                 guidance: float = 1.0):
@@ -190,7 +201,7 @@ class DiffusionModel(nn.Module):
         sd = state_dict if state_dict is not None else self.net.state_dict()
         sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
         if self.spec is not None and self.spec["type"] == "unet" and not self.num_classes:
-            self._save_ddpm_pipeline(d, sd)
+            self._save_pipeline(d, sd)
         else:
             tmp = d / (WEIGHTS + ".tmp")
             save_file(sd, str(tmp))
@@ -200,14 +211,18 @@ class DiffusionModel(nn.Module):
         os.replace(tmpj, d / MODEL_JSON)
 
 
-    def _save_ddpm_pipeline(self, d: Path, state: dict) -> None:
-        from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+    def _save_pipeline(self, d: Path, state: dict) -> None:
+        """A DDPMPipeline, or for a latent model an LDMPipeline holding the teacher's autoencoder."""
+        from diffusers import DDPMPipeline, DDPMScheduler, LDMPipeline, UNet2DModel
 
         unet = UNet2DModel.from_config(self.net.unet.config)
         unet.load_state_dict({k[len("unet."):]: v for k, v in state.items()})
         scheduler = DDPMScheduler(**self.schedule.to_diffusers(), variance_type=self.variance,
                                   prediction_type=self.prediction, clip_sample=self.clip_x0)
-        DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(d, safe_serialization=True)
+        if self.decoder is not None:
+            LDMPipeline(vqvae=self.decoder.vae, unet=unet, scheduler=scheduler).save_pretrained(d, safe_serialization=True)
+        else:
+            DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(d, safe_serialization=True)
 
 
 class _Respaced(nn.Module):
@@ -220,6 +235,16 @@ class _Respaced(nn.Module):
 
     def forward(self, x, t):
         return self.inner(x, self.tmap.to(t.device)[t])
+
+
+def _decoder_of(d: Path):
+    """The autoencoder saved beside a latent model (LDMPipeline layout), if any."""
+    if not (d / "vqvae").is_dir():
+        return None
+    from .teachers.diffusers_dir import LatentDecoder
+
+    index = json.loads((d / "model_index.json").read_text())
+    return LatentDecoder.load(d / "vqvae", index.get("vqvae", [None, None])[1])
 
 
 def _read_weights(d: Path, role: str) -> dict:
@@ -279,11 +304,11 @@ def load_pipeline_dir(d: Path, device="cpu") -> DiffusionModel:
     from .students import UNetNet
     from .teachers.diffusers_dir import read_pipeline
 
-    unet, schedule, prediction, variance, clip = read_pipeline(d)
+    unet, schedule, prediction, variance, clip, decoder = read_pipeline(d)
     size = unet.config.sample_size
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     model = DiffusionModel(UNetNet(unet), schedule, (unet.config.in_channels, h, w), prediction, variance, clip,
-                           extra={"diffusers": str(d)})
+                           extra={"diffusers": str(d)}, decoder=decoder)
     return model.to(device).eval()
 
 
@@ -312,7 +337,7 @@ def load_model(directory, device="cpu", role: str = "model", net: nn.Module | No
             model = DiffusionModel.build(
                 cfg["spec"], shape, schedule, variance=cfg["variance"], prediction=cfg["prediction"],
                 clip_x0=cfg["clip_x0"], extra={k: v for k, v in cfg.items() if k not in _CORE},
-                null_class=cfg.get("null_class"),
+                null_class=cfg.get("null_class"), decoder=_decoder_of(d),
             )
         else:
             model = DiffusionModel(net, schedule, shape, cfg["prediction"], cfg["variance"], cfg["clip_x0"],

@@ -1,4 +1,5 @@
-"""diffusers pixel pipelines as teachers: a ``UNet2DModel`` with a DDPM-family scheduler.
+"""diffusers pipelines as teachers: a ``UNet2DModel`` with a DDPM-family scheduler, in pixel space
+or, for an ``LDMPipeline``, in the latent space of its autoencoder.
 
 A local directory written by ``save_pretrained`` (``model_index.json``, ``unet/``,
 ``scheduler/``), or a Hub id (e.g. ``google/ddpm-cifar10-32``) fetched with huggingface_hub when
@@ -11,10 +12,13 @@ import json
 import re
 from pathlib import Path
 
+from torch import nn
+
 from ..diffusion import Schedule
 from ..errors import DkdmError
 
-PIPELINES = ("DDPMPipeline", "DDIMPipeline")
+PIPELINES = ("DDPMPipeline", "DDIMPipeline", "LDMPipeline")
+AUTOENCODERS = ("VQModel", "AutoencoderKL")
 SCHEDULERS = ("DDPMScheduler", "DDIMScheduler")
 #: diffusers variance_type -> dkdm variance (the *_log forms differ only in how diffusers computes them)
 VARIANCES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large",
@@ -44,8 +48,32 @@ def fetch(repo_id: str) -> Path:
         )
 
 
+class LatentDecoder(nn.Module):
+    """The teacher's autoencoder: latents -> images, with the scaling LDMPipeline applies."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def decode(self, z):
+        return self.vae.decode(z / self.vae.config.scaling_factor).sample
+
+    @classmethod
+    def load(cls, directory: Path, class_name: str) -> "LatentDecoder":
+        if class_name not in AUTOENCODERS:
+            raise DkdmError(f"{directory}: autoencoder {class_name} is not supported; use one of {', '.join(AUTOENCODERS)}")
+        import diffusers
+
+        try:
+            vae = getattr(diffusers, class_name).from_pretrained(str(directory))
+        except (OSError, ValueError, EnvironmentError) as e:
+            raise DkdmError(f"cannot load the {class_name} in {directory}: {e}")
+        return cls(vae.eval().requires_grad_(False))
+
+
 def read_pipeline(d: Path):
-    """(unet, schedule, prediction, variance, clip_x0) of a diffusers pipeline directory."""
+    """(unet, schedule, prediction, variance, clip_x0, decoder) of a diffusers pipeline directory;
+    decoder is None for pixel-space pipelines."""
     try:
         index = json.loads((d / "model_index.json").read_text())
         sched_cfg = json.loads((d / "scheduler" / "scheduler_config.json").read_text())
@@ -72,7 +100,7 @@ def read_pipeline(d: Path):
     except ValueError as e:
         raise DkdmError(f"{d}: {e}")
     clip = bool(sched_cfg.get("clip_sample", True))
-    if clip and float(sched_cfg.get("clip_sample_range", 1.0)) != 1.0:
+    if clip and pipe != "LDMPipeline" and float(sched_cfg.get("clip_sample_range", 1.0)) != 1.0:
         raise DkdmError(f"{d}: clip_sample_range {sched_cfg['clip_sample_range']} is not supported (dkdm clips x0 to [-1, 1])")
     from diffusers import UNet2DModel
 
@@ -84,4 +112,8 @@ def read_pipeline(d: Path):
     if unet.config.out_channels != want:
         raise DkdmError(f"{d}: the unet outputs {unet.config.out_channels} channels but variance_type {vt!r} "
                         f"needs {want}")
-    return unet, schedule, prediction, VARIANCES[vt], clip
+    decoder = None
+    if pipe == "LDMPipeline":
+        decoder = LatentDecoder.load(d / "vqvae", index.get("vqvae", [None, None])[1])
+        clip = False  # latents are not bounded like pixels
+    return unet, schedule, prediction, VARIANCES[vt], clip, decoder
