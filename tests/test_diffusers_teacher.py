@@ -118,3 +118,37 @@ def test_latent_pipeline_teacher_distills_in_latent_space_into_an_ldm_pipeline(t
 
     saved = np.load(tmp_path / "s.npz")
     assert saved["samples"].shape == (4, 3, 16, 16) and saved["latents"].shape == (4, 2, 8, 8)
+
+
+def test_dit_pipeline_teacher_is_class_conditional_latent_and_its_student_is_a_dit_pipeline(tmp_path):
+    from diffusers import AutoencoderKL, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
+                        latent_channels=2, norm_num_groups=4, sample_size=16)
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=2, out_channels=4,
+                                num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=4)
+    DiTPipeline(transformer=dit, vae=vae, scheduler=DDIMScheduler(num_train_timesteps=40),
+                id2label={0: "a", 1: "b", 2: "c", 3: "d"}).save_pretrained(tmp_path / "dit")
+    teacher = load_model(tmp_path / "dit")
+    assert (teacher.num_classes, teacher.null_class, teacher.variance) == (4, 4, "learned_range")
+    assert teacher.sample_shape == (2, 8, 8) and teacher.decoder is not None
+    x, t, y = torch.randn(3, 2, 8, 8), torch.tensor([0, 10, 39]), torch.tensor([0, 3, 1])
+    with torch.no_grad():
+        assert torch.allclose(teacher(x, t, y), dit(x, timestep=t, class_labels=y).sample)
+        # guidance uses the pretrained table's null row
+        guided = teacher.output(x, t, y, guidance=4.0)
+        null = dit(x, timestep=t, class_labels=torch.full_like(y, 4)).sample
+        cond = dit(x, timestep=t, class_labels=y).sample
+    assert torch.allclose(guided[:, :2], null[:, :2] + 4.0 * (cond[:, :2] - null[:, :2]), atol=1e-5)
+    out = tmp_path / "student"
+    assert main(["distill", "--teacher", str(tmp_path / "dit"), "--student", "dit:patch=2,depth=1,width=16,heads=2",
+                 "--guidance", "2.0", "--pool", "shuffled", "--batch", "4", "--steps", "3", "--no-progress",
+                 "--out", str(out)]) == 0
+    student = load_model(out)
+    assert student.num_classes == 4 and student.decoder is not None
+    pipe = DiTPipeline.from_pretrained(out)
+    img = pipe(class_labels=[0, 3], guidance_scale=1.0, num_inference_steps=3, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert img.shape == (2, 16, 16, 3)

@@ -206,10 +206,28 @@ class DiffusionModel(nn.Module):
             tmp = d / (WEIGHTS + ".tmp")
             save_file(sd, str(tmp))
             os.replace(tmp, d / WEIGHTS)
+            if self.spec is not None and self.spec["type"] == "dit" and self.num_classes and self.decoder is not None:
+                self._save_dit_pipeline(d, sd)
         tmpj = d / (MODEL_JSON + ".tmp")
         tmpj.write_text(json.dumps(self.describe(), indent=1))
         os.replace(tmpj, d / MODEL_JSON)
 
+
+    def _save_dit_pipeline(self, d: Path, state: dict) -> None:
+        """Beside model.safetensors, a DiTPipeline (transformer + the teacher's VAE) for plain diffusers.
+
+        DiTPipeline drops a learned variance and uses its own null label (1000) for guidance, so
+        the scheduler is written with fixed_small variance; sample it with guidance_scale=1 unless
+        the model has 1000 classes."""
+        from diffusers import DDPMScheduler, DiTPipeline, DiTTransformer2DModel
+
+        dit = DiTTransformer2DModel.from_config(self.net.dit.config)
+        dit.load_state_dict({k[len("dit."):]: v for k, v in state.items()})
+        scheduler = DDPMScheduler(**self.schedule.to_diffusers(), variance_type="fixed_small",
+                                  prediction_type=self.prediction, clip_sample=False)
+        id2label = {i: str(i) for i in range(self.num_classes)}
+        DiTPipeline(transformer=dit, vae=self.decoder.vae, scheduler=scheduler, id2label=id2label).save_pretrained(
+            d, safe_serialization=True)
 
     def _save_pipeline(self, d: Path, state: dict) -> None:
         """A DDPMPipeline, or for a latent model an LDMPipeline holding the teacher's autoencoder."""
@@ -238,13 +256,14 @@ class _Respaced(nn.Module):
 
 
 def _decoder_of(d: Path):
-    """The autoencoder saved beside a latent model (LDMPipeline layout), if any."""
-    if not (d / "vqvae").is_dir():
-        return None
-    from .teachers.diffusers_dir import LatentDecoder
+    """The autoencoder saved beside a latent model (LDMPipeline or DiTPipeline layout), if any."""
+    for name in ("vqvae", "vae"):
+        if (d / name).is_dir():
+            from .teachers.diffusers_dir import LatentDecoder
 
-    index = json.loads((d / "model_index.json").read_text())
-    return LatentDecoder.load(d / "vqvae", index.get("vqvae", [None, None])[1])
+            index = json.loads((d / "model_index.json").read_text())
+            return LatentDecoder.load(d / name, index.get(name, [None, None])[1])
+    return None
 
 
 def _read_weights(d: Path, role: str) -> dict:
@@ -301,14 +320,17 @@ def load_checkpoint_file(path, config, device="cpu", role: str = "teacher") -> D
 
 def load_pipeline_dir(d: Path, device="cpu") -> DiffusionModel:
     """A plain diffusers DDPM/DDIM pipeline directory (no dkdm_model.json) as a model."""
-    from .students import UNetNet
+    from .students import DiTNet, UNetNet
     from .teachers.diffusers_dir import read_pipeline
 
-    unet, schedule, prediction, variance, clip, decoder = read_pipeline(d)
-    size = unet.config.sample_size
+    p = read_pipeline(d)
+    net = p["net"]
+    size = net.config.sample_size
     h, w = (size, size) if isinstance(size, int) else tuple(size)
-    model = DiffusionModel(UNetNet(unet), schedule, (unet.config.in_channels, h, w), prediction, variance, clip,
-                           extra={"diffusers": str(d)}, decoder=decoder)
+    model = DiffusionModel(UNetNet(net) if p["kind"] == "unet" else DiTNet(net), p["schedule"],
+                           (net.config.in_channels, h, w), p["prediction"], p["variance"], p["clip"],
+                           extra={"diffusers": str(d)}, decoder=p["decoder"], num_classes=p["num_classes"],
+                           null_class=p["null_class"])
     return model.to(device).eval()
 
 

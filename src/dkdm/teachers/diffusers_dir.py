@@ -17,7 +17,8 @@ from torch import nn
 from ..diffusion import Schedule
 from ..errors import DkdmError
 
-PIPELINES = ("DDPMPipeline", "DDIMPipeline", "LDMPipeline")
+PIPELINES = ("DDPMPipeline", "DDIMPipeline", "LDMPipeline", "DiTPipeline")
+TRANSFORMERS = ("DiTTransformer2DModel", "Transformer2DModel")
 AUTOENCODERS = ("VQModel", "AutoencoderKL")
 SCHEDULERS = ("DDPMScheduler", "DDIMScheduler")
 #: diffusers variance_type -> dkdm variance (the *_log forms differ only in how diffusers computes them)
@@ -56,7 +57,7 @@ class LatentDecoder(nn.Module):
         self.vae = vae
 
     def decode(self, z):
-        return self.vae.decode(z / self.vae.config.scaling_factor).sample
+        return self.vae.decode(z / self.vae.config.scaling_factor).sample  # as LDMPipeline and DiTPipeline do
 
     @classmethod
     def load(cls, directory: Path, class_name: str) -> "LatentDecoder":
@@ -71,9 +72,9 @@ class LatentDecoder(nn.Module):
         return cls(vae.eval().requires_grad_(False))
 
 
-def read_pipeline(d: Path):
-    """(unet, schedule, prediction, variance, clip_x0, decoder) of a diffusers pipeline directory;
-    decoder is None for pixel-space pipelines."""
+def read_pipeline(d: Path) -> dict:
+    """What dkdm needs of a diffusers pipeline directory: the network (``kind`` unet or dit), schedule,
+    prediction, variance, clip_x0, the latent decoder (None in pixel space) and the classes."""
     try:
         index = json.loads((d / "model_index.json").read_text())
         sched_cfg = json.loads((d / "scheduler" / "scheduler_config.json").read_text())
@@ -81,39 +82,52 @@ def read_pipeline(d: Path):
         raise DkdmError(f"cannot read the diffusers pipeline in {d}: {e}")
     pipe = index.get("_class_name")
     if pipe not in PIPELINES:
-        raise DkdmError(f"{d} holds a {pipe}; dkdm reads pixel-space {' / '.join(PIPELINES)} directories "
-                        f"(a UNet2DModel with a {' or '.join(SCHEDULERS)})")
-    unet_cls = index.get("unet", [None, None])[1]
-    if unet_cls != "UNet2DModel":
-        raise DkdmError(f"{d}: its unet is a {unet_cls}; dkdm reads UNet2DModel teachers")
+        raise DkdmError(f"{d} holds a {pipe}; dkdm reads {', '.join(PIPELINES)} directories")
     sched_cls = sched_cfg.get("_class_name")
-    if sched_cls not in SCHEDULERS:
+    if pipe != "DiTPipeline" and sched_cls not in SCHEDULERS:
         raise DkdmError(f"{d}: scheduler {sched_cls} is not supported; use one of {', '.join(SCHEDULERS)}")
     prediction = sched_cfg.get("prediction_type", "epsilon")
     if prediction not in ("epsilon", "v_prediction", "sample"):
         raise DkdmError(f"{d}: prediction_type {prediction!r} is not supported; use epsilon, v_prediction or sample")
-    vt = sched_cfg.get("variance_type", "fixed_small") if sched_cls == "DDPMScheduler" else "fixed_small"
-    if vt not in VARIANCES:
-        raise DkdmError(f"{d}: variance_type {vt!r} is not supported; use one of {', '.join(VARIANCES)}")
     try:
         schedule = Schedule.from_diffusers(sched_cfg)
     except ValueError as e:
         raise DkdmError(f"{d}: {e}")
-    clip = bool(sched_cfg.get("clip_sample", True))
-    if clip and pipe != "LDMPipeline" and float(sched_cfg.get("clip_sample_range", 1.0)) != 1.0:
-        raise DkdmError(f"{d}: clip_sample_range {sched_cfg['clip_sample_range']} is not supported (dkdm clips x0 to [-1, 1])")
-    from diffusers import UNet2DModel
+    import diffusers
 
-    try:
-        unet = UNet2DModel.from_pretrained(str(d / "unet"))
-    except (OSError, ValueError, EnvironmentError) as e:
-        raise DkdmError(f"cannot load the UNet2DModel in {d / 'unet'}: {e}")
+    out = {"schedule": schedule, "prediction": prediction, "decoder": None, "num_classes": 0, "null_class": None,
+           "clip": bool(sched_cfg.get("clip_sample", True))}
+    if pipe == "DiTPipeline":
+        cls = index.get("transformer", [None, None])[1]
+        if cls not in TRANSFORMERS:
+            raise DkdmError(f"{d}: its transformer is a {cls}; dkdm reads {' / '.join(TRANSFORMERS)}")
+        net = _load(getattr(diffusers, cls), d / "transformer")
+        cfg = net.config
+        out.update(kind="dit", net=net, num_classes=int(cfg.num_embeds_ada_norm), null_class=int(cfg.num_embeds_ada_norm),
+                   variance="learned_range" if cfg.out_channels == 2 * cfg.in_channels else "fixed_small",
+                   decoder=LatentDecoder.load(d / "vae", index.get("vae", [None, None])[1]), clip=False)
+        return out
+    vt = sched_cfg.get("variance_type", "fixed_small") if sched_cls == "DDPMScheduler" else "fixed_small"
+    if vt not in VARIANCES:
+        raise DkdmError(f"{d}: variance_type {vt!r} is not supported; use one of {', '.join(VARIANCES)}")
+    if out["clip"] and pipe != "LDMPipeline" and float(sched_cfg.get("clip_sample_range", 1.0)) != 1.0:
+        raise DkdmError(f"{d}: clip_sample_range {sched_cfg['clip_sample_range']} is not supported (dkdm clips x0 to [-1, 1])")
+    unet_cls = index.get("unet", [None, None])[1]
+    if unet_cls != "UNet2DModel":
+        raise DkdmError(f"{d}: its unet is a {unet_cls}; dkdm reads UNet2DModel teachers")
+    unet = _load(diffusers.UNet2DModel, d / "unet")
     want = unet.config.in_channels * (2 if VARIANCES[vt] == "learned_range" else 1)
     if unet.config.out_channels != want:
         raise DkdmError(f"{d}: the unet outputs {unet.config.out_channels} channels but variance_type {vt!r} "
                         f"needs {want}")
-    decoder = None
+    out.update(kind="unet", net=unet, variance=VARIANCES[vt])
     if pipe == "LDMPipeline":
-        decoder = LatentDecoder.load(d / "vqvae", index.get("vqvae", [None, None])[1])
-        clip = False  # latents are not bounded like pixels
-    return unet, schedule, prediction, VARIANCES[vt], clip, decoder
+        out.update(decoder=LatentDecoder.load(d / "vqvae", index.get("vqvae", [None, None])[1]), clip=False)
+    return out
+
+
+def _load(cls, directory: Path):
+    try:
+        return cls.from_pretrained(str(directory))
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise DkdmError(f"cannot load the {cls.__name__} in {directory}: {e}")
