@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--checkpoint", required=True, help="guided-diffusion state dict (.pt loaded weights-only, or .safetensors)")
     co.add_argument("--config", required=True, help="its guided-diffusion flags, YAML or JSON")
     co.add_argument("--out", required=True, help="model directory to create")
+    co.add_argument("--format", choices=["dkdm", "diffusers"], default="dkdm",
+                    help="dkdm: the ADM network as is; diffusers: a DDPMPipeline with an equivalent UNet2DModel")
 
     sa = sub.add_parser("sample", help="draw samples from a model directory")
     _common(sa, False)
@@ -404,7 +406,17 @@ def cmd_convert(args) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DkdmError(f"--out {out} already exists; choose a new directory")
     model = load_checkpoint_file(args.checkpoint, args.config, role="checkpoint")
-    model.save(out)
+    if args.format == "diffusers":
+        from diffusers import DDPMPipeline, DDPMScheduler
+
+        from .teachers.adm import to_diffusers
+
+        unet = to_diffusers(model.spec, model.net.adm)
+        scheduler = DDPMScheduler(**model.schedule.to_diffusers(), variance_type=model.variance,
+                                  prediction_type=model.prediction, clip_sample=model.clip_x0)
+        DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(out, safe_serialization=True)
+    else:
+        model.save(out)
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {out}: ADM UNet, {n:,} parameters, {model.variance} variance, {model.prediction} prediction, "
           f"T={model.schedule.num_steps}; use it as --teacher {out}", file=sys.stderr)

@@ -315,3 +315,112 @@ def read_flags(path) -> dict:
     except (OSError, yaml.YAMLError) as e:
         raise DkdmError(f"cannot read ADM config {p}: {e.__class__.__name__}: {e}")
     return parse_flags(flags)
+
+
+def _adm_sequence(net: ADMUNet) -> list[nn.Module]:
+    """ADM's ResBlocks / attention / resamplers in forward order (input, middle, output)."""
+    seq = []
+    for block in [*net.input_blocks[1:], net.middle_block, *net.output_blocks]:
+        seq.extend(m for m in block if isinstance(m, (ResBlock, AttentionBlock, _Resample)))
+    return seq
+
+
+def _diffusers_sequence(unet) -> list[nn.Module]:
+    seq = []
+    for block in unet.down_blocks:
+        for i, res in enumerate(block.resnets):
+            seq.append(res)
+            if getattr(block, "attentions", None):
+                seq.append(block.attentions[i])
+        seq.extend(block.downsamplers or [])
+    mid = unet.mid_block
+    seq += [mid.resnets[0], mid.attentions[0], mid.resnets[1]]
+    for block in unet.up_blocks:
+        for i, res in enumerate(block.resnets):
+            seq.append(res)
+            if getattr(block, "attentions", None):
+                seq.append(block.attentions[i])
+        seq.extend(block.upsamplers or [])
+    return seq
+
+
+def to_diffusers(f: dict, net: ADMUNet):
+    """The same network as a diffusers ``UNet2DModel`` (weights copied), or DkdmError where diffusers
+    cannot express the ADM config (per-level head counts, legacy attention order with several heads)."""
+    from diffusers import UNet2DModel
+
+    mult, attn_ds = _derived(f)
+    mc, nrb = int(f["num_channels"]), int(f["num_res_blocks"])
+    if mult[0] != 1 or any(float(m) != int(m) for m in mult):
+        raise DkdmError("diffusers' UNet2DModel needs integer channel_mult starting at 1 for this conversion")
+    if int(f["num_head_channels"]) == -1:
+        raise DkdmError("ADM num_heads without num_head_channels gives each level its own head size; diffusers' "
+                        "UNet2DModel has one attention_head_dim: keep the checkpoint as a dkdm ADM model instead")
+    if int(f["num_heads_upsample"]) not in (-1, int(f["num_heads"])):
+        raise DkdmError("ADM num_heads_upsample differs from num_heads: not expressible in UNet2DModel")
+    updown = bool(f["resblock_updown"])
+    levels = range(len(mult))
+    attn = [2 ** i in attn_ds for i in levels]
+    if not updown:
+        down = ["AttnDownBlock2D" if a else "DownBlock2D" for a in attn]
+        up = ["AttnUpBlock2D" if a else "UpBlock2D" for a in attn][::-1]
+    else:
+        down = ["AttnDownBlock2D" if a else "ResnetDownsampleBlock2D" for a in attn]
+        up = ["AttnUpBlock2D" if a else "ResnetUpsampleBlock2D" for a in attn][::-1]
+    c = int(f["in_channels"])
+    unet = UNet2DModel(
+        sample_size=int(f["image_size"]), in_channels=c, out_channels=c * (2 if f["learn_sigma"] else 1),
+        block_out_channels=[mc * int(m) for m in mult], layers_per_block=nrb, down_block_types=down,
+        up_block_types=up, downsample_type="resnet" if updown else "conv", upsample_type="resnet" if updown else "conv",
+        attention_head_dim=int(f["num_head_channels"]), norm_num_groups=32, attn_norm_num_groups=32, norm_eps=1e-5,
+        resnet_time_scale_shift="scale_shift" if f["use_scale_shift_norm"] else "default", flip_sin_to_cos=True,
+        freq_shift=0, dropout=float(f["dropout"]), num_class_embeds=int(f["num_classes"]) if f["class_cond"] else None,
+        num_train_timesteps=int(f["diffusion_steps"]),
+    )
+    ours, theirs = _adm_sequence(net), _diffusers_sequence(unet)
+    if len(ours) != len(theirs):
+        raise DkdmError(f"cannot map this ADM config onto UNet2DModel ({len(ours)} vs {len(theirs)} blocks)")
+    state = {}
+
+    def put(prefix, module):
+        for k, v in module.state_dict().items():
+            state[f"{prefix}.{k}"] = v
+
+    names = {id(m): n for n, m in unet.named_modules()}
+    for a, d in zip(ours, theirs):
+        p = names[id(d)]
+        if isinstance(a, ResBlock):
+            if type(d).__name__ != "ResnetBlock2D":
+                raise DkdmError(f"cannot map ADM blocks onto UNet2DModel at {p}")
+            for src, dst in (("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("emb_layers.1", "time_emb_proj"),
+                             ("out_layers.0", "norm2"), ("out_layers.3", "conv2"), ("skip_connection", "conv_shortcut")):
+                mod = a.get_submodule(src)
+                if list(mod.state_dict()):
+                    put(f"{p}.{dst}", mod)
+        elif isinstance(a, AttentionBlock):
+            ch = a.qkv.weight.shape[1]
+            w, b = a.qkv.weight[:, :, 0], a.qkv.bias
+            if not a.new_order:  # legacy: heads outermost, then q/k/v
+                n = a.heads
+                w = w.reshape(n, 3, ch // n, ch).transpose(0, 1).reshape(3 * ch, ch)
+                b = b.reshape(n, 3, ch // n).transpose(0, 1).reshape(3 * ch)
+            for i, name in enumerate(("to_q", "to_k", "to_v")):
+                state[f"{p}.{name}.weight"] = w[i * ch:(i + 1) * ch]
+                state[f"{p}.{name}.bias"] = b[i * ch:(i + 1) * ch]
+            put(f"{p}.group_norm", a.norm)
+            state[f"{p}.to_out.0.weight"] = a.proj_out.weight[:, :, 0]
+            state[f"{p}.to_out.0.bias"] = a.proj_out.bias
+        elif a.use_conv:
+            put(f"{p}.conv", a.conv if a.up else a.op)
+    put("conv_in", net.input_blocks[0][0])
+    put("time_embedding.linear_1", net.time_embed[0])
+    put("time_embedding.linear_2", net.time_embed[2])
+    put("conv_norm_out", net.out[0])
+    put("conv_out", net.out[2])
+    if net.num_classes:
+        put("class_embedding", net.label_emb)
+    missing = set(unet.state_dict()) - set(state)
+    if missing:
+        raise DkdmError(f"cannot map this ADM config onto UNet2DModel: {sorted(missing)[0]} has no ADM counterpart")
+    unet.load_state_dict(state)
+    return unet.eval()
