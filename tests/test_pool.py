@@ -159,3 +159,20 @@ def test_bad_pool_settings_are_refused():
     with pytest.raises(DkdmError, match="pool kind"):
         pool_size("bogus", 0.4, 100, 8)
     assert pool_size("dynamic", 0.4, 1000, 128) == 400 * 128
+
+
+def test_reduced_precision_teacher_changes_targets_by_a_bounded_amount():
+    """bfloat16 teacher forwards (opt-in): targets stay within a few percent of float32."""
+    from dkdm.model import load_model
+
+    teacher = load_model("builtin:digits")
+    torch.manual_seed(0)
+    x = torch.randn(64, 1, 8, 8)
+    t = torch.randint(0, 1000, (64,))
+    with torch.no_grad():
+        full = teacher.reverse(x, t)
+        half = load_model("builtin:digits").set_inference_dtype("bfloat16").reverse(x, t)
+    eps_err = ((half.eps - full.eps).norm() / full.eps.norm()).item()
+    mean_err = ((half.mean - full.mean).norm() / full.mean.norm()).item()
+    assert 0 < eps_err < 0.01 and mean_err < 1e-3, (eps_err, mean_err)
+    assert half.eps.dtype == torch.float32

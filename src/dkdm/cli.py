@@ -37,7 +37,7 @@ COMMON_DEFAULTS = {
 }
 TRAIN_DEFAULTS = {"data": "toy2d", "real_fraction": None, "synthetic": None, "model": None, "schedule": "cosine", "diffusion_steps": 1000,
                   "variance": "learned_range", "prediction": "epsilon"}
-DISTILL_DEFAULTS = {"teacher": "builtin:digits", "teacher_config": None, "student": None, "student_steps": None, "guidance": 1.0, "pool": "dynamic", "rho": 0.4,
+DISTILL_DEFAULTS = {"teacher": "builtin:digits", "teacher_config": None, "student": None, "student_steps": None, "guidance": 1.0, "teacher_dtype": "float32", "compile": False, "pool": "dynamic", "rho": 0.4,
                     "pool_dtype": "float32", "prep_batch": 8192, "prep": "exact", "prep_steps": 25,
                     "variance": "learned_range"}
 
@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--teacher", help="teacher model directory, an ADM checkpoint (.pt/.safetensors), or builtin:digits (the default)")
     di.add_argument("--teacher-config", help="guided-diffusion flags (YAML/JSON) of an ADM checkpoint --teacher")
     di.add_argument("--student", help="student architecture spec (default: the teacher's type, default size)")
+    di.add_argument("--teacher-dtype", choices=["float32", "bfloat16", "float16"],
+                    help="run the teacher's network in reduced precision (faster on GPUs; targets change slightly)")
+    di.add_argument("--compile", action="store_true", default=None, help="torch.compile the teacher's network (first steps are slow while it compiles)")
     di.add_argument("--guidance", type=float,
                     help="classifier-free guidance scale of a class-conditional teacher's targets (1: none)")
     di.add_argument("--student-steps", type=int,
@@ -312,6 +315,9 @@ def cmd_distill(args) -> None:
     acc = Accelerator(mixed_precision=s["mixed_precision"])
     teacher = load_model(s["teacher"], device=acc.device, role="teacher", config=s["teacher_config"])
     teacher.requires_grad_(False)
+    teacher.set_inference_dtype(s["teacher_dtype"])
+    if s["compile"]:
+        teacher.net = torch.compile(teacher.net)
     # the teacher's data set brings its distillation defaults; --config and flags still win
     s = _settings(args, COMMON_DEFAULTS, DISTILL_DEFAULTS, DISTILL_DATA_DEFAULTS.get(teacher.extra.get("data"), {}),
                   {"out": None, "resume": False})

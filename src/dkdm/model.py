@@ -84,7 +84,24 @@ class DiffusionModel(nn.Module):
         return cls(net, schedule, sample_shape, variance=variance, spec=spec, **kw)
 
     def forward(self, x, t, y=None):
-        return self.net(x, t) if y is None else self.net(x, t, y)
+        dt = self.inference_dtype
+        if dt is not None:
+            x = x.to(dt)
+        out = self.net(x, t) if y is None else self.net(x, t, y)
+        return out if dt is None else out.float()
+
+    inference_dtype = None
+
+    def set_inference_dtype(self, dtype: str) -> "DiffusionModel":
+        """Run the network in bfloat16 / float16 (a teacher: faster forwards, slightly different
+        targets); outputs come back as float32 so the diffusion math stays in full precision.
+        The weights are cast in place: going back to float32 keeps their rounding."""
+        dtypes = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        if dtype not in dtypes:
+            raise DkdmError(f"unknown teacher dtype {dtype!r}; choose one of {', '.join(dtypes)}")
+        self.inference_dtype = dtypes[dtype]
+        self.net.to(self.inference_dtype or torch.float32)
+        return self
 
     @torch.no_grad()
     def decode(self, x: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
