@@ -68,13 +68,37 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
             torch.cuda.set_rng_state_all(cuda)
 
 
-def save_checkpoint(root, step: int, tensors: dict[str, torch.Tensor], meta: dict, keep: int = 2) -> Path:
+def _tmp_dir(root: Path, step: int) -> Path:
+    return root / f".tmp_{PREFIX}{step:08d}"
+
+
+def write_rank_shard(root, step: int, rank: int, tensors: dict[str, torch.Tensor]) -> None:
+    """A non-main process's own state (its pool shard, its RNG) into the checkpoint being written."""
+    tmp = _tmp_dir(Path(root), step)
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(tmp / f"rank{rank}.safetensors"))
+
+
+def read_rank_shard(path, rank: int) -> dict[str, torch.Tensor]:
+    f = Path(path) / f"rank{rank}.safetensors"
+    try:
+        return load_file(str(f))
+    except (OSError, SafetensorError) as e:
+        raise DkdmError(f"checkpoint {path} lacks a readable shard for process {rank} ({e})")
+
+
+def save_checkpoint(root, step: int, tensors: dict[str, torch.Tensor], meta: dict, keep: int = 2,
+                    shards: list[str] = ()) -> Path:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
-    tmp = root / f".tmp_{PREFIX}{step:08d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = _tmp_dir(root, step)
+    if not shards:
+        shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(exist_ok=True)
+    missing = [s for s in shards if not (tmp / f"{s}.safetensors").exists()]
+    if missing:
+        raise DkdmError(f"checkpoint at step {step}: the shards of {', '.join(missing)} were not written")
     save_file(tensors, str(tmp / "state.safetensors"))
     (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=1))
     for f in tmp.iterdir():

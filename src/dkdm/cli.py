@@ -210,21 +210,29 @@ def _run(trainer, s: dict, out: Path, args, prepare=None, teacher=None) -> None:
     from .evaluation import summary_table, write_report
     from .model import load_model
 
+    acc = trainer.accelerator
+    main = acc.is_main_process
+    acc.wait_for_everyone()  # every process has checked --out before the main one writes into it
     if s.get("resume"):
         step = trainer.resume()
-        print(f"resuming {out} from step {step}", file=sys.stderr)
+        if main:
+            print(f"resuming {out} from step {step}", file=sys.stderr)
     else:
         if prepare is not None:
             prepare()
         torch.manual_seed(int(s["seed"]) + 1)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "run.json").write_text(json.dumps(s, indent=1, default=str))
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "run.json").write_text(json.dumps({**s, "processes": acc.num_processes}, indent=1, default=str))
+        acc.wait_for_everyone()
         trainer.save()
     last = trainer.train()
+    if not main:
+        return
     print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in last.items()}))
     reference = trainer.student.extra.get("data")
     if reference and not s.get("no_report"):
-        model = load_model(out, device=trainer.accelerator.device)
+        model = load_model(out, device=acc.device)
         rows = write_report(out, model, reference, teacher=teacher, teacher_dir=s.get("teacher") and
                             _model_dir(s["teacher"]), seed=int(s["seed"]), progress=not args.no_progress,
                             num=s["eval_num"], steps=s["eval_steps"])
@@ -245,6 +253,12 @@ def _student_spec(given, teacher) -> dict:
     return spec
 
 
+def _rank_seed(s: dict, acc) -> int:
+    """Each process draws its own batches (its own pool shard): the seed is offset by the rank.
+    Rank 0 keeps the run's seed, so a single process reproduces earlier runs."""
+    return int(s["seed"]) + 100003 * acc.process_index
+
+
 def _teacher_ref(teacher) -> str:
     """How a run records its teacher: builtin names and Hub ids as given, paths made absolute."""
     from .teachers.diffusers_dir import looks_like_hub_id
@@ -261,12 +275,10 @@ def _model_dir(path):
 
 def cmd_train(args) -> None:
     import torch
-    from accelerate import Accelerator
-
     from .data import DataSource, MixedSet, SampleSet, load_dataset, reference_of
     from .diffusion import Schedule
     from .model import DiffusionModel
-    from .trainer import Trainer
+    from .trainer import Trainer, make_accelerator
 
     data_name = args.data or TRAIN_DEFAULTS["data"]
     dataset = load_dataset(data_name)
@@ -289,13 +301,13 @@ def cmd_train(args) -> None:
         s["model"], dataset.sample_shape, schedule, variance=s["variance"], prediction=s["prediction"],
         clip_x0=dataset.clip_x0, extra={"data": reference, **({"trained_on": dataset.name} if dataset.name != reference else {})},
     )
-    acc = Accelerator(mixed_precision=cfg.mixed_precision)
+    acc = make_accelerator(cfg.mixed_precision)
     classes = getattr(dataset, "num_classes", 0)
     if model.num_classes and model.num_classes != classes:
         raise DkdmError(f"the model conditions on {model.num_classes} classes but {dataset.name} has "
                         f"{classes or 'no'} labels; use classes={classes} in the spec" if classes else
                         f"the model conditions on classes but {dataset.name} has no labels; drop classes= from the spec")
-    source = DataSource(dataset, schedule, int(s["batch"]), seed=int(s["seed"]), device=acc.device,
+    source = DataSource(dataset, schedule, int(s["batch"]), seed=_rank_seed(s, acc), device=acc.device,
                         conditional=bool(model.num_classes))
     info = {"student": model.describe(), "source": source.describe()}
     trainer = Trainer(model, source, cfg, out, info, progress=not args.no_progress, accelerator=acc)
@@ -304,15 +316,14 @@ def cmd_train(args) -> None:
 
 def cmd_distill(args) -> None:
     import torch
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     from .model import DiffusionModel, load_model
     from .pool import KnowledgePool, pool_memory_bytes, pool_size, preparation_cost
-    from .trainer import Trainer
+    from .trainer import Trainer, make_accelerator
 
     s = _settings(args, COMMON_DEFAULTS, DISTILL_DEFAULTS, {"out": None, "resume": False})
-    acc = Accelerator(mixed_precision=s["mixed_precision"])
+    acc = make_accelerator(s["mixed_precision"])
     teacher = load_model(s["teacher"], device=acc.device, role="teacher", config=s["teacher_config"])
     teacher.requires_grad_(False)
     teacher.set_inference_dtype(s["teacher_dtype"])
@@ -338,20 +349,23 @@ def cmd_distill(args) -> None:
     T = teacher.schedule.num_steps
     mem = pool_memory_bytes(size, teacher.sample_shape, s["pool_dtype"])
     prep = preparation_cost(s["pool"], size, T, s["prep"], int(s["prep_steps"]))
-    print(
-        f"pool: {s['pool']}, {size} entries x {list(teacher.sample_shape)} {s['pool_dtype']} = {mem / 2**20:.1f} MiB; "
-        f"preparation ~{prep:,} teacher sample-steps; training {cfg.steps * int(s['batch']):,} teacher sample-forwards",
-        file=sys.stderr,
-    )
+    n = acc.num_processes
+    if acc.is_main_process:
+        print(
+            f"pool: {s['pool']}, {size} entries x {list(teacher.sample_shape)} {s['pool_dtype']} = {mem / 2**20:.1f} MiB; "
+            f"preparation ~{prep:,} teacher sample-steps; training {cfg.steps * int(s['batch']):,} teacher "
+            f"sample-forwards" + (f" (each of {n} processes: its own pool shard and batches)" if n > 1 else ""),
+            file=sys.stderr,
+        )
     pool = KnowledgePool(teacher, int(s["batch"]), s["pool"], float(s["rho"]), s["pool_dtype"],
-                         seed=int(s["seed"]), device=acc.device, preparation=s["prep"], prep_steps=int(s["prep_steps"]),
+                         seed=_rank_seed(s, acc), device=acc.device, preparation=s["prep"], prep_steps=int(s["prep_steps"]),
                          guidance=float(s["guidance"]))
     info = {"student": student.describe(), "source": pool.describe(), "teacher": teacher_ref}
     trainer = Trainer(student, pool, cfg, out, info, progress=not args.no_progress, accelerator=acc)
 
     def prepare():
         with tqdm(total=prep, desc="pool", unit="step", unit_scale=True,
-                  disable=args.no_progress or prep == 0, dynamic_ncols=True) as bar:
+                  disable=args.no_progress or prep == 0 or not acc.is_main_process, dynamic_ncols=True) as bar:
             pool.prepare(chunk=int(s["prep_batch"]), progress=bar)
 
     _run(trainer, s, out, args, prepare, teacher=teacher)

@@ -18,12 +18,18 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from .checkpoint import (
-    flatten, list_checkpoints, load_checkpoint, optimizer_from_flat, optimizer_to_flat, rng_state,
-    save_checkpoint, set_rng_state, unflatten,
+    flatten, list_checkpoints, load_checkpoint, optimizer_from_flat, optimizer_to_flat, read_rank_shard, rng_state,
+    save_checkpoint, set_rng_state, unflatten, write_rank_shard,
 )
 from .errors import DkdmError
 from .model import DiffusionModel
 from .objective import DEFAULT_VLB_WEIGHT, dkdm_loss
+
+
+def make_accelerator(mixed_precision: str = "no") -> Accelerator:
+    """accelerate's Accelerator; without CUDA it uses the CPU, and under torchrun / accelerate
+    launch several CPU processes train together over gloo."""
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
 
 
 class TrainingDiverged(DkdmError):
@@ -105,7 +111,7 @@ class Trainer:
         self.out = Path(out)
         self.run_info = dict(run_info or {})
         self.progress = progress
-        self.accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision)
+        self.accelerator = accelerator or make_accelerator(config.mixed_precision)
         self.step = 0
         opt = torch.optim.AdamW(student.net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         warm = max(1, config.warmup)
@@ -117,24 +123,46 @@ class Trainer:
 
     # checkpoints ------------------------------------------------------------------------------
     def save(self) -> Path:
-        net = self.accelerator.unwrap_model(self.net)
+        """Checkpoint: the shared state from the main process, every rank's source (pool shard) and RNG."""
+        acc = self.accelerator
+        own = {**flatten("source", self.source.state_dict()), **flatten("rng", rng_state())}
+        if acc.num_processes == 1:
+            shards = {}
+        else:
+            shards = {f"rank{r}": None for r in range(1, acc.num_processes)}
+            shards[f"rank{acc.process_index}"] = own
+        if not acc.is_main_process:
+            write_rank_shard(self.ckpt_dir, self.step, acc.process_index, own)
+            acc.wait_for_everyone()
+            acc.wait_for_everyone()
+            return self.ckpt_dir
+        net = acc.unwrap_model(self.net)
         opt_tensors, opt_meta = optimizer_to_flat(self.opt.state_dict())
         tensors = {
             **flatten("student", net.state_dict()),
             **flatten("ema", self.ema.shadow),
             **flatten("optim", opt_tensors),
-            **flatten("source", self.source.state_dict()),
-            **flatten("rng", rng_state()),
+            **own,
         }
         meta = {"optimizer": opt_meta, "lr_scheduler": self.lr_sched.state_dict(),
-                "config": asdict(self.cfg), "run": self.run_info}
-        return save_checkpoint(self.ckpt_dir, self.step, tensors, meta, self.cfg.keep_checkpoints)
+                "config": asdict(self.cfg), "run": self.run_info, "world_size": acc.num_processes}
+        acc.wait_for_everyone()  # every rank's shard is written into the temporary directory
+        path = save_checkpoint(self.ckpt_dir, self.step, tensors, meta, self.cfg.keep_checkpoints,
+                               shards=[f"rank{r}" for r in range(1, acc.num_processes)])
+        acc.wait_for_everyone()
+        return path
 
     def resume(self) -> int:
         ckpts = list_checkpoints(self.ckpt_dir)
         if not ckpts:
             raise DkdmError(f"--resume: {self.out} has no checkpoint to resume from; drop --resume to start afresh")
         tensors, meta = load_checkpoint(ckpts[-1])
+        acc = self.accelerator
+        if int(meta.get("world_size", 1)) != acc.num_processes:
+            raise DkdmError(f"--resume: the run in {self.out} was trained by {meta.get('world_size', 1)} processes, "
+                            f"this launch has {acc.num_processes}; resume with the same number of processes")
+        if acc.process_index:
+            tensors = {**tensors, **read_rank_shard(ckpts[-1], acc.process_index)}
         saved = meta.get("run", {})
         for key in ("student", "source", "teacher"):
             if key in saved and key in self.run_info and saved[key] != self.run_info[key]:
@@ -165,8 +193,9 @@ class Trainer:
         # (mse, vb, count) x quarter of t, kept on the device: no host sync until a log line
         sums = torch.zeros(3, 4, dtype=torch.float64, device=self.accelerator.device)
         last, t0, n0 = {}, time.time(), self.step
+        acc = self.accelerator
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step",
-                   disable=not self.progress, dynamic_ncols=True)
+                   disable=not self.progress or not acc.is_main_process, dynamic_ncols=True)
         try:
             while self.step < cfg.steps:
                 batch = self.source.next_batch()
@@ -198,18 +227,25 @@ class Trainer:
                     sums[2].index_add_(0, q, torch.ones(len(q), dtype=torch.float64, device=sums.device))
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    if acc.num_processes > 1:
+                        sums = acc.reduce(sums, reduction="sum")
+                        self._check_ranks_in_sync()
                     cnt = sums[2].clamp(min=1)
                     total = sums[2].sum().clamp(min=1)
                     mse, vb = sums[0].sum() / total, sums[1].sum() / total
+                    rate = (self.step - n0) / max(time.time() - t0, 1e-9)
                     last = {
                         "step": self.step, "loss": float(mse + cfg.vlb_weight * vb), "mse": float(mse),
                         "vb": float(vb), "lr": self.lr_sched.get_last_lr()[0],
                         **{f"mse_q{i}": float(sums[0, i] / cnt[i]) for i in range(4)},
                         **{f"vb_q{i}": float(sums[1, i] / cnt[i]) for i in range(4)},
-                        "steps_per_s": (self.step - n0) / max(time.time() - t0, 1e-9),
+                        "steps_per_s": rate,
+                        "samples_per_s": rate * len(batch.t) * acc.num_processes,
                         **({"teacher_calls": self.source.teacher_calls} if hasattr(self.source, "teacher_calls") else {}),
+                        **({"processes": acc.num_processes, "ranks_in_sync": True} if acc.num_processes > 1 else {}),
                     }
-                    self._log(last)
+                    if acc.is_main_process:
+                        self._log(last)
                     bar.set_postfix(loss=f"{last['loss']:.4f}")
                     sums.zero_()
                 if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
@@ -219,5 +255,19 @@ class Trainer:
             raise KeyboardInterrupt(f"interrupted at step {self.step}; checkpoint written to {path}; continue with --resume")
         finally:
             bar.close()
-        student.save(self.out, {k: v for k, v in self.ema.shadow.items()})
+        if acc.is_main_process:
+            student.save(self.out, {k: v for k, v in self.ema.shadow.items()})
+        acc.wait_for_everyone()
         return last
+
+    def _check_ranks_in_sync(self) -> None:
+        """All processes must hold the same student; a cheap fingerprint of the weights is compared."""
+        net = self.accelerator.unwrap_model(self.net)
+        with torch.no_grad():
+            flat = torch.cat([p.detach().double().flatten() for p in net.parameters()])
+            weights = torch.linspace(1, 2, len(flat), dtype=torch.float64, device=flat.device)
+            fp = torch.stack([flat.sum(), (flat * weights).sum()]).reshape(1, 2)
+        every = self.accelerator.gather(fp)
+        if not torch.equal(every, fp.expand_as(every)):
+            raise DkdmError(f"processes hold different student weights at step {self.step}; "
+                            f"the distributed run is out of sync (stopped)")
