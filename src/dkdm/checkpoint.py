@@ -4,11 +4,14 @@ A checkpoint is a directory ``checkpoints/step_NNNNNNNN`` holding ``state.safete
 tensor: student, EMA, optimizer moments, data-source state such as the pool, RNG states) and
 ``meta.json`` (step, optimizer hyper-parameters, lr schedule, run config). It is assembled in a
 temporary directory and renamed into place, so a crash never leaves a half-written checkpoint
-under a final name. No pickle anywhere: a checkpoint from a stranger is safe to load.
+under a final name. ``meta.json`` records the SHA-256 of every tensor file, so a checkpoint
+damaged later (a truncated copy, a bad disk) is detected on load instead of resuming from garbage.
+No pickle anywhere: a checkpoint from a stranger is safe to load.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -99,11 +102,17 @@ def save_checkpoint(root, step: int, tensors: dict[str, torch.Tensor], meta: dic
     missing = [s for s in shards if not (tmp / f"{s}.safetensors").exists()]
     if missing:
         raise DkdmError(f"checkpoint at step {step}: the shards of {', '.join(missing)} were not written")
-    save_file(tensors, str(tmp / "state.safetensors"))
-    (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=1))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    try:
+        save_file(tensors, str(tmp / "state.safetensors"))
+        sums = {f.name: _sha256(f) for f in sorted(tmp.glob("*.safetensors"))}
+        (tmp / "meta.json").write_text(json.dumps({"step": step, **meta, "sha256": sums}, indent=1))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DkdmError(f"cannot write the checkpoint of step {step} in {root} ({e.strerror or e}); the previous "
+                        f"checkpoint is kept: free space or fix the directory, then continue with --resume")
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -119,11 +128,45 @@ def list_checkpoints(root) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "meta.json").exists())
 
 
-def load_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict]:
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_checkpoint(path) -> dict:
+    """meta.json of a checkpoint whose files match their recorded checksums; DkdmError otherwise."""
     path = Path(path)
     try:
         meta = json.loads((path / "meta.json").read_text())
+        for name, want in meta.get("sha256", {}).items():
+            if _sha256(path / name) != want:
+                raise DkdmError(f"checkpoint {path}: {name} does not match its checksum (truncated or corrupt)")
+    except (OSError, json.JSONDecodeError) as e:
+        raise DkdmError(f"checkpoint {path} is unreadable ({e})")
+    return meta
+
+
+def load_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict]:
+    path = Path(path)
+    meta = verify_checkpoint(path)
+    try:
         tensors = load_file(str(path / "state.safetensors"))
-    except (OSError, json.JSONDecodeError, SafetensorError) as e:
+    except (OSError, SafetensorError) as e:
         raise DkdmError(f"checkpoint {path} is unreadable ({e}); delete it to resume from an earlier one")
     return tensors, meta
+
+
+def latest_good_checkpoint(root, warn=None) -> tuple[Path, dict[str, torch.Tensor], dict] | None:
+    """The newest checkpoint that verifies; damaged newer ones are skipped with a warning."""
+    for path in reversed(list_checkpoints(root)):
+        try:
+            tensors, meta = load_checkpoint(path)
+        except DkdmError as e:
+            if warn is not None:
+                warn(f"warning: {e}; falling back to the previous checkpoint")
+            continue
+        return path, tensors, meta
+    return None

@@ -504,7 +504,7 @@ def main(argv=None) -> int:
         return 3 if isinstance(e, TrainingDiverged) else 2
     except KeyboardInterrupt as e:
         print(f"dkdm {args.command}: {e or 'interrupted'}", file=sys.stderr)
-        return 130
+        return 128 + getattr(e, "signum", 2)
     return 0
 
 

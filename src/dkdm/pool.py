@@ -143,7 +143,17 @@ class KnowledgePool:
                     progress.update(len(active))
             self.x[start:start + chunk] = x.to(self.x.dtype)
         self.s.copy_(stops)
+        self._check_finite()
         self.prepared = True
+
+    def _check_finite(self) -> None:
+        bad = ~torch.isfinite(self.x.flatten(1)).all(1)
+        if bool(bad.any()):
+            raise DkdmError(
+                f"the teacher produced NaN/inf while preparing the pool ({int(bad.sum())} of {self.size} entries, "
+                f"stopped at t={(self.s[bad][:4] - 1).tolist()}): the teacher is broken, or too imprecise "
+                f"(try --teacher-dtype float32)"
+            )
 
     @torch.no_grad()
     def _prepare_sampled(self, stops, chunk, progress) -> None:
@@ -159,6 +169,7 @@ class KnowledgePool:
         t = stops - 1
         self.x.copy_(self.teacher.schedule.q_sample(x0, t, self._noise(x0.shape)).to(self.x.dtype))
         self.s.copy_(stops)
+        self._check_finite()
         self.prepared = True
 
     def _draw(self) -> torch.Tensor:

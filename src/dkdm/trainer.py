@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,7 +21,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from .checkpoint import (
-    flatten, list_checkpoints, load_checkpoint, optimizer_from_flat, optimizer_to_flat, read_rank_shard, rng_state,
+    flatten, latest_good_checkpoint, list_checkpoints, optimizer_from_flat, optimizer_to_flat, read_rank_shard, rng_state,
     save_checkpoint, set_rng_state, unflatten, write_rank_shard,
 )
 from .errors import DkdmError
@@ -34,6 +37,26 @@ def make_accelerator(mixed_precision: str = "no") -> Accelerator:
 
 class TrainingDiverged(DkdmError):
     """The loss became NaN or inf; the run stopped and its last good checkpoint is kept."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM: the run stopped after a finished step and wrote a checkpoint."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+def _first_nonfinite(batch, output) -> str:
+    """Which tensor of a step went NaN/inf first, in the order data flows: input, teacher, student."""
+    target = batch.target
+    for name, tensor in (("the input x_t (for a pool: the teacher's previous step)", batch.x_t), ("the teacher's epsilon", target.eps),
+                         ("the teacher's mean", target.mean), ("the teacher's log-variance", target.log_variance),
+                         ("the student's output", output)):
+        bad = ~torch.isfinite(tensor.flatten(1)).all(1)
+        if bool(bad.any()):
+            return f"{name} is not finite at t={batch.t[bad][:4].tolist()}"
+    return "the loss alone is not finite (overflow)"
 
 
 @dataclass
@@ -153,16 +176,18 @@ class Trainer:
         return path
 
     def resume(self) -> int:
-        ckpts = list_checkpoints(self.ckpt_dir)
-        if not ckpts:
+        if not list_checkpoints(self.ckpt_dir):
             raise DkdmError(f"--resume: {self.out} has no checkpoint to resume from; drop --resume to start afresh")
-        tensors, meta = load_checkpoint(ckpts[-1])
+        found = latest_good_checkpoint(self.ckpt_dir, warn=lambda m: print(m, file=sys.stderr))
+        if found is None:
+            raise DkdmError(f"--resume: every checkpoint in {self.ckpt_dir} is damaged; start afresh in a new --out")
+        path, tensors, meta = found
         acc = self.accelerator
         if int(meta.get("world_size", 1)) != acc.num_processes:
             raise DkdmError(f"--resume: the run in {self.out} was trained by {meta.get('world_size', 1)} processes, "
                             f"this launch has {acc.num_processes}; resume with the same number of processes")
         if acc.process_index:
-            tensors = {**tensors, **read_rank_shard(ckpts[-1], acc.process_index)}
+            tensors = {**tensors, **read_rank_shard(path, acc.process_index)}
         saved = meta.get("run", {})
         for key in ("student", "source", "teacher"):
             if key in saved and key in self.run_info and saved[key] != self.run_info[key]:
@@ -178,7 +203,18 @@ class Trainer:
         self.source.load_state_dict(unflatten("source", tensors))
         set_rng_state(unflatten("rng", tensors))
         self.step = int(meta["step"])
+        self._truncate_log(self.step)
         return self.step
+
+    def _truncate_log(self, step: int) -> None:
+        """Drop log lines written after the checkpoint we resume from (they will be written again)."""
+        if not self.accelerator.is_main_process or not self.log_path.exists():
+            return
+        keep = [line for line in self.log_path.read_text().splitlines() if line.strip()
+                and json.loads(line).get("step", 0) <= step]
+        tmp = self.log_path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, self.log_path)
 
     # the loop ---------------------------------------------------------------------------------
     def _log(self, record: dict) -> None:
@@ -196,6 +232,8 @@ class Trainer:
         acc = self.accelerator
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step",
                    disable=not self.progress or not acc.is_main_process, dynamic_ncols=True)
+        stop: list[int] = []
+        previous = self._catch_signals(stop)
         try:
             while self.step < cfg.steps:
                 batch = self.source.next_batch()
@@ -207,10 +245,10 @@ class Trainer:
                                   student.prediction, student.variance, cfg.vlb_weight)
                 loss = terms["loss"].mean()
                 if not torch.isfinite(loss):
-                    bad = (~torch.isfinite(terms["loss"])).nonzero().flatten()
                     raise TrainingDiverged(
-                        f"loss became {loss.item()} at step {self.step + 1} (t={batch.t[bad[:4]].tolist()}); "
-                        f"stopped, last good checkpoint kept in {self.ckpt_dir}; lower --lr or enable --grad-clip"
+                        f"loss became {loss.item()} at step {self.step + 1}: {_first_nonfinite(batch, output)}; "
+                        f"stopped, last good checkpoint kept in {self.ckpt_dir}; a non-finite teacher means a broken "
+                        f"teacher or pool, a non-finite student: lower --lr or enable --grad-clip"
                     )
                 self.opt.zero_grad(set_to_none=True)
                 self.accelerator.backward(loss)
@@ -248,17 +286,35 @@ class Trainer:
                         self._log(last)
                     bar.set_postfix(loss=f"{last['loss']:.4f}")
                     sums.zero_()
-                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                saved = self.step % cfg.ckpt_every == 0 or self.step == cfg.steps
+                if saved:
                     self.save()
-        except KeyboardInterrupt:
-            path = self.save()
-            raise KeyboardInterrupt(f"interrupted at step {self.step}; checkpoint written to {path}; continue with --resume")
+                if stop:
+                    path = self.save() if not saved else self.ckpt_dir
+                    name = signal.Signals(stop[0]).name
+                    raise Interrupted(f"{name} at step {self.step}: checkpoint written to {path}; continue with "
+                                      f"--resume", stop[0])
         finally:
             bar.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         if acc.is_main_process:
             student.save(self.out, {k: v for k, v in self.ema.shadow.items()})
         acc.wait_for_everyone()
         return last
+
+    @staticmethod
+    def _catch_signals(stop: list) -> dict:
+        """SIGINT / SIGTERM finish the current step, checkpoint and stop (a second one stops at once)."""
+        def handler(signum, frame):
+            if stop:
+                raise KeyboardInterrupt(f"{signal.Signals(signum).name} again: stopped without a new checkpoint")
+            stop.append(signum)
+
+        try:
+            return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        except ValueError:  # not the main thread: leave signals alone
+            return {}
 
     def _check_ranks_in_sync(self) -> None:
         """All processes must hold the same student; a cheap fingerprint of the weights is compared."""
