@@ -500,7 +500,8 @@ def main(argv=None) -> int:
     except DkdmError as e:
         from .trainer import TrainingDiverged
 
-        print(f"dkdm {args.command}: error: {e}", file=sys.stderr)
+        one_line = " | ".join(part.strip() for part in str(e).splitlines() if part.strip())
+        print(f"dkdm {args.command}: error: {one_line}", file=sys.stderr)
         return 3 if isinstance(e, TrainingDiverged) else 2
     except KeyboardInterrupt as e:
         print(f"dkdm {args.command}: {e or 'interrupted'}", file=sys.stderr)
