@@ -40,7 +40,7 @@ COMMON_DEFAULTS = {
 TRAIN_DEFAULTS = {"data": "toy2d", "real_fraction": None, "synthetic": None, "model": None, "schedule": "cosine", "diffusion_steps": 1000,
                   "variance": "learned_range", "prediction": "epsilon"}
 DISTILL_DEFAULTS = {"teacher": "builtin:digits", "teacher_config": None, "student": None, "student_steps": None, "guidance": 1.0, "teacher_dtype": "float32", "compile": False, "pool": "dynamic", "rho": 0.4,
-                    "pool_dtype": "float32", "prep_batch": 8192, "prep": "exact", "prep_steps": 25,
+                    "pool_dtype": "float32", "prep_batch": 8192, "prep": "exact", "prep_steps": None,
                     "variance": "learned_range"}
 
 
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--prep-batch", type=int, help="teacher batch size for pool preparation")
     di.add_argument("--prep", choices=["exact", "sampled"],
                     help="pool preparation: exact (teacher chains, N*T/2 steps) or sampled (K-step x0, noised by q)")
-    di.add_argument("--prep-steps", type=int, help="K, the teacher sampling steps of --prep sampled")
+    di.add_argument("--prep-steps", type=int, help="K, the teacher sampling steps of --prep sampled (default 25, at most T)")
     di.add_argument("--variance", choices=["learned_range", "fixed_small", "fixed_large"],
                     help="student variance (learned_range trains it with L*vlb)")
 
@@ -349,6 +349,8 @@ def cmd_distill(args) -> None:
     size = pool_size(s["pool"], float(s["rho"]), teacher.schedule.num_steps, int(s["batch"]))
     out = _check_out(s)
     T = teacher.schedule.num_steps
+    if s["prep_steps"] is None:  # 25 sampling steps, or all of a shorter process
+        s["prep_steps"] = min(25, T)
     mem = pool_memory_bytes(size, teacher.sample_shape, s["pool_dtype"])
     prep = preparation_cost(s["pool"], size, T, s["prep"], int(s["prep_steps"]))
     n = acc.num_processes
