@@ -40,9 +40,16 @@ def argv(kind, teacher, out, steps, *extra):
     return [str(teacher) if a == "TEACHER" else a for a in cmd(kind, out, steps, *extra)]
 
 
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # bit-identity needs the same thread count in every run
+
+
 def spawn(args):
     return subprocess.Popen([sys.executable, "-m", "dkdm.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+
+
+def run_cli(args) -> int:
+    return subprocess.run([sys.executable, "-m", "dkdm.cli", *args], capture_output=True, env=ENV).returncode
 
 
 def wait_for_step(out, step, proc, timeout=300):
@@ -51,8 +58,11 @@ def wait_for_step(out, step, proc, timeout=300):
     while time.time() - t0 < timeout:
         if log.exists():
             lines = log.read_text().splitlines()
-            if lines and json.loads(lines[-1])["step"] >= step:
-                return
+            try:
+                if lines and json.loads(lines[-1])["step"] >= step:
+                    return
+            except json.JSONDecodeError:  # a line being written
+                pass
         assert proc.poll() is None, proc.stderr.read()
         time.sleep(0.05)
     raise AssertionError("run did not reach the step in time")
@@ -78,13 +88,13 @@ def same(a, b):
 @pytest.mark.parametrize("kind", ["train", "distill"])
 def test_kill_9_then_resume_gives_bit_identical_student_and_ema(tmp_path, teacher, kind):
     steps = 1000
-    assert main(argv(kind, teacher, tmp_path / "a", steps)) == 0
+    assert run_cli(argv(kind, teacher, tmp_path / "a", steps)) == 0
     proc = spawn(argv(kind, teacher, tmp_path / "b", steps))
     wait_for_step(tmp_path / "b", 350, proc)  # past the checkpoints at 100..300, between two of them
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "b" / "model.safetensors").exists()
-    assert main(argv(kind, teacher, tmp_path / "b", steps, "--resume")) == 0
+    assert run_cli(argv(kind, teacher, tmp_path / "b", steps, "--resume")) == 0
     same(weights(tmp_path / "a"), weights(tmp_path / "b"))
     same(last_raw_student(tmp_path / "a"), last_raw_student(tmp_path / "b"))
     # the log holds each step once: lines written after the checkpoint were replaced on resume
@@ -94,7 +104,7 @@ def test_kill_9_then_resume_gives_bit_identical_student_and_ema(tmp_path, teache
 
 def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path, teacher):
     steps = 1000
-    assert main(argv("distill", teacher, tmp_path / "a", steps)) == 0
+    assert run_cli(argv("distill", teacher, tmp_path / "a", steps)) == 0
     proc = spawn(argv("distill", teacher, tmp_path / "b", steps))
     wait_for_step(tmp_path / "b", 150, proc)
     proc.send_signal(signal.SIGTERM)
@@ -104,7 +114,7 @@ def test_sigterm_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path, tea
     assert m and "Traceback" not in err, err
     stopped = int(m.group(1))
     assert (tmp_path / "b" / "checkpoints" / f"step_{stopped:08d}").is_dir()
-    assert main(argv("distill", teacher, tmp_path / "b", steps, "--resume")) == 0
+    assert run_cli(argv("distill", teacher, tmp_path / "b", steps, "--resume")) == 0
     same(weights(tmp_path / "a"), weights(tmp_path / "b"))
 
 

@@ -210,8 +210,13 @@ class Trainer:
         """Drop log lines written after the checkpoint we resume from (they will be written again)."""
         if not self.accelerator.is_main_process or not self.log_path.exists():
             return
-        keep = [line for line in self.log_path.read_text().splitlines() if line.strip()
-                and json.loads(line).get("step", 0) <= step]
+        keep = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
         tmp = self.log_path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in keep))
         os.replace(tmp, self.log_path)
