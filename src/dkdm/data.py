@@ -112,7 +112,19 @@ def builtin_dataset(name: str):
     return BUILTIN[name]()
 
 
-class SampleSet:
+class _ImageSet:
+    """Draws uniformly (with replacement) from ``self.images``: the sampling every image set shares."""
+
+    images: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.images[torch.randint(0, len(self.images), (n,), generator=generator)]
+
+
+class SampleSet(_ImageSet):
     """A fixed set of samples on disk (``dkdm synth`` writes them): the data-free baseline's data.
 
     ``reference`` names the built-in data set the samples stand in for, so models trained on them
@@ -144,12 +156,6 @@ class SampleSet:
         self.clip_x0 = bool(meta.get("clip_x0", True))
         self.images = images
 
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.images[torch.randint(0, len(self.images), (n,), generator=generator)]
-
 
 def save_sample_set(directory, samples: torch.Tensor, meta: dict) -> Path:
     """Write a sample set atomically (a temporary directory renamed into place)."""
@@ -167,7 +173,7 @@ def save_sample_set(directory, samples: torch.Tensor, meta: dict) -> Path:
     return d
 
 
-class MixedSet:
+class MixedSet(_ImageSet):
     """The data-limited baseline: ``percent`` % of the real set, the rest teacher samples, same total size.
 
     Which real and synthetic items are kept is fixed by ``seed``.
@@ -193,9 +199,6 @@ class MixedSet:
         self.clip_x0 = real.clip_x0
         self.num_real = n_real
         self.images = torch.cat([real.images[keep_real], synthetic.images[keep_syn]])
-
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.images[torch.randint(0, len(self.images), (n,), generator=generator)]
 
 
 def load_dataset(name_or_dir: str):

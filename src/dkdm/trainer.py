@@ -149,11 +149,6 @@ class Trainer:
         """Checkpoint: the shared state from the main process, every rank's source (pool shard) and RNG."""
         acc = self.accelerator
         own = {**flatten("source", self.source.state_dict()), **flatten("rng", rng_state())}
-        if acc.num_processes == 1:
-            shards = {}
-        else:
-            shards = {f"rank{r}": None for r in range(1, acc.num_processes)}
-            shards[f"rank{acc.process_index}"] = own
         if not acc.is_main_process:
             write_rank_shard(self.ckpt_dir, self.step, acc.process_index, own)
             acc.wait_for_everyone()

@@ -326,22 +326,18 @@ def _adm_sequence(net: ADMUNet) -> list[nn.Module]:
 
 
 def _diffusers_sequence(unet) -> list[nn.Module]:
-    seq = []
-    for block in unet.down_blocks:
+    """UNet2DModel's resnets / attentions / resamplers in the same order as ``_adm_sequence``."""
+    def level(block, resamplers):
         for i, res in enumerate(block.resnets):
-            seq.append(res)
+            yield res
             if getattr(block, "attentions", None):
-                seq.append(block.attentions[i])
-        seq.extend(block.downsamplers or [])
+                yield block.attentions[i]
+        yield from resamplers or []
+
     mid = unet.mid_block
-    seq += [mid.resnets[0], mid.attentions[0], mid.resnets[1]]
-    for block in unet.up_blocks:
-        for i, res in enumerate(block.resnets):
-            seq.append(res)
-            if getattr(block, "attentions", None):
-                seq.append(block.attentions[i])
-        seq.extend(block.upsamplers or [])
-    return seq
+    return [*(m for b in unet.down_blocks for m in level(b, b.downsamplers)),
+            mid.resnets[0], mid.attentions[0], mid.resnets[1],
+            *(m for b in unet.up_blocks for m in level(b, b.upsamplers))]
 
 
 def to_diffusers(f: dict, net: ADMUNet):
