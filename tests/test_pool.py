@@ -104,6 +104,19 @@ def test_finished_entries_restart_from_noise_at_T():
     assert len(drawn) == 8
 
 
+def test_only_finished_entries_restart_the_others_keep_their_state():
+    T = 20
+    pool = KnowledgePool(tiny_teacher(T), batch_size=8, kind="shuffled", seed=2)  # draws every entry
+    pool.prepare()
+    pool.s[:4], pool.x[:4] = 0, 1e6
+    pool.s[4:], pool.x[4:] = 5, 0.5
+    batch = pool.next_batch()
+    assert torch.equal(batch.t, torch.tensor([T - 1] * 4 + [4] * 4))
+    assert batch.x_t[:4].abs().max() < 10 and batch.x_t[:4].std() > 0.3  # fresh noise
+    assert torch.equal(batch.x_t[4:], torch.full((4, 2), 0.5))
+    assert torch.equal(pool.s, batch.t)  # every entry moved one step on
+
+
 def test_teacher_calls_equal_samples_trained_on():
     from dkdm.trainer import TrainConfig, Trainer
 

@@ -35,11 +35,11 @@ COMMON_DEFAULTS = {
     "seed": 0, "steps": 2000, "batch": 128, "lr": 1e-4, "weight_decay": 0.0, "ema": 0.9999,
     "grad_clip": 1.0, "warmup": 0, "mixed_precision": "no", "log_every": 50, "ckpt_every": 500,
     "keep_checkpoints": 2, "vlb_weight": 1.0, "no_report": False,
-    "eval_num": None, "eval_steps": None,
+    "eval_num": None, "eval_steps": None, "compile": False, "channels_last": False,
 }
 TRAIN_DEFAULTS = {"data": "toy2d", "real_fraction": None, "synthetic": None, "model": None, "schedule": "cosine", "diffusion_steps": 1000,
                   "variance": "learned_range", "prediction": "epsilon"}
-DISTILL_DEFAULTS = {"teacher": "builtin:digits", "teacher_config": None, "student": None, "student_steps": None, "guidance": 1.0, "teacher_dtype": "float32", "compile": False, "pool": "dynamic", "rho": 0.4,
+DISTILL_DEFAULTS = {"teacher": "builtin:digits", "teacher_config": None, "student": None, "student_steps": None, "guidance": 1.0, "teacher_dtype": "float32", "pool": "dynamic", "rho": 0.4,
                     "pool_dtype": "float32", "prep_batch": 8192, "prep": "exact", "prep_steps": None,
                     "variance": "learned_range"}
 
@@ -64,6 +64,12 @@ def _common(p: argparse.ArgumentParser, training: bool) -> None:
     p.add_argument("--ckpt-every", type=int, help="checkpoint every K steps")
     p.add_argument("--keep-checkpoints", type=int)
     p.add_argument("--vlb-weight", type=float, help="lambda on L*vlb (default 1: the authors' code)")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the networks (the student; in distill also the teacher); the first steps are "
+                        "slow while it compiles")
+    p.add_argument("--channels-last", action="store_true", default=None,
+                   help="channels-last weights for convolutional networks (PyTorch advises it for convolutions on GPUs in "
+                        "reduced precision; measure with bench/speed.py)")
     p.add_argument("--no-report", action="store_true", default=None,
                    help="skip the final samples / metrics report")
     p.add_argument("--eval-num", type=int, help="samples for the final report (default: per data set)")
@@ -93,7 +99,6 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--student", help="student architecture spec (default: the teacher's type, default size)")
     di.add_argument("--teacher-dtype", choices=["float32", "bfloat16", "float16"],
                     help="run the teacher's network in reduced precision (faster on GPUs; targets change slightly)")
-    di.add_argument("--compile", action="store_true", default=None, help="torch.compile the teacher's network (first steps are slow while it compiles)")
     di.add_argument("--guidance", type=float,
                     help="classifier-free guidance scale of a class-conditional teacher's targets (1: none)")
     di.add_argument("--student-steps", type=int,
@@ -198,6 +203,7 @@ def _train_config(s: dict):
         ema_decay=float(s["ema"]), grad_clip=float(s["grad_clip"]), warmup=int(s["warmup"]),
         mixed_precision=s["mixed_precision"], log_every=int(s["log_every"]), ckpt_every=int(s["ckpt_every"]),
         keep_checkpoints=int(s["keep_checkpoints"]), vlb_weight=float(s["vlb_weight"]),
+        compile=bool(s["compile"]), channels_last=bool(s["channels_last"]),
     )
     cfg.validate()
     if int(s["batch"]) < 1:
@@ -329,6 +335,8 @@ def cmd_distill(args) -> None:
     teacher = load_model(s["teacher"], device=acc.device, role="teacher", config=s["teacher_config"])
     teacher.requires_grad_(False)
     teacher.set_inference_dtype(s["teacher_dtype"])
+    if s["channels_last"]:
+        teacher.net.to(memory_format=torch.channels_last)
     if s["compile"]:
         teacher.net = torch.compile(teacher.net)
     # the teacher's data set brings its distillation defaults; --config and flags still win

@@ -106,12 +106,16 @@ class KnowledgePool:
     def _labels(self, n):
         return self.teacher.labels_for(n, self.generator, self.device, self.class_prior)
 
-    @torch.no_grad()
     def _teacher_step(self, x, s, y=None):
-        """One teacher reverse step from (x_s, s): returns x_{s-1} and the step's distribution."""
+        """One teacher reverse step from (x_s, s): returns x_{s-1} and the step's distribution.
+
+        The teacher runs under inference_mode (no autograd bookkeeping at all); its outputs are
+        read, never written, by the student's loss, which inference tensors allow.
+        """
         t = s - 1
-        step = self.teacher.reverse(x, t, y=y, guidance=self.guidance)
-        return reverse_sample(step, t, self._noise(x.shape)), step
+        with torch.inference_mode():
+            step = self.teacher.reverse(x, t, y=y, guidance=self.guidance)
+            return reverse_sample(step, t, self._noise(x.shape)), step
 
     @torch.no_grad()
     def prepare(self, chunk: int = 4096, progress=None) -> None:
@@ -185,14 +189,14 @@ class KnowledgePool:
         s = self.s[idx]
         x = self.x[idx].float()
         y = None if self.y is None else self.y[idx]
+        # entries that reached t=0 restart from noise at T; branch-free (a fresh draw for the whole
+        # batch, kept where needed) so that the loop never waits on the device to count them
         done = s == 0
-        if bool(done.any()):
-            x[done] = self._noise((int(done.sum()), *x.shape[1:]))
-            s = torch.where(done, torch.full_like(s, self.num_steps), s)
-            if y is not None:  # a restarted entry is a new sample: it gets a new label
-                y = y.clone()
-                y[done] = self._labels(int(done.sum()))
-                self.y[idx] = y
+        x = torch.where(done.view(-1, *[1] * (x.dim() - 1)), self._noise(x.shape), x)
+        s = torch.where(done, self.num_steps, s)
+        if y is not None:  # a restarted entry is a new sample: it gets a new label
+            y = torch.where(done, self._labels(len(idx)), y)
+            self.y[idx] = y
         x_prev, step = self._teacher_step(x, s, y)
         self.x[idx] = x_prev.to(self.x.dtype)
         self.s[idx] = s - 1
