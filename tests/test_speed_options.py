@@ -36,10 +36,11 @@ def _run(out, steps, compile=False, channels_last=False, resume=False, compile_t
     return [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
 
 
-def _check_same_as_plain(tmp_path, compile_teacher):
+def _check_same_as_plain(tmp_path, compile_teacher, rel_after_update):
     plain = _run(tmp_path / "plain", 3)
     fast = _run(tmp_path / "fast", 3, compile=True, channels_last=True, compile_teacher=compile_teacher)
-    assert fast == pytest.approx(plain, rel=1e-4)
+    assert fast[0] == pytest.approx(plain[0], rel=1e-4)  # same teacher targets, same student forward
+    assert fast[1:] == pytest.approx(plain[1:], rel=rel_after_update)
     keys = lambda d: set(load_file(str(d / "checkpoints" / "step_00000002" / "state.safetensors")))  # noqa: E731
     assert keys(tmp_path / "fast") == keys(tmp_path / "plain")
     assert not any("_orig_mod" in k for k in keys(tmp_path / "fast"))
@@ -50,9 +51,12 @@ def _check_same_as_plain(tmp_path, compile_teacher):
 def test_compiled_channels_last_training_matches_plain(tmp_path, monkeypatch):
     # the eager backend wraps and traces like inductor but generates no code: the plumbing, fast
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
-    _check_same_as_plain(tmp_path, compile_teacher=False)
+    _check_same_as_plain(tmp_path, compile_teacher=False, rel_after_update=1e-4)
 
 
 @pytest.mark.slow
 def test_inductor_compiled_training_matches_plain(tmp_path):
-    _check_same_as_plain(tmp_path, compile_teacher=True)
+    # inductor's kernels round differently; AdamW's first updates are about +-lr for every weight
+    # whatever its gradient's size, so float-level differences in near-zero gradients flip whole
+    # updates: measured 1e-4 after one update and 3% after two (the compiled teacher alone: 2e-6)
+    _check_same_as_plain(tmp_path, compile_teacher=True, rel_after_update=0.1)
