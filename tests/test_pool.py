@@ -71,6 +71,20 @@ def test_sampled_preparation_costs_k_teacher_steps_per_entry():
     assert preparation_cost("dynamic", pool.size, T) == pool.size * T // 2
 
 
+@pytest.mark.parametrize("T,K,chosen", [(50, 5, "sampled"), (50, 25, "exact"), (50, 30, "exact"), (1000, 25, "sampled")])
+def test_auto_preparation_is_the_cheaper_one(T, K, chosen):
+    teacher = tiny_teacher(T)
+    pool = KnowledgePool(teacher, batch_size=8, kind="dynamic", rho=0.2, seed=0, prep_steps=K)  # default: auto
+    assert pool.preparation == chosen == pool.describe()["preparation"]
+    auto = preparation_cost("dynamic", pool.size, T, "auto", K)
+    assert auto == min(preparation_cost("dynamic", pool.size, T, m, K) for m in ("exact", "sampled"))
+    if T <= 50:
+        teacher.net = CountingNet(teacher.net)
+        pool.prepare()
+        assert pool.prep_calls == teacher.net.samples
+        assert pool.prep_calls == auto if chosen == "sampled" else abs(pool.prep_calls - auto) < 0.2 * auto
+
+
 def test_bad_preparation_settings_are_refused():
     with pytest.raises(DkdmError, match="preparation"):
         KnowledgePool(tiny_teacher(), 8, preparation="fast")

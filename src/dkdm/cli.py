@@ -24,12 +24,12 @@ DATA_DEFAULTS = {
 }
 #: Distillation settings per teacher data set: sized so the default digits run (pool preparation
 #: included) finishes in minutes on 2 CPU cores; the cost is printed before it is spent. Digits
-#: uses the paper's rho = 0.4, affordable through sampled preparation (docs/results.md: a 20x
-#: smaller exact pool at the same preparation cost gave a 3x worse digits-FID).
+#: uses the paper's rho = 0.4, affordable through the default (sampled) preparation
+#: (docs/results.md: a 20x smaller exact pool at the same preparation cost gave a 3x worse digits-FID).
 DISTILL_DATA_DEFAULTS = {
     "toy2d": {"student": "mlp:width=96,depth=2", "steps": 2500, "batch": 256, "lr": 1e-3, "ema": 0.995},
     "digits": {"student": "unet:widths=24-48,layers=1,groups=8", "steps": 6000, "batch": 64, "rho": 0.4,
-               "prep": "sampled", "lr": 1e-3, "grad_clip": 0.0, "ema": 0.999, "warmup": 200},
+               "lr": 1e-3, "grad_clip": 0.0, "ema": 0.999, "warmup": 200},
 }
 COMMON_DEFAULTS = {
     "seed": 0, "steps": 2000, "batch": 128, "lr": 1e-4, "weight_decay": 0.0, "ema": 0.9999,
@@ -40,7 +40,7 @@ COMMON_DEFAULTS = {
 TRAIN_DEFAULTS = {"data": "toy2d", "real_fraction": None, "synthetic": None, "model": None, "schedule": "cosine", "diffusion_steps": 1000,
                   "variance": "learned_range", "prediction": "epsilon"}
 DISTILL_DEFAULTS = {"teacher": "builtin:digits", "teacher_config": None, "student": None, "student_steps": None, "guidance": 1.0, "teacher_dtype": "float32", "pool": "dynamic", "rho": 0.4,
-                    "pool_dtype": "float32", "prep_batch": 8192, "prep": "exact", "prep_steps": None,
+                    "pool_dtype": "float32", "prep_batch": 8192, "prep": "auto", "prep_steps": None,
                     "variance": "learned_range"}
 
 
@@ -107,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--rho", type=float, help="dynamic pool size in batches per diffusion step (paper: 0.4)")
     di.add_argument("--pool-dtype", choices=["float32", "float16", "bfloat16"])
     di.add_argument("--prep-batch", type=int, help="teacher batch size for pool preparation")
-    di.add_argument("--prep", choices=["exact", "sampled"],
-                    help="pool preparation: exact (teacher chains, N*T/2 steps) or sampled (K-step x0, noised by q)")
+    di.add_argument("--prep", choices=["auto", "exact", "sampled"],
+                    help="pool preparation: exact (teacher chains, N*T/2 steps), sampled (K-step x0, noised by q), "
+                         "or auto (the default: sampled where it is cheaper, K < T/2)")
     di.add_argument("--prep-steps", type=int, help="K, the teacher sampling steps of --prep sampled (default 25, at most T)")
     di.add_argument("--variance", choices=["learned_range", "fixed_small", "fixed_large"],
                     help="student variance (learned_range trains it with L*vlb)")
@@ -327,7 +328,7 @@ def cmd_distill(args) -> None:
     from tqdm.auto import tqdm
 
     from .model import DiffusionModel, load_model
-    from .pool import KnowledgePool, pool_memory_bytes, pool_size, preparation_cost
+    from .pool import KnowledgePool, pool_memory_bytes, pool_size, preparation_cost, resolve_preparation
     from .trainer import Trainer, make_accelerator
 
     s = _settings(args, COMMON_DEFAULTS, DISTILL_DEFAULTS, {"out": None, "resume": False})
@@ -360,12 +361,13 @@ def cmd_distill(args) -> None:
     if s["prep_steps"] is None:  # 25 sampling steps, or all of a shorter process
         s["prep_steps"] = min(25, T)
     mem = pool_memory_bytes(size, teacher.sample_shape, s["pool_dtype"])
+    s["prep"] = resolve_preparation(s["prep"], T, int(s["prep_steps"]))
     prep = preparation_cost(s["pool"], size, T, s["prep"], int(s["prep_steps"]))
     n = acc.num_processes
     if acc.is_main_process:
         print(
             f"pool: {s['pool']}, {size} entries x {list(teacher.sample_shape)} {s['pool_dtype']} = {mem / 2**20:.1f} MiB; "
-            f"preparation ~{prep:,} teacher sample-steps; training {cfg.steps * int(s['batch']):,} teacher "
+            f"{s['prep']} preparation ~{prep:,} teacher sample-steps; training {cfg.steps * int(s['batch']):,} teacher "
             f"sample-forwards" + (f" (each of {n} processes: its own pool shard and batches)" if n > 1 else ""),
             file=sys.stderr,
         )

@@ -20,7 +20,7 @@ from .diffusion import TrainingBatch, reverse_sample
 from .errors import DkdmError
 
 KINDS = ("iterative", "shuffled", "dynamic")
-PREPARATIONS = ("exact", "sampled")
+PREPARATIONS = ("auto", "exact", "sampled")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -47,23 +47,35 @@ def pool_memory_bytes(size: int, sample_shape, dtype: str) -> int:
     return size * math.prod(sample_shape) * DTYPES[dtype].itemsize + size * 8
 
 
+def resolve_preparation(method: str, num_steps: int, prep_steps: int) -> str:
+    """``auto`` is sampled preparation where it is the cheaper one (K < T/2), else exact.
+
+    At equal rho the two gave students of the same digits-FID (docs/results.md), so the cheaper wins.
+    """
+    if method not in PREPARATIONS:
+        raise DkdmError(f"unknown pool preparation {method!r}; choose one of {', '.join(PREPARATIONS)}")
+    if method != "auto":
+        return method
+    return "sampled" if 2 * prep_steps < num_steps else "exact"
+
+
 def preparation_cost(kind: str, size: int, num_steps: int, method: str = "exact", prep_steps: int = 25) -> int:
     """Teacher sample-steps to prepare the pool: N * T/2 (exact, expected) or N * K (sampled)."""
     if kind == "iterative":
         return 0
-    return size * prep_steps if method == "sampled" else size * num_steps // 2
+    sampled = resolve_preparation(method, num_steps, prep_steps) == "sampled"
+    return size * prep_steps if sampled else size * num_steps // 2
 
 
 class KnowledgePool:
     """A pool of partially denoised teacher samples that yields student training batches."""
 
     def __init__(self, teacher, batch_size: int, kind: str = "dynamic", rho: float = 0.4,
-                 dtype: str = "float32", seed: int = 0, device="cpu", preparation: str = "exact",
+                 dtype: str = "float32", seed: int = 0, device="cpu", preparation: str = "auto",
                  prep_steps: int = 25, class_prior: torch.Tensor | None = None, guidance: float = 1.0):
         if dtype not in DTYPES:
             raise DkdmError(f"unknown pool dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-        if preparation not in PREPARATIONS:
-            raise DkdmError(f"unknown pool preparation {preparation!r}; choose one of {', '.join(PREPARATIONS)}")
+        preparation = resolve_preparation(preparation, teacher.schedule.num_steps, prep_steps)
         if preparation == "sampled" and not 2 <= prep_steps <= teacher.schedule.num_steps:
             raise DkdmError(f"--prep-steps must be in 2..{teacher.schedule.num_steps}, got {prep_steps}")
         self.preparation = preparation
