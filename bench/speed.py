@@ -6,11 +6,13 @@ For a teacher, a student and a batch size it measures, in the same process:
   (c) a DKDM step (the Trainer's loop on a dynamic pool),
   (d) pool preparation throughput in teacher sample-steps per second (exact and sampled),
   (e) peak memory,
+  (f) the teacher's arithmetic rate (FLOPs of its forward / its step time) against the device's
+      measured matmul rate (bf16 on a GPU, float32 on a CPU): how far the teacher is from the roof,
 and prints the ratio (c) / ((a) + (b)): 1.0 means distillation costs exactly a data-based step
 plus the teacher's forward, nothing more. A row per run is appended to bench/RESULTS.md.
 
     python bench/speed.py                                   # digits teacher, default student
-    python bench/speed.py --device cuda --teacher-dtype bfloat16 --compile
+    python bench/speed.py --device cuda --teacher-dtype bfloat16 --compile --channels-last
 """
 
 from __future__ import annotations
@@ -42,6 +44,33 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def _forward_flops(teacher, batch, device) -> float:
+    """FLOPs of one teacher forward of a batch, counted by PyTorch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(batch, *teacher.sample_shape, device=device)
+    t = torch.full((batch,), teacher.schedule.num_steps // 2, device=device)
+    y = teacher.labels_for(batch, None, device)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        teacher(x, t, y)
+    return float(counter.get_total_flops())
+
+
+def _matmul_rate(device, n: int = 4096) -> tuple[str, float]:
+    """The device's measured dense matmul rate in TFLOP/s: the roof the teacher is compared with."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    n = n if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    reps, t0 = 20, time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return str(dtype).removeprefix("torch."), 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
+
+
 def measure(args) -> dict:
     from accelerate import Accelerator
 
@@ -56,6 +85,9 @@ def measure(args) -> dict:
     teacher.requires_grad_(False)
     if args.teacher_dtype != "float32":
         teacher.set_inference_dtype(args.teacher_dtype)
+    if args.channels_last:
+        teacher.net.to(memory_format=torch.channels_last)
+    flops = _forward_flops(teacher, args.batch, device)
     if args.compile:
         teacher.net = torch.compile(teacher.net)
 
@@ -65,7 +97,7 @@ def measure(args) -> dict:
                                     clip_x0=teacher.clip_x0).to(device)
 
     cfg = TrainConfig(steps=args.steps, lr=1e-4, ema_decay=0.999, log_every=args.steps, ckpt_every=10 ** 9,
-                      mixed_precision=args.mixed_precision)
+                      mixed_precision=args.mixed_precision, compile=args.compile, channels_last=args.channels_last)
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         data = DataSource(builtin_dataset(teacher.extra.get("data") or "digits"), teacher.schedule, args.batch,
@@ -99,6 +131,8 @@ def measure(args) -> dict:
             out[f"prep_{prep}_steps_per_s"] = p.prep_calls / (time.perf_counter() - t0)
             out[f"prep_{prep}_teacher_steps"] = p.prep_calls
     out["ratio"] = out["dkdm_step_ms"] / (out["data_step_ms"] + out["teacher_step_ms"])
+    out["teacher_tflops"] = flops / (out["teacher_step_ms"] / 1000) / 1e12
+    out["matmul_dtype"], out["matmul_tflops"] = _matmul_rate(device)
     if device.type == "cuda":
         out["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
         out["machine"] = torch.cuda.get_device_name()
@@ -119,7 +153,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--teacher-dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     ap.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the teacher")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the teacher and the student")
+    ap.add_argument("--channels-last", action="store_true", help="channels-last teacher and student")
     ap.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     args = ap.parse_args(argv)
     r = measure(args)
@@ -128,17 +163,22 @@ def main(argv=None) -> int:
     print(f"(d) preparation: exact {r['prep_exact_steps_per_s']:,.0f} teacher sample-steps/s, sampled "
           f"{r['prep_sampled_steps_per_s']:,.0f}/s ({r['prep_exact_teacher_steps'] / r['prep_sampled_teacher_steps']:.1f}x "
           f"fewer steps) | (e) peak memory {r['peak_mem_mib']:.0f} MiB | {r['machine']}")
+    print(f"(f) teacher forward {r['teacher_tflops']:.3f} TFLOP/s against a measured {r['matmul_dtype']} matmul rate "
+          f"of {r['matmul_tflops']:.3f} TFLOP/s ({r['teacher_tflops'] / r['matmul_tflops']:.1%})")
     if not args.no_record:
         path = HERE / "RESULTS.md"
         if not path.exists():
             path.write_text("# Benchmark results\n\n| date | machine | teacher | student | B | teacher dtype | "
-                            "compile | (a) data ms | (b) teacher ms | (c) DKDM ms | ratio | prep exact /s | "
-                            "prep sampled /s | peak MiB |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+                            "compile | channels-last | (a) data ms | (b) teacher ms | (c) DKDM ms | ratio | prep exact /s | "
+                            "prep sampled /s | peak MiB | teacher TFLOP/s | matmul TFLOP/s |\n"
+                            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
         with open(path, "a") as f:
             f.write(f"| {time.strftime('%Y-%m-%d')} | {r['machine']} | {args.teacher} | {args.student} | {args.batch} | "
-                    f"{args.teacher_dtype} | {'yes' if args.compile else 'no'} | {r['data_step_ms']:.2f} | "
+                    f"{args.teacher_dtype} | {'yes' if args.compile else 'no'} | {'yes' if args.channels_last else 'no'} | "
+                    f"{r['data_step_ms']:.2f} | "
                     f"{r['teacher_step_ms']:.2f} | {r['dkdm_step_ms']:.2f} | {r['ratio']:.3f} | "
-                    f"{r['prep_exact_steps_per_s']:,.0f} | {r['prep_sampled_steps_per_s']:,.0f} | {r['peak_mem_mib']:.0f} |\n")
+                    f"{r['prep_exact_steps_per_s']:,.0f} | {r['prep_sampled_steps_per_s']:,.0f} | {r['peak_mem_mib']:.0f} | "
+                    f"{r['teacher_tflops']:.3f} | {r['matmul_tflops']:.3f} ({r['matmul_dtype']}) |\n")
     return 0
 
 

@@ -190,3 +190,22 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
     state = load_file(str(tmp_path / "checkpoints" / "step_00000004" / "state.safetensors"))
     assert all(torch.isfinite(v).all() for k, v in state.items() if k.startswith("student."))
+
+
+def test_deferred_finiteness_check_names_the_first_bad_step_and_writes_nothing_bad(tmp_path, monkeypatch):
+    """On an accelerator the loss is checked every log step, not every step: the step that went
+    non-finite is still named exactly and no checkpoint after it is written."""
+    from dkdm.data import DataSource, Toy2D
+    from dkdm.diffusion import Schedule
+    from dkdm.model import DiffusionModel
+    from dkdm.trainer import TrainConfig, Trainer, TrainingDiverged
+
+    monkeypatch.setattr(Trainer, "check_every", property(lambda self: 5))
+    sched = Schedule.named("linear", 10)
+    model = DiffusionModel.build("mlp:width=8,depth=1", (2,), sched)
+    trainer = Trainer(model, NaNAfter(DataSource(Toy2D(), sched, 8), 6), TrainConfig(steps=20, ckpt_every=4),
+                      tmp_path, progress=False)
+    with pytest.raises(TrainingDiverged, match=r"non-finite at step 6 \(checked at step 8\)"):
+        trainer.train()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000004"]
+    assert not (tmp_path / "model").exists() and not (tmp_path / "dkdm_model.json").exists()

@@ -71,6 +71,20 @@ def test_sampled_preparation_costs_k_teacher_steps_per_entry():
     assert preparation_cost("dynamic", pool.size, T) == pool.size * T // 2
 
 
+@pytest.mark.parametrize("T,K,chosen", [(50, 5, "sampled"), (50, 25, "exact"), (50, 30, "exact"), (1000, 25, "sampled")])
+def test_auto_preparation_is_the_cheaper_one(T, K, chosen):
+    teacher = tiny_teacher(T)
+    pool = KnowledgePool(teacher, batch_size=8, kind="dynamic", rho=0.2, seed=0, prep_steps=K)  # default: auto
+    assert pool.preparation == chosen == pool.describe()["preparation"]
+    auto = preparation_cost("dynamic", pool.size, T, "auto", K)
+    assert auto == min(preparation_cost("dynamic", pool.size, T, m, K) for m in ("exact", "sampled"))
+    if T <= 50:
+        teacher.net = CountingNet(teacher.net)
+        pool.prepare()
+        assert pool.prep_calls == teacher.net.samples
+        assert pool.prep_calls == auto if chosen == "sampled" else abs(pool.prep_calls - auto) < 0.2 * auto
+
+
 def test_bad_preparation_settings_are_refused():
     with pytest.raises(DkdmError, match="preparation"):
         KnowledgePool(tiny_teacher(), 8, preparation="fast")
@@ -102,6 +116,19 @@ def test_finished_entries_restart_from_noise_at_T():
     assert batch.x_t.abs().max() < 10
     drawn = (pool.s == T - 1).nonzero().flatten()
     assert len(drawn) == 8
+
+
+def test_only_finished_entries_restart_the_others_keep_their_state():
+    T = 20
+    pool = KnowledgePool(tiny_teacher(T), batch_size=8, kind="shuffled", seed=2)  # draws every entry
+    pool.prepare()
+    pool.s[:4], pool.x[:4] = 0, 1e6
+    pool.s[4:], pool.x[4:] = 5, 0.5
+    batch = pool.next_batch()
+    assert torch.equal(batch.t, torch.tensor([T - 1] * 4 + [4] * 4))
+    assert batch.x_t[:4].abs().max() < 10 and batch.x_t[:4].std() > 0.3  # fresh noise
+    assert torch.equal(batch.x_t[4:], torch.full((4, 2), 0.5))
+    assert torch.equal(pool.s, batch.t)  # every entry moved one step on
 
 
 def test_teacher_calls_equal_samples_trained_on():

@@ -24,23 +24,23 @@ DATA_DEFAULTS = {
 }
 #: Distillation settings per teacher data set: sized so the default digits run (pool preparation
 #: included) finishes in minutes on 2 CPU cores; the cost is printed before it is spent. Digits
-#: uses the paper's rho = 0.4, affordable through sampled preparation (docs/results.md: a 20x
-#: smaller exact pool at the same preparation cost gave a 3x worse digits-FID).
+#: uses the paper's rho = 0.4, affordable through the default (sampled) preparation
+#: (docs/results.md: a 20x smaller exact pool at the same preparation cost gave a 3x worse digits-FID).
 DISTILL_DATA_DEFAULTS = {
     "toy2d": {"student": "mlp:width=96,depth=2", "steps": 2500, "batch": 256, "lr": 1e-3, "ema": 0.995},
     "digits": {"student": "unet:widths=24-48,layers=1,groups=8", "steps": 6000, "batch": 64, "rho": 0.4,
-               "prep": "sampled", "lr": 1e-3, "grad_clip": 0.0, "ema": 0.999, "warmup": 200},
+               "lr": 1e-3, "grad_clip": 0.0, "ema": 0.999, "warmup": 200},
 }
 COMMON_DEFAULTS = {
     "seed": 0, "steps": 2000, "batch": 128, "lr": 1e-4, "weight_decay": 0.0, "ema": 0.9999,
     "grad_clip": 1.0, "warmup": 0, "mixed_precision": "no", "log_every": 50, "ckpt_every": 500,
     "keep_checkpoints": 2, "vlb_weight": 1.0, "no_report": False,
-    "eval_num": None, "eval_steps": None,
+    "eval_num": None, "eval_steps": None, "compile": False, "channels_last": False,
 }
 TRAIN_DEFAULTS = {"data": "toy2d", "real_fraction": None, "synthetic": None, "model": None, "schedule": "cosine", "diffusion_steps": 1000,
                   "variance": "learned_range", "prediction": "epsilon"}
-DISTILL_DEFAULTS = {"teacher": "builtin:digits", "teacher_config": None, "student": None, "student_steps": None, "guidance": 1.0, "teacher_dtype": "float32", "compile": False, "pool": "dynamic", "rho": 0.4,
-                    "pool_dtype": "float32", "prep_batch": 8192, "prep": "exact", "prep_steps": None,
+DISTILL_DEFAULTS = {"teacher": "builtin:digits", "teacher_config": None, "student": None, "student_steps": None, "guidance": 1.0, "teacher_dtype": "float32", "pool": "dynamic", "rho": 0.4,
+                    "pool_dtype": "float32", "prep_batch": 8192, "prep": "auto", "prep_steps": None,
                     "variance": "learned_range"}
 
 
@@ -64,6 +64,12 @@ def _common(p: argparse.ArgumentParser, training: bool) -> None:
     p.add_argument("--ckpt-every", type=int, help="checkpoint every K steps")
     p.add_argument("--keep-checkpoints", type=int)
     p.add_argument("--vlb-weight", type=float, help="lambda on L*vlb (default 1: the authors' code)")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the networks (the student; in distill also the teacher); the first steps are "
+                        "slow while it compiles")
+    p.add_argument("--channels-last", action="store_true", default=None,
+                   help="channels-last weights for convolutional networks (PyTorch advises it for convolutions on GPUs in "
+                        "reduced precision; measure with bench/speed.py)")
     p.add_argument("--no-report", action="store_true", default=None,
                    help="skip the final samples / metrics report")
     p.add_argument("--eval-num", type=int, help="samples for the final report (default: per data set)")
@@ -93,7 +99,6 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--student", help="student architecture spec (default: the teacher's type, default size)")
     di.add_argument("--teacher-dtype", choices=["float32", "bfloat16", "float16"],
                     help="run the teacher's network in reduced precision (faster on GPUs; targets change slightly)")
-    di.add_argument("--compile", action="store_true", default=None, help="torch.compile the teacher's network (first steps are slow while it compiles)")
     di.add_argument("--guidance", type=float,
                     help="classifier-free guidance scale of a class-conditional teacher's targets (1: none)")
     di.add_argument("--student-steps", type=int,
@@ -102,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--rho", type=float, help="dynamic pool size in batches per diffusion step (paper: 0.4)")
     di.add_argument("--pool-dtype", choices=["float32", "float16", "bfloat16"])
     di.add_argument("--prep-batch", type=int, help="teacher batch size for pool preparation")
-    di.add_argument("--prep", choices=["exact", "sampled"],
-                    help="pool preparation: exact (teacher chains, N*T/2 steps) or sampled (K-step x0, noised by q)")
+    di.add_argument("--prep", choices=["auto", "exact", "sampled"],
+                    help="pool preparation: exact (teacher chains, N*T/2 steps), sampled (K-step x0, noised by q), "
+                         "or auto (the default: sampled where it is cheaper, K < T/2)")
     di.add_argument("--prep-steps", type=int, help="K, the teacher sampling steps of --prep sampled (default 25, at most T)")
     di.add_argument("--variance", choices=["learned_range", "fixed_small", "fixed_large"],
                     help="student variance (learned_range trains it with L*vlb)")
@@ -198,6 +204,7 @@ def _train_config(s: dict):
         ema_decay=float(s["ema"]), grad_clip=float(s["grad_clip"]), warmup=int(s["warmup"]),
         mixed_precision=s["mixed_precision"], log_every=int(s["log_every"]), ckpt_every=int(s["ckpt_every"]),
         keep_checkpoints=int(s["keep_checkpoints"]), vlb_weight=float(s["vlb_weight"]),
+        compile=bool(s["compile"]), channels_last=bool(s["channels_last"]),
     )
     cfg.validate()
     if int(s["batch"]) < 1:
@@ -321,7 +328,7 @@ def cmd_distill(args) -> None:
     from tqdm.auto import tqdm
 
     from .model import DiffusionModel, load_model
-    from .pool import KnowledgePool, pool_memory_bytes, pool_size, preparation_cost
+    from .pool import KnowledgePool, pool_memory_bytes, pool_size, preparation_cost, resolve_preparation
     from .trainer import Trainer, make_accelerator
 
     s = _settings(args, COMMON_DEFAULTS, DISTILL_DEFAULTS, {"out": None, "resume": False})
@@ -329,6 +336,8 @@ def cmd_distill(args) -> None:
     teacher = load_model(s["teacher"], device=acc.device, role="teacher", config=s["teacher_config"])
     teacher.requires_grad_(False)
     teacher.set_inference_dtype(s["teacher_dtype"])
+    if s["channels_last"]:
+        teacher.net.to(memory_format=torch.channels_last)
     if s["compile"]:
         teacher.net = torch.compile(teacher.net)
     # the teacher's data set brings its distillation defaults; --config and flags still win
@@ -352,12 +361,13 @@ def cmd_distill(args) -> None:
     if s["prep_steps"] is None:  # 25 sampling steps, or all of a shorter process
         s["prep_steps"] = min(25, T)
     mem = pool_memory_bytes(size, teacher.sample_shape, s["pool_dtype"])
+    s["prep"] = resolve_preparation(s["prep"], T, int(s["prep_steps"]))
     prep = preparation_cost(s["pool"], size, T, s["prep"], int(s["prep_steps"]))
     n = acc.num_processes
     if acc.is_main_process:
         print(
             f"pool: {s['pool']}, {size} entries x {list(teacher.sample_shape)} {s['pool_dtype']} = {mem / 2**20:.1f} MiB; "
-            f"preparation ~{prep:,} teacher sample-steps; training {cfg.steps * int(s['batch']):,} teacher "
+            f"{s['prep']} preparation ~{prep:,} teacher sample-steps; training {cfg.steps * int(s['batch']):,} teacher "
             f"sample-forwards" + (f" (each of {n} processes: its own pool shard and batches)" if n > 1 else ""),
             file=sys.stderr,
         )

@@ -86,12 +86,6 @@ class TrainingBatch:
     y: torch.Tensor | None = None  # class labels of a class-conditional model
 
 
-def _take(arr: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """arr[t] (float64) cast to like's dtype/device and shaped to broadcast over like."""
-    out = arr.to(t.device)[t].to(like.dtype)
-    return out.view(-1, *([1] * (like.dim() - 1)))
-
-
 class Schedule:
     """A discrete DDPM noise schedule and every quantity derived from it."""
 
@@ -122,6 +116,20 @@ class Schedule:
         large = torch.cat([self.posterior_variance[1:2], b[1:]])
         self.fixed_large_variance = large
         self.fixed_large_log_variance = torch.log(large)
+
+        self._device_copies: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    def _take(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """self.<name>[t] (float64) cast to like's dtype and shaped to broadcast over like.
+
+        The table is copied to t's device once and kept there: a copy per call would make every
+        training step wait for the device.
+        """
+        key = (name, t.device)
+        arr = self._device_copies.get(key)
+        if arr is None:
+            arr = self._device_copies[key] = getattr(self, name).to(t.device)
+        return arr[t].to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
     # construction -------------------------------------------------------------------------
     @classmethod
@@ -191,30 +199,25 @@ class Schedule:
 
     # forward process ----------------------------------------------------------------------
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return _take(self.sqrt_alphas_cumprod, t, x0) * x0 + _take(
-            self.sqrt_one_minus_alphas_cumprod, t, x0
-        ) * noise
+        return (self._take("sqrt_alphas_cumprod", t, x0) * x0
+                + self._take("sqrt_one_minus_alphas_cumprod", t, x0) * noise)
 
     def q_posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> Reverse:
         """The forward posterior q(x_{t-1} | x_t, x0): the target of data-based training."""
-        mean = _take(self.posterior_mean_coef1, t, x_t) * x0 + _take(
-            self.posterior_mean_coef2, t, x_t
-        ) * x_t
-        var = _take(self.posterior_variance, t, x_t).expand_as(x_t)
-        log_var = _take(self.posterior_log_variance_clipped, t, x_t).expand_as(x_t)
+        mean = self._take("posterior_mean_coef1", t, x_t) * x0 + self._take("posterior_mean_coef2", t, x_t) * x_t
+        var = self._take("posterior_variance", t, x_t).expand_as(x_t)
+        log_var = self._take("posterior_log_variance_clipped", t, x_t).expand_as(x_t)
         eps = self.eps_from_x0(x_t, t, x0)
         return Reverse(eps=eps, x0=x0, mean=mean, variance=var, log_variance=log_var)
 
     # conversions --------------------------------------------------------------------------
     def x0_from_eps(self, x_t, t, eps):
-        return _take(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - _take(
-            self.sqrt_recipm1_alphas_cumprod, t, x_t
-        ) * eps
+        return (self._take("sqrt_recip_alphas_cumprod", t, x_t) * x_t
+                - self._take("sqrt_recipm1_alphas_cumprod", t, x_t) * eps)
 
     def eps_from_x0(self, x_t, t, x0):
-        return (_take(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0) / _take(
-            self.sqrt_recipm1_alphas_cumprod, t, x_t
-        )
+        return ((self._take("sqrt_recip_alphas_cumprod", t, x_t) * x_t - x0)
+                / self._take("sqrt_recipm1_alphas_cumprod", t, x_t))
 
     def eps_and_x0(self, pred, x_t, t, prediction: str):
         """A model's epsilon and x0 from its prediction (epsilon, v or x0), before any clamping."""
@@ -223,14 +226,13 @@ class Schedule:
         if prediction == "sample":
             return self.eps_from_x0(x_t, t, pred), pred
         if prediction == "v_prediction":
-            a, s = _take(self.sqrt_alphas_cumprod, t, x_t), _take(self.sqrt_one_minus_alphas_cumprod, t, x_t)
+            a, s = self._take("sqrt_alphas_cumprod", t, x_t), self._take("sqrt_one_minus_alphas_cumprod", t, x_t)
             return a * pred + s * x_t, a * x_t - s * pred
         raise ValueError(f"unknown prediction type {prediction!r}; choose one of {PREDICTIONS}")
 
     def v_target(self, x0, t, eps):
-        return _take(self.sqrt_alphas_cumprod, t, x0) * eps - _take(
-            self.sqrt_one_minus_alphas_cumprod, t, x0
-        ) * x0
+        return (self._take("sqrt_alphas_cumprod", t, x0) * eps
+                - self._take("sqrt_one_minus_alphas_cumprod", t, x0) * x0)
 
     # reverse process ----------------------------------------------------------------------
     def reverse(
@@ -255,8 +257,8 @@ class Schedule:
                     f"got {output.shape[1]}"
                 )
             pred, v = output.chunk(2, dim=1)
-            min_log = _take(self.posterior_log_variance_clipped, t, x_t)
-            max_log = _take(self.log_betas, t, x_t)
+            min_log = self._take("posterior_log_variance_clipped", t, x_t)
+            max_log = self._take("log_betas", t, x_t)
             frac = (v + 1) / 2
             log_var = frac * max_log + (1 - frac) * min_log
             var = torch.exp(log_var)
@@ -268,20 +270,18 @@ class Schedule:
                 )
             pred = output
             if variance == "fixed_small":
-                var_arr, log_arr = self.posterior_variance, self.posterior_log_variance_clipped
+                var_arr, log_arr = "posterior_variance", "posterior_log_variance_clipped"
             else:
-                var_arr, log_arr = self.fixed_large_variance, self.fixed_large_log_variance
-            var = _take(var_arr, t, x_t).expand_as(x_t)
-            log_var = _take(log_arr, t, x_t).expand_as(x_t)
+                var_arr, log_arr = "fixed_large_variance", "fixed_large_log_variance"
+            var = self._take(var_arr, t, x_t).expand_as(x_t)
+            log_var = self._take(log_arr, t, x_t).expand_as(x_t)
         else:
             raise ValueError(f"unknown variance type {variance!r}; choose one of {VARIANCES}")
 
         eps, x0 = self.eps_and_x0(pred, x_t, t, prediction)
         if clip_x0:
             x0 = x0.clamp(-1, 1)
-        mean = _take(self.posterior_mean_coef1, t, x_t) * x0 + _take(
-            self.posterior_mean_coef2, t, x_t
-        ) * x_t
+        mean = self._take("posterior_mean_coef1", t, x_t) * x0 + self._take("posterior_mean_coef2", t, x_t) * x_t
         return Reverse(eps=eps, x0=x0, mean=mean, variance=var, log_variance=log_var)
 
 

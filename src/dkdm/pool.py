@@ -20,7 +20,7 @@ from .diffusion import TrainingBatch, reverse_sample
 from .errors import DkdmError
 
 KINDS = ("iterative", "shuffled", "dynamic")
-PREPARATIONS = ("exact", "sampled")
+PREPARATIONS = ("auto", "exact", "sampled")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -47,23 +47,35 @@ def pool_memory_bytes(size: int, sample_shape, dtype: str) -> int:
     return size * math.prod(sample_shape) * DTYPES[dtype].itemsize + size * 8
 
 
+def resolve_preparation(method: str, num_steps: int, prep_steps: int) -> str:
+    """``auto`` is sampled preparation where it is the cheaper one (K < T/2), else exact.
+
+    At equal rho the two gave students of the same digits-FID (docs/results.md), so the cheaper wins.
+    """
+    if method not in PREPARATIONS:
+        raise DkdmError(f"unknown pool preparation {method!r}; choose one of {', '.join(PREPARATIONS)}")
+    if method != "auto":
+        return method
+    return "sampled" if 2 * prep_steps < num_steps else "exact"
+
+
 def preparation_cost(kind: str, size: int, num_steps: int, method: str = "exact", prep_steps: int = 25) -> int:
     """Teacher sample-steps to prepare the pool: N * T/2 (exact, expected) or N * K (sampled)."""
     if kind == "iterative":
         return 0
-    return size * prep_steps if method == "sampled" else size * num_steps // 2
+    sampled = resolve_preparation(method, num_steps, prep_steps) == "sampled"
+    return size * prep_steps if sampled else size * num_steps // 2
 
 
 class KnowledgePool:
     """A pool of partially denoised teacher samples that yields student training batches."""
 
     def __init__(self, teacher, batch_size: int, kind: str = "dynamic", rho: float = 0.4,
-                 dtype: str = "float32", seed: int = 0, device="cpu", preparation: str = "exact",
+                 dtype: str = "float32", seed: int = 0, device="cpu", preparation: str = "auto",
                  prep_steps: int = 25, class_prior: torch.Tensor | None = None, guidance: float = 1.0):
         if dtype not in DTYPES:
             raise DkdmError(f"unknown pool dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-        if preparation not in PREPARATIONS:
-            raise DkdmError(f"unknown pool preparation {preparation!r}; choose one of {', '.join(PREPARATIONS)}")
+        preparation = resolve_preparation(preparation, teacher.schedule.num_steps, prep_steps)
         if preparation == "sampled" and not 2 <= prep_steps <= teacher.schedule.num_steps:
             raise DkdmError(f"--prep-steps must be in 2..{teacher.schedule.num_steps}, got {prep_steps}")
         self.preparation = preparation
@@ -106,12 +118,16 @@ class KnowledgePool:
     def _labels(self, n):
         return self.teacher.labels_for(n, self.generator, self.device, self.class_prior)
 
-    @torch.no_grad()
     def _teacher_step(self, x, s, y=None):
-        """One teacher reverse step from (x_s, s): returns x_{s-1} and the step's distribution."""
+        """One teacher reverse step from (x_s, s): returns x_{s-1} and the step's distribution.
+
+        The teacher runs under inference_mode (no autograd bookkeeping at all); its outputs are
+        read, never written, by the student's loss, which inference tensors allow.
+        """
         t = s - 1
-        step = self.teacher.reverse(x, t, y=y, guidance=self.guidance)
-        return reverse_sample(step, t, self._noise(x.shape)), step
+        with torch.inference_mode():
+            step = self.teacher.reverse(x, t, y=y, guidance=self.guidance)
+            return reverse_sample(step, t, self._noise(x.shape)), step
 
     @torch.no_grad()
     def prepare(self, chunk: int = 4096, progress=None) -> None:
@@ -185,14 +201,14 @@ class KnowledgePool:
         s = self.s[idx]
         x = self.x[idx].float()
         y = None if self.y is None else self.y[idx]
+        # entries that reached t=0 restart from noise at T; branch-free (a fresh draw for the whole
+        # batch, kept where needed) so that the loop never waits on the device to count them
         done = s == 0
-        if bool(done.any()):
-            x[done] = self._noise((int(done.sum()), *x.shape[1:]))
-            s = torch.where(done, torch.full_like(s, self.num_steps), s)
-            if y is not None:  # a restarted entry is a new sample: it gets a new label
-                y = y.clone()
-                y[done] = self._labels(int(done.sum()))
-                self.y[idx] = y
+        x = torch.where(done.view(-1, *[1] * (x.dim() - 1)), self._noise(x.shape), x)
+        s = torch.where(done, self.num_steps, s)
+        if y is not None:  # a restarted entry is a new sample: it gets a new label
+            y = torch.where(done, self._labels(len(idx)), y)
+            self.y[idx] = y
         x_prev, step = self._teacher_step(x, s, y)
         self.x[idx] = x_prev.to(self.x.dtype)
         self.s[idx] = s - 1

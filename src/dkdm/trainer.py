@@ -72,6 +72,8 @@ class TrainConfig:
     ckpt_every: int = 500
     keep_checkpoints: int = 2
     vlb_weight: float = DEFAULT_VLB_WEIGHT
+    compile: bool = False  # torch.compile the student's forward (the backward follows)
+    channels_last: bool = False  # channels-last weights: faster convolutions on GPUs in reduced precision
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -139,7 +141,12 @@ class Trainer:
         opt = torch.optim.AdamW(student.net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         warm = max(1, config.warmup)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        if config.channels_last:
+            student.net.to(memory_format=torch.channels_last)
         self.net, self.opt, self.lr_sched = self.accelerator.prepare(student.net, opt, sched)
+        # the compiled forward shares the prepared module's weights; saving and the EMA keep using
+        # self.net, so state-dict keys stay those of the plain network
+        self._forward = torch.compile(self.net) if config.compile else self.net
         self.ema = EMA(self.accelerator.unwrap_model(self.net), config.ema_decay)
         self.ckpt_dir = self.out / "checkpoints"
         self.log_path = self.out / "log.jsonl"
@@ -217,6 +224,17 @@ class Trainer:
         os.replace(tmp, self.log_path)
 
     # the loop ---------------------------------------------------------------------------------
+    @property
+    def check_every(self) -> int:
+        """Steps between finiteness checks of the loss: every step on the CPU, where the check is
+        free; on an accelerator every log step, so that the loop never waits on the device (a
+        non-finite step is still found before any checkpoint or model is written)."""
+        return 1 if self.accelerator.device.type == "cpu" else self.cfg.log_every
+
+    def _diverged_advice(self) -> str:
+        return (f"stopped, last good checkpoint kept in {self.ckpt_dir}; a non-finite teacher means a broken "
+                f"teacher or pool, a non-finite student: lower --lr or enable --grad-clip")
+
     def _log(self, record: dict) -> None:
         with open(self.log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -228,6 +246,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         # (mse, vb, count) x quarter of t, kept on the device: no host sync until a log line
         sums = torch.zeros(3, 4, dtype=torch.float64, device=self.accelerator.device)
+        bad_at = torch.full((), -1, dtype=torch.long, device=self.accelerator.device)  # first non-finite step
         last, t0, n0 = {}, time.time(), self.step
         acc = self.accelerator
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step",
@@ -240,16 +259,18 @@ class Trainer:
                 self.net.train()
                 with self.accelerator.autocast():
                     y = batch.y if student.num_classes else None  # an unconditional student learns the marginal
-                    output = self.net(batch.x_t, batch.t) if y is None else self.net(batch.x_t, batch.t, y)
+                    output = self._forward(batch.x_t, batch.t) if y is None else self._forward(batch.x_t, batch.t, y)
                 terms = dkdm_loss(schedule, output.float(), batch.x_t, batch.t, batch.target,
                                   student.prediction, student.variance, cfg.vlb_weight)
                 loss = terms["loss"].mean()
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"loss became {loss.item()} at step {self.step + 1}: {_first_nonfinite(batch, output)}; "
-                        f"stopped, last good checkpoint kept in {self.ckpt_dir}; a non-finite teacher means a broken "
-                        f"teacher or pool, a non-finite student: lower --lr or enable --grad-clip"
-                    )
+                if self.check_every == 1:
+                    if not torch.isfinite(loss):
+                        raise TrainingDiverged(
+                            f"loss became {loss.item()} at step {self.step + 1}: {_first_nonfinite(batch, output)}; "
+                            f"{self._diverged_advice()}"
+                        )
+                else:
+                    bad_at = torch.where((bad_at < 0) & ~torch.isfinite(loss), self.step + 1, bad_at)
                 self.opt.zero_grad(set_to_none=True)
                 self.accelerator.backward(loss)
                 if cfg.grad_clip > 0:
@@ -287,6 +308,13 @@ class Trainer:
                     bar.set_postfix(loss=f"{last['loss']:.4f}")
                     sums.zero_()
                 saved = self.step % cfg.ckpt_every == 0 or self.step == cfg.steps
+                if self.check_every > 1 and (saved or stop or self.step % self.check_every == 0):
+                    first = int(bad_at)
+                    if first >= 0:
+                        raise TrainingDiverged(
+                            f"loss became non-finite at step {first} (checked at step {self.step}); "
+                            f"{self._diverged_advice()} (--log-every 1 checks every step and names the tensor)"
+                        )
                 if saved:
                     self.save()
                 if stop:
