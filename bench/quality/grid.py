@@ -34,6 +34,7 @@ DIT_TEACHER = "dit:patch=2,depth=4,width=128,heads=4"
 UNET_SIZES = {"small": "unet:widths=16-32,layers=1,groups=8", "default": STUDENT,
               "large": "unet:widths=32-64,layers=1,groups=8"}
 ABLATION_RHOS = (0.01, 0.05, 0.1, 0.2, 0.4)
+EXACT_RHOS = (0.1, 0.4)
 LIMITED = (5, 10, 15, 20)
 BEFORE = "DKDM before: rho 0.02, exact prep"
 AFTER = "DKDM after: rho 0.4, sampled prep"
@@ -94,9 +95,11 @@ def jobs_for(root: Path, iters: int, seeds: list[int]) -> list[dict]:
             [[*base, "--pool", "shuffled", "--prep", "exact", "--out", run(f"shuffled_s{s}")]])
         add(f"sampled0.02_s{s}", "ablation", "dynamic rho 0.02, sampled prep", s,
             [[*base, "--rho", "0.02", "--prep", "sampled", "--out", run(f"sampled0.02_s{s}")]])
-        # issue 6's target for sampled preparation is stated against exact preparation at equal rho
-        add(f"exact0.4_s{s}", "ablation", "dynamic rho 0.4, exact prep", s,
-            [[*base, "--rho", "0.4", "--prep", "exact", "--out", run(f"exact0.4_s{s}")]], evals=curve)
+        # issue 6's target for sampled preparation is stated against exact preparation at equal rho;
+        # a teacher batch of 256 is the fastest on one CPU thread (3x the samples/s of 8192)
+        for rho in EXACT_RHOS:
+            add(f"exact{rho}_s{s}", "ablation", f"dynamic rho {rho}, exact prep", s,
+                [[*base, "--rho", str(rho), "--prep", "exact", "--prep-batch", "256", "--out", run(f"exact{rho}_s{s}")]])
         for rho in ABLATION_RHOS:
             # the paper's rho also gets a curve: it is the candidate against the data-based student
             add(f"dynamic{rho}_s{s}", "ablation", f"dynamic rho {rho}, sampled prep", s,
@@ -312,7 +315,7 @@ def write_report(root: Path, jobs: list[dict], iters: int, out: Path) -> dict:
         lines += ["", "![digits-FID against iterations](results_fid_curve.png)"]
 
     abl = ["iterative", "shuffled", "dynamic rho 0.02, sampled prep", *[f"dynamic rho {r}, sampled prep" for r in ABLATION_RHOS],
-           "dynamic rho 0.4, exact prep"]
+           *[f"dynamic rho {r}, exact prep" for r in EXACT_RHOS]]
     lines += ["", f"## Pool ablation ({iters} iterations)", "", head,
               row("main", BEFORE).replace(BEFORE, "dynamic rho 0.02, exact prep (= DKDM before)")]
     lines += [row("ablation", m) for m in abl]
