@@ -149,7 +149,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=200, help="training steps timed per loop")
     ap.add_argument("--rho", type=float, default=0.005, help="pool size for (c) and (d)")
-    ap.add_argument("--prep-batch", type=int, default=8192)
+    ap.add_argument("--prep-batch", type=int, help="teacher batch of preparation (default: the pool's, 256 on a CPU)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--teacher-dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     ap.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")

@@ -49,6 +49,7 @@ CASES = [
     ("ADM flags unreadable", [*D, "--teacher", "EVIL", "--teacher-config", "BADYAML", "--out", "NEW"],
      "cannot read ADM config"),
     ("pool too small", [*D, "--rho", "0.001", "--out", "NEW"], "use --rho >="),
+    ("preparation batch", [*D, "--prep-batch", "0", "--out", "NEW"], "--prep-batch must be at least 1"),
     ("student does not fit the data", [*D, "--student", "unet:widths=8-16", "--out", "NEW"], "square images"),
     ("student steps not a respacing", [*D, "--student-steps", "50", "--out", "NEW"], "cannot respace 20 steps to 50"),
     ("guidance without classes", [*D, "--guidance", "3", "--out", "NEW"], "guidance needs a class-conditional"),

@@ -40,7 +40,7 @@ COMMON_DEFAULTS = {
 TRAIN_DEFAULTS = {"data": "toy2d", "real_fraction": None, "synthetic": None, "model": None, "schedule": "cosine", "diffusion_steps": 1000,
                   "variance": "learned_range", "prediction": "epsilon"}
 DISTILL_DEFAULTS = {"teacher": "builtin:digits", "teacher_config": None, "student": None, "student_steps": None, "guidance": 1.0, "teacher_dtype": "float32", "pool": "dynamic", "rho": 0.4,
-                    "pool_dtype": "float32", "prep_batch": 8192, "prep": "auto", "prep_steps": None,
+                    "pool_dtype": "float32", "prep_batch": None, "prep": "auto", "prep_steps": None,
                     "variance": "learned_range"}
 
 
@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--pool", choices=["iterative", "shuffled", "dynamic"])
     di.add_argument("--rho", type=float, help="dynamic pool size in batches per diffusion step (paper: 0.4)")
     di.add_argument("--pool-dtype", choices=["float32", "float16", "bfloat16"])
-    di.add_argument("--prep-batch", type=int, help="teacher batch size for pool preparation")
+    di.add_argument("--prep-batch", type=int,
+                    help="teacher batch size for pool preparation (default 256 on a CPU, 8192 on a GPU)")
     di.add_argument("--prep", choices=["auto", "exact", "sampled"],
                     help="pool preparation: exact (teacher chains, N*T/2 steps), sampled (K-step x0, noised by q), "
                          "or auto (the default: sampled where it is cheaper, K < T/2)")
@@ -362,6 +363,8 @@ def cmd_distill(args) -> None:
         s["prep_steps"] = min(25, T)
     mem = pool_memory_bytes(size, teacher.sample_shape, s["pool_dtype"])
     s["prep"] = resolve_preparation(s["prep"], T, int(s["prep_steps"]))
+    if s["prep_batch"] is not None and int(s["prep_batch"]) < 1:
+        raise DkdmError(f"--prep-batch must be at least 1, got {s['prep_batch']}")
     prep = preparation_cost(s["pool"], size, T, s["prep"], int(s["prep_steps"]))
     n = acc.num_processes
     if acc.is_main_process:
@@ -380,7 +383,7 @@ def cmd_distill(args) -> None:
     def prepare():
         with tqdm(total=prep, desc="pool", unit="step", unit_scale=True,
                   disable=args.no_progress or prep == 0 or not acc.is_main_process, dynamic_ncols=True) as bar:
-            pool.prepare(chunk=int(s["prep_batch"]), progress=bar)
+            pool.prepare(chunk=None if s["prep_batch"] is None else int(s["prep_batch"]), progress=bar)
 
     _run(trainer, s, out, args, prepare, teacher=teacher)
 

@@ -130,8 +130,16 @@ class KnowledgePool:
             return reverse_sample(step, t, self._noise(x.shape)), step
 
     @torch.no_grad()
-    def prepare(self, chunk: int = 4096, progress=None) -> None:
-        """Bring every entry from noise to its own stop step, uniform over 1..T-1."""
+    def prepare(self, chunk: int | None = None, progress=None) -> None:
+        """Bring every entry from noise to its own stop step, uniform over 1..T-1.
+
+        ``chunk`` is the teacher's batch. By default 256 on a CPU, where larger batches fall out of
+        the cache (one thread: 3,100 samples/s at 256, 1,300 at 4,096), and 8,192 on accelerators.
+        """
+        if chunk is None:
+            chunk = 256 if self.device.type == "cpu" else 8192
+        if chunk < 1:
+            raise DkdmError(f"--prep-batch must be at least 1, got {chunk}")
         T = self.num_steps
         self.x.copy_(self._noise(self.x.shape))
         if self.y is not None:
