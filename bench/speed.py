@@ -56,10 +56,10 @@ def _forward_flops(teacher, batch, device) -> float:
     return float(counter.get_total_flops())
 
 
-def _matmul_rate(device, n: int = 4096) -> tuple[str, float]:
+def _matmul_rate(device) -> tuple[str, float]:
     """The device's measured dense matmul rate in TFLOP/s: the roof the teacher is compared with."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    n = n if device.type == "cuda" else 1024
+    gpu = device.type == "cuda"
+    dtype, n = (torch.bfloat16, 4096) if gpu else (torch.float32, 1024)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b

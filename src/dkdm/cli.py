@@ -329,7 +329,8 @@ def cmd_distill(args) -> None:
     from tqdm.auto import tqdm
 
     from .model import DiffusionModel, load_model
-    from .pool import KnowledgePool, pool_memory_bytes, pool_size, preparation_cost, resolve_preparation
+    from .pool import (KnowledgePool, pool_memory_bytes, pool_size, preparation_batch, preparation_cost,
+                       resolve_preparation)
     from .trainer import Trainer, make_accelerator
 
     s = _settings(args, COMMON_DEFAULTS, DISTILL_DEFAULTS, {"out": None, "resume": False})
@@ -363,8 +364,7 @@ def cmd_distill(args) -> None:
         s["prep_steps"] = min(25, T)
     mem = pool_memory_bytes(size, teacher.sample_shape, s["pool_dtype"])
     s["prep"] = resolve_preparation(s["prep"], T, int(s["prep_steps"]))
-    if s["prep_batch"] is not None and int(s["prep_batch"]) < 1:
-        raise DkdmError(f"--prep-batch must be at least 1, got {s['prep_batch']}")
+    prep_batch = preparation_batch(None if s["prep_batch"] is None else int(s["prep_batch"]), acc.device)
     prep = preparation_cost(s["pool"], size, T, s["prep"], int(s["prep_steps"]))
     n = acc.num_processes
     if acc.is_main_process:
@@ -383,7 +383,7 @@ def cmd_distill(args) -> None:
     def prepare():
         with tqdm(total=prep, desc="pool", unit="step", unit_scale=True,
                   disable=args.no_progress or prep == 0 or not acc.is_main_process, dynamic_ncols=True) as bar:
-            pool.prepare(chunk=None if s["prep_batch"] is None else int(s["prep_batch"]), progress=bar)
+            pool.prepare(chunk=prep_batch, progress=bar)
 
     _run(trainer, s, out, args, prepare, teacher=teacher)
 

@@ -247,6 +247,7 @@ class Trainer:
         # (mse, vb, count) x quarter of t, kept on the device: no host sync until a log line
         sums = torch.zeros(3, 4, dtype=torch.float64, device=self.accelerator.device)
         bad_at = torch.full((), -1, dtype=torch.long, device=self.accelerator.device)  # first non-finite step
+        check_every = self.check_every
         last, t0, n0 = {}, time.time(), self.step
         acc = self.accelerator
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step",
@@ -263,7 +264,7 @@ class Trainer:
                 terms = dkdm_loss(schedule, output.float(), batch.x_t, batch.t, batch.target,
                                   student.prediction, student.variance, cfg.vlb_weight)
                 loss = terms["loss"].mean()
-                if self.check_every == 1:
+                if check_every == 1:
                     if not torch.isfinite(loss):
                         raise TrainingDiverged(
                             f"loss became {loss.item()} at step {self.step + 1}: {_first_nonfinite(batch, output)}; "
@@ -308,7 +309,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{last['loss']:.4f}")
                     sums.zero_()
                 saved = self.step % cfg.ckpt_every == 0 or self.step == cfg.steps
-                if self.check_every > 1 and (saved or stop or self.step % self.check_every == 0):
+                if check_every > 1 and (saved or stop or self.step % check_every == 0):
                     first = int(bad_at)
                     if first >= 0:
                         raise TrainingDiverged(
