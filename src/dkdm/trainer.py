@@ -100,12 +100,17 @@ class EMA:
 
     @torch.no_grad()
     def update(self, net: torch.nn.Module, step: int) -> None:
+        """One fused lerp over all float tensors: a per-tensor loop costs a kernel launch each on a GPU."""
         d = min(self.decay, (1 + step) / (10 + step))
+        shadow, current = [], []
         for k, v in net.state_dict().items():
             if v.dtype.is_floating_point:
-                self.shadow[k].lerp_(v.float(), 1 - d)
+                shadow.append(self.shadow[k])
+                current.append(v.float())
             else:
                 self.shadow[k].copy_(v)
+        if shadow:
+            torch._foreach_lerp_(shadow, current, 1 - d)
 
 
 class Trainer:
