@@ -152,3 +152,38 @@ def test_dit_pipeline_teacher_is_class_conditional_latent_and_its_student_is_a_d
     img = pipe(class_labels=[0, 3], guidance_scale=1.0, num_inference_steps=3, output_type="np",
                generator=torch.Generator().manual_seed(0)).images
     assert img.shape == (2, 16, 16, 3)
+
+
+def test_written_pipelines_carry_clipping_to_fast_schedulers(tmp_path):
+    """Clipping is written as thresholding at 1 too: DDPM steps are unchanged, DPM-Solver inherits it."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from dkdm.diffusion import Schedule
+    from dkdm.model import DiffusionModel
+
+    schedule = Schedule.named("cosine", 50)
+    model = DiffusionModel.build("unet:widths=8-16,layers=1,groups=4", (3, 8, 8), schedule, clip_x0=True)
+    model.save(tmp_path / "m")
+    pipe = DDPMPipeline.from_pretrained(tmp_path / "m")
+    assert pipe.scheduler.config.thresholding and pipe.scheduler.config.sample_max_value == 1.0
+    assert DPMSolverMultistepScheduler.from_config(pipe.scheduler.config).config.thresholding
+    plain = DDPMScheduler(**schedule.to_diffusers(), variance_type="learned_range", clip_sample=True)
+    x, out = torch.randn(2, 3, 8, 8), 30 * torch.randn(2, 6, 8, 8)
+    for t in (49, 10, 1):
+        a = pipe.scheduler.step(out, t, x, generator=torch.Generator().manual_seed(0)).prev_sample
+        b = plain.step(out, t, x, generator=torch.Generator().manual_seed(0)).prev_sample
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert load_model(tmp_path / "m").clip_x0
+
+
+def test_dynamic_thresholding_is_refused_clipping_as_thresholding_is_read(tmp_path):
+    tiny_pipeline(tmp_path / "p")
+    cfg_path = tmp_path / "p" / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(clip_sample=False, thresholding=True, sample_max_value=1.0)
+    cfg_path.write_text(json.dumps(cfg))
+    assert load_model(tmp_path / "p").clip_x0
+    cfg.update(sample_max_value=1.5)
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(DkdmError, match="dynamic thresholding"):
+        load_model(tmp_path / "p")

@@ -444,13 +444,13 @@ def cmd_convert(args) -> None:
         raise DkdmError(f"--out {out} already exists; choose a new directory")
     model = load_checkpoint_file(args.checkpoint, args.config, role="checkpoint")
     if args.format == "diffusers":
-        from diffusers import DDPMPipeline, DDPMScheduler
+        from diffusers import DDPMPipeline
 
+        from .model import ddpm_scheduler
         from .teachers.adm import to_diffusers
 
         unet = to_diffusers(model.spec, model.net.adm)
-        scheduler = DDPMScheduler(**model.schedule.to_diffusers(), variance_type=model.variance,
-                                  prediction_type=model.prediction, clip_sample=model.clip_x0)
+        scheduler = ddpm_scheduler(model.schedule, model.variance, model.prediction, model.clip_x0)
         DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(out, safe_serialization=True)
     else:
         model.save(out)
