@@ -95,12 +95,15 @@ def read_pipeline(d: Path) -> dict:
         raise DkdmError(f"{d}: {e}")
     import diffusers
 
+    # the schedulers clip by thresholding when it is on (at sample_max_value 1 that is plain clipping),
+    # else by clip_sample within clip_sample_range
     thresholding = bool(sched_cfg.get("thresholding", False))
     if thresholding and float(sched_cfg.get("sample_max_value", 1.0)) != 1.0:
         raise DkdmError(f"{d}: dynamic thresholding (sample_max_value {sched_cfg['sample_max_value']}) is not "
                         f"supported; dkdm clips x0 to [-1, 1], which is thresholding with sample_max_value 1")
+    clip_by_range = not thresholding and bool(sched_cfg.get("clip_sample", True))
     out = {"schedule": schedule, "prediction": prediction, "decoder": None, "num_classes": 0, "null_class": None,
-           "clip": thresholding or bool(sched_cfg.get("clip_sample", True))}
+           "clip": thresholding or clip_by_range}
     if pipe == "DiTPipeline":
         cls = index.get("transformer", [None, None])[1]
         if cls not in TRANSFORMERS:
@@ -114,8 +117,7 @@ def read_pipeline(d: Path) -> dict:
     vt = sched_cfg.get("variance_type", "fixed_small") if sched_cls == "DDPMScheduler" else "fixed_small"
     if vt not in VARIANCES:
         raise DkdmError(f"{d}: variance_type {vt!r} is not supported; use one of {', '.join(VARIANCES)}")
-    if (out["clip"] and not thresholding and pipe != "LDMPipeline"
-            and float(sched_cfg.get("clip_sample_range", 1.0)) != 1.0):
+    if clip_by_range and pipe != "LDMPipeline" and float(sched_cfg.get("clip_sample_range", 1.0)) != 1.0:
         raise DkdmError(f"{d}: clip_sample_range {sched_cfg['clip_sample_range']} is not supported (dkdm clips x0 to [-1, 1])")
     unet_cls = index.get("unet", [None, None])[1]
     if unet_cls != "UNet2DModel":
