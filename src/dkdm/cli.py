@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(di, True)
     di.add_argument("--teacher", help="teacher model directory, an ADM checkpoint (.pt/.safetensors), or builtin:digits (the default)")
     di.add_argument("--teacher-config", help="guided-diffusion flags (YAML/JSON) of an ADM checkpoint --teacher")
-    di.add_argument("--student", help="student architecture spec (default: the teacher's type, default size)")
+    di.add_argument("--student", help="student architecture spec (default: the teacher's family at about half its "
+                                      "width, or the tuned student of a built-in data set)")
     di.add_argument("--teacher-dtype", choices=["float32", "bfloat16", "float16"],
                     help="run the teacher's network in reduced precision (faster on GPUs; targets change slightly)")
     di.add_argument("--guidance", type=float,
@@ -251,18 +252,6 @@ def _run(trainer, s: dict, out: Path, args, prepare=None, teacher=None) -> None:
               file=sys.stderr)
 
 
-def _student_spec(given, teacher) -> dict:
-    """The student's spec; a class-conditional teacher's student conditions on the same classes
-    unless the spec says otherwise (classes=0 learns the class-marginal distribution)."""
-    from .students import parse_spec
-
-    spec = parse_spec(given or {"type": teacher.spec["type"] if teacher.spec else "unet"})
-    named = ("classes" in given) if isinstance(given, dict) else ("classes=" in str(given or ""))
-    if teacher.num_classes and spec["type"] != "adm" and not named:
-        spec["classes"] = teacher.num_classes
-    return spec
-
-
 def _rank_seed(s: dict, acc) -> int:
     """Each process draws its own batches (its own pool shard): the seed is offset by the rank.
     Rank 0 keeps the run's seed, so a single process reproduces earlier runs."""
@@ -331,6 +320,7 @@ def cmd_distill(args) -> None:
     from .model import DiffusionModel, load_model
     from .pool import (KnowledgePool, pool_memory_bytes, pool_size, preparation_batch, preparation_cost,
                        resolve_preparation)
+    from .students import count_parameters, format_spec
     from .trainer import Trainer, make_accelerator
 
     s = _settings(args, COMMON_DEFAULTS, DISTILL_DEFAULTS, {"out": None, "resume": False})
@@ -352,11 +342,8 @@ def cmd_distill(args) -> None:
         # the pool runs the teacher on the student's steps, so every batch is a step the student takes
         teacher = teacher.respaced(int(s["student_steps"]))
     torch.manual_seed(int(s["seed"]))
-    student = DiffusionModel.build(
-        _student_spec(s["student"], teacher), teacher.sample_shape, teacher.schedule,
-        variance=s["variance"], prediction="epsilon", clip_x0=teacher.clip_x0, decoder=teacher.decoder,
-        extra={"data": teacher.extra.get("data"), "teacher": teacher_ref},
-    )
+    student = DiffusionModel.student_of(teacher, s["student"], variance=s["variance"],
+                                        extra={"data": teacher.extra.get("data"), "teacher": teacher_ref})
     size = pool_size(s["pool"], float(s["rho"]), teacher.schedule.num_steps, int(s["batch"]))
     out = _check_out(s)
     T = teacher.schedule.num_steps
@@ -366,14 +353,6 @@ def cmd_distill(args) -> None:
     s["prep"] = resolve_preparation(s["prep"], T, int(s["prep_steps"]))
     prep_batch = preparation_batch(None if s["prep_batch"] is None else int(s["prep_batch"]), acc.device)
     prep = preparation_cost(s["pool"], size, T, s["prep"], int(s["prep_steps"]))
-    n = acc.num_processes
-    if acc.is_main_process:
-        print(
-            f"pool: {s['pool']}, {size} entries x {list(teacher.sample_shape)} {s['pool_dtype']} = {mem / 2**20:.1f} MiB; "
-            f"{s['prep']} preparation ~{prep:,} teacher sample-steps; training {cfg.steps * int(s['batch']):,} teacher "
-            f"sample-forwards" + (f" (each of {n} processes: its own pool shard and batches)" if n > 1 else ""),
-            file=sys.stderr,
-        )
     pool = KnowledgePool(teacher, int(s["batch"]), s["pool"], float(s["rho"]), s["pool_dtype"],
                          seed=_rank_seed(s, acc), device=acc.device, preparation=s["prep"], prep_steps=int(s["prep_steps"]),
                          guidance=float(s["guidance"]))
@@ -381,6 +360,18 @@ def cmd_distill(args) -> None:
     trainer = Trainer(student, pool, cfg, out, info, progress=not args.no_progress, accelerator=acc)
 
     def prepare():
+        """A new run (not a resumed one, whose settings are checked first): announce it, prepare the pool."""
+        n = acc.num_processes
+        if acc.is_main_process:
+            print(f"student: {format_spec(student.spec)}, {count_parameters(student.net):,} parameters (teacher: "
+                  f"{count_parameters(teacher.net):,}){'' if s['student'] else '; --student SPEC picks another'}",
+                  file=sys.stderr)
+            print(
+                f"pool: {s['pool']}, {size} entries x {list(teacher.sample_shape)} {s['pool_dtype']} = {mem / 2**20:.1f} MiB; "
+                f"{s['prep']} preparation ~{prep:,} teacher sample-steps; training {cfg.steps * int(s['batch']):,} teacher "
+                f"sample-forwards" + (f" (each of {n} processes: its own pool shard and batches)" if n > 1 else ""),
+                file=sys.stderr,
+            )
         with tqdm(total=prep, desc="pool", unit="step", unit_scale=True,
                   disable=args.no_progress or prep == 0 or not acc.is_main_process, dynamic_ncols=True) as bar:
             pool.prepare(chunk=prep_batch, progress=bar)
