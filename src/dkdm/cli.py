@@ -143,8 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="metrics of a model's samples against a reference, as JSON")
     _common(ev, False)
     ev.add_argument("--model", required=True, help="model directory")
-    ev.add_argument("--reference", help="built-in data set (default: the one the model or its teacher learned)")
-    ev.add_argument("--inception-weights", help="local Inception weights for FID/sFID/IS on RGB image models")
+    ev.add_argument("--reference", help="built-in data set (default: the one the model or its teacher learned); with "
+                                        "--inception-weights an ADM reference batch or statistics (.npz) or a folder "
+                                        "of images")
+    ev.add_argument("--inception-weights", help="local Inception weights (torch-fidelity's pt_inception file): FID, IS, "
+                                                "precision and recall of RGB models against --reference")
     ev.add_argument("--num", type=int, help="number of samples (default: the metric's fixed count)")
     ev.add_argument("--steps", type=int, help="sampling steps (default: all diffusion steps)")
     return ap
@@ -472,22 +475,50 @@ def cmd_sample(args) -> None:
 
         save_grid(x, out)
     else:
-        np.savez(out, samples=x.numpy(), **({"latents": latents.numpy()} if model.decoder is not None else {}))
+        arrays = {"samples": x.numpy(), **({"latents": latents.numpy()} if model.decoder is not None else {})}
+        if x.dim() == 4 and x.shape[1] == 3:  # RGB: also as the ADM evaluator reads a sample batch
+            from .metrics.inception import to_uint8
+
+            arrays["arr_0"] = to_uint8(x).permute(0, 2, 3, 1).numpy()
+        np.savez(out, **arrays)
     print(f"wrote {args.num} samples {list(x.shape[1:])} to {out}", file=sys.stderr)
+
+
+def _evaluate_rgb(args) -> None:
+    """Inception metrics of an RGB model (a latent model's decoded samples) against the user's reference."""
+    import torch
+
+    from .evaluation import default_num, evaluate_model, reference_for
+    from .metrics.inception import check_rgb, check_weights
+    from .model import load_model
+
+    check_weights(args.inception_weights)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(args.model, device=device)
+    if model.decoder is None:
+        check_rgb(model.sample_shape)
+    if not args.reference:
+        raise DkdmError("Inception metrics compare with a reference you supply: --reference REF.npz (an ADM reference "
+                        "batch, arr_0 uint8 images, or statistics mu/sigma) or a folder of images")
+    metric = reference_for(args.reference, args.inception_weights, device)
+    num = args.num or default_num(metric)
+    steps = args.steps or model.schedule.num_steps
+    against = (f"{args.reference} ({len(metric.reference):,} images, their features cached)" if len(metric.reference)
+               else f"the statistics in {args.reference}")
+    print(f"scoring {num:,} samples of {steps} steps ({num * steps:,} model sample-steps) against {against}",
+          file=sys.stderr)
+    result, _ = evaluate_model(model, _model_dir(args.model), metric, num, args.steps, args.seed or 0,
+                               not args.no_progress)
+    print(json.dumps({"model": str(args.model), **result}))
 
 
 def cmd_evaluate(args) -> None:
     from .data import builtin_dataset
     from .evaluation import evaluate_model
-    from .model import load_model, read_model_config
+    from .model import load_model
 
     if args.inception_weights:
-        from .metrics.inception import check_rgb, check_weights, load_backend
-
-        check_weights(args.inception_weights)
-        check_rgb(read_model_config(args.model)["sample_shape"])
-        load_backend()
-        raise DkdmError("Inception metrics need an RGB reference data set; none is built in yet")
+        return _evaluate_rgb(args)
     ref = _reference_for(args.model, args.reference)
     dataset = builtin_dataset(ref)
     model = load_model(args.model)
