@@ -4,8 +4,8 @@ Options that do not interact are packed into a few cases per teacher kind, so th
 meets every teacher kind at least once without the full cross product: reduced-precision
 teachers (bf16, fp16), channels-last, torch.compile (eager backend: the same wrapping and tracing
 as inductor without generating code), --student-steps, each pool kind, exact and sampled
-preparation, --resume, and for class-conditional teachers an unconditional student and
-classifier-free guidance. Each valid run distills a few steps into the default student (the
+preparation, the student's bf16 autocast (--mixed-precision), --resume, and for
+class-conditional teachers an unconditional student and classifier-free guidance. Each valid run distills a few steps into the default student (the
 teacher's family at about half its width), saves it, loads it back and samples from it; each
 invalid combination is one line on stderr and exit code 2, leaving no output directory.
 """
@@ -30,7 +30,8 @@ CASES = {
     "dynamic-exact-fp16-channels-last-student-steps": ["--pool", "dynamic", "--rho", "0.5", "--prep", "exact",
                                                        "--teacher-dtype", "float16", "--channels-last",
                                                        "--student-steps", "5"],
-    "shuffled-sampled-resume": ["--pool", "shuffled", "--prep", "sampled", "--prep-steps", "4"],
+    "shuffled-sampled-bf16-autocast-resume": ["--pool", "shuffled", "--prep", "sampled", "--prep-steps", "4",
+                                              "--mixed-precision", "bf16"],
 }
 #: Tracing with dynamo costs seconds per network, so the fast suite compiles one teacher of each
 #: network code (diffusers UNet, ADM, DiT, MLP) and the other kinds run the same case uncompiled;
@@ -66,6 +67,17 @@ def eager_compile(monkeypatch):
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
 
 
+@pytest.fixture
+def own_accelerate_state():
+    """accelerate keeps one mixed-precision setting per process (a second Accelerator with another
+    one raises); a command line run is one process, these runs share one, so each starts afresh."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
 def _check_student(out, kind, teacher, steps, classes):
     student = load_model(out)
     assert student.spec["type"] == FAMILY[kind]
@@ -79,7 +91,7 @@ def _check_student(out, kind, teacher, steps, classes):
 
 @pytest.mark.parametrize("kind, case", _valid_params())
 def test_valid_combination_distills_saves_reloads_and_samples(kind, case, teacher_args, tmp_path, capsys,
-                                                               eager_compile):
+                                                               eager_compile, own_accelerate_state):
     args = teacher_args(kind)
     teacher = tt.load(args)
     extra = list(CASES[case])
