@@ -122,8 +122,8 @@ class InceptionMetric:
         self._ref: dict | None = None
 
     def describe(self) -> dict:
-        return {"reference": self.reference.source, "features": self.extractor.name,
-                "reference_images": len(self.reference) or None}
+        return {"reference": self.reference.source, "reference_sha256": self.reference.key,
+                "features": self.extractor.name, "reference_images": len(self.reference) or None}
 
     def reference_side(self, progress=None) -> dict:
         if self._ref is None:
