@@ -66,3 +66,35 @@ def test_distill_with_student_steps_writes_a_pipeline_on_the_respaced_schedule(t
     assert img.shape == (1, 8, 8, 1)
     assert main(["distill", "--teacher", str(tmp_path / "t"), "--student-steps", "40", "--out",
                  str(tmp_path / "x"), "--no-progress"]) == 2
+
+
+def test_respaced_conditional_teacher_passes_labels_and_keeps_spec_and_dtype():
+    """A class-conditional model viewed respaced takes its labels (it used to fail with 'takes 3
+    positional arguments but 4 were given'), keeps its spec (so the default student stays in its
+    family) and its inference dtype (its weights are shared)."""
+    teacher = tiny_teacher(20, spec="mlp:width=32,depth=1,classes=3")
+    view = teacher.respaced(5)
+    _, tmap = teacher.schedule.respace(5)
+    x, i, y = torch.randn(4, 2), torch.tensor([0, 1, 3, 4]), torch.tensor([0, 2, 1, 2])
+    assert torch.equal(view(x, i, y), teacher(x, tmap[i], y))
+    assert view.spec == teacher.spec and view.num_classes == 3
+    pool = KnowledgePool(view, batch_size=8, kind="shuffled", seed=0)
+    pool.prepare()
+    assert pool.next_batch().y is not None
+    teacher.set_inference_dtype("bfloat16")
+    assert teacher.respaced(5)(x, i, y).dtype == torch.float32  # inputs follow the bf16 weights
+
+
+def test_distill_student_steps_from_a_conditional_teacher_keeps_its_family(tmp_path):
+    t = tmp_path / "t"
+    assert main(["train", "--data", "toy2d", "--model", "mlp:width=16,depth=1,classes=8", "--diffusion-steps", "20",
+                 "--steps", "2", "--batch", "16", "--no-progress", "--no-report", "--out", str(t)]) == 0
+    cfg = json.loads((t / "dkdm_model.json").read_text())
+    cfg.pop("data")  # a teacher without a data set's tuned student: the default student is derived from it
+    (t / "dkdm_model.json").write_text(json.dumps(cfg))
+    out = tmp_path / "s"
+    assert main(["distill", "--teacher", str(t), "--student-steps", "5", "--pool", "shuffled", "--batch", "4",
+                 "--steps", "2", "--no-progress", "--no-report", "--out", str(out)]) == 0
+    student = load_model(out)
+    assert student.spec["type"] == "mlp" and student.spec["width"] == 8 and student.num_classes == 8
+    assert student.schedule.num_steps == 5

@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(di, True)
     di.add_argument("--teacher", help="teacher model directory, an ADM checkpoint (.pt/.safetensors), or builtin:digits (the default)")
     di.add_argument("--teacher-config", help="guided-diffusion flags (YAML/JSON) of an ADM checkpoint --teacher")
-    di.add_argument("--student", help="student architecture spec (default: the teacher's type, default size)")
+    di.add_argument("--student", help="student architecture spec (default: the teacher's family at about half its "
+                                      "width, or the tuned student of a built-in data set)")
     di.add_argument("--teacher-dtype", choices=["float32", "bfloat16", "float16"],
                     help="run the teacher's network in reduced precision (faster on GPUs; targets change slightly)")
     di.add_argument("--guidance", type=float,
@@ -142,8 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="metrics of a model's samples against a reference, as JSON")
     _common(ev, False)
     ev.add_argument("--model", required=True, help="model directory")
-    ev.add_argument("--reference", help="built-in data set (default: the one the model or its teacher learned)")
-    ev.add_argument("--inception-weights", help="local Inception weights for FID/sFID/IS on RGB image models")
+    ev.add_argument("--reference", help="built-in data set (default: the one the model or its teacher learned); with "
+                                        "--inception-weights an ADM reference batch or statistics (.npz) or a folder "
+                                        "of images")
+    ev.add_argument("--inception-weights", help="local Inception weights (torch-fidelity's pt_inception file): FID, IS, "
+                                                "precision and recall of RGB models against --reference")
     ev.add_argument("--num", type=int, help="number of samples (default: the metric's fixed count)")
     ev.add_argument("--steps", type=int, help="sampling steps (default: all diffusion steps)")
     return ap
@@ -251,18 +255,6 @@ def _run(trainer, s: dict, out: Path, args, prepare=None, teacher=None) -> None:
               file=sys.stderr)
 
 
-def _student_spec(given, teacher) -> dict:
-    """The student's spec; a class-conditional teacher's student conditions on the same classes
-    unless the spec says otherwise (classes=0 learns the class-marginal distribution)."""
-    from .students import parse_spec
-
-    spec = parse_spec(given or {"type": teacher.spec["type"] if teacher.spec else "unet"})
-    named = ("classes" in given) if isinstance(given, dict) else ("classes=" in str(given or ""))
-    if teacher.num_classes and spec["type"] != "adm" and not named:
-        spec["classes"] = teacher.num_classes
-    return spec
-
-
 def _rank_seed(s: dict, acc) -> int:
     """Each process draws its own batches (its own pool shard): the seed is offset by the rank.
     Rank 0 keeps the run's seed, so a single process reproduces earlier runs."""
@@ -331,6 +323,7 @@ def cmd_distill(args) -> None:
     from .model import DiffusionModel, load_model
     from .pool import (KnowledgePool, pool_memory_bytes, pool_size, preparation_batch, preparation_cost,
                        resolve_preparation)
+    from .students import count_parameters, format_spec
     from .trainer import Trainer, make_accelerator
 
     s = _settings(args, COMMON_DEFAULTS, DISTILL_DEFAULTS, {"out": None, "resume": False})
@@ -352,11 +345,8 @@ def cmd_distill(args) -> None:
         # the pool runs the teacher on the student's steps, so every batch is a step the student takes
         teacher = teacher.respaced(int(s["student_steps"]))
     torch.manual_seed(int(s["seed"]))
-    student = DiffusionModel.build(
-        _student_spec(s["student"], teacher), teacher.sample_shape, teacher.schedule,
-        variance=s["variance"], prediction="epsilon", clip_x0=teacher.clip_x0, decoder=teacher.decoder,
-        extra={"data": teacher.extra.get("data"), "teacher": teacher_ref},
-    )
+    student = DiffusionModel.student_of(teacher, s["student"], variance=s["variance"],
+                                        extra={"data": teacher.extra.get("data"), "teacher": teacher_ref})
     size = pool_size(s["pool"], float(s["rho"]), teacher.schedule.num_steps, int(s["batch"]))
     out = _check_out(s)
     T = teacher.schedule.num_steps
@@ -366,14 +356,6 @@ def cmd_distill(args) -> None:
     s["prep"] = resolve_preparation(s["prep"], T, int(s["prep_steps"]))
     prep_batch = preparation_batch(None if s["prep_batch"] is None else int(s["prep_batch"]), acc.device)
     prep = preparation_cost(s["pool"], size, T, s["prep"], int(s["prep_steps"]))
-    n = acc.num_processes
-    if acc.is_main_process:
-        print(
-            f"pool: {s['pool']}, {size} entries x {list(teacher.sample_shape)} {s['pool_dtype']} = {mem / 2**20:.1f} MiB; "
-            f"{s['prep']} preparation ~{prep:,} teacher sample-steps; training {cfg.steps * int(s['batch']):,} teacher "
-            f"sample-forwards" + (f" (each of {n} processes: its own pool shard and batches)" if n > 1 else ""),
-            file=sys.stderr,
-        )
     pool = KnowledgePool(teacher, int(s["batch"]), s["pool"], float(s["rho"]), s["pool_dtype"],
                          seed=_rank_seed(s, acc), device=acc.device, preparation=s["prep"], prep_steps=int(s["prep_steps"]),
                          guidance=float(s["guidance"]))
@@ -381,6 +363,18 @@ def cmd_distill(args) -> None:
     trainer = Trainer(student, pool, cfg, out, info, progress=not args.no_progress, accelerator=acc)
 
     def prepare():
+        """A new run (not a resumed one, whose settings are checked first): announce it, prepare the pool."""
+        n = acc.num_processes
+        if acc.is_main_process:
+            print(f"student: {format_spec(student.spec)}, {count_parameters(student.net):,} parameters (teacher: "
+                  f"{count_parameters(teacher.net):,}){'' if s['student'] else '; --student SPEC picks another'}",
+                  file=sys.stderr)
+            print(
+                f"pool: {s['pool']}, {size} entries x {list(teacher.sample_shape)} {s['pool_dtype']} = {mem / 2**20:.1f} MiB; "
+                f"{s['prep']} preparation ~{prep:,} teacher sample-steps; training {cfg.steps * int(s['batch']):,} teacher "
+                f"sample-forwards" + (f" (each of {n} processes: its own pool shard and batches)" if n > 1 else ""),
+                file=sys.stderr,
+            )
         with tqdm(total=prep, desc="pool", unit="step", unit_scale=True,
                   disable=args.no_progress or prep == 0 or not acc.is_main_process, dynamic_ncols=True) as bar:
             pool.prepare(chunk=prep_batch, progress=bar)
@@ -481,22 +475,50 @@ def cmd_sample(args) -> None:
 
         save_grid(x, out)
     else:
-        np.savez(out, samples=x.numpy(), **({"latents": latents.numpy()} if model.decoder is not None else {}))
+        arrays = {"samples": x.numpy(), **({"latents": latents.numpy()} if model.decoder is not None else {})}
+        if x.dim() == 4 and x.shape[1] == 3:  # RGB: also as the ADM evaluator reads a sample batch
+            from .metrics.inception import to_uint8
+
+            arrays["arr_0"] = to_uint8(x).permute(0, 2, 3, 1).numpy()
+        np.savez(out, **arrays)
     print(f"wrote {args.num} samples {list(x.shape[1:])} to {out}", file=sys.stderr)
+
+
+def _evaluate_rgb(args) -> None:
+    """Inception metrics of an RGB model (a latent model's decoded samples) against the user's reference."""
+    import torch
+
+    from .evaluation import default_num, evaluate_model, reference_for
+    from .metrics.inception import check_rgb, check_weights
+    from .model import load_model
+
+    check_weights(args.inception_weights)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(args.model, device=device)
+    if model.decoder is None:
+        check_rgb(model.sample_shape)
+    if not args.reference:
+        raise DkdmError("Inception metrics compare with a reference you supply: --reference REF.npz (an ADM reference "
+                        "batch, arr_0 uint8 images, or statistics mu/sigma) or a folder of images")
+    metric = reference_for(args.reference, args.inception_weights, device)
+    num = args.num or default_num(metric)
+    steps = args.steps or model.schedule.num_steps
+    against = (f"{args.reference} ({len(metric.reference):,} images, their features cached)" if len(metric.reference)
+               else f"the statistics in {args.reference}")
+    print(f"scoring {num:,} samples of {steps} steps ({num * steps:,} model sample-steps) against {against}",
+          file=sys.stderr)
+    result, _ = evaluate_model(model, _model_dir(args.model), metric, num, args.steps, args.seed or 0,
+                               not args.no_progress)
+    print(json.dumps({"model": str(args.model), **result}))
 
 
 def cmd_evaluate(args) -> None:
     from .data import builtin_dataset
     from .evaluation import evaluate_model
-    from .model import load_model, read_model_config
+    from .model import load_model
 
     if args.inception_weights:
-        from .metrics.inception import check_rgb, check_weights, load_backend
-
-        check_weights(args.inception_weights)
-        check_rgb(read_model_config(args.model)["sample_shape"])
-        load_backend()
-        raise DkdmError("Inception metrics need an RGB reference data set; none is built in yet")
+        return _evaluate_rgb(args)
     ref = _reference_for(args.model, args.reference)
     dataset = builtin_dataset(ref)
     model = load_model(args.model)

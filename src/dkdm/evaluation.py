@@ -1,15 +1,16 @@
 """Sample a model and score it against its reference data; write a run's report.
 
-One place decides which metrics a data set gets (sliced W2 for 2-D data, digits-FID /
-precision / recall / class histogram for digits), so ``dkdm evaluate`` and the end of
-``dkdm train`` / ``dkdm distill`` report the same numbers.
+One place decides which metrics a reference gets (sliced W2 for 2-D data, digits-FID /
+precision / recall / class histogram for digits, FID / IS / precision / recall in Inception space
+for an RGB reference the user supplies), so ``dkdm evaluate``, the end of ``dkdm train`` /
+``dkdm distill`` and library code report the same numbers: ``reference_for`` names the
+reference, ``score`` scores samples against it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -21,9 +22,40 @@ from .errors import DkdmError
 EVAL_DEFAULTS = {"toy2d": {"num": 4000, "steps": None}, "digits": {"num": 1437, "steps": 100}}
 
 
-def score(samples: torch.Tensor, reference: str, labels: torch.Tensor | None = None) -> dict:
-    from .data import builtin_dataset
+def reference_for(reference, inception_weights=None, device="cpu", extractor=None):
+    """What ``score`` compares samples with: a built-in data set's name (``toy2d``, ``digits``) as is,
+    or an RGB reference (an ADM reference batch or statistics ``.npz``, or a folder of images) with
+    the Inception network of ``inception_weights`` (or any ``extractor``, see metrics/references.py)."""
+    from .data import BUILTIN
+    from .metrics.inception import InceptionMetric, load_extractor
+    from .metrics.references import read_reference
 
+    if isinstance(reference, InceptionMetric) or (reference in BUILTIN and extractor is None and not inception_weights):
+        return reference
+    if reference in BUILTIN:
+        raise DkdmError(f"{reference} is a built-in data set with its own metrics; Inception metrics need an RGB "
+                        f"reference: an ADM reference batch (.npz), a folder of images or statistics (.npz)")
+    ref = read_reference(reference)
+    if extractor is None:
+        if not inception_weights:
+            raise DkdmError(f"the RGB reference {reference} is scored in Inception space: pass --inception-weights "
+                            f"(the local pt_inception weights)")
+        extractor = load_extractor(inception_weights, device)
+    return InceptionMetric(ref, extractor)
+
+
+def _name(reference) -> str | dict:
+    return reference if isinstance(reference, str) else reference.describe()
+
+
+def score(samples: torch.Tensor, reference, labels: torch.Tensor | None = None) -> dict:
+    """Metrics of ``samples`` (images in [-1, 1], latent models' decoded) against ``reference``:
+    a built-in data set's name or an RGB reference from ``reference_for``."""
+    from .data import builtin_dataset
+    from .metrics.inception import InceptionMetric
+
+    if isinstance(reference, InceptionMetric):
+        return reference(samples)
     dataset = builtin_dataset(reference)
     if tuple(samples.shape[1:]) != tuple(dataset.sample_shape):
         raise DkdmError(f"samples have shape {list(samples.shape[1:])} but {reference} has {list(dataset.sample_shape)}")
@@ -68,25 +100,37 @@ def _weights_key(model_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def evaluate_model(model, model_dir, reference: str, num=None, steps=None, seed: int = 0,
+def default_num(reference) -> int:
+    """Samples scored by default: fixed per built-in data set; for an RGB reference as many as its
+    images, at most the 50,000 of the ADM evaluator (50,000 against statistics alone)."""
+    if isinstance(reference, str):
+        return EVAL_DEFAULTS.get(reference, {"num": 1000})["num"]
+    return min(len(reference.reference), 50000) or 50000
+
+
+def evaluate_model(model, model_dir, reference, num=None, steps=None, seed: int = 0,
                    progress: bool = True, cache: bool = False) -> tuple[dict, torch.Tensor | None]:
-    """Metrics of ``model``'s samples; with ``cache`` the result is kept per weights + settings."""
-    d = EVAL_DEFAULTS.get(reference, {"num": 1000, "steps": None})
-    num = num or d["num"]
+    """Metrics of ``model``'s samples against ``reference`` (see ``reference_for``); with ``cache``
+    the result is kept per weights + settings."""
+    d = EVAL_DEFAULTS.get(reference, {"steps": None}) if isinstance(reference, str) else {"steps": None}
+    num = num or default_num(reference)
     steps = steps if steps is not None else d["steps"]
-    settings = {"reference": reference, "num_samples": num, "sampling_steps": steps or model.schedule.num_steps,
-                "seed": seed}
+    settings = {"reference": _name(reference), "num_samples": num,
+                "sampling_steps": steps or model.schedule.num_steps, "seed": seed}
     path = None
     if cache:
+        from .metrics import cache_dir
+
         key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
-        cache_dir = Path(os.environ.get("DKDM_CACHE", Path.home() / ".cache" / "dkdm"))
-        path = cache_dir / f"eval-{_weights_key(Path(model_dir))}-{key}.json"
+        path = cache_dir() / f"eval-{_weights_key(Path(model_dir))}-{key}.json"
         if path.exists():
             try:
                 return json.loads(path.read_text()), None
             except (OSError, json.JSONDecodeError):
                 pass
     samples = draw(model, num, steps, seed, progress)
+    if not isinstance(reference, str):  # RGB metrics see images: a latent model's are decoded
+        samples = model.decode(samples)
     result = {**settings, **score(samples, reference, getattr(model, "last_labels", None))}
     if path is not None:
         try:
@@ -99,7 +143,8 @@ def evaluate_model(model, model_dir, reference: str, num=None, steps=None, seed:
 
 def summary_table(rows: dict[str, dict]) -> str:
     """A plain-text table of the headline metrics, one row per model."""
-    keys = [k for k in ("digits_fid", "precision", "recall", "label_accuracy", "sliced_w2") if any(k in r for r in rows.values())]
+    keys = [k for k in ("digits_fid", "fid", "sfid", "inception_score", "precision", "recall", "label_accuracy",
+                        "sliced_w2") if any(k in r for r in rows.values())]
     lines = ["| model | " + " | ".join(keys) + (" | missing classes |" if "digits_fid" in keys else " |")]
     lines.append("|---" * (len(keys) + 1 + ("digits_fid" in keys)) + "|")
     for name, r in rows.items():
@@ -110,7 +155,7 @@ def summary_table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def write_report(out, student, reference: str, teacher=None, teacher_dir=None, seed: int = 0,
+def write_report(out, student, reference, teacher=None, teacher_dir=None, seed: int = 0,
                  progress: bool = True, num: int | None = None, steps: int | None = None) -> dict:
     """samples.png (images), metrics.json and the summary table for a finished run."""
     out = Path(out)

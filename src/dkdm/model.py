@@ -18,7 +18,7 @@ from torch import nn
 
 from .diffusion import PREDICTIONS, VARIANCES, Schedule, reverse_sample
 from .errors import DkdmError
-from .students import build_net, parse_spec
+from .students import build_net, parse_spec, student_spec
 from .students import num_classes as _num_classes
 
 MODEL_JSON = "dkdm_model.json"
@@ -97,6 +97,14 @@ class DiffusionModel(nn.Module):
         net = build_net(spec, sample_shape, out)
         return cls(net, schedule, sample_shape, variance=variance, spec=spec, **kw)
 
+    @classmethod
+    def student_of(cls, teacher: "DiffusionModel", spec=None, variance="learned_range", **kw) -> "DiffusionModel":
+        """A fresh student for ``teacher``: architecture ``spec`` (default: the teacher's family at about
+        half its width, ``students.default_student_spec``) on the teacher's data shape, schedule,
+        classes, x0 clipping and (latent models) autoencoder, predicting epsilon."""
+        return cls.build(student_spec(teacher, spec), teacher.sample_shape, teacher.schedule, variance=variance,
+                         prediction="epsilon", clip_x0=teacher.clip_x0, decoder=teacher.decoder, **kw)
+
     def forward(self, x, t, y=None):
         dt = self.inference_dtype
         if dt is not None:
@@ -161,9 +169,11 @@ class DiffusionModel(nn.Module):
             sched, tmap = self.schedule.respace(num_steps)
         except ValueError as e:
             raise DkdmError(f"cannot respace {self.schedule.num_steps} steps to {num_steps}: {e}")
-        return DiffusionModel(_Respaced(self.net, tmap), sched, self.sample_shape, self.prediction, self.variance,
-                              self.clip_x0, extra=self.extra, num_classes=self.num_classes, null_class=self.null_class,
-                              decoder=self.decoder)
+        view = DiffusionModel(_Respaced(self.net, tmap), sched, self.sample_shape, self.prediction, self.variance,
+                              self.clip_x0, spec=self.spec, extra=self.extra, num_classes=self.num_classes,
+                              null_class=self.null_class, decoder=self.decoder)
+        view.inference_dtype = self.inference_dtype  # the shared weights keep their dtype, so must the inputs
+        return view
 
     def reverse(self, x, t, schedule: Schedule | None = None, t_model=None, clip_x0=None, y=None,
                 guidance: float = 1.0):
@@ -281,8 +291,9 @@ class _Respaced(nn.Module):
         self.inner = net
         self.register_buffer("tmap", tmap, persistent=False)
 
-    def forward(self, x, t):
-        return self.inner(x, self.tmap.to(t.device)[t])
+    def forward(self, x, t, y=None):
+        t = self.tmap.to(t.device)[t]
+        return self.inner(x, t) if y is None else self.inner(x, t, y)
 
 
 def _decoder_of(d: Path):
@@ -342,7 +353,7 @@ def load_checkpoint_file(path, config, device="cpu", role: str = "teacher") -> D
     prediction, variance = prediction_and_variance(flags)
     c, size = int(flags["in_channels"]), int(flags["image_size"])
     model = DiffusionModel.build({"type": "adm", **flags}, (c, size, size), schedule_from_flags(flags),
-                                 variance=variance, prediction=prediction, clip_x0=True,
+                                 variance=variance, prediction=prediction, clip_x0=bool(flags["clip_denoised"]),
                                  extra={"converted_from": str(Path(path).resolve())})
     load_weights(model.net.adm, read_state_dict(path), path)
     return model.to(device).eval()
@@ -371,6 +382,11 @@ def load_model(directory, device="cpu", role: str = "model", net: nn.Module | No
     text = str(directory)
     if Path(text).is_file():
         return load_checkpoint_file(directory, config, device, role)
+    if config is not None:
+        if not Path(text).exists() and not text.startswith("builtin:"):
+            raise DkdmError(f"checkpoint {text} does not exist")
+        raise DkdmError(f"--{role}-config describes an ADM checkpoint file, but {text} is a model directory, which "
+                        f"describes itself; drop --{role}-config")
     if not text.startswith("builtin:"):
         from .teachers.diffusers_dir import fetch, is_pipeline_dir, looks_like_hub_id
 

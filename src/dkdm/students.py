@@ -117,7 +117,8 @@ class MLPNet(nn.Module):
         self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, out_dim))
 
     def forward(self, x, t, y=None):
-        h = self.inp(x) + self.time(timestep_embedding(t, self.temb))
+        temb = timestep_embedding(t, self.temb).to(self.inp.weight.dtype)  # bf16 / fp16 weights: one dtype
+        h = self.inp(x) + self.time(temb)
         if y is not None:
             h = h + self.label(y)
         for block in self.blocks:
@@ -232,3 +233,123 @@ def num_classes(spec: dict | None) -> int:
 
 def count_parameters(net: nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
+
+
+# default students ----------------------------------------------------------------------------
+def _unwrapped(net: nn.Module) -> nn.Module:
+    """The network behind torch.compile and respaced views (which wrap it in ``_orig_mod`` / ``inner``)."""
+    while True:
+        inner = getattr(net, "_orig_mod", None) or getattr(net, "inner", None)
+        if not isinstance(inner, nn.Module):
+            return net
+        net = inner
+
+
+def _half(width: int, multiple: int) -> int:
+    """About half of ``width``, a multiple of ``multiple``, at least ``multiple``."""
+    return max(multiple, width // 2 // multiple * multiple)
+
+
+def _half_unet(widths, layers: int, attn, groups: int, classes: int) -> dict:
+    half = [max(1, w // 2) for w in widths]
+    g = next(g for g in range(groups, 0, -1) if all(w % g == 0 for w in half))  # GroupNorm must divide every width
+    return {"type": "unet", "widths": half, "layers": layers, "attn": list(attn), "groups": g, "classes": classes}
+
+
+def _half_dit(width: int, heads: int, depth: int, patch: int, classes: int) -> dict:
+    # half the heads at the teacher's head size; DiT's sin-cos position embedding needs width % 4 == 0
+    heads = heads // 2 if heads % 2 == 0 else heads
+    step = heads * 4 // math.gcd(heads, 4)
+    return {"type": "dit", "patch": patch, "depth": depth, "width": _half(width, step), "heads": heads,
+            "classes": classes}
+
+
+def _half_adm(flags: dict) -> dict:
+    """The ADM flags at about half num_channels, keeping every level divisible as ADM needs (GroupNorm
+    of 32 groups, the attention heads); the teacher's own width where no smaller one fits."""
+    from .teachers.adm import _derived
+
+    mult, _ = _derived(flags)
+    mc, head_ch, heads = int(flags["num_channels"]), int(flags["num_head_channels"]), int(flags["num_heads"])
+
+    def fits(c):
+        chans = [int(m * c) for m in mult]
+        return all(ch % 32 == 0 and (ch % head_ch == 0 if head_ch != -1 else ch % heads == 0) for ch in chans)
+
+    half = next((c for c in range(mc // 2, 0, -1) if fits(c)), mc)
+    return {**flags, "num_channels": half}
+
+
+def default_student_spec(teacher) -> dict:
+    """The student dkdm distills into when none is named: the teacher's family (adm, unet, dit,
+    mlp) at about half its width, conditioned on the teacher's classes.
+
+    A diffusers UNet2DModel teacher gets a dkdm ``unet`` (its levels, res-blocks and attention
+    levels), a DiT a ``dit`` of the same depth and patch. A teacher of unknown architecture (a
+    custom module) gets the smallest default of the data's shape: a ``unet`` for images, an ``mlp``
+    for vectors. Settings tuned for a data set (the CLI's digits defaults) are chosen above this.
+    """
+    classes = int(teacher.num_classes or 0)
+    spec = teacher.spec
+    net = _unwrapped(teacher.net)
+    if spec is not None and spec["type"] == "adm":
+        out = _half_adm({k: v for k, v in spec.items() if k != "type"})
+        out.update(class_cond=bool(classes), **({"num_classes": classes} if classes else {}))
+        return parse_spec({"type": "adm", **out})
+    if spec is not None and spec["type"] == "mlp":
+        return parse_spec({**spec, "width": _half(int(spec["width"]), 8), "classes": classes})
+    if spec is not None and spec["type"] == "unet":
+        return parse_spec(_half_unet(spec["widths"], spec["layers"], spec["attn"], spec["groups"], classes))
+    if spec is not None and spec["type"] == "dit":
+        return parse_spec(_half_dit(spec["width"], spec["heads"], spec["depth"], spec["patch"], classes))
+    if isinstance(net, UNetNet):
+        c = net.unet.config
+        attn = [i for i, name in enumerate(c.down_block_types) if "Attn" in name]
+        return parse_spec(_half_unet(c.block_out_channels, c.layers_per_block, attn, c.norm_num_groups, classes))
+    if isinstance(net, DiTNet):
+        c = net.dit.config
+        return parse_spec(_half_dit(c.num_attention_heads * c.attention_head_dim, c.num_attention_heads,
+                                    c.num_layers, c.patch_size, classes))
+    return parse_spec({"type": "mlp" if len(teacher.sample_shape) == 1 else "unet", "classes": classes})
+
+
+def student_spec(teacher, given=None) -> dict:
+    """The student's spec for ``teacher``: ``given`` (a spec string or mapping), else the default.
+
+    A class-conditional teacher's student conditions on the same classes unless its spec names
+    them (``classes=0``, or ``class_cond`` for adm, learns the class-marginal distribution).
+    """
+    if given is None:
+        return default_student_spec(teacher)
+    spec = parse_spec(given)
+    key = "class_cond" if spec["type"] == "adm" else "classes"
+    named = (key in given) if isinstance(given, dict) else (f"{key}=" in str(given))
+    if teacher.num_classes and not named:
+        if spec["type"] == "adm":
+            spec = parse_spec({**spec, "class_cond": True, "num_classes": int(teacher.num_classes)})
+        else:
+            spec["classes"] = int(teacher.num_classes)
+    return spec
+
+
+def format_spec(spec: dict) -> str:
+    """A spec as the one-line ``type:key=value`` text that parses back to it (fields at their
+    defaults left out)."""
+    spec = parse_spec(spec)
+    if spec["type"] == "adm":
+        from .teachers.adm import FLAG_DEFAULTS
+
+        defaults = FLAG_DEFAULTS
+    else:
+        defaults = DEFAULTS[spec["type"]]
+
+    def text(v):
+        if isinstance(v, (list, tuple)):
+            return "-".join(text(x) for x in v)
+        if isinstance(v, bool):
+            return str(v).lower()
+        return str(v).replace(",", "-")  # ADM's "16,8" lists read back as 16-8
+
+    fields = [f"{k}={text(v)}" for k, v in spec.items()
+              if k != "type" and v != defaults.get(k) and v not in ("", None)]
+    return spec["type"] + (":" + ",".join(fields) if fields else "")

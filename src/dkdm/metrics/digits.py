@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import DkdmError
+from . import cache_dir
 from .features import frechet_distance, mean_cov, precision_recall
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "assets" / "digits_classifier.safetensors"
@@ -60,16 +61,12 @@ def embed(net: DigitsClassifier, images: torch.Tensor, batch: int = 2048):
     return torch.cat(feats), torch.cat(preds)
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("DKDM_CACHE", Path.home() / ".cache" / "dkdm"))
-
-
 def reference_features(split: str = "test") -> torch.Tensor:
     """Features of a real split, cached on disk keyed by the classifier's weights."""
     from ..data import Digits
 
     key = hashlib.sha256(WEIGHTS.read_bytes()).hexdigest()[:16]
-    path = _cache_dir() / f"digits-{split}-{key}.safetensors"
+    path = cache_dir() / f"digits-{split}-{key}.safetensors"
     if path.exists():
         try:
             return load_file(str(path))["features"]
