@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from window import StepWindow
+
 HERE = Path(__file__).resolve().parent
 SYNCS = {"_local_scalar_dense", "is_nonzero", "equal", "item"}
 MARKERS = {"_record_function_enter_new", "_record_function_exit", "_unsafe_view"}
@@ -77,25 +79,6 @@ class _Counter(TorchDispatchMode):
         return wrapped
 
 
-class _Window:
-    """A data source that switches counting on at its ``start``-th batch and off at ``start + n``-th,
-    so that exactly n whole steps of the loop (batch, update, bookkeeping) are counted."""
-
-    def __init__(self, source, counter: _Counter, start: int, n: int):
-        self._source, self._counter, self._start, self._n, self._calls = source, counter, start, n, 0
-
-    def __getattr__(self, name):
-        return getattr(self._source, name)
-
-    def next_batch(self):
-        self._calls += 1
-        if self._calls == self._start:
-            self._counter.counting = True
-        elif self._calls == self._start + self._n:
-            self._counter.counting = False
-        return self._source.next_batch()
-
-
 def _region(counter: _Counter, module: torch.nn.Module, name: str) -> None:
     def enter(*_):
         counter.region.append(name)
@@ -114,9 +97,14 @@ def count_step_ops(make_trainer, teacher_net=None, warm: int = 3, n: int = 4) ->
     log line or checkpoint falls inside the counted window.
     """
     counter = _Counter()
-    trainer = make_trainer(lambda source: _Window(source, counter, warm + 1, n))
+
+    def wrap(source):
+        return StepWindow(source, warm + 1, n, lambda: setattr(counter, "counting", True),
+                          lambda: setattr(counter, "counting", False))
+
+    trainer = make_trainer(wrap)
     trainer.check_every = trainer.cfg.log_every = trainer.cfg.ckpt_every = 10 ** 6
-    trainer.cfg.steps = warm + n + 1
+    trainer.cfg.steps = trainer.source.steps_needed
     trainer._update = counter.within("update", trainer._update)
     pool = trainer.source._source
     graph_inputs = 5 + bool(trainer.student.num_classes)  # x_t, t, the teacher's eps, mean, log-variance (, y)

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -337,8 +338,14 @@ class Trainer:
                 self._finite[1:].add_(self._finite[:1])
         return loss, output
 
+    def _graph_inputs(self, batch) -> tuple:
+        target = batch.target
+        return (batch.x_t, batch.t, batch.y if self.student.num_classes else None, target.eps, target.mean,
+                target.log_variance)
+
     def _graphed_update(self, x_t, t, y, eps, mean, log_variance):
-        """``_update`` on the tensors of a batch that the loss reads: the arguments of its CUDA graph."""
+        """``_update`` on the tensors of a batch that the loss reads (``_graph_inputs``): the arguments
+        of its CUDA graph."""
         target = Reverse(eps=eps, x0=None, mean=mean, variance=None, log_variance=log_variance)
         return self._update(TrainingBatch(x_t=x_t, t=t, target=target, y=y))
 
@@ -436,9 +443,13 @@ class Trainer:
         which a captured optimizer step holds fixed: the warm-up's steps run plain)."""
         if self._graph is None:
             return self._update(batch)
-        target = batch.target
-        return self._graph(batch.x_t, batch.t, batch.y if self.student.num_classes else None, target.eps,
-                           target.mean, target.log_variance, key=tuple(g["lr"] for g in self.opt.param_groups))
+        args = self._graph_inputs(batch)
+        key = tuple(g["lr"] for g in self.opt.param_groups)
+        if self._graph.graph is not None:
+            return self._graph(*args, key=key)
+        with warnings.catch_warnings():  # the plain steps before capture: torch warns that they are not captured
+            warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
+            return self._graph(*args, key=key)
 
     def _reset_finite(self) -> None:
         self._finite.fill_(0)
