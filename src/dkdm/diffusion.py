@@ -67,8 +67,9 @@ _DIFFUSERS_SCHEDULES = {
 class Reverse:
     """A model's (or the true posterior's) reverse-step distribution at (x_t, t).
 
-    ``variance`` may be given as None: it is then exp(log_variance), computed when first read
-    (training reads only the log-variance, so a step does not pay for it).
+    ``variance`` may be given as None: it is then exp(log_variance), computed when read (training
+    reads only the log-variance, so a step does not pay for it; not kept, so that a step replayed
+    into the same tensors never returns a stale variance).
     """
 
     def __init__(self, eps: torch.Tensor, x0: torch.Tensor, mean: torch.Tensor, variance: torch.Tensor | None,
@@ -78,9 +79,7 @@ class Reverse:
 
     @property
     def variance(self) -> torch.Tensor:
-        if self._variance is None:
-            self._variance = torch.exp(self.log_variance)
-        return self._variance
+        return torch.exp(self.log_variance) if self._variance is None else self._variance
 
 
 @dataclass
@@ -226,7 +225,7 @@ class Schedule:
             t, x_t, "posterior_mean_coef1", "posterior_mean_coef2", "posterior_variance",
             "posterior_log_variance_clipped", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod")
         mean = torch.addcmul(c1 * x0, c2, x_t)
-        eps = (r * x_t - x0) / rm1
+        eps = _eps_from_x0(x_t, x0, r, rm1)
         return Reverse(eps=eps, x0=x0, mean=mean, variance=var.expand_as(x_t), log_variance=log_var.expand_as(x_t))
 
     # conversions --------------------------------------------------------------------------

@@ -26,8 +26,8 @@ from .checkpoint import (
     flatten, latest_good_checkpoint, list_checkpoints, optimizer_from_flat, optimizer_to_flat, read_rank_shard, rng_state,
     save_checkpoint, set_rng_state, unflatten, write_rank_shard,
 )
-from .errors import DkdmError
 from .diffusion import Reverse, TrainingBatch
+from .errors import DkdmError
 from .model import DiffusionModel
 from .objective import DEFAULT_VLB_WEIGHT, dkdm_loss
 
