@@ -53,7 +53,7 @@ timeout 60 python3 -c "import torch, diffusers, accelerate, dkdm.trainer; print(
 SPEED="python3 bench/speed.py --device cuda"
 C10="$SPEED --scale cifar10 --steps 30 --warmup 5"
 BF16="--mixed-precision bf16 --teacher-autocast bf16"
-run 60 python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda_graphs.py tests/test_adm.py -k "cuda_graph or sdpa"
+run 60 python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda_graphs.py tests/test_adm.py -k "cuda or sdpa"
 run 60 $C10 $BF16 --cuda-graphs
 run 50 $C10 $BF16
 run 35 $C10 --students adm

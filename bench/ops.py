@@ -34,12 +34,15 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from speed import add_row
 from window import StepWindow
 
 HERE = Path(__file__).resolve().parent
 SYNCS = {"_local_scalar_dense", "is_nonzero", "equal", "item"}
 MARKERS = {"_record_function_enter_new", "_record_function_exit", "_unsafe_view"}
 NETWORKS = ("student forward", "teacher forward", "backward")
+TABLE = ("| date | code | step | grad clip | ops outside the networks | update / teacher step / host loop | "
+         "with --cuda-graphs | host reads | networks: student forward / teacher forward / backward |")
 OUTSIDE = ("update", "teacher step", "host loop")
 
 
@@ -176,19 +179,20 @@ def main(argv=None) -> int:
             pr = r["per_region"]
             print(f"{name}: {r['outside']:.0f} ops outside the networks (update {pr['update']:.0f}, teacher step "
                   f"{pr['teacher step']:.0f}, host loop {pr['host loop']:.0f}; +{r['free']:.0f} views and markers), "
-                  f"{r['syncs']:.0f} host syncs; with --cuda-graphs {r['with_cuda_graphs']:.0f} | networks: student "
+                  f"{r['syncs']:.0f} host reads; with --cuda-graphs {r['with_cuda_graphs']:.0f} | networks: student "
                   f"forward {pr['student forward']:.0f}, teacher forward {pr['teacher forward']:.0f}, backward "
                   f"{pr['backward']:.0f}")
             print("   outside: " + ", ".join(f"{k} {v:g}" for k, v in r["outside_ops"].items()))
             rows.append((name, r))
     if args.record:
-        with open(HERE / "RESULTS.md", "a") as f:
-            for name, r in rows:
-                pr = r["per_region"]
-                f.write(f"| {time.strftime('%Y-%m-%d')} | {args.note} | {name} | {args.grad_clip:g} | {r['outside']:.0f} | "
-                        f"{pr['update']:.0f} / {pr['teacher step']:.0f} / {pr['host loop']:.0f} | "
-                        f"{r['with_cuda_graphs']:.0f} | {r['syncs']:.0f} | {pr['student forward']:.0f} / "
-                        f"{pr['teacher forward']:.0f} / {pr['backward']:.0f} |\n")
+        for name, r in rows:
+            pr = r["per_region"]
+            add_row(HERE / "RESULTS.md", TABLE,
+                    f"| {time.strftime('%Y-%m-%d')} | {args.note} | {name} | {args.grad_clip:g} | {r['outside']:.0f} | "
+                    f"{pr['update']:.0f} / {pr['teacher step']:.0f} / {pr['host loop']:.0f} | "
+                    f"{r['with_cuda_graphs']:.0f} | {r['syncs']:.0f} | {pr['student forward']:.0f} / "
+                    f"{pr['teacher forward']:.0f} / {pr['backward']:.0f} |",
+                    "## Host work per step (`bench/ops.py`, issue 14)")
     return 0
 
 

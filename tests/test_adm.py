@@ -186,3 +186,21 @@ def test_attention_by_sdpa_equals_adm_einsum_attention(new_order, dtype, tol):
         attention_only = ours - x  # the residual is common to both: compare what attention adds
     assert rel(attention_only, want - x) < tol
     assert attention_only.std() > 0.1  # what attention adds is large and varies (not a vacuous comparison)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused attention kernels need a CUDA device (bench/gpu.sh)")
+@pytest.mark.parametrize("new_order", [True, False])
+def test_attention_on_cuda_in_bf16_follows_the_einsum_attention(new_order):
+    """On a GPU, bf16 attention goes through the flash / memory-efficient kernels."""
+    from dkdm.teachers.adm import AttentionBlock
+
+    torch.manual_seed(0)
+    block = AttentionBlock(128, 4, -1, new_order).cuda()
+    for p in block.parameters():
+        p.data.normal_(0, 0.2)
+    x = torch.randn(8, 128, 16, 16, device="cuda")
+    with torch.no_grad():
+        want = _einsum_attention(block, x) - x
+        with torch.autocast("cuda", torch.bfloat16):
+            ours = block(x).float() - x
+    assert rel(ours, want) < 3e-2

@@ -24,7 +24,7 @@ def step_ops():
 
 def test_ops_outside_the_networks_per_step_are_bounded(step_ops):
     """Measured at this bound (2026-11-26): 72 for a DKDM step (the teacher step's and the loss's
-    diffusion math are 41 of them), 60 for a data-based step; 1,143 and 1,133 before issue 14. A
+    diffusion math are 41 of them), 60 for a data-based step; 1,139 and 1,129 before issue 14. A
     step must not read the device from the host, and the loop must not grow host work unnoticed."""
     dkdm, data = step_ops["DKDM step"], step_ops["data-based step"]
     assert dkdm["outside"] <= 72 and data["outside"] <= 60, (dkdm["outside_ops"], data["outside_ops"])
