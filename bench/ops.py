@@ -102,8 +102,7 @@ def count_step_ops(make_trainer, teacher_net=None, warm: int = 3, n: int = 4) ->
     counter = _Counter()
 
     def wrap(source):
-        return StepWindow(source, warm + 1, n, lambda: setattr(counter, "counting", True),
-                          lambda: setattr(counter, "counting", False))
+        return StepWindow(source, warm + 1, n, lambda i: setattr(counter, "counting", i < n))
 
     trainer = make_trainer(wrap)
     trainer.check_every = trainer.cfg.log_every = trainer.cfg.ckpt_every = 10 ** 6

@@ -11,8 +11,9 @@ Trainer, pool and networks:
   samples/s of DKDM training, peak memory per student, the teacher's arithmetic rate (FLOPs of
   its forward / (b)) against the device's measured matmul rate (bf16 on a GPU, float32 on a CPU),
   and for the digits set-up (d) pool preparation throughput (exact and sampled).
-Steps are timed with CUDA events on a GPU (perf_counter on a CPU) over a window of whole steps
-after warm-up (bench/window.py). A row per student is added to bench/RESULTS.md as soon as it is
+Each step of a window of whole steps after warm-up (bench/window.py) is timed with CUDA events on
+a GPU (perf_counter on a CPU), and the median step is reported: robust to other work taking the
+machine for a while. A row per student is added to bench/RESULTS.md as soon as it is
 measured, so a run cut short keeps what it measured.
 
 Scales:
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import platform
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -83,6 +85,10 @@ class Clock:
         stop.synchronize()
         return start.elapsed_time(stop)
 
+    def median_ms(self, marks) -> float:
+        """The median time between consecutive marks."""
+        return statistics.median(self.ms(a, b) for a, b in zip(marks, marks[1:]))
+
 
 class FixedSource:
     """The same batch every step: the Trainer's loop on it is the isolated student update."""
@@ -124,13 +130,14 @@ class _Autocast(torch.nn.Module):
 
 
 def _loop_ms(make_trainer, source, clock: Clock, warm: int, n: int) -> float:
-    """Milliseconds per step of the Trainer's loop over ``source``, after ``warm`` steps."""
+    """Milliseconds of a step of the Trainer's loop over ``source``: the median of n steps after
+    ``warm`` (robust to other work on the machine taking the processor for a while)."""
     marks = []
-    window = StepWindow(source, warm + 1, n, lambda: marks.append(clock.mark()), lambda: marks.append(clock.mark()))
+    window = StepWindow(source, warm + 1, n, lambda i: marks.append(clock.mark()))
     trainer = make_trainer(window)
     trainer.cfg.steps = trainer.cfg.log_every = window.steps_needed
     trainer.train()
-    return clock.ms(*marks) / n
+    return clock.median_ms(marks)
 
 
 def _forward_flops(teacher, batch, device) -> float:
@@ -245,10 +252,11 @@ def measure(args, report) -> None:
     advance = GraphedStep(pool._advance) if args.cuda_graphs else pool._advance
     for _ in range(warm):
         advance(x, s, y, noise)
-    start = clock.mark()
+    marks = [clock.mark()]
     for _ in range(n):
         advance(x, s, y, noise)
-    teacher_ms = clock.ms(start, clock.mark()) / n
+        marks.append(clock.mark())
+    teacher_ms = clock.median_ms(marks)
     common = {"teacher_ms": teacher_ms, "teacher_params": teacher_params, "machine": _machine(device),
               "teacher_tflops": flops / (teacher_ms / 1000) / 1e12, "matmul_dtype": matmul_dtype,
               "matmul_tflops": matmul_tflops, "prep": None}
