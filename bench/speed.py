@@ -12,8 +12,8 @@ Trainer, pool and networks:
   its forward / (b)) against the device's measured matmul rate (bf16 on a GPU, float32 on a CPU),
   and for the digits set-up (d) pool preparation throughput (exact and sampled).
 Each step of a window of whole steps after warm-up (bench/window.py) is timed with CUDA events on
-a GPU (perf_counter on a CPU), and the median step is reported: robust to other work taking the
-machine for a while. A row per student is added to bench/RESULTS.md as soon as it is
+a GPU (perf_counter on a CPU); the four measurements run in rounds, one after the other (3 rounds
+on a CPU), and each reports its median step: robust to other work taking the machine for a while. A row per student is added to bench/RESULTS.md as soon as it is
 measured, so a run cut short keeps what it measured.
 
 Scales:
@@ -85,9 +85,9 @@ class Clock:
         stop.synchronize()
         return start.elapsed_time(stop)
 
-    def median_ms(self, marks) -> float:
-        """The median time between consecutive marks."""
-        return statistics.median(self.ms(a, b) for a, b in zip(marks, marks[1:]))
+    def steps_ms(self, marks) -> list[float]:
+        """The times between consecutive marks."""
+        return [self.ms(a, b) for a, b in zip(marks, marks[1:])]
 
 
 class FixedSource:
@@ -129,15 +129,14 @@ class _Autocast(torch.nn.Module):
             return self.net(*args)
 
 
-def _loop_ms(make_trainer, source, clock: Clock, warm: int, n: int) -> float:
-    """Milliseconds of a step of the Trainer's loop over ``source``: the median of n steps after
-    ``warm`` (robust to other work on the machine taking the processor for a while)."""
+def _loop_ms(make_trainer, source, clock: Clock, warm: int, n: int) -> list[float]:
+    """Milliseconds of each of n steps of the Trainer's loop over ``source``, after ``warm``."""
     marks = []
     window = StepWindow(source, warm + 1, n, lambda i: marks.append(clock.mark()))
     trainer = make_trainer(window)
     trainer.cfg.steps = trainer.cfg.log_every = window.steps_needed
     trainer.train()
-    return clock.median_ms(marks)
+    return clock.steps_ms(marks)
 
 
 def _forward_flops(teacher, batch, device) -> float:
@@ -240,7 +239,7 @@ def measure(args, report) -> None:
     if args.compile:
         teacher.net = torch.compile(teacher.net)
     matmul_dtype, matmul_tflops = _matmul_rate(device)
-    warm, n = args.warmup, args.steps
+    warm, n = args.warmup, -(-args.steps // args.rounds)
 
     pool = KnowledgePool(teacher, args.batch, "dynamic", rho=args.rho, seed=0, device=device, preparation="sampled",
                          prep_steps=2 if args.tiny else 5)
@@ -250,15 +249,17 @@ def measure(args, report) -> None:
     y = None if pool.y is None else pool.y[: args.batch]
     noise = torch.randn_like(x)
     advance = GraphedStep(pool._advance) if args.cuda_graphs else pool._advance
-    for _ in range(warm):
-        advance(x, s, y, noise)
-    marks = [clock.mark()]
-    for _ in range(n):
-        advance(x, s, y, noise)
-        marks.append(clock.mark())
-    teacher_ms = clock.median_ms(marks)
-    common = {"teacher_ms": teacher_ms, "teacher_params": teacher_params, "machine": _machine(device),
-              "teacher_tflops": flops / (teacher_ms / 1000) / 1e12, "matmul_dtype": matmul_dtype,
+
+    def teacher_steps_ms() -> list[float]:
+        for _ in range(warm):
+            advance(x, s, y, noise)
+        marks = [clock.mark()]
+        for _ in range(n):
+            advance(x, s, y, noise)
+            marks.append(clock.mark())
+        return clock.steps_ms(marks)
+
+    common = {"teacher_params": teacher_params, "machine": _machine(device), "matmul_dtype": matmul_dtype,
               "matmul_tflops": matmul_tflops, "prep": None}
     if args.scale == "digits":  # (d) preparation throughput, exact and sampled
         rates = []
@@ -298,13 +299,20 @@ def measure(args, report) -> None:
                 acc.free_memory()  # the Accelerator would otherwise keep every trainer's model and optimizer
                 return ms
 
-            update_ms = loop_ms(FixedSource(fixed, pool.schedule, pool.num_classes), "update")
-            dkdm_ms = loop_ms(pool, "dkdm")
-            data_ms = loop_ms(DataSource(data, teacher.schedule, args.batch, seed=0, device=device), "data")
+            # rounds of (b), (u), (c), (a) one after the other, so that a change in what else runs on
+            # the machine falls on all four alike; each is the median of its steps over the rounds
+            steps = {"b": [], "u": [], "c": [], "a": []}
+            for r in range(args.rounds):
+                steps["b"] += teacher_steps_ms()
+                steps["u"] += loop_ms(FixedSource(fixed, pool.schedule, pool.num_classes), f"update{r}")
+                steps["c"] += loop_ms(pool, f"dkdm{r}")
+                steps["a"] += loop_ms(DataSource(data, teacher.schedule, args.batch, seed=r, device=device), f"data{r}")
+            ms = {k: statistics.median(v) for k, v in steps.items()}
             report({**common, "student": name if args.scale != "digits" else spec, "student_params": built[0],
-                    "update_ms": update_ms, "dkdm_ms": dkdm_ms, "data_ms": data_ms,
-                    "ratio": dkdm_ms / (teacher_ms + update_ms), "ratio_data": dkdm_ms / (data_ms + teacher_ms),
-                    "samples_per_s": 1000 * args.batch / dkdm_ms, "peak_mib": _peak_mib(device)})
+                    "teacher_ms": ms["b"], "update_ms": ms["u"], "dkdm_ms": ms["c"], "data_ms": ms["a"],
+                    "teacher_tflops": flops / (ms["b"] / 1000) / 1e12,
+                    "ratio": ms["c"] / (ms["b"] + ms["u"]), "ratio_data": ms["c"] / (ms["a"] + ms["b"]),
+                    "samples_per_s": 1000 * args.batch / ms["c"], "peak_mib": _peak_mib(device)})
 
 
 def main(argv=None) -> int:
@@ -315,8 +323,10 @@ def main(argv=None) -> int:
     ap.add_argument("--student", help="one student spec (digits scale; default: the default digits student)")
     ap.add_argument("--students", default="adm,unet,dit", help="which of a scale's students, comma-separated")
     ap.add_argument("--batch", type=int, help="batch size (default: 64 for digits, 128 at the scales)")
-    ap.add_argument("--steps", type=int, default=50, help="steps timed per measurement, after --warmup steps")
-    ap.add_argument("--warmup", type=int, default=5, help="untimed steps first (CUDA graphs capture after 3)")
+    ap.add_argument("--steps", type=int, default=50, help="steps timed per measurement (over all rounds)")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed steps first, each round (CUDA graphs capture after 3)")
+    ap.add_argument("--rounds", type=int, help="rounds of the four measurements (default: 3 on a CPU shared with "
+                                               "other work, 1 on a GPU)")
     ap.add_argument("--rho", type=float, default=0.005, help="pool size")
     ap.add_argument("--prep-batch", type=int, help="teacher batch of preparation (default: the pool's)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -331,6 +341,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.cuda_graphs and args.device != "cuda":
         ap.error("--cuda-graphs needs --device cuda")
+    args.rounds = args.rounds or (1 if args.device == "cuda" else 3)
     if args.scale == "digits":
         args.student_specs = [("student", args.student or "unet:widths=24-48,layers=1,groups=8")]
         args.batch = args.batch or 64

@@ -68,7 +68,7 @@ def test_scales_are_the_layouts_they_name():
 
 def test_speed_runs_a_scale_end_to_end_at_toy_size(capsys):
     assert speed.main(["--scale", "cifar10", "--tiny", "--students", "adm,dit", "--steps", "1", "--warmup", "1",
-                       "--device", "cpu", "--no-record"]) == 0
+                       "--rounds", "1", "--device", "cpu", "--no-record"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[cifar10")]
     assert [line.split(" | ")[1].split()[0] for line in lines] == ["adm", "dit"]
     for line in lines:
