@@ -166,15 +166,15 @@ def _matmul_rate(device) -> tuple[str, float]:
 
 
 def _teacher(args, device):
+    """The digits teacher, or an ADM teacher of the scale's layout with random weights."""
     from dkdm.model import DiffusionModel, load_model
+    from dkdm.teachers.adm import parse_flags, schedule_from_flags
 
     if args.scale == "digits":
         return load_model(args.teacher, device=device, role="teacher")
     scale = SCALES[args.scale]
     flags = {"type": "adm", **(TINY if args.tiny else scale)["teacher"]}
     torch.manual_seed(0)
-    from dkdm.teachers.adm import schedule_from_flags, parse_flags
-
     return DiffusionModel.build(flags, scale["shape"], schedule_from_flags(parse_flags(flags)), clip_x0=True).to(device)
 
 
