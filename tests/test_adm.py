@@ -151,3 +151,59 @@ def test_legacy_attention_order_converts_too(tmp_path):
     x, t = torch.randn(2, 3, 32, 32), torch.tensor([3, 700])
     with torch.no_grad():
         assert rel(to_diffusers(flags, net)(x, t).sample, net(x, t)) < 1e-5
+
+
+def _einsum_attention(block, x):
+    """ADM's QKVAttention / QKVAttentionLegacy as guided-diffusion writes them (einsum, softmax in at
+    least float32: guided-diffusion's .float(), which would round a float64 check)."""
+    b, c, *spatial = x.shape
+    x = x.reshape(b, c, -1)
+    qkv = block.qkv(block.norm(x))
+    n, length = block.heads, qkv.shape[-1]
+    ch = c // n
+    if block.new_order:
+        q, k, v = (z.reshape(b * n, ch, length) for z in qkv.chunk(3, dim=1))
+    else:
+        q, k, v = qkv.reshape(b * n, 3 * ch, length).split(ch, dim=1)
+    scale = 1 / ch ** 0.25
+    w = torch.einsum("bct,bcs->bts", q * scale, k * scale)
+    w = torch.softmax(w.to(torch.promote_types(w.dtype, torch.float32)), dim=-1).type(w.dtype)
+    h = torch.einsum("bts,bcs->bct", w, v).reshape(b, c, length)
+    return (x + block.proj_out(h)).reshape(b, c, *spatial)
+
+
+@pytest.mark.parametrize("new_order", [True, False])
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+def test_attention_by_sdpa_equals_adm_einsum_attention(new_order, dtype, tol):
+    from dkdm.teachers.adm import AttentionBlock
+
+    torch.manual_seed(0)
+    block = AttentionBlock(64, 4, -1, new_order)
+    block.norm = torch.nn.GroupNorm(32, 64)  # ADM's GroupNorm32 would round a float64 check to float32
+    block.to(dtype)
+    for p in block.parameters():  # ADM zero-initialises proj_out; make every weight matter
+        p.data.normal_(0, 0.2)
+    x = torch.randn(3, 64, 8, 8, dtype=dtype)
+    with torch.no_grad():
+        ours, want = block(x), _einsum_attention(block, x)
+        attention_only = ours - x  # the residual is common to both: compare what attention adds
+    assert rel(attention_only, want - x) < tol
+    assert attention_only.std() > 0.1  # what attention adds is large and varies (not a vacuous comparison)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused attention kernels need a CUDA device (bench/gpu.sh)")
+@pytest.mark.parametrize("new_order", [True, False])
+def test_attention_on_cuda_in_bf16_follows_the_einsum_attention(new_order):
+    """On a GPU, bf16 attention goes through the flash / memory-efficient kernels."""
+    from dkdm.teachers.adm import AttentionBlock
+
+    torch.manual_seed(0)
+    block = AttentionBlock(128, 4, -1, new_order).cuda()
+    for p in block.parameters():
+        p.data.normal_(0, 0.2)
+    x = torch.randn(8, 128, 16, 16, device="cuda")
+    with torch.no_grad():
+        want = _einsum_attention(block, x) - x
+        with torch.autocast("cuda", torch.bfloat16):
+            ours = block(x).float() - x
+    assert rel(ours, want) < 3e-2

@@ -35,7 +35,7 @@ COMMON_DEFAULTS = {
     "seed": 0, "steps": 2000, "batch": 128, "lr": 1e-4, "weight_decay": 0.0, "ema": 0.9999,
     "grad_clip": 1.0, "warmup": 0, "mixed_precision": "no", "log_every": 50, "ckpt_every": 500,
     "keep_checkpoints": 2, "vlb_weight": 1.0, "no_report": False,
-    "eval_num": None, "eval_steps": None, "compile": False, "channels_last": False,
+    "eval_num": None, "eval_steps": None, "compile": False, "channels_last": False, "cuda_graphs": False,
 }
 TRAIN_DEFAULTS = {"data": "toy2d", "real_fraction": None, "synthetic": None, "model": None, "schedule": "cosine", "diffusion_steps": 1000,
                   "variance": "learned_range", "prediction": "epsilon"}
@@ -70,6 +70,9 @@ def _common(p: argparse.ArgumentParser, training: bool) -> None:
     p.add_argument("--channels-last", action="store_true", default=None,
                    help="channels-last weights for convolutional networks (PyTorch advises it for convolutions on GPUs in "
                         "reduced precision; measure with bench/speed.py)")
+    p.add_argument("--cuda-graphs", action="store_true", default=None,
+                   help="replay each student update (in distill also the pool's teacher step) as a CUDA graph: one "
+                        "launch instead of hundreds (needs a CUDA device; not with --compile, fp16 or several processes)")
     p.add_argument("--no-report", action="store_true", default=None,
                    help="skip the final samples / metrics report")
     p.add_argument("--eval-num", type=int, help="samples for the final report (default: per data set)")
@@ -209,7 +212,7 @@ def _train_config(s: dict):
         ema_decay=float(s["ema"]), grad_clip=float(s["grad_clip"]), warmup=int(s["warmup"]),
         mixed_precision=s["mixed_precision"], log_every=int(s["log_every"]), ckpt_every=int(s["ckpt_every"]),
         keep_checkpoints=int(s["keep_checkpoints"]), vlb_weight=float(s["vlb_weight"]),
-        compile=bool(s["compile"]), channels_last=bool(s["channels_last"]),
+        compile=bool(s["compile"]), channels_last=bool(s["channels_last"]), cuda_graphs=bool(s["cuda_graphs"]),
     )
     cfg.validate()
     if int(s["batch"]) < 1:

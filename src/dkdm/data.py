@@ -27,15 +27,21 @@ class Toy2D:
         self.modes, self.radius, self.std = modes, radius, std
         angles = 2 * math.pi * torch.arange(modes, dtype=torch.float64) / modes
         self.centers = radius * torch.stack([angles.cos(), angles.sin()], 1)
+        self._centers: dict[torch.device, torch.Tensor] = {}
 
     @property
     def num_classes(self) -> int:
         return self.modes  # the mixture component is the class
 
     def sample_labeled(self, n: int, generator: torch.Generator | None = None):
-        k = torch.randint(0, self.modes, (n,), generator=generator)
-        noise = torch.randn(n, 2, generator=generator, dtype=torch.float64)
-        return (self.centers[k] + self.std * noise).float(), k
+        """n samples and their modes, drawn on the generator's device."""
+        device = generator.device if generator is not None else torch.device("cpu")
+        centers = self._centers.get(device)
+        if centers is None:  # copied once: a host-to-device copy per draw would wait for the device
+            centers = self._centers[device] = self.centers.to(device)
+        k = torch.randint(0, self.modes, (n,), generator=generator, device=device)
+        noise = torch.randn(n, 2, generator=generator, dtype=torch.float64, device=device)
+        return (centers[k] + self.std * noise).float(), k
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.sample_labeled(n, generator)[0]
@@ -214,7 +220,12 @@ def reference_of(dataset) -> str:
 
 
 class DataSource:
-    """Ordinary diffusion training batches: x0 from the data, t uniform, the true posterior as target."""
+    """Ordinary diffusion training batches: x0 from the data, t uniform, the true posterior as target.
+
+    Batches are drawn on the training device by a generator that lives there: an image set is
+    copied to the device once, so a step moves no data from the host and never waits on it. On a
+    CPU the draws are the ones a CPU generator has always made.
+    """
 
     def __init__(self, dataset, schedule: Schedule, batch_size: int, seed: int = 0, device="cpu",
                  conditional: bool = False):
@@ -226,19 +237,28 @@ class DataSource:
         self.schedule = schedule
         self.batch_size = batch_size
         self.device = torch.device(device)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        images = getattr(dataset, "images", None)
+        self._images = None if images is None else images.to(self.device)
+        self._labels = dataset.labels.to(self.device) if conditional and self._images is not None else None
         self.samples_served = 0
+
+    def _sample(self, n: int):
+        """x0 and labels (or None): image sets by index on the device, other data sets draw themselves."""
+        g = self.generator
+        if self._images is None:
+            return self.dataset.sample_labeled(n, g) if self.conditional else (self.dataset.sample(n, g), None)
+        idx = torch.randint(0, len(self._images), (n,), generator=g, device=self.device)
+        return self._images[idx], None if self._labels is None else self._labels[idx]
 
     def next_batch(self) -> TrainingBatch:
         g, b = self.generator, self.batch_size
-        x0, y = self.dataset.sample_labeled(b, g) if self.conditional else (self.dataset.sample(b, g), None)
-        t = torch.randint(0, self.schedule.num_steps, (b,), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
-        x0, t, noise = x0.to(self.device), t.to(self.device), noise.to(self.device)
+        x0, y = self._sample(b)
+        t = torch.randint(0, self.schedule.num_steps, (b,), generator=g, device=self.device)
+        noise = torch.randn(x0.shape, generator=g, device=self.device)
         x_t = self.schedule.q_sample(x0, t, noise)
         self.samples_served += b
-        return TrainingBatch(x_t=x_t, t=t, target=self.schedule.q_posterior(x0, x_t, t),
-                             y=None if y is None else y.to(self.device))
+        return TrainingBatch(x_t=x_t, t=t, target=self.schedule.q_posterior(x0, x_t, t), y=y)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"rng": self.generator.get_state(), "samples_served": torch.tensor(self.samples_served)}

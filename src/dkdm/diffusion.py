@@ -64,15 +64,22 @@ _DIFFUSERS_SCHEDULES = {
 }
 
 
-@dataclass
 class Reverse:
-    """A model's (or the true posterior's) reverse-step distribution at (x_t, t)."""
+    """A model's (or the true posterior's) reverse-step distribution at (x_t, t).
 
-    eps: torch.Tensor
-    x0: torch.Tensor
-    mean: torch.Tensor
-    variance: torch.Tensor
-    log_variance: torch.Tensor
+    ``variance`` may be given as None: it is then exp(log_variance), computed when read (training
+    reads only the log-variance, so a step does not pay for it; not kept, so that a step replayed
+    into the same tensors never returns a stale variance).
+    """
+
+    def __init__(self, eps: torch.Tensor, x0: torch.Tensor, mean: torch.Tensor, variance: torch.Tensor | None,
+                 log_variance: torch.Tensor):
+        self.eps, self.x0, self.mean, self.log_variance = eps, x0, mean, log_variance
+        self._variance = variance
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return torch.exp(self.log_variance) if self._variance is None else self._variance
 
 
 @dataclass
@@ -117,19 +124,29 @@ class Schedule:
         self.fixed_large_variance = large
         self.fixed_large_log_variance = torch.log(large)
 
-        self._device_copies: dict[tuple[str, torch.device], torch.Tensor] = {}
+        # a learned-range log-variance f log b + (1 - f) log btilde with f = (v + 1) / 2 is
+        # center + v * radius: two tables instead of five operations per step
+        self.learned_log_variance_center = (self.log_betas + self.posterior_log_variance_clipped) / 2
+        self.learned_log_variance_radius = (self.log_betas - self.posterior_log_variance_clipped) / 2
 
-    def _take(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """self.<name>[t] (float64) cast to like's dtype and shaped to broadcast over like.
+        self._device_copies: dict[tuple, torch.Tensor] = {}
 
-        The table is copied to t's device once and kept there: a copy per call would make every
-        training step wait for the device.
+    def _take(self, t: torch.Tensor, like: torch.Tensor, *names: str) -> tuple[torch.Tensor, ...]:
+        """self.<name>[t] for each name (float64 tables) in like's dtype, shaped to broadcast over like.
+
+        The tables are stacked, cast and copied to t's device once and kept there (casting then
+        gathering gives the same values as gathering then casting), so a call is one gather: a
+        copy per call would make every training step wait for the device, and a gather or cast
+        per table would be one more kernel launch each.
         """
-        key = (name, t.device)
-        arr = self._device_copies.get(key)
-        if arr is None:
-            arr = self._device_copies[key] = getattr(self, name).to(t.device)
-        return arr[t].to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+        key = (names, t.device, like.dtype)
+        table = self._device_copies.get(key)
+        if table is None:
+            table = torch.stack([getattr(self, n) for n in names]).to(t.device, like.dtype)
+            self._device_copies[key] = table
+        rows = table.index_select(1, t)
+        shape = (-1, *([1] * (like.dim() - 1)))
+        return tuple(rows[i].view(shape) for i in range(len(names)))
 
     # construction -------------------------------------------------------------------------
     @classmethod
@@ -199,40 +216,32 @@ class Schedule:
 
     # forward process ----------------------------------------------------------------------
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return (self._take("sqrt_alphas_cumprod", t, x0) * x0
-                + self._take("sqrt_one_minus_alphas_cumprod", t, x0) * noise)
+        a, s = self._take(t, x0, "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod")
+        return torch.addcmul(a * x0, s, noise)
 
     def q_posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> Reverse:
         """The forward posterior q(x_{t-1} | x_t, x0): the target of data-based training."""
-        mean = self._take("posterior_mean_coef1", t, x_t) * x0 + self._take("posterior_mean_coef2", t, x_t) * x_t
-        var = self._take("posterior_variance", t, x_t).expand_as(x_t)
-        log_var = self._take("posterior_log_variance_clipped", t, x_t).expand_as(x_t)
-        eps = self.eps_from_x0(x_t, t, x0)
-        return Reverse(eps=eps, x0=x0, mean=mean, variance=var, log_variance=log_var)
+        c1, c2, var, log_var, r, rm1 = self._take(
+            t, x_t, "posterior_mean_coef1", "posterior_mean_coef2", "posterior_variance",
+            "posterior_log_variance_clipped", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod")
+        mean = torch.addcmul(c1 * x0, c2, x_t)
+        eps = _eps_from_x0(x_t, x0, r, rm1)
+        return Reverse(eps=eps, x0=x0, mean=mean, variance=var.expand_as(x_t), log_variance=log_var.expand_as(x_t))
 
     # conversions --------------------------------------------------------------------------
     def x0_from_eps(self, x_t, t, eps):
-        return (self._take("sqrt_recip_alphas_cumprod", t, x_t) * x_t
-                - self._take("sqrt_recipm1_alphas_cumprod", t, x_t) * eps)
+        return _x0_from_eps(x_t, eps, *self._take(t, x_t, "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod"))
 
     def eps_from_x0(self, x_t, t, x0):
-        return ((self._take("sqrt_recip_alphas_cumprod", t, x_t) * x_t - x0)
-                / self._take("sqrt_recipm1_alphas_cumprod", t, x_t))
+        return _eps_from_x0(x_t, x0, *self._take(t, x_t, "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod"))
 
     def eps_and_x0(self, pred, x_t, t, prediction: str):
         """A model's epsilon and x0 from its prediction (epsilon, v or x0), before any clamping."""
-        if prediction == "epsilon":
-            return pred, self.x0_from_eps(x_t, t, pred)
-        if prediction == "sample":
-            return self.eps_from_x0(x_t, t, pred), pred
-        if prediction == "v_prediction":
-            a, s = self._take("sqrt_alphas_cumprod", t, x_t), self._take("sqrt_one_minus_alphas_cumprod", t, x_t)
-            return a * pred + s * x_t, a * x_t - s * pred
-        raise ValueError(f"unknown prediction type {prediction!r}; choose one of {PREDICTIONS}")
+        return _eps_and_x0(pred, x_t, prediction, *self._take(t, x_t, *_PREDICTION_TABLES[_checked(prediction)]))
 
     def v_target(self, x0, t, eps):
-        return (self._take("sqrt_alphas_cumprod", t, x0) * eps
-                - self._take("sqrt_one_minus_alphas_cumprod", t, x0) * x0)
+        a, s = self._take(t, x0, "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod")
+        return a * eps - s * x0
 
     # reverse process ----------------------------------------------------------------------
     def reverse(
@@ -249,46 +258,72 @@ class Schedule:
         ``output`` has C channels (fixed variance) or 2C (learned range: prediction, then the
         interpolation value v in [-1, 1]) along dim 1. ``eps`` is the model's own prediction;
         ``x0`` and ``mean`` use the clamped x0 when ``clip_x0`` (as the teacher's step does).
+        Every coefficient of the step comes from one gather.
         """
-        if variance == "learned_range":
-            if output.shape[1] != 2 * x_t.shape[1]:
-                raise ValueError(
-                    f"a learned-variance model must output {2 * x_t.shape[1]} channels, "
-                    f"got {output.shape[1]}"
-                )
-            pred, v = output.chunk(2, dim=1)
-            min_log = self._take("posterior_log_variance_clipped", t, x_t)
-            max_log = self._take("log_betas", t, x_t)
-            frac = (v + 1) / 2
-            log_var = frac * max_log + (1 - frac) * min_log
-            var = torch.exp(log_var)
-        elif variance in ("fixed_small", "fixed_large"):
-            if output.shape[1] != x_t.shape[1]:
-                raise ValueError(
-                    f"a fixed-variance model must output {x_t.shape[1]} channels, "
-                    f"got {output.shape[1]}"
-                )
-            pred = output
-            if variance == "fixed_small":
-                var_arr, log_arr = "posterior_variance", "posterior_log_variance_clipped"
-            else:
-                var_arr, log_arr = "fixed_large_variance", "fixed_large_log_variance"
-            var = self._take(var_arr, t, x_t).expand_as(x_t)
-            log_var = self._take(log_arr, t, x_t).expand_as(x_t)
-        else:
+        if variance not in _VARIANCE_TABLES:
             raise ValueError(f"unknown variance type {variance!r}; choose one of {VARIANCES}")
-
-        eps, x0 = self.eps_and_x0(pred, x_t, t, prediction)
+        channels = x_t.shape[1] * (2 if variance == "learned_range" else 1)
+        if output.shape[1] != channels:
+            kind = "learned-variance" if variance == "learned_range" else "fixed-variance"
+            raise ValueError(f"a {kind} model must output {channels} channels, got {output.shape[1]}")
+        va, vb, p1, p2, c1, c2 = self._take(
+            t, x_t, *_VARIANCE_TABLES[variance], *_PREDICTION_TABLES[_checked(prediction)],
+            "posterior_mean_coef1", "posterior_mean_coef2")
+        if variance == "learned_range":
+            pred, v = output.chunk(2, dim=1)
+            log_var, var = torch.addcmul(va, vb, v), None
+        else:
+            pred = output
+            var, log_var = va.expand_as(x_t), vb.expand_as(x_t)
+        eps, x0 = _eps_and_x0(pred, x_t, prediction, p1, p2)
         if clip_x0:
             x0 = x0.clamp(-1, 1)
-        mean = self._take("posterior_mean_coef1", t, x_t) * x0 + self._take("posterior_mean_coef2", t, x_t) * x_t
+        mean = torch.addcmul(c1 * x0, c2, x_t)
         return Reverse(eps=eps, x0=x0, mean=mean, variance=var, log_variance=log_var)
+
+
+#: the tables a reverse step reads, by variance type (two each) and by prediction type (two each)
+_VARIANCE_TABLES = {
+    "learned_range": ("learned_log_variance_center", "learned_log_variance_radius"),
+    "fixed_small": ("posterior_variance", "posterior_log_variance_clipped"),
+    "fixed_large": ("fixed_large_variance", "fixed_large_log_variance"),
+}
+_PREDICTION_TABLES = {
+    "epsilon": ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod"),
+    "sample": ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod"),
+    "v_prediction": ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod"),
+}
+
+
+def _checked(prediction: str) -> str:
+    if prediction not in _PREDICTION_TABLES:
+        raise ValueError(f"unknown prediction type {prediction!r}; choose one of {PREDICTIONS}")
+    return prediction
+
+
+def _x0_from_eps(x_t, eps, sqrt_recip, sqrt_recipm1):
+    # two products and a difference, rounded as improved-DDPM rounds them: near t = T both products
+    # are ~1e3 times x0, so a fused multiply-add would move x0 by a float32 ulp of theirs
+    return sqrt_recip * x_t - sqrt_recipm1 * eps
+
+
+def _eps_from_x0(x_t, x0, sqrt_recip, sqrt_recipm1):
+    return (sqrt_recip * x_t - x0) / sqrt_recipm1
+
+
+def _eps_and_x0(pred, x_t, prediction, c1, c2):
+    """epsilon and x0 from a prediction, given the two coefficients _PREDICTION_TABLES names for it."""
+    if prediction == "epsilon":
+        return pred, _x0_from_eps(x_t, pred, c1, c2)
+    if prediction == "sample":
+        return _eps_from_x0(x_t, pred, c1, c2), pred
+    return torch.addcmul(c1 * pred, c2, x_t), torch.addcmul(c1 * x_t, c2, pred, value=-1)  # v: a v + s x, a x - s v
 
 
 def reverse_sample(step: Reverse, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Draw x_{t-1} from a reverse step; no noise is added at t = 0."""
-    nonzero = (t != 0).to(step.mean.dtype).view(-1, *([1] * (step.mean.dim() - 1)))
-    return step.mean + nonzero * torch.exp(0.5 * step.log_variance) * noise
+    nonzero = (t != 0).view(-1, *([1] * (step.mean.dim() - 1)))
+    return torch.where(nonzero, step.mean + torch.exp(0.5 * step.log_variance) * noise, step.mean)
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:

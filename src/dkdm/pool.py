@@ -116,6 +116,7 @@ class KnowledgePool:
         self.teacher_calls = 0  # teacher sample-forwards spent on training batches
         self.prep_calls = 0  # teacher sample-forwards spent preparing the pool
         self.prepared = False
+        self._graphed = None
 
     @property
     def schedule(self):
@@ -129,7 +130,13 @@ class KnowledgePool:
         return self.teacher.labels_for(n, self.generator, self.device, self.class_prior)
 
     def _teacher_step(self, x, s, y=None):
-        """One teacher reverse step from (x_s, s): returns x_{s-1} and the step's distribution.
+        """One teacher reverse step from (x_s, s): returns x_{s-1} and the step's distribution."""
+        x_prev, _, step = self._advance(x, s, y, self._noise(x.shape))
+        return x_prev, step
+
+    def _advance(self, x, s, y, noise):
+        """x_{s-1}, the model index t = s - 1 and the teacher's step distribution at (x_s, s), the
+        sample drawn with ``noise``. A pure function of its tensors (the unit a CUDA graph captures).
 
         The teacher runs under inference_mode (no autograd bookkeeping at all); its outputs are
         read, never written, by the student's loss, which inference tensors allow.
@@ -137,7 +144,16 @@ class KnowledgePool:
         t = s - 1
         with torch.inference_mode():
             step = self.teacher.reverse(x, t, y=y, guidance=self.guidance)
-            return reverse_sample(step, t, self._noise(x.shape)), step
+            return reverse_sample(step, t, noise), t, step
+
+    def use_cuda_graphs(self) -> None:
+        """Replay the training batches' teacher step as a CUDA graph (the Trainer's --cuda-graphs).
+
+        The draw, the restarts and the noise stay outside it, so the random streams and the
+        batches are those of the plain pool."""
+        from .cudagraphs import GraphedStep
+
+        self._graphed = GraphedStep(self._advance)
 
     @torch.no_grad()
     def prepare(self, chunk: int | None = None, progress=None) -> None:
@@ -219,15 +235,16 @@ class KnowledgePool:
         # batch, kept where needed) so that the loop never waits on the device to count them
         done = s == 0
         x = torch.where(done.view(-1, *[1] * (x.dim() - 1)), self._noise(x.shape), x)
-        s = torch.where(done, self.num_steps, s)
+        s = s.masked_fill(done, self.num_steps)
         if y is not None:  # a restarted entry is a new sample: it gets a new label
             y = torch.where(done, self._labels(len(idx)), y)
             self.y[idx] = y
-        x_prev, step = self._teacher_step(x, s, y)
+        advance = self._advance if self._graphed is None else self._graphed
+        x_prev, t, step = advance(x, s, y, self._noise(x.shape))
         self.x[idx] = x_prev.to(self.x.dtype)
-        self.s[idx] = s - 1
+        self.s[idx] = t
         self.teacher_calls += len(idx)
-        return TrainingBatch(x_t=x, t=s - 1, target=step, y=y)
+        return TrainingBatch(x_t=x, t=t, target=step, y=y)
 
     # state --------------------------------------------------------------------------------
     def describe(self) -> dict:

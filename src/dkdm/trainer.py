@@ -13,17 +13,20 @@ import os
 import signal
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import AutocastKwargs
 from tqdm.auto import tqdm
 
 from .checkpoint import (
     flatten, latest_good_checkpoint, list_checkpoints, optimizer_from_flat, optimizer_to_flat, read_rank_shard, rng_state,
     save_checkpoint, set_rng_state, unflatten, write_rank_shard,
 )
+from .diffusion import Reverse, TrainingBatch
 from .errors import DkdmError
 from .model import DiffusionModel
 from .objective import DEFAULT_VLB_WEIGHT, dkdm_loss
@@ -31,8 +34,25 @@ from .objective import DEFAULT_VLB_WEIGHT, dkdm_loss
 
 def make_accelerator(mixed_precision: str = "no") -> Accelerator:
     """accelerate's Accelerator; without CUDA it uses the CPU, and under torchrun / accelerate
-    launch several CPU processes train together over gloo."""
+    launch several CPU processes train together over gloo. On CUDA, cuDNN autotunes its
+    convolution algorithms (every step has the same shapes, so the first step's search pays off)."""
+    if torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+
+
+_FUSED_CPU_ADAMW = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4)
+
+
+def _adamw(params, cfg: "TrainConfig", device: torch.device) -> torch.optim.AdamW:
+    """AdamW as one fused kernel over all tensors (CUDA; CPU since torch 2.4, where it is also 5x
+    faster than the per-tensor loop on the default digits student); elsewhere the foreach form.
+    A CUDA graph replays the fused step only if it is capturable (its step count on the device)."""
+    if device.type == "cuda" or (device.type == "cpu" and _FUSED_CPU_ADAMW):
+        kind = {"fused": True, "capturable": cfg.cuda_graphs}
+    else:
+        kind = {"foreach": True}
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **kind)
 
 
 class TrainingDiverged(DkdmError):
@@ -74,6 +94,7 @@ class TrainConfig:
     vlb_weight: float = DEFAULT_VLB_WEIGHT
     compile: bool = False  # torch.compile the student's forward (the backward follows)
     channels_last: bool = False  # channels-last weights: faster convolutions on GPUs in reduced precision
+    cuda_graphs: bool = False  # replay the student update (and a pool's teacher step) as CUDA graphs
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -91,26 +112,41 @@ class TrainConfig:
 class EMA:
     """Exponential moving average of the weights, with diffusers' warm-up of the decay.
 
-    Hand-written (a dozen lines) because its state must be a flat tensor dict for safetensors.
+    Hand-written (a few dozen lines) because its state must be a flat tensor dict for safetensors.
+    The live tensors are paired with their shadows once, so a step is one fused lerp and no
+    walk over the module (a state_dict() per step costs an op per tensor).
     """
 
     def __init__(self, net: torch.nn.Module, decay: float):
         self.decay = decay
         self.shadow = {k: v.detach().clone().float() for k, v in net.state_dict().items()}
+        self._bind(net)
+
+    def _bind(self, net: torch.nn.Module) -> None:
+        live = net.state_dict(keep_vars=True)  # the parameters and buffers themselves, not copies
+        floats = [k for k, v in live.items() if v.dtype.is_floating_point]
+        self._net = net
+        self._shadows = [self.shadow[k] for k in floats]
+        self._live = [live[k] for k in floats]
+        self._cast = any(v.dtype != torch.float32 for v in self._live)
+        self._copied = [(self.shadow[k], v) for k, v in live.items() if not v.dtype.is_floating_point]
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy a saved EMA in place (the pairs made once stay valid)."""
+        for k, v in state.items():
+            self.shadow[k].copy_(v)
 
     @torch.no_grad()
     def update(self, net: torch.nn.Module, step: int) -> None:
         """One fused lerp over all float tensors: a per-tensor loop costs a kernel launch each on a GPU."""
+        if net is not self._net:
+            self._bind(net)
         d = min(self.decay, (1 + step) / (10 + step))
-        shadow, current = [], []
-        for k, v in net.state_dict().items():
-            if v.dtype.is_floating_point:
-                shadow.append(self.shadow[k])
-                current.append(v.float())
-            else:
-                self.shadow[k].copy_(v)
-        if shadow:
-            torch._foreach_lerp_(shadow, current, 1 - d)
+        live = [v.float() for v in self._live] if self._cast else self._live
+        if live:
+            torch._foreach_lerp_(self._shadows, live, 1 - d)
+        for shadow, v in self._copied:
+            shadow.copy_(v)
 
 
 class Trainer:
@@ -143,16 +179,37 @@ class Trainer:
         self.progress = progress
         self.accelerator = accelerator or make_accelerator(config.mixed_precision)
         self.step = 0
-        opt = torch.optim.AdamW(student.net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        warm = max(1, config.warmup)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        if config.cuda_graphs:
+            self._check_cuda_graphs()
         if config.channels_last:
             student.net.to(memory_format=torch.channels_last)
+        student.net.to(self.accelerator.device)
+        opt = _adamw(student.net.parameters(), config, self.accelerator.device)
+        warm = max(1, config.warmup)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
         self.net, self.opt, self.lr_sched = self.accelerator.prepare(student.net, opt, sched)
         # the compiled forward shares the prepared module's weights; saving and the EMA keep using
         # self.net, so state-dict keys stay those of the plain network
         self._forward = torch.compile(self.net) if config.compile else self.net
-        self.ema = EMA(self.accelerator.unwrap_model(self.net), config.ema_decay)
+        self._plain_net = self.accelerator.unwrap_model(self.net)
+        self._params = list(self.net.parameters())
+        self.ema = EMA(self._plain_net, config.ema_decay)
+        device = self.accelerator.device
+        # per-step bookkeeping kept on the device, allocated once (a captured update writes into them):
+        # (mse, vb, count) x quarter of t, summed until the next log line; and the finiteness record
+        # [all steps finite since the last check (0/1), finite steps since then]
+        self._sums = torch.zeros(4, 3, dtype=torch.float64, device=device)
+        self._finite = torch.tensor([1, 0], dtype=torch.long, device=device)
+        self._quarter = torch.arange(student.schedule.num_steps, device=device) * 4 // student.schedule.num_steps
+        self._ones: dict[int, torch.Tensor] = {}
+        self._check_every: int | None = None
+        self._graph = None
+        if config.cuda_graphs:
+            from .cudagraphs import GraphedStep
+
+            self._graph = GraphedStep(self._graphed_update)
+            if hasattr(source, "use_cuda_graphs"):
+                source.use_cuda_graphs()
         self.ckpt_dir = self.out / "checkpoints"
         self.log_path = self.out / "log.jsonl"
 
@@ -202,9 +259,8 @@ class Trainer:
                     f"--resume: the {key} settings differ from the run in {self.out} "
                     f"(saved {saved[key]}, now {self.run_info[key]}); resume with the same settings"
                 )
-        net = self.accelerator.unwrap_model(self.net)
-        net.load_state_dict(unflatten("student", tensors))
-        self.ema.shadow = {k: v.to(self.ema.shadow[k].device) for k, v in unflatten("ema", tensors).items()}
+        self._plain_net.load_state_dict(unflatten("student", tensors))
+        self.ema.load_state_dict(unflatten("ema", tensors))
         self.opt.load_state_dict(optimizer_from_flat(unflatten("optim", tensors), meta["optimizer"]))
         self.lr_sched.load_state_dict(meta["lr_scheduler"])
         self.source.load_state_dict(unflatten("source", tensors))
@@ -233,8 +289,70 @@ class Trainer:
     def check_every(self) -> int:
         """Steps between finiteness checks of the loss: every step on the CPU, where the check is
         free; on an accelerator every log step, so that the loop never waits on the device (a
-        non-finite step is still found before any checkpoint or model is written)."""
+        non-finite step is still found before any checkpoint or model is written). Settable, so
+        that bench/ops.py can count the accelerator path's ops on a CPU."""
+        if self._check_every is not None:
+            return self._check_every
         return 1 if self.accelerator.device.type == "cpu" else self.cfg.log_every
+
+    @check_every.setter
+    def check_every(self, steps: int) -> None:
+        self._check_every = steps
+
+    def _check_cuda_graphs(self) -> None:
+        acc, cfg = self.accelerator, self.cfg
+        why = ("needs a CUDA device, and this machine has none (drop the flag)" if acc.device.type != "cuda" else
+               "cannot replay --mixed-precision fp16 (its loss scaler reads the device every step); use bf16"
+               if cfg.mixed_precision == "fp16" else
+               "runs one process; drop it under torchrun / accelerate launch" if acc.num_processes > 1 else
+               "and --compile are alternatives; choose one" if cfg.compile else None)
+        if why:
+            raise DkdmError(f"--cuda-graphs {why}")
+
+    def _update(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step of the student on ``batch``, with its loss statistics and finiteness
+        record kept on the device. Nothing here reads the device or depends on the step number,
+        so it can be captured as a CUDA graph. Returns the mean loss and the student's output."""
+        cfg, student = self.cfg, self.student
+        self.net.train()
+        with self._autocast():
+            y = batch.y if student.num_classes else None  # an unconditional student learns the marginal
+            output = self._forward(batch.x_t, batch.t) if y is None else self._forward(batch.x_t, batch.t, y)
+        terms = dkdm_loss(student.schedule, output.float(), batch.x_t, batch.t, batch.target,
+                          student.prediction, student.variance, cfg.vlb_weight)
+        loss = terms["loss"].mean()
+        self.opt.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        if cfg.grad_clip > 0:  # torch's foreach norm and scaling: no host sync
+            self.accelerator.clip_grad_norm_(self._params, cfg.grad_clip)
+        self.opt.step()
+        with torch.no_grad():
+            n = len(batch.t)
+            ones = self._ones.get(n)
+            if ones is None:
+                ones = self._ones[n] = torch.ones(n, device=self._sums.device)
+            stats = torch.stack([terms["mse"].detach().float(), terms["vb"].detach().float(), ones], 1)
+            self._sums.index_add_(0, self._quarter[batch.t], stats.double())
+            if self.check_every > 1:  # x - x is 0 exactly when x is finite: two ops where isfinite takes four
+                self._finite[:1].mul_((loss - loss) == 0)
+                self._finite[1:].add_(self._finite[:1])
+        return loss, output
+
+    def _graph_inputs(self, batch) -> tuple:
+        target = batch.target
+        return (batch.x_t, batch.t, batch.y if self.student.num_classes else None, target.eps, target.mean,
+                target.log_variance)
+
+    def _graphed_update(self, x_t, t, y, eps, mean, log_variance):
+        """``_update`` on the tensors of a batch that the loss reads (``_graph_inputs``): the arguments
+        of its CUDA graph."""
+        target = Reverse(eps=eps, x0=None, mean=mean, variance=None, log_variance=log_variance)
+        return self._update(TrainingBatch(x_t=x_t, t=t, target=target, y=y))
+
+    def _autocast(self):
+        if self._graph is None:
+            return self.accelerator.autocast()
+        return self.accelerator.autocast(AutocastKwargs(cache_enabled=False))  # capture needs autocast uncached
 
     def _diverged_advice(self) -> str:
         return (f"stopped, last good checkpoint kept in {self.ckpt_dir}; a non-finite teacher means a broken "
@@ -246,13 +364,12 @@ class Trainer:
 
     def train(self) -> dict:
         """Run to ``config.steps``; returns the last logged record. Saves the EMA model at the end."""
-        cfg, schedule, student = self.cfg, self.student.schedule, self.student
-        T = schedule.num_steps
+        cfg, student = self.cfg, self.student
         self.out.mkdir(parents=True, exist_ok=True)
-        # (mse, vb, count) x quarter of t, kept on the device: no host sync until a log line
-        sums = torch.zeros(3, 4, dtype=torch.float64, device=self.accelerator.device)
-        bad_at = torch.full((), -1, dtype=torch.long, device=self.accelerator.device)  # first non-finite step
+        self._sums.zero_()
+        self._reset_finite()
         check_every = self.check_every
+        checked_at = self.step
         last, t0, n0 = {}, time.time(), self.step
         acc = self.accelerator
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step",
@@ -262,48 +379,30 @@ class Trainer:
         try:
             while self.step < cfg.steps:
                 batch = self.source.next_batch()
-                self.net.train()
-                with self.accelerator.autocast():
-                    y = batch.y if student.num_classes else None  # an unconditional student learns the marginal
-                    output = self._forward(batch.x_t, batch.t) if y is None else self._forward(batch.x_t, batch.t, y)
-                terms = dkdm_loss(schedule, output.float(), batch.x_t, batch.t, batch.target,
-                                  student.prediction, student.variance, cfg.vlb_weight)
-                loss = terms["loss"].mean()
-                if check_every == 1:
-                    if not torch.isfinite(loss):
-                        raise TrainingDiverged(
-                            f"loss became {loss.item()} at step {self.step + 1}: {_first_nonfinite(batch, output)}; "
-                            f"{self._diverged_advice()}"
-                        )
-                else:
-                    bad_at = torch.where((bad_at < 0) & ~torch.isfinite(loss), self.step + 1, bad_at)
-                self.opt.zero_grad(set_to_none=True)
-                self.accelerator.backward(loss)
-                if cfg.grad_clip > 0:
-                    self.accelerator.clip_grad_norm_(self.net.parameters(), cfg.grad_clip)
-                self.opt.step()
+                loss, output = self._step(batch)
+                if check_every == 1 and not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"loss became {loss.item()} at step {self.step + 1}: {_first_nonfinite(batch, output)}; "
+                        f"{self._diverged_advice()}"
+                    )
                 self.lr_sched.step()
                 self.step += 1
-                self.ema.update(self.accelerator.unwrap_model(self.net), self.step)
-                with torch.no_grad():
-                    q = (batch.t * 4 // T).to(sums.device)
-                    for i, key in enumerate(("mse", "vb")):
-                        sums[i].index_add_(0, q, terms[key].detach().double().to(sums.device))
-                    sums[2].index_add_(0, q, torch.ones(len(q), dtype=torch.float64, device=sums.device))
+                self.ema.update(self._plain_net, self.step)
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    sums = self._sums
                     if acc.num_processes > 1:
                         sums = acc.reduce(sums, reduction="sum")
                         self._check_ranks_in_sync()
-                    cnt = sums[2].clamp(min=1)
-                    total = sums[2].sum().clamp(min=1)
-                    mse, vb = sums[0].sum() / total, sums[1].sum() / total
+                    q = sums.tolist()  # one read of the device per log line: [quarter][mse, vb, count]
+                    total = max(sum(r[2] for r in q), 1.0)
+                    mse, vb = sum(r[0] for r in q) / total, sum(r[1] for r in q) / total
                     rate = (self.step - n0) / max(time.time() - t0, 1e-9)
                     last = {
-                        "step": self.step, "loss": float(mse + cfg.vlb_weight * vb), "mse": float(mse),
-                        "vb": float(vb), "lr": self.lr_sched.get_last_lr()[0],
-                        **{f"mse_q{i}": float(sums[0, i] / cnt[i]) for i in range(4)},
-                        **{f"vb_q{i}": float(sums[1, i] / cnt[i]) for i in range(4)},
+                        "step": self.step, "loss": mse + cfg.vlb_weight * vb, "mse": mse,
+                        "vb": vb, "lr": float(self.lr_sched.get_last_lr()[0]),
+                        **{f"mse_q{i}": r[0] / max(r[2], 1.0) for i, r in enumerate(q)},
+                        **{f"vb_q{i}": r[1] / max(r[2], 1.0) for i, r in enumerate(q)},
                         "steps_per_s": rate,
                         "samples_per_s": rate * len(batch.t) * acc.num_processes,
                         **({"teacher_calls": self.source.teacher_calls} if hasattr(self.source, "teacher_calls") else {}),
@@ -312,15 +411,17 @@ class Trainer:
                     if acc.is_main_process:
                         self._log(last)
                     bar.set_postfix(loss=f"{last['loss']:.4f}")
-                    sums.zero_()
+                    self._sums.zero_()
                 saved = self.step % cfg.ckpt_every == 0 or self.step == cfg.steps
                 if check_every > 1 and (saved or stop or self.step % check_every == 0):
-                    first = int(bad_at)
-                    if first >= 0:
+                    finite, good = self._finite.tolist()
+                    if not finite:
                         raise TrainingDiverged(
-                            f"loss became non-finite at step {first} (checked at step {self.step}); "
+                            f"loss became non-finite at step {checked_at + good + 1} (checked at step {self.step}); "
                             f"{self._diverged_advice()} (--log-every 1 checks every step and names the tensor)"
                         )
+                    self._reset_finite()
+                    checked_at = self.step
                 if saved:
                     self.save()
                 if stop:
@@ -336,6 +437,23 @@ class Trainer:
             student.save(self.out, {k: v for k, v in self.ema.shadow.items()})
         acc.wait_for_everyone()
         return last
+
+    def _step(self, batch):
+        """The update on ``batch``: plain, or replayed as a CUDA graph (keyed on the learning rates,
+        which a captured optimizer step holds fixed: the warm-up's steps run plain)."""
+        if self._graph is None:
+            return self._update(batch)
+        args = self._graph_inputs(batch)
+        key = tuple(g["lr"] for g in self.opt.param_groups)
+        if self._graph.graph is not None:
+            return self._graph(*args, key=key)
+        with warnings.catch_warnings():  # the plain steps before capture: torch warns that they are not captured
+            warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
+            return self._graph(*args, key=key)
+
+    def _reset_finite(self) -> None:
+        self._finite.fill_(0)
+        self._finite[:1].fill_(1)
 
     @staticmethod
     def _catch_signals(stop: list) -> dict:

@@ -203,7 +203,12 @@ class ResBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Self-attention over positions; ``new_order`` splits q/k/v before heads (QKVAttention)."""
+    """Self-attention over positions; ``new_order`` splits q/k/v before heads (QKVAttention).
+
+    Computed by ``scaled_dot_product_attention`` (flash / memory-efficient kernels on GPUs) with
+    the 1x1 convolutions applied as linear maps over positions, so that q, k and v come out as
+    [batch, heads, positions, channels] with channels contiguous, as those kernels want them.
+    """
 
     def __init__(self, ch, num_heads, head_channels, new_order):
         super().__init__()
@@ -220,18 +225,15 @@ class AttentionBlock(nn.Module):
     def forward(self, x):
         b, c, *spatial = x.shape
         x = x.reshape(b, c, -1)
-        qkv = self.qkv(self.norm(x))
-        n, length = self.heads, qkv.shape[-1]
-        ch = c // n
-        if self.new_order:
-            q, k, v = (z.reshape(b * n, ch, length) for z in qkv.chunk(3, dim=1))
-        else:
-            q, k, v = qkv.reshape(b * n, 3 * ch, length).split(ch, dim=1)
-        scale = 1 / math.sqrt(math.sqrt(ch))
-        w = torch.einsum("bct,bcs->bts", q * scale, k * scale)
-        w = torch.softmax(w.float(), dim=-1).type(w.dtype)
-        h = torch.einsum("bts,bcs->bct", w, v).reshape(b, c, length)
-        return (x + self.proj_out(h)).reshape(b, c, *spatial)
+        length, n = x.shape[-1], self.heads
+        qkv = F.linear(self.norm(x).transpose(1, 2), self.qkv.weight.squeeze(-1), self.qkv.bias)  # [b, L, 3c]
+        # channel order of qkv: (q|k|v, head, ch) in the new order, (head, q|k|v, ch) in the legacy one
+        qkv = qkv.view(b, length, 3, n, c // n) if self.new_order else qkv.view(b, length, n, 3, c // n).transpose(2, 3)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        # the default scale 1/sqrt(ch) is ADM's 1/sqrt(sqrt(ch)) applied to both q and k
+        h = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, length, c)
+        h = F.linear(h, self.proj_out.weight.squeeze(-1), self.proj_out.bias)
+        return (x + h.transpose(1, 2)).reshape(b, c, *spatial)
 
 
 class _Block(nn.ModuleList):

@@ -1,0 +1,84 @@
+"""The benchmarks' guards and set-ups: the host work of a training step stays bounded (bench/ops.py),
+and bench/speed.py's scales are the layouts they name and run end to end at a toy size."""
+
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import ops  # noqa: E402
+import speed  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def step_ops():
+    with tempfile.TemporaryDirectory() as tmp:
+        return {name: ops.count_step_ops(make, teacher_net, warm=2, n=2)
+                for name, make, teacher_net in ops.default_trainers(Path(tmp), batch=4)}
+
+
+def test_ops_outside_the_networks_per_step_are_bounded(step_ops):
+    """Measured at this bound (2026-11-26): 72 for a DKDM step (the teacher step's and the loss's
+    diffusion math are 41 of them), 60 for a data-based step; 1,139 and 1,129 before issue 14. A
+    step must not read the device from the host, and the loop must not grow host work unnoticed."""
+    dkdm, data = step_ops["DKDM step"], step_ops["data-based step"]
+    assert dkdm["outside"] <= 72 and data["outside"] <= 60, (dkdm["outside_ops"], data["outside_ops"])
+    assert dkdm["syncs"] == data["syncs"] == 0
+    # with --cuda-graphs the update and the teacher step are replays: the host issues the pool's
+    # draw and write-back, the EMA, the graphs' input copies and the two replays
+    assert dkdm["with_cuda_graphs"] <= 22 and data["with_cuda_graphs"] <= 21
+    # the networks are counted apart, so the split is not vacuous
+    assert dkdm["per_region"]["teacher forward"] > 50 and dkdm["per_region"]["backward"] > 50
+
+
+def test_ops_per_step_do_not_grow_with_the_number_of_weight_tensors():
+    """Optimizer, clipping and EMA are fused or foreach: a student with twice the tensors costs
+    the same number of ops outside the networks (a per-tensor loop would add hundreds)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        counts = []
+        for spec in ("unet:widths=8-16,layers=1,groups=4", "unet:widths=8-16-16,layers=2,groups=4"):
+            _, make, teacher_net = ops.default_trainers(Path(tmp) / spec, student_spec=spec, batch=4)[0]
+            r = ops.count_step_ops(make, teacher_net, warm=2, n=1)
+            counts.append((r["outside"], r["per_region"]["backward"]))
+    assert counts[0][0] == counts[1][0] and counts[1][1] > 1.5 * counts[0][1]
+
+
+def test_scales_are_the_layouts_they_name():
+    from dkdm.model import DiffusionModel
+    from dkdm.students import count_parameters
+    from dkdm.teachers.adm import parse_flags, schedule_from_flags
+
+    schedule = schedule_from_flags(parse_flags({}))
+
+    def params(spec, shape):
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            return count_parameters(DiffusionModel.build(spec, shape, schedule).net)
+
+    for scale, teacher_params in (("cifar10", 52_546_438), ("imagenet64", 121_063_942)):
+        s = speed.SCALES[scale]
+        assert params({"type": "adm", **s["teacher"]}, s["shape"]) == teacher_params  # improved-DDPM's layouts
+        for spec in s["students"].values():
+            assert 8.5e6 < params(spec, s["shape"]) < 11e6, spec
+
+
+def test_speed_runs_a_scale_end_to_end_at_toy_size(capsys):
+    assert speed.main(["--scale", "cifar10", "--tiny", "--students", "adm,dit", "--steps", "1", "--warmup", "1",
+                       "--rounds", "1", "--device", "cpu", "--no-record"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[cifar10")]
+    assert [line.split(" | ")[1].split()[0] for line in lines] == ["adm", "dit"]
+    for line in lines:
+        assert "(c)/((b)+(u)) = " in line and "samples/s" in line and "TFLOP/s" in line
+
+
+def test_rows_go_to_the_end_of_their_table(tmp_path):
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Benchmark results\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\ntext after\n")
+    speed.add_row(path, "| a | b |", "| 3 | 4 |", "## t")
+    speed.add_row(path, "| c |", "| 5 |", "## new table")
+    assert path.read_text() == ("# Benchmark results\n\n| a | b |\n|---|---|\n| 1 | 2 |\n| 3 | 4 |\n\ntext after\n"
+                                "\n## new table\n\n| c |\n|---|\n| 5 |\n")
