@@ -117,7 +117,11 @@ class Trainer:
     """Train ``student`` on ``source``, writing logs, checkpoints and the final model to ``out``."""
 
     def __init__(self, student: DiffusionModel, source, config: TrainConfig, out, run_info: dict | None = None,
-                 progress: bool = True, accelerator: Accelerator | None = None):
+                 progress: bool = True, accelerator: Accelerator | None = None, callbacks=()):
+        """``callbacks``: each is called on the main process after a step it is due at (every
+        ``callback.every`` steps, default 1, and the last step) as ``callback(step, ema_weights)``;
+        a non-empty string it returns stops the run there (checkpoint and model written) and
+        becomes ``self.stop_reason``."""
         config.validate()
         source_schedule = getattr(source, "schedule", None)
         if source_schedule is not None and not (
@@ -143,6 +147,8 @@ class Trainer:
         self.progress = progress
         self.accelerator = accelerator or make_accelerator(config.mixed_precision)
         self.step = 0
+        self.callbacks = list(callbacks)
+        self.stop_reason: str | None = None
         opt = torch.optim.AdamW(student.net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         warm = max(1, config.warmup)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
@@ -285,13 +291,14 @@ class Trainer:
                 self.lr_sched.step()
                 self.step += 1
                 self.ema.update(self.accelerator.unwrap_model(self.net), self.step)
+                finished = self._after_step() if self.callbacks else False
                 with torch.no_grad():
                     q = (batch.t * 4 // T).to(sums.device)
                     for i, key in enumerate(("mse", "vb")):
                         sums[i].index_add_(0, q, terms[key].detach().double().to(sums.device))
                     sums[2].index_add_(0, q, torch.ones(len(q), dtype=torch.float64, device=sums.device))
                 bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps or finished:
                     if acc.num_processes > 1:
                         sums = acc.reduce(sums, reduction="sum")
                         self._check_ranks_in_sync()
@@ -313,7 +320,7 @@ class Trainer:
                         self._log(last)
                     bar.set_postfix(loss=f"{last['loss']:.4f}")
                     sums.zero_()
-                saved = self.step % cfg.ckpt_every == 0 or self.step == cfg.steps
+                saved = self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or finished
                 if check_every > 1 and (saved or stop or self.step % check_every == 0):
                     first = int(bad_at)
                     if first >= 0:
@@ -328,6 +335,8 @@ class Trainer:
                     name = signal.Signals(stop[0]).name
                     raise Interrupted(f"{name} at step {self.step}: checkpoint written to {path}; continue with "
                                       f"--resume", stop[0])
+                if finished:
+                    break
         finally:
             bar.close()
             for sig, handler in previous.items():
@@ -336,6 +345,22 @@ class Trainer:
             student.save(self.out, {k: v for k, v in self.ema.shadow.items()})
         acc.wait_for_everyone()
         return last
+
+    def _after_step(self) -> bool:
+        """Run the callbacks due at this step; True when one of them stopped the run."""
+        due = [cb for cb in self.callbacks if self.step % getattr(cb, "every", 1) == 0 or self.step == self.cfg.steps]
+        if not due:
+            return False
+        acc = self.accelerator
+        if acc.is_main_process:
+            for cb in due:
+                self.stop_reason = cb(self.step, self.ema.shadow) or self.stop_reason
+        finished = torch.tensor([self.stop_reason is not None], device=acc.device)
+        if acc.num_processes > 1:  # every process stops at the step the main one decided on
+            from accelerate.utils import broadcast
+
+            finished = broadcast(finished, from_process=0)
+        return bool(finished)
 
     @staticmethod
     def _catch_signals(stop: list) -> dict:
