@@ -249,18 +249,28 @@ def _train_config(s: dict, fixed_default: int | None = None):
     return cfg
 
 
-def _monitor(s: dict, trainer, teacher=None, pool=None, reference=None, progress=True):
-    """The --eval-every / --steps auto callback of a run, or None."""
-    if not s.get("eval_every"):
+def _monitor_config(s: dict):
+    """The settings of --eval-every / --steps auto, checked (None: the run is not watched)."""
+    if s.get("eval_every") is None:
         return None
-    from .monitor import Monitor, MonitorConfig
+    from .monitor import MonitorConfig
 
     config = MonitorConfig(every=int(s["eval_every"]), num=int(s["monitor_num"]),
                            steps=None if s["monitor_steps"] is None else int(s["monitor_steps"]),
                            heldout=int(s.get("heldout") or 0), seed=int(s["seed"]),
                            patience=int(s["patience"]) if s["steps"] == "auto" else 0)
+    config.validate()
+    return config
+
+
+def _monitor(config, trainer, teacher=None, pool=None, reference=None, guidance: float = 1.0, progress=True):
+    """The --eval-every / --steps auto callback of a run, or None."""
+    if config is None:
+        return None
+    from .monitor import Monitor
+
     return Monitor(trainer.student, trainer.out, config, trainer.cfg.steps, teacher=teacher, pool=pool,
-                   reference=reference, vlb_weight=trainer.cfg.vlb_weight, guidance=float(s.get("guidance") or 1.0),
+                   reference=reference, vlb_weight=trainer.cfg.vlb_weight, guidance=guidance,
                    device=trainer.accelerator.device, progress=progress)
 
 
@@ -367,6 +377,7 @@ def cmd_train(args) -> None:
     s = _settings(args, COMMON_DEFAULTS, TRAIN_DEFAULTS, DATA_DEFAULTS.get(reference, {}), {"out": None, "resume": False})
     s["model"] = s["model"] or "mlp"
     cfg = _train_config(s)
+    watch = _monitor_config(s)
     out = _check_out(s)
     if int(s["diffusion_steps"]) < 2:
         raise DkdmError(f"--diffusion-steps must be at least 2, got {s['diffusion_steps']}")
@@ -386,7 +397,7 @@ def cmd_train(args) -> None:
                         conditional=bool(model.num_classes))
     info = {"student": model.describe(), "source": source.describe()}
     trainer = Trainer(model, source, cfg, out, info, progress=not args.no_progress, accelerator=acc)
-    _run(trainer, s, out, args, monitor=_monitor(s, trainer, reference=reference, progress=not args.no_progress))
+    _run(trainer, s, out, args, monitor=_monitor(watch, trainer, reference=reference, progress=not args.no_progress))
 
 
 def cmd_distill(args) -> None:
@@ -412,6 +423,7 @@ def cmd_distill(args) -> None:
     s = _settings(args, COMMON_DEFAULTS, DISTILL_DEFAULTS, data_defaults, {"out": None, "resume": False})
     s["out"] = s["out"] or _default_out("distill")
     cfg = _train_config(s, fixed_default=int({**COMMON_DEFAULTS, **data_defaults}["steps"]))
+    watch = _monitor_config(s)
     reference = s["reference"] or teacher.extra.get("data")
     if s["reference"]:
         from .evaluation import check_reference
@@ -455,7 +467,7 @@ def cmd_distill(args) -> None:
                   disable=args.no_progress or prep == 0 or not acc.is_main_process, dynamic_ncols=True) as bar:
             pool.prepare(chunk=prep_batch, progress=bar)
 
-    monitor = _monitor(s, trainer, teacher, pool, reference, progress=not args.no_progress)
+    monitor = _monitor(watch, trainer, teacher, pool, reference, float(s["guidance"]), progress=not args.no_progress)
     _run(trainer, s, out, args, prepare, teacher=teacher, monitor=monitor)
 
 
