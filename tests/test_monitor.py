@@ -235,6 +235,8 @@ def test_every_distillation_reports_student_against_teacher_even_for_a_plain_dif
 @pytest.mark.parametrize("argv, msg", [
     (["train", "--data", "toy2d", "--steps", "auto"], "--steps auto needs a teacher"),
     (["distill", "--teacher", "{t}", "--steps", "5", "--max-steps", "10"], "--max-steps goes with --steps auto"),
+    (["distill", "--teacher", "{t}", "--steps", "5", "--patience", "2"], "--patience goes with --steps auto"),
+    (["distill", "--teacher", "{t}", "--steps", "auto", "--patience", "0"], "--patience and --max-steps must be"),
     (["distill", "--teacher", "{t}", "--steps", "5", "--eval-every", "0"], "--eval-every must be at least 1"),
     (["distill", "--teacher", "{t}", "--steps", "5", "--reference", "cifar10"], "unknown built-in data set"),
     (["distill", "--teacher", "{t}", "--steps", "5", "--reference", "digits"], "holds [1, 8, 8] samples"),

@@ -36,7 +36,7 @@ COMMON_DEFAULTS = {
     "grad_clip": 1.0, "warmup": 0, "mixed_precision": "no", "log_every": 50, "ckpt_every": 500,
     "keep_checkpoints": 2, "vlb_weight": 1.0, "no_report": False,
     "eval_num": None, "eval_steps": None, "compile": False, "channels_last": False,
-    "eval_every": None, "monitor_num": 1000, "monitor_steps": None, "patience": 4, "max_steps": None,
+    "eval_every": None, "monitor_num": 1000, "monitor_steps": None, "patience": None, "max_steps": None,
 }
 TRAIN_DEFAULTS = {"data": "toy2d", "real_fraction": None, "synthetic": None, "model": None, "schedule": "cosine", "diffusion_steps": 1000,
                   "variance": "learned_range", "prediction": "epsilon"}
@@ -234,8 +234,13 @@ def _train_config(s: dict, fixed_default: int | None = None):
                             "`dkdm distill`); give train a number of steps")
         s["max_steps"] = int(s["max_steps"] or 4 * fixed_default)
         s["eval_every"] = int(s["eval_every"] or max(1, fixed_default // 20))
-    elif s.get("max_steps") is not None:
-        raise DkdmError("--max-steps goes with --steps auto; with a fixed --steps it has no effect")
+        s["patience"] = int(4 if s["patience"] is None else s["patience"])
+        if s["patience"] < 1 or s["max_steps"] < 1:
+            raise DkdmError(f"--patience and --max-steps must be at least 1, got {s['patience']} and {s['max_steps']}")
+    else:
+        for key in ("max_steps", "patience"):
+            if s.get(key) is not None:
+                raise DkdmError(f"--{key.replace('_', '-')} goes with --steps auto; with a fixed --steps it has no effect")
     cfg = TrainConfig(
         steps=int(s["max_steps"] if s["steps"] == "auto" else s["steps"]), lr=float(s["lr"]), weight_decay=float(s["weight_decay"]),
         ema_decay=float(s["ema"]), grad_clip=float(s["grad_clip"]), warmup=int(s["warmup"]),
@@ -258,7 +263,7 @@ def _monitor_config(s: dict):
     config = MonitorConfig(every=int(s["eval_every"]), num=int(s["monitor_num"]),
                            steps=None if s["monitor_steps"] is None else int(s["monitor_steps"]),
                            heldout=int(s.get("heldout") or 0), seed=int(s["seed"]),
-                           patience=int(s["patience"]) if s["steps"] == "auto" else 0)
+                           patience=int(s["patience"] or 0))
     config.validate()
     return config
 

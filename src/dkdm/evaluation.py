@@ -86,10 +86,12 @@ def draw(model, num: int, steps: int | None, seed: int, progress: bool = True, b
 
 
 def teacher_statistics(teacher, num: int, steps: int | None, seed: int, guidance: float = 1.0,
-                       progress: bool = True, cache: bool = True) -> dict[str, torch.Tensor]:
+                       progress: bool = True, cache: bool = True, samples: torch.Tensor | None = None
+                       ) -> dict[str, torch.Tensor]:
     """Mean and covariance of the teacher's samples in its own features (metrics/teacher_fd.py),
     with the labels they were drawn for: the reference of the data-free sample score. Cached per
-    weights and settings, as the teacher's metrics are."""
+    weights and settings, as the teacher's metrics are; ``samples`` the teacher has just drawn
+    with these settings (``teacher.last_labels`` being theirs) are not drawn again."""
     from safetensors.torch import load_file, save_file
 
     from .metrics.features import mean_cov
@@ -107,7 +109,8 @@ def teacher_statistics(teacher, num: int, steps: int | None, seed: int, guidance
                 return load_file(str(path))
             except Exception:
                 pass
-    samples = draw(teacher, num, steps, seed, progress, guidance=guidance)
+    if samples is None:
+        samples = draw(teacher, num, steps, seed, progress, guidance=guidance)
     labels = getattr(teacher, "last_labels", None)
     mean, cov = mean_cov(features(samples, labels))
     stats = {"mean": mean, "cov": cov, **({"labels": labels.cpu()} if labels is not None else {})}
@@ -192,13 +195,14 @@ def write_report(out, student, reference: str | None, teacher=None, teacher_dir=
     side by side, drawn from the same noise.
     """
     out = Path(out)
-    rows, samples = {}, None
+    rows, samples, teacher_samples = {}, None, None
     num, steps = eval_settings(reference, num, steps)
     if steps is not None:
         steps = min(steps, student.schedule.num_steps)
     if reference:
         if teacher is not None:
-            rows["teacher"], _ = evaluate_model(teacher, teacher_dir, reference, num, steps, seed, progress, cache=True)
+            rows["teacher"], teacher_samples = evaluate_model(teacher, teacher_dir, reference, num, steps, seed, progress,
+                                                              cache=True)
         rows["student" if teacher is not None else "model"], samples = evaluate_model(
             student, out, reference, num, steps, seed, progress)
         floor = data_floor(reference)
@@ -207,7 +211,8 @@ def write_report(out, student, reference: str | None, teacher=None, teacher_dir=
     if teacher is not None:
         if samples is None:
             samples = draw(student, num, steps, seed, progress)
-        stats = teacher_statistics(teacher, num, steps, seed, guidance, progress)
+        stats = teacher_statistics(teacher, num, steps, seed, guidance, progress,
+                                   samples=teacher_samples if guidance == 1.0 else None)
         rows["student vs teacher"] = {"teacher_fd": data_free_score(teacher, samples, stats), "num_samples": num,
                                       "sampling_steps": steps or student.schedule.num_steps, "seed": seed,
                                       **(heldout or {})}

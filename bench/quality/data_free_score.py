@@ -1,0 +1,116 @@
+"""Does the data-free sample score track the real digits-FID over a distillation?
+
+Scores every checkpoint of a digits distillation run (`dkdm distill --ckpt-every N --keep-checkpoints K`)
+by its EMA weights:
+- the real digits-FID (1,437 samples, 100 steps, against the test split: the report's metric);
+- the data-free score as `--eval-every` computes it (1,000 samples of 25 steps against the
+  teacher's samples from the same noise, teacher mid-block features at t = 0.1 T), at two
+  sampling seeds (its noise), and variants of its feature space (t, layer, raw pixels);
+- the held-out error (512 states prepared as the pool's, from their own noise).
+Then prints the Pearson and Spearman correlations of each with the real digits-FID, over all
+checkpoints and over those from a given step on (where a stopping rule decides).
+
+    python bench/quality/data_free_score.py RUN_DIR results.json [--every 300] [--from-step 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+VARIANTS = {  # name: (layer, t as a fraction of T)
+    "mid_t0.1 (default)": ("unet.mid_block", 0.1),
+    "mid_t0": ("unet.mid_block", 0.0),
+    "mid_t0.02": ("unet.mid_block", 0.02),
+    "mid_t0.05": ("unet.mid_block", 0.05),
+    "mid_t0.2": ("unet.mid_block", 0.2),
+    "mid_t0.4": ("unet.mid_block", 0.4),
+    "down1_t0.1": ("unet.down_blocks.1", 0.1),
+    "up0_t0.1": ("unet.up_blocks.0", 0.1),
+}
+NUM, STEPS = 1000, 25
+
+
+def score_run(run: Path, out: Path, every: int) -> dict:
+    from dkdm.checkpoint import list_checkpoints, load_checkpoint, unflatten
+    from dkdm.evaluation import evaluate_model, score
+    from dkdm.metrics.features import frechet_distance, mean_cov
+    from dkdm.metrics.teacher_fd import TeacherFeatures
+    from dkdm.model import DiffusionModel, load_model
+    from dkdm.monitor import HELDOUT_SEED, heldout_error
+    from dkdm.pool import KnowledgePool
+
+    settings = json.loads((run / "run.json").read_text())
+    seed = int(settings["seed"])
+    teacher = load_model(settings["teacher"])
+    ckpts = {int(json.loads((c / "meta.json").read_text())["step"]): c for c in list_checkpoints(run / "checkpoints")}
+    described = json.loads((ckpts[max(ckpts)] / "meta.json").read_text())["run"]["student"]
+    student = DiffusionModel.build(described["spec"], teacher.sample_shape, teacher.schedule,
+                                   variance=described["variance"], clip_x0=described["clip_x0"]).eval()
+    feats = {k: TeacherFeatures(teacher, layer, t) for k, (layer, t) in VARIANTS.items()}
+    ref = {}
+    for s in (seed, seed + 1):
+        tx = teacher.sample(NUM, STEPS, torch.Generator().manual_seed(s))
+        ref[s] = {k: mean_cov(f(tx)) for k, f in feats.items()}
+        ref[s]["pixels"] = mean_cov(tx.flatten(1))
+    pool = KnowledgePool(teacher, int(settings["batch"]), "dynamic", float(settings["rho"]),
+                         preparation=settings["prep"], prep_steps=int(settings["prep_steps"]))
+    heldout = pool.held_out(512, seed + HELDOUT_SEED)
+    results = json.loads(out.read_text()) if out.exists() else {}
+    for step in sorted(ckpts):
+        if str(step) in results or step == 0 or step % every:
+            continue
+        t0 = time.time()
+        tensors, _ = load_checkpoint(ckpts[step])
+        student.net.load_state_dict(unflatten("ema", tensors))
+        r = {"digits_fid": evaluate_model(student, run, "digits", num=1437, steps=100, seed=seed,
+                                          progress=False)[0]["digits_fid"]}
+        r.update(heldout_error(student, heldout, 1.0))
+        for s in (seed, seed + 1):
+            sx = student.sample(NUM, STEPS, torch.Generator().manual_seed(s))
+            tag = "" if s == seed else "@seed+1"
+            r["digits_fid_1000x25" + tag] = score(sx, "digits")["digits_fid"]
+            for k, f in feats.items():
+                r[k + tag] = frechet_distance(*ref[s][k], *mean_cov(f(sx)))
+            r["pixels" + tag] = frechet_distance(*ref[s]["pixels"], *mean_cov(sx.flatten(1)))
+        r["wall_s"] = round(time.time() - t0, 1)
+        results[str(step)] = r
+        out.write_text(json.dumps(results, indent=1))
+        print(step, {k: round(v, 4) for k, v in r.items() if "q" not in k}, flush=True)
+    return results
+
+
+def correlations(results: dict, from_step: int) -> None:
+    from scipy.stats import pearsonr, spearmanr
+
+    steps = sorted(int(s) for s in results)
+    keys = [k for k in results[str(steps[0])] if k not in ("digits_fid", "wall_s") and "_q" not in k]
+    for lo in (0, from_step):
+        sel = [s for s in steps if s >= lo]
+        fid = [results[str(s)]["digits_fid"] for s in sel]
+        print(f"\ncheckpoints from step {lo}: {len(sel)} (steps {sel[0]}..{sel[-1]}), real digits-FID "
+              f"{min(fid):.2f}..{max(fid):.2f}")
+        print(f"{'score':32s} pearson spearman")
+        for k in keys:
+            v = [results[str(s)][k] for s in sel]
+            print(f"{k:32s} {pearsonr(v, fid)[0]:7.3f} {spearmanr(v, fid)[0]:8.3f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", type=Path)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--from-step", type=int, default=1000)
+    ap.add_argument("--every", type=int, default=1, help="score only checkpoints at multiples of this step")
+    ap.add_argument("--report-only", action="store_true")
+    a = ap.parse_args()
+    results = json.loads(a.out.read_text()) if a.report_only else score_run(a.run, a.out, a.every)
+    correlations(results, a.from_step)
+
+
+if __name__ == "__main__":
+    main()
