@@ -53,6 +53,7 @@ def test_held_out_error_and_data_free_score_fall_and_watching_changes_no_weight(
     assert last["teacher_fd"] < 0.3 * first["teacher_fd"], (first, last)
     assert all(math.isfinite(r[f"heldout_mse_q{i}"]) for r in rec for i in range(4))
     assert "sliced_w2" in last and last["eval_s"] > 0
+    assert len({r["teacher_fd_floor"] for r in rec}) == 1 and last["teacher_fd_floor"] > 0
     # the held-out states are spread over t and are not the pool's (their own noise)
     held = load_file(str(tmp_path / "watched" / MONITOR_FILE))
     assert len(held["t"]) == 512 and set((held["t"] * 4 // 100).tolist()) == {0, 1, 2, 3}
@@ -105,6 +106,12 @@ def test_plateau_rule_on_a_fake_score_sequence():
     rule = Plateau(["heldout_loss", "teacher_fd"], patience=2)
     assert [rule.update(i, {"heldout_loss": v}) is not None for i, v in enumerate([1.0, 1.0, math.nan])] == \
         [False, False, True]
+    # a data-free score at or below its noise floor for `patience` evaluations in a row stops the run,
+    # however fast the held-out error still falls
+    rule = Plateau(["heldout_loss", "teacher_fd"], patience=2, floors={"teacher_fd": 0.2})
+    fd = [0.5, 0.19, 0.25, 0.18, 0.2]
+    stops = [rule.update(i, {"heldout_loss": 0.5 ** i, "teacher_fd": v}) for i, v in enumerate(fd)]
+    assert stops[:4] == [None] * 4 and stops[4].startswith("teacher_fd 0.2 has stayed at or below its noise floor 0.2")
 
 
 def test_trainer_callbacks_run_when_due_and_can_stop_the_run(tmp_path):

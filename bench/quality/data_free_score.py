@@ -35,7 +35,7 @@ VARIANTS = {  # name: (layer, t as a fraction of T)
 NUM, STEPS = 1000, 25
 
 
-def score_run(run: Path, out: Path, every: int) -> dict:
+def score_run(run: Path, out: Path, every: int, shard: tuple[int, int] = (0, 1)) -> dict:
     from dkdm.checkpoint import list_checkpoints, load_checkpoint, unflatten
     from dkdm.evaluation import evaluate_model, score
     from dkdm.metrics.features import frechet_distance, mean_cov
@@ -61,8 +61,9 @@ def score_run(run: Path, out: Path, every: int) -> dict:
                          preparation=settings["prep"], prep_steps=int(settings["prep_steps"]))
     heldout = pool.held_out(512, seed + HELDOUT_SEED)
     results = json.loads(out.read_text()) if out.exists() else {}
-    for step in sorted(ckpts):
-        if str(step) in results or step == 0 or step % every:
+    chosen = [s for s in sorted(ckpts) if s and s % every == 0]
+    for step in chosen[shard[0]::shard[1]]:
+        if str(step) in results:
             continue
         t0 = time.time()
         tensors, _ = load_checkpoint(ckpts[step])
@@ -106,9 +107,12 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--from-step", type=int, default=1000)
     ap.add_argument("--every", type=int, default=1, help="score only checkpoints at multiples of this step")
+    ap.add_argument("--shard", default="0/1", help="i/n: score every n-th chosen checkpoint from the i-th (parallel "
+                                               "processes, each with its own results file)")
     ap.add_argument("--report-only", action="store_true")
     a = ap.parse_args()
-    results = json.loads(a.out.read_text()) if a.report_only else score_run(a.run, a.out, a.every)
+    shard = tuple(int(x) for x in a.shard.split("/"))
+    results = json.loads(a.out.read_text()) if a.report_only else score_run(a.run, a.out, a.every, shard)
     correlations(results, a.from_step)
 
 

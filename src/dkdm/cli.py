@@ -242,7 +242,8 @@ def _train_config(s: dict, fixed_default: int | None = None):
             if s.get(key) is not None:
                 raise DkdmError(f"--{key.replace('_', '-')} goes with --steps auto; with a fixed --steps it has no effect")
     cfg = TrainConfig(
-        steps=int(s["max_steps"] if s["steps"] == "auto" else s["steps"]), lr=float(s["lr"]), weight_decay=float(s["weight_decay"]),
+        steps=int(s["max_steps"] if s["steps"] == "auto" else s["steps"]), lr=float(s["lr"]),
+        weight_decay=float(s["weight_decay"]),
         ema_decay=float(s["ema"]), grad_clip=float(s["grad_clip"]), warmup=int(s["warmup"]),
         mixed_precision=s["mixed_precision"], log_every=int(s["log_every"]), ckpt_every=int(s["ckpt_every"]),
         keep_checkpoints=int(s["keep_checkpoints"]), vlb_weight=float(s["vlb_weight"]),
@@ -457,7 +458,8 @@ def cmd_distill(args) -> None:
     if acc.is_main_process:
         print(
             f"pool: {s['pool']}, {size} entries x {list(teacher.sample_shape)} {s['pool_dtype']} = {mem / 2**20:.1f} MiB; "
-            f"{s['prep']} preparation ~{prep:,} teacher sample-steps; training {cfg.steps * int(s['batch']):,} teacher "
+            f"{s['prep']} preparation ~{prep:,} teacher sample-steps; training {'up to ' * (s['steps'] == 'auto')}"
+            f"{cfg.steps * int(s['batch']):,} teacher "
             f"sample-forwards" + (f" (each of {n} processes: its own pool shard and batches)" if n > 1 else ""),
             file=sys.stderr,
         )

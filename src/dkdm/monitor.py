@@ -39,6 +39,7 @@ STOP_FILE = "stop.json"
 #: The run metric that is plotted and printed: the first of these a score has.
 HEADLINE = ("digits_fid", "fid", "sliced_w2")
 HELDOUT_SEED = 991  # offset of the held-out set's seed from the run's (its noise is not the pool's)
+FLOOR_SEED = 7919  # offset of the second teacher sample set, whose distance to the first is the score's floor
 
 
 @dataclass
@@ -99,16 +100,23 @@ class Plateau:
     """The stopping rule of ``--steps auto``.
 
     A score improves when it falls below ``(1 - min_delta)`` times its best so far. The run stops
-    at the first evaluation after which every watched score has gone ``patience`` evaluations
-    without improving. Scores missing from a record (no teacher, no held-out set) are not watched.
+    at the first evaluation after which either
+    (a) every watched score has gone ``patience`` evaluations without improving, or
+    (b) a score with a noise floor (the data-free score: the distance between two sets of teacher
+        samples from different noise) has stayed at or below it for ``patience`` evaluations in a
+        row: the student's samples can no longer be told from its teacher's at this sample
+        count, so gains of the other scores no longer show in samples.
+    Scores missing from a record (no teacher, no held-out set) are not watched.
     """
 
-    def __init__(self, keys, patience: int, min_delta: float = 0.01):
+    def __init__(self, keys, patience: int, min_delta: float = 0.01, floors: dict[str, float] | None = None):
         self.keys = list(keys)
         self.patience = patience
         self.min_delta = min_delta
+        self.floors = dict(floors or {})
         self.best = {k: (math.inf, None) for k in self.keys}
         self.waited = {k: 0 for k in self.keys}
+        self.below = {k: 0 for k in self.keys}
 
     def update(self, step: int, record: dict) -> str | None:
         watched = [k for k in self.keys if k in record]
@@ -118,6 +126,12 @@ class Plateau:
                 self.best[k], self.waited[k] = (v, step), 0
             else:
                 self.waited[k] += 1
+            self.below[k] = self.below[k] + 1 if k in self.floors and v <= self.floors[k] else 0
+        for k in watched:
+            if self.below[k] >= self.patience:
+                return (f"{k} {record[k]:.4g} has stayed at or below its noise floor {self.floors[k]:.4g} for "
+                        f"{self.patience} evaluations: the student's samples cannot be told from its teacher's at "
+                        f"this sample count")
         if not watched or any(self.waited[k] < self.patience for k in watched):
             return None
         bests = ", ".join(f"{k} {self.best[k][0]:.4g} at step {self.best[k][1]}" for k in watched)
@@ -149,6 +163,7 @@ class Monitor:
             decoder=student.decoder).to(self.device).eval().requires_grad_(False)
         self.heldout: TrainingBatch | None = None
         self.stats: dict[str, torch.Tensor] | None = None
+        self.floor: float | None = None
         self.last: dict = {}
         self.stop_step: int | None = None
         self.rule = Plateau(["heldout_loss", "teacher_fd"], config.patience, config.min_delta) \
@@ -169,7 +184,7 @@ class Monitor:
                                     self.pool.prep_steps)
             parts.append(f"held-out set of {self.cfg.heldout} pool states ~{prep + self.cfg.heldout:,} teacher sample-steps")
         if self.teacher is not None:
-            parts.append(f"teacher reference {self.cfg.num} samples x {self.steps} steps")
+            parts.append(f"teacher reference and noise floor 2 x {self.cfg.num} samples x {self.steps} steps")
         each = f"{self.cfg.num} student samples x {self.steps} steps" + (
             f" + {self.cfg.heldout} held-out forwards" if self.pool is not None and self.cfg.heldout else "")
         return (f"evaluation every {self.every} steps: {each}" + (f"; once: {', '.join(parts)}" if parts else "")
@@ -186,6 +201,8 @@ class Monitor:
         else:
             self._build()
             self._save(path)
+        if self.rule and self.floor is not None:
+            self.rule.floors["teacher_fd"] = self.floor
         stopped = None
         if resume:
             for rec in read_log(self.out / "log.jsonl"):
@@ -198,12 +215,15 @@ class Monitor:
 
     def _build(self) -> None:
         from .evaluation import teacher_statistics
+        from .metrics.features import frechet_distance
 
         if self.pool is not None and self.cfg.heldout:
             self.heldout = self.pool.held_out(self.cfg.heldout, self.cfg.seed + HELDOUT_SEED)
         if self.teacher is not None:
-            self.stats = teacher_statistics(self.teacher, self.cfg.num, self.steps, self.cfg.seed, self.guidance,
-                                            progress=self.progress, cache=False)
+            self.stats, other = (teacher_statistics(self.teacher, self.cfg.num, self.steps, seed, self.guidance,
+                                                    progress=self.progress, cache=False)
+                                 for seed in (self.cfg.seed, self.cfg.seed + FLOOR_SEED))
+            self.floor = frechet_distance(self.stats["mean"], self.stats["cov"], other["mean"], other["cov"])
 
     def _save(self, path: Path) -> None:
         tensors = {}
@@ -213,6 +233,7 @@ class Monitor:
                             **{f"target.{f.name}": getattr(b.target, f.name) for f in fields(Reverse)}})
         if self.stats is not None:
             tensors.update({f"teacher.{k}": v for k, v in self.stats.items()})
+            tensors["teacher_fd_floor"] = torch.tensor(self.floor, dtype=torch.float64)
         tmp = path.with_suffix(".tmp")
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
                   metadata={"settings": json.dumps(self.settings(), sort_keys=True)})
@@ -234,6 +255,7 @@ class Monitor:
                                          y=t["y"].to(dev) if "y" in t else None)
         stats = {k[len("teacher."):]: v for k, v in t.items() if k.startswith("teacher.")}
         self.stats = stats or None
+        self.floor = float(t["teacher_fd_floor"]) if "teacher_fd_floor" in t else None
 
     # the callback ----------------------------------------------------------------------------
     def __call__(self, step: int, ema: dict[str, torch.Tensor]) -> str | None:
@@ -266,6 +288,7 @@ class Monitor:
         samples = self.model.sample(self.cfg.num, self.steps, g)
         if self.stats is not None:
             rec["teacher_fd"] = data_free_score(self.teacher, samples, self.stats)
+            rec["teacher_fd_floor"] = self.floor
         if self.reference:
             metrics = score(self.model.decode(samples), self.reference, getattr(self.model, "last_labels", None))
             rec.update({k: v for k, v in metrics.items() if isinstance(v, float)})
@@ -279,7 +302,7 @@ class Monitor:
             parts.append("held-out mse " + " / ".join(f"{rec[f'heldout_mse_q{i}']:.4g}" for i in range(4))
                          + f" (by quarter of t), kl {rec['heldout_vb']:.4g}")
         if "teacher_fd" in rec:
-            parts.append(f"teacher FD {rec['teacher_fd']:.4g}")
+            parts.append(f"teacher FD {rec['teacher_fd']:.4g} (floor {rec['teacher_fd_floor']:.4g})")
         key = headline(rec)
         if key:
             parts.append(f"{key} {rec[key]:.4g}")

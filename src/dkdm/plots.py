@@ -42,7 +42,11 @@ def plot_log(records: list[dict], path, metric: str | None = None, stop_step: in
                 curve(ax, evals, f"heldout_mse_q{i}", f"t quarter {i}", alpha=0.7)
             ax.set_title("held-out epsilon error (EMA)")
         elif panel == "teacher_fd":
-            curve(ax, evals, "teacher_fd", marker=".")
+            curve(ax, evals, "teacher_fd", "student", marker=".")
+            floors = [r["teacher_fd_floor"] for r in evals if r.get("teacher_fd_floor") is not None]
+            if floors:
+                ax.axhline(floors[-1], color="gray", linestyle=":", label="noise floor (teacher vs teacher)")
+                ax.legend(fontsize=7)
             ax.set_title("data-free score: FD to teacher (EMA)")
         else:
             curve(ax, evals, metric, marker=".")
