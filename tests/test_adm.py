@@ -107,7 +107,7 @@ def test_convert_then_distill_from_an_adm_teacher(tmp_path, adm_reference, capsy
     run = tmp_path / "run"
     assert main(["distill", "--teacher", str(TEACHER), "--teacher-config", str(CONFIG), "--student",
                  "unet:widths=8-16,layers=1,groups=4", "--pool", "iterative", "--batch", "2", "--steps", "2",
-                 "--no-progress", "--out", str(run)]) == 0
+                 "--no-progress", "--no-report", "--out", str(run)]) == 0
     cfg = json.loads((run / "dkdm_model.json").read_text())
     assert cfg["sample_shape"] == [3, 32, 32] and cfg["teacher"] == str(TEACHER.resolve())
 

@@ -56,7 +56,7 @@ def test_distill_from_digits_teacher_reports_both(digits_teacher, tmp_path, caps
     printed = capsys.readouterr().out
     assert "| teacher |" in printed and "| student |" in printed
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"teacher", "student", "real train split"}
+    assert set(metrics) == {"teacher", "student", "real train split", "student vs teacher"}
     assert (out / "samples.png").exists()
 
 

@@ -36,12 +36,13 @@ COMMON_DEFAULTS = {
     "grad_clip": 1.0, "warmup": 0, "mixed_precision": "no", "log_every": 50, "ckpt_every": 500,
     "keep_checkpoints": 2, "vlb_weight": 1.0, "no_report": False,
     "eval_num": None, "eval_steps": None, "compile": False, "channels_last": False, "cuda_graphs": False,
+    "eval_every": None, "monitor_num": 1000, "monitor_steps": None, "patience": None, "max_steps": None,
 }
 TRAIN_DEFAULTS = {"data": "toy2d", "real_fraction": None, "synthetic": None, "model": None, "schedule": "cosine", "diffusion_steps": 1000,
                   "variance": "learned_range", "prediction": "epsilon"}
 DISTILL_DEFAULTS = {"teacher": "builtin:digits", "teacher_config": None, "student": None, "student_steps": None, "guidance": 1.0, "teacher_dtype": "float32", "pool": "dynamic", "rho": 0.4,
                     "pool_dtype": "float32", "prep_batch": None, "prep": "auto", "prep_steps": None,
-                    "variance": "learned_range"}
+                    "variance": "learned_range", "heldout": 512, "reference": None}
 
 
 def _common(p: argparse.ArgumentParser, training: bool) -> None:
@@ -52,7 +53,9 @@ def _common(p: argparse.ArgumentParser, training: bool) -> None:
         return
     p.add_argument("--out", help="run directory to create (it becomes the model directory)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--steps", type=int, help="training iterations")
+    p.add_argument("--steps", type=_steps,
+                   help="training iterations, or auto (distill): stop when the held-out error and the data-free "
+                        "score stop improving (see --patience, --max-steps)")
     p.add_argument("--batch", type=int, help="training batch size B")
     p.add_argument("--lr", type=float, help="AdamW learning rate")
     p.add_argument("--weight-decay", type=float)
@@ -77,6 +80,15 @@ def _common(p: argparse.ArgumentParser, training: bool) -> None:
                    help="skip the final samples / metrics report")
     p.add_argument("--eval-num", type=int, help="samples for the final report (default: per data set)")
     p.add_argument("--eval-steps", type=int, help="sampling steps for the final report (default: per data set)")
+    p.add_argument("--eval-every", type=int,
+                   help="score the EMA model every N steps (held-out error, data-free score, the run's metric): "
+                        "log.jsonl and training.png")
+    p.add_argument("--monitor-num", type=int, help="samples drawn at each --eval-every evaluation (default 1000)")
+    p.add_argument("--monitor-steps", type=int, help="sampling steps of each --eval-every evaluation (default 25)")
+    p.add_argument("--patience", type=int,
+                   help="--steps auto: evaluations without a 1%% improvement of both scores before stopping (default 4)")
+    p.add_argument("--max-steps", type=int,
+                   help="--steps auto: the most steps to train (default: 4x the fixed default budget)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--prep-steps", type=int, help="K, the teacher sampling steps of --prep sampled (default 25, at most T)")
     di.add_argument("--variance", choices=["learned_range", "fixed_small", "fixed_large"],
                     help="student variance (learned_range trains it with L*vlb)")
+    di.add_argument("--heldout", type=int,
+                    help="pool states held out to score the student on with --eval-every (default 512; 0: none)")
+    di.add_argument("--reference", help="data set the teacher learned (a built-in name), for the report's and "
+                                        "--eval-every's data-set metrics (default: the one the teacher records)")
 
     sy = sub.add_parser("synth", help="sample a synthetic data set from a teacher (the data-free baseline's data)")
     _common(sy, False)
@@ -154,6 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--num", type=int, help="number of samples (default: the metric's fixed count)")
     ev.add_argument("--steps", type=int, help="sampling steps (default: all diffusion steps)")
     return ap
+
+
+def _steps(text: str):
+    """--steps: a number of iterations, or auto."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of steps or auto, got {text!r}")
 
 
 def _settings(args, *defaults) -> dict:
@@ -204,11 +230,27 @@ def _check_out(s: dict) -> Path:
     return out
 
 
-def _train_config(s: dict):
+def _train_config(s: dict, fixed_default: int | None = None):
+    """The loop's settings; ``--steps auto`` trains up to --max-steps (default 4x ``fixed_default``)
+    and evaluates every --eval-every steps (default: a 20th of the fixed default budget)."""
     from .trainer import TrainConfig
 
+    if s["steps"] == "auto":
+        if fixed_default is None:
+            raise DkdmError("--steps auto needs a teacher (it watches the held-out error and data-free score of "
+                            "`dkdm distill`); give train a number of steps")
+        s["max_steps"] = int(s["max_steps"] or 4 * fixed_default)
+        s["eval_every"] = int(s["eval_every"] or max(1, fixed_default // 20))
+        s["patience"] = int(4 if s["patience"] is None else s["patience"])
+        if s["patience"] < 1 or s["max_steps"] < 1:
+            raise DkdmError(f"--patience and --max-steps must be at least 1, got {s['patience']} and {s['max_steps']}")
+    else:
+        for key in ("max_steps", "patience"):
+            if s.get(key) is not None:
+                raise DkdmError(f"--{key.replace('_', '-')} goes with --steps auto; with a fixed --steps it has no effect")
     cfg = TrainConfig(
-        steps=int(s["steps"]), lr=float(s["lr"]), weight_decay=float(s["weight_decay"]),
+        steps=int(s["max_steps"] if s["steps"] == "auto" else s["steps"]), lr=float(s["lr"]),
+        weight_decay=float(s["weight_decay"]),
         ema_decay=float(s["ema"]), grad_clip=float(s["grad_clip"]), warmup=int(s["warmup"]),
         mixed_precision=s["mixed_precision"], log_every=int(s["log_every"]), ckpt_every=int(s["ckpt_every"]),
         keep_checkpoints=int(s["keep_checkpoints"]), vlb_weight=float(s["vlb_weight"]),
@@ -220,7 +262,32 @@ def _train_config(s: dict):
     return cfg
 
 
-def _run(trainer, s: dict, out: Path, args, prepare=None, teacher=None) -> None:
+def _monitor_config(s: dict):
+    """The settings of --eval-every / --steps auto, checked (None: the run is not watched)."""
+    if s.get("eval_every") is None:
+        return None
+    from .monitor import MonitorConfig
+
+    config = MonitorConfig(every=int(s["eval_every"]), num=int(s["monitor_num"]),
+                           steps=None if s["monitor_steps"] is None else int(s["monitor_steps"]),
+                           heldout=int(s.get("heldout") or 0), seed=int(s["seed"]),
+                           patience=int(s["patience"] or 0))
+    config.validate()
+    return config
+
+
+def _monitor(config, trainer, teacher=None, pool=None, reference=None, guidance: float = 1.0, progress=True):
+    """The --eval-every / --steps auto callback of a run, or None."""
+    if config is None:
+        return None
+    from .monitor import Monitor
+
+    return Monitor(trainer.student, trainer.out, config, trainer.cfg.steps, teacher=teacher, pool=pool,
+                   reference=reference, vlb_weight=trainer.cfg.vlb_weight, guidance=guidance,
+                   device=trainer.accelerator.device, progress=progress)
+
+
+def _run(trainer, s: dict, out: Path, args, prepare=None, teacher=None, monitor=None) -> None:
     """Resume or start (optionally preparing the pool first, then checkpointing it), train, report."""
     import torch
 
@@ -230,32 +297,46 @@ def _run(trainer, s: dict, out: Path, args, prepare=None, teacher=None) -> None:
     acc = trainer.accelerator
     main = acc.is_main_process
     acc.wait_for_everyone()  # every process has checked --out before the main one writes into it
+    if monitor is not None and main:
+        print(monitor.cost(), file=sys.stderr)
     if s.get("resume"):
         step = trainer.resume()
         if main:
             print(f"resuming {out} from step {step}", file=sys.stderr)
+            if monitor is not None and monitor.setup(resume=True):
+                trainer.cfg.steps = step  # the rule had already stopped the run at its last checkpoint
     else:
         if prepare is not None:
             prepare()
-        torch.manual_seed(int(s["seed"]) + 1)
         if main:
             out.mkdir(parents=True, exist_ok=True)
             (out / "run.json").write_text(json.dumps({**s, "processes": acc.num_processes}, indent=1, default=str))
+            if monitor is not None:
+                monitor.setup()
+        torch.manual_seed(int(s["seed"]) + 1)
         acc.wait_for_everyone()
         trainer.save()
+    if monitor is not None:
+        trainer.callbacks.append(monitor)
     last = trainer.train()
     if not main:
         return
     print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in last.items()}))
+    if monitor is not None:
+        monitor.plot()  # with the last loss line
+    if trainer.stop_reason:
+        print(f"stopped at step {trainer.step}: {trainer.stop_reason}", file=sys.stderr)
     reference = trainer.student.extra.get("data")
-    if reference and not s.get("no_report"):
+    if (reference or teacher is not None) and not s.get("no_report"):
         model = load_model(out, device=acc.device)
+        heldout = {k: v for k, v in monitor.last.items() if k.startswith("heldout_")} if monitor else None
         rows = write_report(out, model, reference, teacher=teacher, teacher_dir=s.get("teacher") and
                             _model_dir(s["teacher"]), seed=int(s["seed"]), progress=not args.no_progress,
-                            num=s["eval_num"], steps=s["eval_steps"])
+                            num=s["eval_num"], steps=s["eval_steps"], guidance=float(s.get("guidance") or 1.0),
+                            heldout=heldout)
         print(summary_table(rows))
-        print(f"run directory: {out} (metrics.json{', samples.png' if (out / 'samples.png').exists() else ''})",
-              file=sys.stderr)
+        written = [f for f in ("metrics.json", "samples.png", "training.png", "stop.json") if (out / f).exists()]
+        print(f"run directory: {out} ({', '.join(written)})", file=sys.stderr)
 
 
 def _rank_seed(s: dict, acc) -> int:
@@ -297,6 +378,7 @@ def cmd_train(args) -> None:
     s = _settings(args, COMMON_DEFAULTS, TRAIN_DEFAULTS, DATA_DEFAULTS.get(reference, {}), {"out": None, "resume": False})
     s["model"] = s["model"] or "mlp"
     cfg = _train_config(s)
+    watch = _monitor_config(s)
     out = _check_out(s)
     if int(s["diffusion_steps"]) < 2:
         raise DkdmError(f"--diffusion-steps must be at least 2, got {s['diffusion_steps']}")
@@ -316,7 +398,7 @@ def cmd_train(args) -> None:
                         conditional=bool(model.num_classes))
     info = {"student": model.describe(), "source": source.describe()}
     trainer = Trainer(model, source, cfg, out, info, progress=not args.no_progress, accelerator=acc)
-    _run(trainer, s, out, args)
+    _run(trainer, s, out, args, monitor=_monitor(watch, trainer, reference=reference, progress=not args.no_progress))
 
 
 def cmd_distill(args) -> None:
@@ -339,17 +421,23 @@ def cmd_distill(args) -> None:
     if s["compile"]:
         teacher.net = torch.compile(teacher.net)
     # the teacher's data set brings its distillation defaults; --config and flags still win
-    s = _settings(args, COMMON_DEFAULTS, DISTILL_DEFAULTS, DISTILL_DATA_DEFAULTS.get(teacher.extra.get("data"), {}),
-                  {"out": None, "resume": False})
+    data_defaults = DISTILL_DATA_DEFAULTS.get(teacher.extra.get("data"), {})
+    s = _settings(args, COMMON_DEFAULTS, DISTILL_DEFAULTS, data_defaults, {"out": None, "resume": False})
     s["out"] = s["out"] or _default_out("distill")
-    cfg = _train_config(s)
+    cfg = _train_config(s, fixed_default=int({**COMMON_DEFAULTS, **data_defaults}["steps"]))
+    watch = _monitor_config(s)
+    reference = s["reference"] or teacher.extra.get("data")
+    if s["reference"]:
+        from .evaluation import check_reference
+
+        check_reference(reference, None if teacher.decoder is not None else teacher.sample_shape)
     teacher_ref = _teacher_ref(s["teacher"])
     if s["student_steps"] is not None:
         # the pool runs the teacher on the student's steps, so every batch is a step the student takes
         teacher = teacher.respaced(int(s["student_steps"]))
     torch.manual_seed(int(s["seed"]))
     student = DiffusionModel.student_of(teacher, s["student"], variance=s["variance"],
-                                        extra={"data": teacher.extra.get("data"), "teacher": teacher_ref})
+                                        extra={"data": reference, "teacher": teacher_ref})
     size = pool_size(s["pool"], float(s["rho"]), teacher.schedule.num_steps, int(s["batch"]))
     out = _check_out(s)
     T = teacher.schedule.num_steps
@@ -374,7 +462,8 @@ def cmd_distill(args) -> None:
                   file=sys.stderr)
             print(
                 f"pool: {s['pool']}, {size} entries x {list(teacher.sample_shape)} {s['pool_dtype']} = {mem / 2**20:.1f} MiB; "
-                f"{s['prep']} preparation ~{prep:,} teacher sample-steps; training {cfg.steps * int(s['batch']):,} teacher "
+                f"{s['prep']} preparation ~{prep:,} teacher sample-steps; training {'up to ' * (s['steps'] == 'auto')}"
+                f"{cfg.steps * int(s['batch']):,} teacher "
                 f"sample-forwards" + (f" (each of {n} processes: its own pool shard and batches)" if n > 1 else ""),
                 file=sys.stderr,
             )
@@ -382,7 +471,8 @@ def cmd_distill(args) -> None:
                   disable=args.no_progress or prep == 0 or not acc.is_main_process, dynamic_ncols=True) as bar:
             pool.prepare(chunk=prep_batch, progress=bar)
 
-    _run(trainer, s, out, args, prepare, teacher=teacher)
+    monitor = _monitor(watch, trainer, teacher, pool, reference, float(s["guidance"]), progress=not args.no_progress)
+    _run(trainer, s, out, args, prepare, teacher=teacher, monitor=monitor)
 
 
 def _reference_for(model_dir, given):

@@ -72,6 +72,8 @@ class Reverse:
     into the same tensors never returns a stale variance).
     """
 
+    FIELDS = ("eps", "x0", "mean", "variance", "log_variance")  # what a copy of a target carries
+
     def __init__(self, eps: torch.Tensor, x0: torch.Tensor, mean: torch.Tensor, variance: torch.Tensor | None,
                  log_variance: torch.Tensor):
         self.eps, self.x0, self.mean, self.log_variance = eps, x0, mean, log_variance

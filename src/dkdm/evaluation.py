@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -20,6 +21,23 @@ from .errors import DkdmError
 #: Samples and sampling steps used by default per data set (fixed so numbers compare; for digits
 #: as many samples as the train split, whose own score is the floor in the report).
 EVAL_DEFAULTS = {"toy2d": {"num": 4000, "steps": None}, "digits": {"num": 1437, "steps": 100}}
+
+
+#: Samples and sampling steps of a report's data-free comparison when no data set is known.
+DATA_FREE_DEFAULTS = {"num": 1000, "steps": 100}
+PICTURE_PAIRS = 64  # teacher / student image pairs in samples.png
+
+
+def eval_settings(reference, num: int | None, steps: int | None) -> tuple[int, int | None]:
+    """Sample count and sampling steps (None: all) of an evaluation: given, else the reference's
+    defaults (a built-in data set's, an RGB reference's ``default_num``, the data-free ones)."""
+    if reference is None:
+        d = DATA_FREE_DEFAULTS
+    elif isinstance(reference, str):
+        d = EVAL_DEFAULTS.get(reference, {"num": 1000, "steps": None})
+    else:
+        d = {"num": default_num(reference), "steps": None}
+    return num or d["num"], steps if steps is not None else d["steps"]
 
 
 def reference_for(reference, inception_weights=None, device="cpu", extractor=None):
@@ -70,6 +88,16 @@ def score(samples: torch.Tensor, reference, labels: torch.Tensor | None = None) 
     raise DkdmError(f"no metrics defined for {reference!r}")
 
 
+def check_reference(reference: str, sample_shape=None) -> None:
+    """DkdmError unless ``reference`` names a data set with metrics (of ``sample_shape``, when given)."""
+    from .data import builtin_dataset
+
+    dataset = builtin_dataset(reference)
+    if sample_shape is not None and tuple(sample_shape) != tuple(dataset.sample_shape):
+        raise DkdmError(f"--reference {reference} holds {list(dataset.sample_shape)} samples but the model draws "
+                        f"{list(sample_shape)}")
+
+
 def data_floor(reference: str) -> dict | None:
     """The real train split scored like a model (the best a model of the data can expect)."""
     if reference != "digits":
@@ -79,7 +107,10 @@ def data_floor(reference: str) -> dict | None:
     return score(Digits("train").images, "digits")
 
 
-def draw(model, num: int, steps: int | None, seed: int, progress: bool = True, batch_size: int = 1024) -> torch.Tensor:
+def draw(model, num: int, steps: int | None, seed: int, progress: bool = True, batch_size: int = 1024,
+         guidance: float = 1.0) -> torch.Tensor:
+    """``num`` samples from the seed's noise: two models of the same shape (and classes) drawn
+    with the same seed, steps and batch size start from the same noise and draw the same labels."""
     from tqdm.auto import tqdm
 
     T = model.schedule.num_steps
@@ -90,7 +121,57 @@ def draw(model, num: int, steps: int | None, seed: int, progress: bool = True, b
     g = torch.Generator(device=next(model.parameters(), torch.empty(0)).device).manual_seed(seed)
     with tqdm(total=num * (steps or T), desc="sample", unit="step", unit_scale=True,
               disable=not progress, dynamic_ncols=True) as bar:
-        return model.sample(num, steps, g, batch_size=batch_size, progress=bar)
+        return model.sample(num, steps, g, batch_size=batch_size, progress=bar, guidance=guidance)
+
+
+def teacher_statistics(teacher, num: int, steps: int | None, seed: int, guidance: float = 1.0,
+                       progress: bool = True, cache: bool = True, samples: torch.Tensor | None = None
+                       ) -> dict[str, torch.Tensor]:
+    """Mean and covariance of the teacher's samples in its own features (metrics/teacher_fd.py),
+    with the labels they were drawn for: the reference of the data-free sample score. Cached per
+    weights and settings, as the teacher's metrics are; ``samples`` the teacher has just drawn
+    with these settings (``teacher.last_labels`` being theirs) are not drawn again."""
+    from safetensors.torch import load_file, save_file
+
+    from .metrics.features import mean_cov
+    from .metrics.teacher_fd import TeacherFeatures, cache_dir, weights_fingerprint
+
+    features = TeacherFeatures(teacher)
+    settings = {"num": num, "steps": steps or teacher.schedule.num_steps, "seed": seed, "guidance": guidance,
+                "schedule": teacher.schedule.num_steps, "dtype": str(teacher.inference_dtype), **features.describe()}
+    path = None
+    if cache:
+        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+        path = cache_dir() / f"teacherfd-{weights_fingerprint(teacher.net)}-{key}.safetensors"
+        if path.exists():
+            try:
+                return load_file(str(path))
+            except Exception:
+                pass
+    if samples is None:
+        samples = draw(teacher, num, steps, seed, progress, guidance=guidance)
+    labels = getattr(teacher, "last_labels", None)
+    mean, cov = mean_cov(features(samples, labels))
+    stats = {"mean": mean, "cov": cov, **({"labels": labels.cpu()} if labels is not None else {})}
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            save_file({k: v.contiguous() for k, v in stats.items()}, str(tmp))
+            os.replace(tmp, path)
+        except OSError:
+            pass
+    return stats
+
+
+def data_free_score(teacher, samples: torch.Tensor, stats: dict[str, torch.Tensor]) -> float:
+    """Fréchet distance between ``samples`` (a student's, from the teacher reference's noise) and
+    the teacher's, in the teacher's features: 0 for a student that samples like its teacher."""
+    from .metrics.features import frechet_distance, mean_cov
+    from .metrics.teacher_fd import TeacherFeatures
+
+    feats = TeacherFeatures(teacher)(samples, stats.get("labels"))
+    return frechet_distance(stats["mean"], stats["cov"], *mean_cov(feats))
 
 
 def _weights_key(model_dir: Path) -> str:
@@ -112,9 +193,7 @@ def evaluate_model(model, model_dir, reference, num=None, steps=None, seed: int 
                    progress: bool = True, cache: bool = False) -> tuple[dict, torch.Tensor | None]:
     """Metrics of ``model``'s samples against ``reference`` (see ``reference_for``); with ``cache``
     the result is kept per weights + settings."""
-    d = EVAL_DEFAULTS.get(reference, {"steps": None}) if isinstance(reference, str) else {"steps": None}
-    num = num or default_num(reference)
-    steps = steps if steps is not None else d["steps"]
+    num, steps = eval_settings(reference, num, steps)
     settings = {"reference": _name(reference), "num_samples": num,
                 "sampling_steps": steps or model.schedule.num_steps, "seed": seed}
     path = None
@@ -142,9 +221,9 @@ def evaluate_model(model, model_dir, reference, num=None, steps=None, seed: int 
 
 
 def summary_table(rows: dict[str, dict]) -> str:
-    """A plain-text table of the headline metrics, one row per model."""
+    """A plain-text table of the headline metrics, one row per model (and one comparing student and teacher)."""
     keys = [k for k in ("digits_fid", "fid", "sfid", "inception_score", "precision", "recall", "label_accuracy",
-                        "sliced_w2") if any(k in r for r in rows.values())]
+                        "sliced_w2", "teacher_fd", "heldout_mse") if any(k in r for r in rows.values())]
     lines = ["| model | " + " | ".join(keys) + (" | missing classes |" if "digits_fid" in keys else " |")]
     lines.append("|---" * (len(keys) + 1 + ("digits_fid" in keys)) + "|")
     for name, r in rows.items():
@@ -156,20 +235,61 @@ def summary_table(rows: dict[str, dict]) -> str:
 
 
 def write_report(out, student, reference, teacher=None, teacher_dir=None, seed: int = 0,
-                 progress: bool = True, num: int | None = None, steps: int | None = None) -> dict:
-    """samples.png (images), metrics.json and the summary table for a finished run."""
+                 progress: bool = True, num: int | None = None, steps: int | None = None, guidance: float = 1.0,
+                 heldout: dict | None = None) -> dict:
+    """metrics.json and samples.png for a finished run; returns the summary rows.
+
+    With a ``reference`` data set: its metrics for the model, the teacher and the real train split.
+    With a ``teacher`` (any teacher, data set known or not): the data-free comparison, i.e. the
+    Fréchet distance in the teacher's features between student and teacher samples from the same
+    noise, and the held-out error the run measured last; samples.png then shows teacher and student
+    side by side, drawn from the same noise.
+    """
     out = Path(out)
-    rows = {}
+    rows, samples, teacher_samples = {}, None, None
+    num, steps = eval_settings(reference, num, steps)
+    if steps is not None:
+        steps = min(steps, student.schedule.num_steps)
+    if reference:
+        if teacher is not None:
+            rows["teacher"], teacher_samples = evaluate_model(teacher, teacher_dir, reference, num, steps, seed, progress,
+                                                              cache=True)
+        rows["student" if teacher is not None else "model"], samples = evaluate_model(
+            student, out, reference, num, steps, seed, progress)
+        floor = data_floor(reference)
+        if floor is not None:
+            rows["real train split"] = floor
     if teacher is not None:
-        rows["teacher"], _ = evaluate_model(teacher, teacher_dir, reference, num, steps, seed, progress, cache=True)
-    rows["student" if teacher is not None else "model"], samples = evaluate_model(
-        student, out, reference, num, steps, seed, progress)
-    floor = data_floor(reference)
-    if floor is not None:
-        rows["real train split"] = floor
-    if samples is not None and samples.dim() == 4:
+        if samples is None:
+            samples = draw(student, num, steps, seed, progress)
+        stats = teacher_statistics(teacher, num, steps, seed, guidance, progress,
+                                   samples=teacher_samples if guidance == 1.0 else None)
+        rows["student vs teacher"] = {"teacher_fd": data_free_score(teacher, samples, stats), "num_samples": num,
+                                      "sampling_steps": steps or student.schedule.num_steps, "seed": seed,
+                                      **(heldout or {})}
+        _picture_pair(out, student, teacher, steps, seed, guidance, progress)
+    elif samples is not None and samples.dim() == 4:
         from .images import save_grid
 
         save_grid(samples[:100], out / "samples.png", nrow=10)
     (out / "metrics.json").write_text(json.dumps(rows, indent=1))
     return rows
+
+
+def _picture_pair(out: Path, student, teacher, steps, seed: int, guidance: float, progress: bool) -> None:
+    """samples.png: teacher and student samples from the same noise (images side by side, 2-D points
+    as two scatter plots); other data gets no picture."""
+    shape = student.sample_shape
+    if len(shape) == 1 and shape[0] != 2:
+        return
+    n = PICTURE_PAIRS if len(shape) == 3 else 1000
+    pair = [model.decode(draw(model, n, steps, seed, progress, guidance=g))
+            for model, g in ((teacher, guidance), (student, 1.0))]
+    if len(shape) == 3:
+        from .images import save_side_by_side
+
+        save_side_by_side(pair, ["teacher", "student"], out / "samples.png")
+    else:
+        from .plots import scatter_pair
+
+        scatter_pair(pair, ["teacher", "student"], out / "samples.png")

@@ -246,6 +246,19 @@ class KnowledgePool:
         self.teacher_calls += len(idx)
         return TrainingBatch(x_t=x, t=t, target=step, y=y)
 
+    def held_out(self, num: int, seed: int, chunk: int | None = None, progress=None) -> TrainingBatch:
+        """``num`` states prepared as this pool's entries are, but from their own noise, with the
+        teacher's targets: a fixed set a student is scored on and never trains on.
+
+        Built by a small spread-out pool of the same teacher, preparation and guidance; it costs
+        ``preparation_cost("shuffled", num, ...)`` + ``num`` teacher sample-steps.
+        """
+        sibling = KnowledgePool(self.teacher, num, "shuffled", seed=seed, device=self.device,
+                                preparation=self.preparation, prep_steps=self.prep_steps,
+                                class_prior=self.class_prior, guidance=self.guidance)
+        sibling.prepare(chunk=chunk, progress=progress)
+        return sibling.next_batch()
+
     # state --------------------------------------------------------------------------------
     def describe(self) -> dict:
         d = {"source": "pool", "pool": self.kind, "rho": self.rho, "batch": self.batch_size,

@@ -153,7 +153,11 @@ class Trainer:
     """Train ``student`` on ``source``, writing logs, checkpoints and the final model to ``out``."""
 
     def __init__(self, student: DiffusionModel, source, config: TrainConfig, out, run_info: dict | None = None,
-                 progress: bool = True, accelerator: Accelerator | None = None):
+                 progress: bool = True, accelerator: Accelerator | None = None, callbacks=()):
+        """``callbacks``: each is called on the main process after a step it is due at (every
+        ``callback.every`` steps, default 1, and the last step) as ``callback(step, ema_weights)``;
+        a non-empty string it returns stops the run there (checkpoint and model written) and
+        becomes ``self.stop_reason``."""
         config.validate()
         source_schedule = getattr(source, "schedule", None)
         if source_schedule is not None and not (
@@ -179,6 +183,8 @@ class Trainer:
         self.progress = progress
         self.accelerator = accelerator or make_accelerator(config.mixed_precision)
         self.step = 0
+        self.callbacks = list(callbacks)
+        self.stop_reason: str | None = None
         if config.cuda_graphs:
             self._check_cuda_graphs()
         if config.channels_last:
@@ -388,8 +394,9 @@ class Trainer:
                 self.lr_sched.step()
                 self.step += 1
                 self.ema.update(self._plain_net, self.step)
+                finished = self._after_step() if self.callbacks else False
                 bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps or finished:
                     sums = self._sums
                     if acc.num_processes > 1:
                         sums = acc.reduce(sums, reduction="sum")
@@ -412,7 +419,7 @@ class Trainer:
                         self._log(last)
                     bar.set_postfix(loss=f"{last['loss']:.4f}")
                     self._sums.zero_()
-                saved = self.step % cfg.ckpt_every == 0 or self.step == cfg.steps
+                saved = self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or finished
                 if check_every > 1 and (saved or stop or self.step % check_every == 0):
                     finite, good = self._finite.tolist()
                     if not finite:
@@ -429,6 +436,8 @@ class Trainer:
                     name = signal.Signals(stop[0]).name
                     raise Interrupted(f"{name} at step {self.step}: checkpoint written to {path}; continue with "
                                       f"--resume", stop[0])
+                if finished:
+                    break
         finally:
             bar.close()
             for sig, handler in previous.items():
@@ -454,6 +463,22 @@ class Trainer:
     def _reset_finite(self) -> None:
         self._finite.fill_(0)
         self._finite[:1].fill_(1)
+
+    def _after_step(self) -> bool:
+        """Run the callbacks due at this step; True when one of them stopped the run."""
+        due = [cb for cb in self.callbacks if self.step % getattr(cb, "every", 1) == 0 or self.step == self.cfg.steps]
+        if not due:
+            return False
+        acc = self.accelerator
+        if acc.is_main_process:
+            for cb in due:
+                self.stop_reason = cb(self.step, self.ema.shadow) or self.stop_reason
+        finished = torch.tensor([self.stop_reason is not None], device=acc.device)
+        if acc.num_processes > 1:  # every process stops at the step the main one decided on
+            from accelerate.utils import broadcast
+
+            finished = broadcast(finished, from_process=0)
+        return bool(finished)
 
     @staticmethod
     def _catch_signals(stop: list) -> dict:
