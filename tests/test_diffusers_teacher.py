@@ -143,7 +143,8 @@ def test_dit_pipeline_teacher_is_class_conditional_latent_and_its_student_is_a_d
         cond = dit(x, timestep=t, class_labels=y).sample
     assert torch.allclose(guided[:, :2], null[:, :2] + 4.0 * (cond[:, :2] - null[:, :2]), atol=1e-5)
     out = tmp_path / "student"
-    assert main(["distill", "--teacher", str(tmp_path / "dit"), "--student", "dit:patch=2,depth=1,width=16,heads=2",
+    # pos_grid=0: diffusers' own patch positions, which a DiTPipeline can hold (a 4 x 4 grid is stretched otherwise)
+    assert main(["distill", "--teacher", str(tmp_path / "dit"), "--student", "dit:patch=2,depth=1,width=16,heads=2,pos_grid=0",
                  "--guidance", "2.0", "--pool", "shuffled", "--batch", "4", "--steps", "3", "--no-progress",
                  "--out", str(out)]) == 0
     student = load_model(out)

@@ -92,3 +92,81 @@ def test_model_directory_round_trip(tmp_path):
     x, t = torch.randn(2, 1, 4, 4), torch.tensor([1, 11])
     assert torch.equal(m.eval()(x, t), back(x, t))
     assert back.clip_x0 and back.extra["data"] == "x" and torch.equal(back.schedule.betas, m.schedule.betas)
+
+
+def test_a_fresh_dit_starts_as_adaln_zero():
+    """DiT's initialisation, which diffusers leaves out: every block's modulation and the output layer
+    start at zero, so each block is the identity and the untrained network outputs zero; one step
+    of training moves it off zero."""
+    torch.manual_seed(0)
+    m = DiffusionModel.build("dit:patch=2,depth=2,width=32,heads=2", (1, 8, 8), Schedule.named("cosine", 50))
+    dit = m.net.dit
+    x, t = torch.randn(4, 1, 8, 8), torch.tensor([0, 10, 30, 49])
+    assert torch.equal(m(x, t), torch.zeros(4, 2, 8, 8))
+    tokens, labels = torch.randn(4, 16, 32), torch.zeros(4, dtype=torch.long)
+    for block in dit.transformer_blocks:
+        assert torch.equal(block(tokens, timestep=t, class_labels=labels), tokens)
+    # the paper's Xavier for linear layers, not PyTorch's default (bound 1/sqrt(fan_in) = 0.18 here)
+    q = dit.transformer_blocks[0].attn1.to_q.weight
+    assert q.abs().max() > 1 / 32 ** 0.5 and not dit.transformer_blocks[0].attn1.to_q.bias.any()
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    for _ in range(2):
+        opt.zero_grad()
+        ((m(x, t)[:, :1] - x) ** 2).mean().backward()
+        opt.step()
+    assert m(x, t).abs().max() > 0 and dit.transformer_blocks[0].norm1.linear.weight.any()
+
+
+def test_small_patch_grids_get_distinct_positions():
+    """DiT's sin-cos table is sized for 16 x 16 patch grids: on a 4 x 4 grid diffusers' own table makes
+    neighbours 98% alike; the default spec spreads small grids over 16 positions, larger grids and
+    pos_grid=0 keep diffusers' table exactly."""
+    from diffusers import DiTTransformer2DModel
+
+    def table(spec, size):
+        return DiffusionModel.build(spec, (1, size, size), Schedule.named("cosine", 10)).net.dit.pos_embed.pos_embed[0]
+
+    def neighbours(pe):
+        return torch.nn.functional.cosine_similarity(pe[0], pe[1], dim=0).item()
+
+    stretched, plain = table("dit:patch=2,width=64,heads=2", 8), table("dit:patch=2,width=64,heads=2,pos_grid=0", 8)
+    own = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=32, in_channels=1, num_layers=1,
+                                sample_size=8, patch_size=2, num_embeds_ada_norm=1).pos_embed.pos_embed[0]
+    assert torch.equal(plain, own) and neighbours(own) > 0.975
+    assert neighbours(stretched) < 0.87
+    big = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=32, in_channels=1, num_layers=1,
+                                sample_size=32, patch_size=2, num_embeds_ada_norm=1).pos_embed.pos_embed[0]
+    assert torch.equal(table("dit:patch=2,width=64,heads=2", 32), big)
+
+
+def test_a_dit_saved_before_pos_grid_existed_loads_with_its_own_positions(tmp_path):
+    import json
+
+    m = DiffusionModel.build("dit:patch=2,depth=1,width=16,heads=2,pos_grid=0", (1, 8, 8), Schedule.named("cosine", 12))
+    m.save(tmp_path)
+    meta = json.loads((tmp_path / "dkdm_model.json").read_text())
+    del meta["spec"]["pos_grid"]  # as dkdm wrote DiTs before the field existed
+    (tmp_path / "dkdm_model.json").write_text(json.dumps(meta))
+    back = load_model(tmp_path)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([1, 11])
+    assert torch.equal(back.net.dit.pos_embed.pos_embed, m.net.dit.pos_embed.pos_embed)
+    assert torch.equal(back(x, t), m.eval()(x, t))
+
+
+def test_a_small_dit_learns_digits(tmp_path):
+    """A 30k-parameter DiT trained 200 steps on digits predicts held-out noise with error < 0.32
+    (untrained: 1.0; measured 0.27)."""
+    from dkdm.data import DataSource, Digits
+    from dkdm.trainer import TrainConfig, Trainer
+
+    torch.manual_seed(0)
+    sched = Schedule.named("cosine", 100)
+    m = DiffusionModel.build("dit:patch=2,depth=2,width=32,heads=2", (1, 8, 8), sched)
+    Trainer(m, DataSource(Digits(), sched, 64, seed=0), TrainConfig(steps=200, lr=3e-3, warmup=20, grad_clip=0,
+            ckpt_every=10**6, log_every=10**6), tmp_path / "run", progress=False).train()
+    x0, g, errors = Digits("test").images, torch.Generator().manual_seed(1), []
+    with torch.no_grad():
+        for step in range(0, 100, 5):
+            eps, t = torch.randn(x0.shape, generator=g), torch.full((len(x0),), step)
+            errors.append(((m.eval()(sched.q_sample(x0, t, eps), t)[:, :1] - eps) ** 2).mean().item())
+    assert sum(errors) / len(errors) < 0.32

@@ -29,8 +29,14 @@ REPO = HERE.parents[1]
 #: the default distillation hyper-parameters (batch, lr, EMA, warm-up, no grad clip).
 STUDENT = "unet:widths=24-48,layers=1,groups=8"
 HYPER = ["--batch", "64", "--lr", "1e-3", "--ema", "0.999", "--warmup", "200", "--grad-clip", "0"]
+#: DiT students (391k, the UNet student's size) train at lr 3e-3: at 1e-3 a data-based DiT reached
+#: digits-FID 204 in 1,500 iterations, at 3e-3 53 (analysis.md); everything else as HYPER.
 DIT_STUDENT = "dit:patch=2,depth=4,width=64,heads=4"
+DIT_HYPER = [*HYPER[:2], "--lr", "3e-3", *HYPER[4:]]
 DIT_TEACHER = "dit:patch=2,depth=4,width=128,heads=4"
+#: the DiT teacher gets the UNet teacher's budget (12,000 steps at batch 128)
+DIT_TEACHER_TRAIN = ["--steps", "12000", "--batch", "128", "--lr", "1e-3", "--ema", "0.999", "--warmup", "200",
+                     "--grad-clip", "0"]
 UNET_SIZES = {"small": "unet:widths=16-32,layers=1,groups=8", "default": STUDENT,
               "large": "unet:widths=32-64,layers=1,groups=8"}
 ABLATION_RHOS = (0.01, 0.05, 0.1, 0.2, 0.4)
@@ -52,10 +58,12 @@ def jobs_for(root: Path, iters: int, seeds: list[int]) -> list[dict]:
                      "evals": list(evals), "dir": str(root / name), "model": model or str(root / name),
                      "teacher": teacher})
 
-    dit_teacher = str(root / "dit_teacher")
-    add("dit_teacher", "teachers", "DiT teacher (trained)", 0,
-        [["train", "--data", "digits", "--model", DIT_TEACHER, "--steps", "5000", "--batch", "128", "--lr", "5e-4",
-          "--ema", "0.999", "--warmup", "200", "--seed", "0", "--out", dit_teacher, "--no-report", "--no-progress"]],
+    # DiT jobs are named _v2 since DiTs got DiT's initialisation and stretched positions (issue 16):
+    # results of the earlier DiT jobs under their old names are not reused
+    dit_teacher = str(root / "dit_teacher_v2")
+    add("dit_teacher_v2", "teachers", "DiT teacher (trained)", 0,
+        [["train", "--data", "digits", "--model", DIT_TEACHER, *DIT_TEACHER_TRAIN, "--seed", "0", "--out", dit_teacher,
+          "--no-report", "--no-progress"]],
         evals=())
     for s in seeds:
         sd = ["--seed", str(s)]
@@ -110,16 +118,20 @@ def jobs_for(root: Path, iters: int, seeds: list[int]) -> list[dict]:
         run = lambda n: str(root / n)  # noqa: E731
         # the fixed DKDM configuration (the main table's "after"): rho 0.4 with sampled preparation
         common = [*HYPER, "--rho", "0.4", "--prep", "sampled", "--steps", str(iters), *ckpt, *sd]
-        add(f"dit_teacher_eval_s{s}", "cross", "DiT teacher", s, [], needs=["dit_teacher"], evals=("final",),
+        dit_common = [*DIT_HYPER, *common[len(HYPER):]]
+        add(f"dit_teacher_v2_eval_s{s}", "cross", "DiT teacher", s, [], needs=["dit_teacher_v2"], evals=("final",),
             model=dit_teacher, teacher=dit_teacher)
-        add(f"unet2dit_s{s}", "cross", "UNet teacher -> DiT student", s,
-            [["distill", "--student", DIT_STUDENT, *common, "--out", run(f"unet2dit_s{s}")]])
-        add(f"dit2unet_s{s}", "cross", "DiT teacher -> UNet student", s,
-            [["distill", "--teacher", dit_teacher, "--student", STUDENT, *common, "--out", run(f"dit2unet_s{s}")]],
-            needs=["dit_teacher"], teacher=dit_teacher)
-        add(f"dit2dit_s{s}", "cross", "DiT teacher -> DiT student", s,
-            [["distill", "--teacher", dit_teacher, "--student", DIT_STUDENT, *common, "--out", run(f"dit2dit_s{s}")]],
-            needs=["dit_teacher"], teacher=dit_teacher)
+        add(f"databased_dit_s{s}", "cross", "data-based DiT student", s,
+            [["train", "--data", "digits", "--model", DIT_STUDENT, *DIT_HYPER, "--steps", str(iters), *ckpt, *sd,
+              "--out", run(f"databased_dit_s{s}")]], evals=curve)
+        add(f"unet2dit_v2_s{s}", "cross", "UNet teacher -> DiT student", s,
+            [["distill", "--student", DIT_STUDENT, *dit_common, "--out", run(f"unet2dit_v2_s{s}")]], evals=curve)
+        add(f"dit2unet_v2_s{s}", "cross", "DiT teacher -> UNet student", s,
+            [["distill", "--teacher", dit_teacher, "--student", STUDENT, *common, "--out", run(f"dit2unet_v2_s{s}")]],
+            needs=["dit_teacher_v2"], teacher=dit_teacher)
+        add(f"dit2dit_v2_s{s}", "cross", "DiT teacher -> DiT student", s,
+            [["distill", "--teacher", dit_teacher, "--student", DIT_STUDENT, *dit_common,
+              "--out", run(f"dit2dit_v2_s{s}")]], needs=["dit_teacher_v2"], teacher=dit_teacher, evals=curve)
         for size in ("small", "large"):
             add(f"unet_{size}_s{s}", "cross", f"UNet teacher -> UNet student ({size})", s,
                 [["distill", "--student", UNET_SIZES[size], *common, "--out", run(f"unet_{size}_s{s}")]])
@@ -319,13 +331,38 @@ def write_report(root: Path, jobs: list[dict], iters: int, out: Path) -> dict:
     lines += ["", f"## Pool ablation ({iters} iterations)", "", head,
               row("main", BEFORE).replace(BEFORE, "dynamic rho 0.02, exact prep (= DKDM before)")]
     lines += [row("ablation", m) for m in abl]
-    cross = ["DiT teacher", "UNet teacher -> DiT student", "DiT teacher -> UNet student", "DiT teacher -> DiT student",
-             "UNet teacher -> UNet student (small)", "UNet teacher -> UNet student (large)"]
+    cross = ["DiT teacher", "data-based DiT student", "UNet teacher -> DiT student", "DiT teacher -> UNet student",
+             "DiT teacher -> DiT student", "UNet teacher -> UNet student (small)", "UNet teacher -> UNet student (large)"]
     lines += ["", f"## Cross-architecture ({iters} iterations; DKDM after: rho 0.4, sampled prep)", "", head,
               row("main", "teacher (UNet, 918k)"),
-              row("main", AFTER).replace(AFTER, "UNet teacher -> UNet student (default, 367k)")]
+              row("main", AFTER).replace(AFTER, "UNet teacher -> UNet student (default, 367k)"),
+              row("main", "data-based").replace("data-based", "data-based UNet student (= main table)", 1)]
     lines += [row("cross", m) for m in cross]
-    dit = results.get("dit_teacher")
+    by_method[("cross", "UNet teacher -> UNet student (default, 367k)")] = by_method.get(("main", AFTER), [])
+    by_method[("cross", "data-based UNet student")] = by_method.get(("main", "data-based"), [])
+    dit_rows = ["data-based UNet student", "UNet teacher -> UNet student (default, 367k)", "data-based DiT student",
+                "UNet teacher -> DiT student", "DiT teacher -> DiT student"]
+    cpoints = sorted({int(k) for m in dit_rows for r in by_method.get(("cross", m), []) for k in r["evals"] if k != "final"})
+    lines += ["", "### digits-FID against iterations, DiT students beside the UNet student (mean over seeds)", "",
+              "| method | " + " | ".join(str(p) for p in cpoints) + " |", "|---" * (len(cpoints) + 1) + "|"]
+    for m in dit_rows:
+        rs = by_method.get(("cross", m), [])
+        lines.append(f"| {m} | " + " | ".join(
+            _ms([r["evals"][str(p)]["digits_fid"] for r in rs if str(p) in r["evals"]]) for p in cpoints) + " |")
+
+    def mean_fid(method):
+        rs = by_method.get(("cross", method), [])
+        return statistics.mean(_final(r)["digits_fid"] for r in rs) if rs else None
+
+    targets = [("UNet teacher -> DiT student", "UNet teacher -> UNet student (default, 367k)", 1.5),
+               ("DiT teacher -> DiT student", "UNet teacher -> UNet student (default, 367k)", 1.5),
+               ("UNet teacher -> DiT student", "data-based DiT student", 1.2),
+               ("DiT teacher -> DiT student", "data-based DiT student", 1.2)]
+    ratio_rows = [(a, b, t, mean_fid(a) / mean_fid(b)) for a, b, t in targets if mean_fid(a) and mean_fid(b)]
+    if ratio_rows:
+        lines += ["", "| digits-FID ratio (means over seeds) | value | issue 16 target |", "|---|---|---|"]
+        lines += [f"| {a} / {b} | {r:.2f} | <= {t} |" for a, b, t, r in ratio_rows]
+    dit = results.get("dit_teacher_v2")
     if dit:
         lines += ["", f"DiT teacher training: {dit['wall_s']:.0f} s (1 thread)."]
     lines += ["", "## Commands (seed 0; other seeds change --seed and the run directory)", ""]

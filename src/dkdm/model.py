@@ -18,7 +18,7 @@ from torch import nn
 
 from .diffusion import PREDICTIONS, VARIANCES, Schedule, reverse_sample
 from .errors import DkdmError
-from .students import build_net, parse_spec, student_spec
+from .students import build_net, has_diffusers_positions, parse_spec, saved_spec, student_spec
 from .students import num_classes as _num_classes
 
 MODEL_JSON = "dkdm_model.json"
@@ -247,7 +247,8 @@ class DiffusionModel(nn.Module):
             tmp = d / (WEIGHTS + ".tmp")
             save_file(sd, str(tmp))
             os.replace(tmp, d / WEIGHTS)
-            if self.spec is not None and self.spec["type"] == "dit" and self.num_classes and self.decoder is not None:
+            if (self.spec is not None and self.spec["type"] == "dit" and self.num_classes and self.decoder is not None
+                    and has_diffusers_positions(self.net.dit)):
                 self._save_dit_pipeline(d, sd)
         tmpj = d / (MODEL_JSON + ".tmp")
         tmpj.write_text(json.dumps(self.describe(), indent=1))
@@ -259,7 +260,8 @@ class DiffusionModel(nn.Module):
 
         DiTPipeline drops a learned variance and uses its own null label (1000) for guidance, so
         the scheduler is written with fixed_small variance; sample it with guidance_scale=1 unless
-        the model has 1000 classes."""
+        the model has 1000 classes. Only a DiT that numbers its patches as diffusers does gets one
+        (students.stretch_positions): DiTPipeline would rebuild another position table."""
         from diffusers import DDPMScheduler, DiTPipeline, DiTTransformer2DModel
 
         dit = DiTTransformer2DModel.from_config(self.net.dit.config)
@@ -403,7 +405,7 @@ def load_model(directory, device="cpu", role: str = "model", net: nn.Module | No
             raise DkdmError(f"{d} holds a model built from a custom nn.Module; load it with load_model(dir, net=...)")
         if net is None:
             model = DiffusionModel.build(
-                cfg["spec"], shape, schedule, variance=cfg["variance"], prediction=cfg["prediction"],
+                saved_spec(cfg["spec"]), shape, schedule, variance=cfg["variance"], prediction=cfg["prediction"],
                 clip_x0=cfg["clip_x0"], extra={k: v for k, v in cfg.items() if k not in _CORE},
                 null_class=cfg.get("null_class"), decoder=_decoder_of(d),
             )
