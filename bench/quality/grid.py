@@ -47,16 +47,49 @@ AFTER = "DKDM after: rho 0.4, sampled prep"
 BIG = "data-free, DKDM's teacher budget (25,600 samples x 25 steps)"
 
 
-def jobs_for(root: Path, iters: int, seeds: list[int]) -> list[dict]:
-    """The grid, in the order it runs: the DiT teacher first (others wait on it), then table by table."""
-    ckpt = ["--ckpt-every", str(iters // 3), "--keep-checkpoints", "10", "--no-report", "--no-progress"]
-    curve = [iters // 3, 2 * iters // 3, iters]
-    jobs = []
+def job_adder(jobs: list[dict], root: Path, iters: int):
+    """``add(name, table, method, seed, cmds, ...)``: append one job (its run directory under root) to jobs."""
 
     def add(name, table, method, seed, cmds, needs=(), evals=(iters,), model=None, teacher="builtin:digits"):
         jobs.append({"name": name, "table": table, "method": method, "seed": seed, "cmds": cmds, "needs": list(needs),
                      "evals": list(evals), "dir": str(root / name), "model": model or str(root / name),
                      "teacher": teacher})
+
+    return add
+
+
+def _ckpt(iters: int) -> list[str]:
+    return ["--ckpt-every", str(iters // 3), "--keep-checkpoints", "10", "--no-report", "--no-progress"]
+
+
+def cross_flags(iters: int, seed: int) -> list[str]:
+    """Flags of every cross-architecture distillation (UNet student hyper-parameters): the fixed DKDM
+    configuration, the main table's "after" (rho 0.4 with sampled preparation)."""
+    return [*HYPER, "--rho", "0.4", "--prep", "sampled", "--steps", str(iters), *_ckpt(iters), "--seed", str(seed)]
+
+
+def add_dit_students(add, root: Path, iters: int, seed: int, dit_teacher: str, teacher_needs=()) -> None:
+    """The DiT student's rows: trained on the data, distilled from the UNet teacher and from a DiT teacher.
+    One student spec and DIT_HYPER for all three; everything else as the UNet student's runs."""
+    sd = ["--seed", str(seed)]
+    curve = [iters // 3, 2 * iters // 3, iters]
+    dit_common = [*DIT_HYPER, *cross_flags(iters, seed)[len(HYPER):]]
+    add(f"databased_dit_s{seed}", "cross", "data-based DiT student", seed,
+        [["train", "--data", "digits", "--model", DIT_STUDENT, *DIT_HYPER, "--steps", str(iters), *_ckpt(iters), *sd,
+          "--out", str(root / f"databased_dit_s{seed}")]], evals=curve)
+    add(f"unet2dit_v2_s{seed}", "cross", "UNet teacher -> DiT student", seed,
+        [["distill", "--student", DIT_STUDENT, *dit_common, "--out", str(root / f"unet2dit_v2_s{seed}")]], evals=curve)
+    add(f"dit2dit_v2_s{seed}", "cross", "DiT teacher -> DiT student", seed,
+        [["distill", "--teacher", dit_teacher, "--student", DIT_STUDENT, *dit_common,
+          "--out", str(root / f"dit2dit_v2_s{seed}")]], needs=teacher_needs, teacher=dit_teacher, evals=curve)
+
+
+def jobs_for(root: Path, iters: int, seeds: list[int]) -> list[dict]:
+    """The grid, in the order it runs: the DiT teacher first (others wait on it), then table by table."""
+    ckpt = _ckpt(iters)
+    curve = [iters // 3, 2 * iters // 3, iters]
+    jobs = []
+    add = job_adder(jobs, root, iters)
 
     # DiT jobs are named _v2 since DiTs got DiT's initialisation and stretched positions (issue 16):
     # results of the earlier DiT jobs under their old names are not reused
@@ -114,24 +147,14 @@ def jobs_for(root: Path, iters: int, seeds: list[int]) -> list[dict]:
                 [[*base, "--rho", str(rho), "--prep", "sampled", "--out", run(f"dynamic{rho}_s{s}")]],
                 evals=curve if rho == 0.4 else (iters,))
     for s in seeds:
-        sd = ["--seed", str(s)]
         run = lambda n: str(root / n)  # noqa: E731
-        # the fixed DKDM configuration (the main table's "after"): rho 0.4 with sampled preparation
-        common = [*HYPER, "--rho", "0.4", "--prep", "sampled", "--steps", str(iters), *ckpt, *sd]
-        dit_common = [*DIT_HYPER, *common[len(HYPER):]]
+        common = cross_flags(iters, s)
         add(f"dit_teacher_v2_eval_s{s}", "cross", "DiT teacher", s, [], needs=["dit_teacher_v2"], evals=("final",),
             model=dit_teacher, teacher=dit_teacher)
-        add(f"databased_dit_s{s}", "cross", "data-based DiT student", s,
-            [["train", "--data", "digits", "--model", DIT_STUDENT, *DIT_HYPER, "--steps", str(iters), *ckpt, *sd,
-              "--out", run(f"databased_dit_s{s}")]], evals=curve)
-        add(f"unet2dit_v2_s{s}", "cross", "UNet teacher -> DiT student", s,
-            [["distill", "--student", DIT_STUDENT, *dit_common, "--out", run(f"unet2dit_v2_s{s}")]], evals=curve)
+        add_dit_students(add, root, iters, s, dit_teacher, ["dit_teacher_v2"])
         add(f"dit2unet_v2_s{s}", "cross", "DiT teacher -> UNet student", s,
             [["distill", "--teacher", dit_teacher, "--student", STUDENT, *common, "--out", run(f"dit2unet_v2_s{s}")]],
             needs=["dit_teacher_v2"], teacher=dit_teacher)
-        add(f"dit2dit_v2_s{s}", "cross", "DiT teacher -> DiT student", s,
-            [["distill", "--teacher", dit_teacher, "--student", DIT_STUDENT, *dit_common,
-              "--out", run(f"dit2dit_v2_s{s}")]], needs=["dit_teacher_v2"], teacher=dit_teacher, evals=curve)
         for size in ("small", "large"):
             add(f"unet_{size}_s{s}", "cross", f"UNet teacher -> UNet student ({size})", s,
                 [["distill", "--student", UNET_SIZES[size], *common, "--out", run(f"unet_{size}_s{s}")]])
@@ -186,6 +209,14 @@ def run_job(job: dict) -> dict:
     return result
 
 
+def run_and_store(job: dict, root: Path) -> None:
+    """Run a job and write its result where the scheduler looks for it (atomically: a result means done)."""
+    result = run_job(job)
+    tmp = root / "results" / f"{job['name']}.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.rename(root / "results" / f"{job['name']}.json")
+
+
 def _model_dir(ref):
     from dkdm.model import resolve_model_dir
 
@@ -193,7 +224,8 @@ def _model_dir(ref):
 
 
 # scheduling ----------------------------------------------------------------------------------------
-def schedule(jobs: list[dict], root: Path, workers: int) -> None:
+def schedule(jobs: list[dict], root: Path, workers: int, worker_argv) -> None:
+    """Run jobs, ``workers`` at a time, each in its own process: ``worker_argv(name)`` is its command line."""
     done = {j["name"] for j in jobs if (root / "results" / f"{j['name']}.json").exists()}
     failed: set[str] = set()
     pending = [j for j in jobs if j["name"] not in done]
@@ -233,10 +265,8 @@ def schedule(jobs: list[dict], root: Path, workers: int) -> None:
             if all(n in done for n in job["needs"]):
                 pending.remove(job)
                 logf = open(root / "logs" / f"{job['name']}.log", "w")
-                running[job["name"]] = subprocess.Popen(
-                    [sys.executable, __file__, "--root", str(root), "--one", job["name"], "--iters", str(ITERS),
-                     "--seeds", *map(str, SEEDS), *(["--eval-num", str(EVAL_NUM)] if EVAL_NUM else []),
-                     *(["--eval-steps", str(EVAL_STEPS)] if EVAL_STEPS else [])], stdout=logf, stderr=subprocess.STDOUT, env=env)
+                running[job["name"]] = subprocess.Popen(worker_argv(job["name"]), stdout=logf, stderr=subprocess.STDOUT,
+                                                        env=env)
                 note(f"start {job['name']}")
         time.sleep(2)
     note(f"grid finished: {len(done)} done, {len(failed)} failed")
@@ -451,11 +481,7 @@ def main(argv=None) -> int:
     (root / "results").mkdir(parents=True, exist_ok=True)
     (root / "logs").mkdir(exist_ok=True)
     if a.one:
-        job = next(j for j in jobs if j["name"] == a.one)
-        result = run_job(job)
-        tmp = root / "results" / f"{a.one}.json.tmp"
-        tmp.write_text(json.dumps(result, indent=1))
-        tmp.rename(root / "results" / f"{a.one}.json")
+        run_and_store(next(j for j in jobs if j["name"] == a.one), root)
         return 0
     if not a.report_only:
         by_name = {j["name"]: j for j in jobs}
@@ -463,7 +489,10 @@ def main(argv=None) -> int:
         if unknown:
             ap.error(f"unknown job(s) {', '.join(unknown)}")
         selected = [by_name[n] for n in a.only] if a.only else jobs  # --only runs in the order given
-        schedule(selected, root, a.workers)
+        schedule(selected, root, a.workers, lambda name: [
+            sys.executable, __file__, "--root", str(root), "--one", name, "--iters", str(a.iters), "--seeds",
+            *map(str, a.seeds), *(["--eval-num", str(a.eval_num)] if a.eval_num else []),
+            *(["--eval-steps", str(a.eval_steps)] if a.eval_steps else [])])
     render(root, jobs, a.iters, Path(a.out))
     return 0
 
