@@ -94,7 +94,7 @@ def report(root: Path, jobs: list[dict], iters: int) -> str:
             continue
         per_seed = ", ".join(f"{x / y:.2f}" for x, y in paired)
         means = statistics.mean(x for x, _ in paired) / statistics.mean(y for _, y in paired)
-        lines.append(f"| {a} / {b} | {per_seed} | {means:.2f} ({len(paired)} seeds) | <= {t} |")
+        lines.append(f"| {a} / {b} | {per_seed} | {means:.2f} ({len(paired)} seed{'s' * (len(paired) > 1)}) | <= {t} |")
     lines += ["", "Commands (seed 0; other seeds change --seed and the run directory):", ""]
     rel = str(root) + "/"
     shown = os.path.relpath(root, grid.REPO) + "/"
