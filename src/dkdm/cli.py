@@ -41,7 +41,7 @@ COMMON_DEFAULTS = {
 TRAIN_DEFAULTS = {"data": "toy2d", "real_fraction": None, "synthetic": None, "model": None, "schedule": "cosine", "diffusion_steps": 1000,
                   "variance": "learned_range", "prediction": "epsilon"}
 DISTILL_DEFAULTS = {"teacher": "builtin:digits", "teacher_config": None, "student": None, "student_steps": None, "guidance": 1.0, "teacher_dtype": "float32", "pool": "dynamic", "rho": 0.4,
-                    "pool_dtype": "float32", "prep_batch": None, "prep": "auto", "prep_steps": None,
+                    "pool_dtype": "float32", "prep_batch": None, "prep": "auto", "prep_steps": None, "prep_ckpt_every": 300.0,
                     "variance": "learned_range", "heldout": 512, "reference": None}
 
 
@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="pool preparation: exact (teacher chains, N*T/2 steps), sampled (K-step x0, noised by q), "
                          "or auto (the default: sampled where it is cheaper, K < T/2)")
     di.add_argument("--prep-steps", type=int, help="K, the teacher sampling steps of --prep sampled (default 25, at most T)")
+    di.add_argument("--prep-ckpt-every", type=float, metavar="SECONDS",
+                    help="checkpoint the pool preparation every SECONDS (default 300; 0: after every --prep-batch "
+                         "chunk), so that --resume continues an interrupted preparation")
     di.add_argument("--variance", choices=["learned_range", "fixed_small", "fixed_large"],
                     help="student variance (learned_range trains it with L*vlb)")
     di.add_argument("--heldout", type=int,
@@ -220,12 +223,14 @@ def _check_out(s: dict) -> Path:
     out = Path(s["out"])
     if out.exists() and not out.is_dir():
         raise DkdmError(f"--out {out} is a file; choose a directory path")
-    if s.get("resume"):
-        from .checkpoint import list_checkpoints
+    from .runlock import LOCK
 
-        if not list_checkpoints(out / "checkpoints"):
+    if s.get("resume"):
+        from .checkpoint import has_preparation, list_checkpoints
+
+        if not list_checkpoints(out / "checkpoints") and not has_preparation(out):
             raise DkdmError(f"--resume: {out} has no checkpoint to resume from; drop --resume to start afresh")
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and any(p.name != LOCK for p in out.iterdir()):
         raise DkdmError(f"--out {out} already holds a run; pass --resume to continue it or choose another directory")
     return out
 
@@ -288,26 +293,55 @@ def _monitor(config, trainer, teacher=None, pool=None, reference=None, guidance:
 
 
 def _run(trainer, s: dict, out: Path, args, prepare=None, teacher=None, monitor=None) -> None:
+    """``_run_locked`` holding the run directory's lock (one run per directory)."""
+    from .runlock import RunLock
+
+    acc = trainer.accelerator
+    lock, created, error = RunLock(out), not out.exists(), ""
+    if acc.is_main_process:
+        try:
+            lock.acquire()
+        except DkdmError as e:
+            error = str(e)
+    if acc.num_processes > 1:  # every process stops if the main one could not take the lock
+        from accelerate.utils import broadcast_object_list
+
+        error = broadcast_object_list([error])[0]
+    if error:
+        raise DkdmError(error)
+    try:
+        _run_locked(trainer, s, out, args, prepare, teacher, monitor)
+    finally:
+        lock.release()
+        if created and acc.is_main_process and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a run that failed before writing anything leaves no directory behind
+
+
+def _run_locked(trainer, s: dict, out: Path, args, prepare=None, teacher=None, monitor=None) -> None:
     """Resume or start (optionally preparing the pool first, then checkpointing it), train, report."""
     import torch
 
+    from .checkpoint import drop_preparation, list_checkpoints
     from .evaluation import summary_table, write_report
     from .model import load_model
+    from .runlock import check_free_space
 
     acc = trainer.accelerator
     main = acc.is_main_process
     acc.wait_for_everyone()  # every process has checked --out before the main one writes into it
     if monitor is not None and main:
         print(monitor.cost(), file=sys.stderr)
-    if s.get("resume"):
+    if s.get("resume") and list_checkpoints(trainer.ckpt_dir):
         step = trainer.resume()
         if main:
+            drop_preparation(out)  # left by a run killed between its first checkpoint and dropping it
             print(f"resuming {out} from step {step}", file=sys.stderr)
             if monitor is not None and monitor.setup(resume=True):
                 trainer.cfg.steps = step  # the rule had already stopped the run at its last checkpoint
     else:
         if prepare is not None:
-            prepare()
+            check_free_space(out, 2 * trainer.checkpoint_bytes(), "the pool's preparation and first checkpoints")
+            prepare(bool(s.get("resume")))
         if main:
             out.mkdir(parents=True, exist_ok=True)
             (out / "run.json").write_text(json.dumps({**s, "processes": acc.num_processes}, indent=1, default=str))
@@ -316,6 +350,8 @@ def _run(trainer, s: dict, out: Path, args, prepare=None, teacher=None, monitor=
         torch.manual_seed(int(s["seed"]) + 1)
         acc.wait_for_everyone()
         trainer.save()
+        if main:  # the first checkpoint holds the prepared pool
+            drop_preparation(out)
     if monitor is not None:
         trainer.callbacks.append(monitor)
     last = trainer.train()
@@ -446,6 +482,8 @@ def cmd_distill(args) -> None:
     mem = pool_memory_bytes(size, teacher.sample_shape, s["pool_dtype"])
     s["prep"] = resolve_preparation(s["prep"], T, int(s["prep_steps"]))
     prep_batch = preparation_batch(None if s["prep_batch"] is None else int(s["prep_batch"]), acc.device)
+    if not float(s["prep_ckpt_every"]) >= 0:
+        raise DkdmError(f"--prep-ckpt-every must be >= 0 seconds, got {s['prep_ckpt_every']}")
     prep = preparation_cost(s["pool"], size, T, s["prep"], int(s["prep_steps"]))
     pool = KnowledgePool(teacher, int(s["batch"]), s["pool"], float(s["rho"]), s["pool_dtype"],
                          seed=_rank_seed(s, acc), device=acc.device, preparation=s["prep"], prep_steps=int(s["prep_steps"]),
@@ -453,9 +491,14 @@ def cmd_distill(args) -> None:
     info = {"student": student.describe(), "source": pool.describe(), "teacher": teacher_ref}
     trainer = Trainer(student, pool, cfg, out, info, progress=not args.no_progress, accelerator=acc)
 
-    def prepare():
-        """A new run (not a resumed one, whose settings are checked first): announce it, prepare the pool."""
+    def prepare(resume: bool):
+        """A new run, or one stopped while preparing: announce it, prepare (or finish preparing) the pool."""
+        from .checkpoint import PreparationCheckpoints
+
         n = acc.num_processes
+        saver = PreparationCheckpoints(out, acc.process_index, {**info, "seed": s["seed"], "processes": n},
+                                       every_s=float(s["prep_ckpt_every"]))
+        state = saver.latest(warn=lambda m: print(m, file=sys.stderr)) if resume else None
         if acc.is_main_process:
             print(f"student: {format_spec(student.spec)}, {count_parameters(student.net):,} parameters (teacher: "
                   f"{count_parameters(teacher.net):,}){'' if s['student'] else '; --student SPEC picks another'}",
@@ -467,9 +510,12 @@ def cmd_distill(args) -> None:
                 f"sample-forwards" + (f" (each of {n} processes: its own pool shard and batches)" if n > 1 else ""),
                 file=sys.stderr,
             )
+            if state is not None:
+                print(f"resuming the pool preparation: {int(state['prep_done']):,} of {size:,} entries were prepared",
+                      file=sys.stderr)
         with tqdm(total=prep, desc="pool", unit="step", unit_scale=True,
                   disable=args.no_progress or prep == 0 or not acc.is_main_process, dynamic_ncols=True) as bar:
-            pool.prepare(chunk=prep_batch, progress=bar)
+            pool.prepare(chunk=prep_batch, progress=bar, resume=state, on_chunk=saver)
 
     monitor = _monitor(watch, trainer, teacher, pool, reference, float(s["guidance"]), progress=not args.no_progress)
     _run(trainer, s, out, args, prepare, teacher=teacher, monitor=monitor)
