@@ -42,7 +42,8 @@ TRAIN_DEFAULTS = {"data": "toy2d", "real_fraction": None, "synthetic": None, "mo
                   "variance": "learned_range", "prediction": "epsilon"}
 DISTILL_DEFAULTS = {"teacher": "builtin:digits", "teacher_config": None, "student": None, "student_steps": None, "guidance": 1.0, "teacher_dtype": "float32", "pool": "dynamic", "rho": 0.4,
                     "pool_dtype": "float32", "prep_batch": None, "prep": "auto", "prep_steps": None, "prep_ckpt_every": 300.0,
-                    "variance": "learned_range", "heldout": 512, "reference": None}
+                    "variance": "learned_range", "heldout": 512, "reference": None,
+                    "inception_weights": None}
 
 
 def _common(p: argparse.ArgumentParser, training: bool) -> None:
@@ -136,7 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--heldout", type=int,
                     help="pool states held out to score the student on with --eval-every (default 512; 0: none)")
     di.add_argument("--reference", help="data set the teacher learned (a built-in name), for the report's and "
-                                        "--eval-every's data-set metrics (default: the one the teacher records)")
+                                        "--eval-every's data-set metrics (default: the one the teacher records); with "
+                                        "--inception-weights an ADM reference batch or statistics (.npz) or a folder "
+                                        "of images")
+    di.add_argument("--inception-weights", help="local Inception weights (torch-fidelity's pt_inception file): "
+                                                "--eval-every and the report score FID, IS, precision and recall "
+                                                "against --reference")
 
     sy = sub.add_parser("synth", help="sample a synthetic data set from a teacher (the data-free baseline's data)")
     _common(sy, False)
@@ -292,7 +298,7 @@ def _monitor(config, trainer, teacher=None, pool=None, reference=None, guidance:
                    device=trainer.accelerator.device, progress=progress)
 
 
-def _run(trainer, s: dict, out: Path, args, prepare=None, teacher=None, monitor=None) -> None:
+def _run(trainer, s: dict, out: Path, args, prepare=None, teacher=None, monitor=None, reference=None) -> None:
     """``_run_locked`` holding the run directory's lock (one run per directory)."""
     from .runlock import RunLock
 
@@ -310,15 +316,16 @@ def _run(trainer, s: dict, out: Path, args, prepare=None, teacher=None, monitor=
     if error:
         raise DkdmError(error)
     try:
-        _run_locked(trainer, s, out, args, prepare, teacher, monitor)
+        _run_locked(trainer, s, out, args, prepare, teacher, monitor, reference)
     finally:
         lock.release()
         if created and acc.is_main_process and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # a run that failed before writing anything leaves no directory behind
 
 
-def _run_locked(trainer, s: dict, out: Path, args, prepare=None, teacher=None, monitor=None) -> None:
-    """Resume or start (optionally preparing the pool first, then checkpointing it), train, report."""
+def _run_locked(trainer, s: dict, out: Path, args, prepare=None, teacher=None, monitor=None, reference=None) -> None:
+    """Resume or start (optionally preparing the pool first, then checkpointing it), train, report
+    (against ``reference``, default: the data set the student records)."""
     import torch
 
     from .checkpoint import drop_preparation, list_checkpoints
@@ -362,7 +369,7 @@ def _run_locked(trainer, s: dict, out: Path, args, prepare=None, teacher=None, m
         monitor.plot()  # with the last loss line
     if trainer.stop_reason:
         print(f"stopped at step {trainer.step}: {trainer.stop_reason}", file=sys.stderr)
-    reference = trainer.student.extra.get("data")
+    reference = reference if reference is not None else trainer.student.extra.get("data")
     if (reference or teacher is not None) and not s.get("no_report"):
         model = load_model(out, device=acc.device)
         heldout = {k: v for k, v in monitor.last.items() if k.startswith("heldout_")} if monitor else None
@@ -462,18 +469,14 @@ def cmd_distill(args) -> None:
     s["out"] = s["out"] or _default_out("distill")
     cfg = _train_config(s, fixed_default=int({**COMMON_DEFAULTS, **data_defaults}["steps"]))
     watch = _monitor_config(s)
-    reference = s["reference"] or teacher.extra.get("data")
-    if s["reference"]:
-        from .evaluation import check_reference
-
-        check_reference(reference, None if teacher.decoder is not None else teacher.sample_shape)
+    reference, data_name = _distill_reference(s, teacher, acc.device)
     teacher_ref = _teacher_ref(s["teacher"])
     if s["student_steps"] is not None:
         # the pool runs the teacher on the student's steps, so every batch is a step the student takes
         teacher = teacher.respaced(int(s["student_steps"]))
     torch.manual_seed(int(s["seed"]))
     student = DiffusionModel.student_of(teacher, s["student"], variance=s["variance"],
-                                        extra={"data": reference, "teacher": teacher_ref})
+                                        extra={"data": data_name, "teacher": teacher_ref})
     size = pool_size(s["pool"], float(s["rho"]), teacher.schedule.num_steps, int(s["batch"]))
     out = _check_out(s)
     T = teacher.schedule.num_steps
@@ -518,7 +521,31 @@ def cmd_distill(args) -> None:
             pool.prepare(chunk=prep_batch, progress=bar, resume=state, on_chunk=saver)
 
     monitor = _monitor(watch, trainer, teacher, pool, reference, float(s["guidance"]), progress=not args.no_progress)
-    _run(trainer, s, out, args, prepare, teacher=teacher, monitor=monitor)
+    _run(trainer, s, out, args, prepare, teacher=teacher, monitor=monitor, reference=reference)
+
+
+def _distill_reference(s: dict, teacher, device):
+    """What the run is scored against (--eval-every, the report) and the built-in data set the student
+    records: the teacher's data set; a built-in one named by --reference; or, with
+    --inception-weights, the user's RGB reference (ADM batch, statistics or image folder)."""
+    data_name = teacher.extra.get("data")
+    if s["inception_weights"]:
+        from .evaluation import reference_for
+        from .metrics.inception import check_rgb, check_weights
+
+        check_weights(s["inception_weights"])
+        if teacher.decoder is None:
+            check_rgb(teacher.sample_shape)
+        if not s["reference"]:
+            raise DkdmError("--inception-weights scores against a reference you supply: --reference REF.npz (an ADM "
+                            "reference batch or statistics) or a folder of images")
+        return reference_for(s["reference"], s["inception_weights"], device), data_name
+    if s["reference"]:
+        from .evaluation import check_reference
+
+        check_reference(s["reference"], None if teacher.decoder is not None else teacher.sample_shape)
+        return s["reference"], s["reference"]
+    return data_name, data_name
 
 
 def _reference_for(model_dir, given):
