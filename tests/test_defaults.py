@@ -106,3 +106,16 @@ def test_a_teacher_recording_digits_gets_the_generic_rules(tmp_path, capsys):
     assert student.spec == default_student_spec(load_model("builtin:digits"))
     assert run["lr"] == learning_rate(count_parameters(student.net)) and run["batch"] == 64
     assert (run["ema"], run["grad_clip"]) == (0.9999, 1.0)
+
+
+def test_a_teacher_without_a_data_set_gets_a_hint_about_reference(tmp_path, capsys):
+    """A teacher that records no data set: the report can only be data-free, and distill says which
+    built-in set has its sample shape; with --reference (or another shape) nothing is hinted."""
+    common = ["--steps", "1", "--batch", "8", "--rho", "0.5", "--prep-steps", "2", "--no-report", "--no-progress"]
+    teacher = tt.make("dkdm-mlp", tmp_path)  # 2-D samples, like toy2d
+    assert main(["distill", *teacher, *common, "--out", str(tmp_path / "a")]) == 0
+    assert "its samples have the shape of toy2d: --reference NAME" in capsys.readouterr().err
+    assert main(["distill", *teacher, *common, "--reference", "toy2d", "--out", str(tmp_path / "b")]) == 0
+    assert "--reference NAME" not in capsys.readouterr().err
+    assert main(["distill", *tt.make("dkdm-unet", tmp_path), *common, "--out", str(tmp_path / "c")]) == 0  # 3x8x8
+    assert "--reference NAME" not in capsys.readouterr().err
