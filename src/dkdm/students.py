@@ -318,9 +318,9 @@ def _unwrapped(net: nn.Module) -> nn.Module:
 
 
 #: Width factor of the default student: 1/sqrt(2) of every width, about half the teacher's parameters
-#: (a layer's weights grow with the square of its width). Half the width (a quarter of the
-#: parameters, the paper's 57M -> 14M) held digits students 1.3-1.4x behind at equal steps
-#: (docs/digits-default.md, docs/results.md); a step costs a teacher forward either way.
+#: (a layer's weights grow with the square of its width). Smaller digits students (231k, 164k
+#: against 367k) were 1.2-1.4x behind at equal steps (docs/digits-default.md, docs/results.md);
+#: a DKDM step costs a teacher forward whatever the student.
 WIDTH_SCALE = 1 / math.sqrt(2)
 
 
@@ -330,10 +330,10 @@ def _narrower(width: int, multiple: int) -> int:
 
 
 def _half_unet(widths, layers: int, attn, groups: int, classes: int) -> dict:
-    # GroupNorm must divide every width: the most groups (up to the teacher's) whose multiples come
+    # GroupNorm must divide every width: the most groups dividing the teacher's whose multiples come
     # within a quarter of each target width
     targets = [w * WIDTH_SCALE for w in widths]
-    for g in range(groups, 0, -1):
+    for g in (d for d in range(groups, 0, -1) if groups % d == 0):
         narrow = [_narrower(w, g) for w in widths]
         if all(abs(n - x) <= 0.25 * x for n, x in zip(narrow, targets)):
             break
