@@ -101,12 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--variance", choices=["learned_range", "fixed_small", "fixed_large"])
     tr.add_argument("--prediction", choices=["epsilon", "v_prediction", "sample"])
 
-    di = sub.add_parser("distill", help="data-free distillation of a teacher into a student (DKDM)")
+    di = sub.add_parser("distill", help="data-free distillation of a teacher into a student (DKDM)",
+                        description="Data-free distillation (DKDM). --batch, --steps, --lr, --warmup, --ema and "
+                                    "--grad-clip not given (by flag or --config) follow from the student's size and the "
+                                    "problem (T, sample size), the same rules for every teacher; the run prints each "
+                                    "with its reason.")
     _common(di, True)
     di.add_argument("--teacher", help="teacher model directory, an ADM checkpoint (.pt/.safetensors), or builtin:digits (the default)")
     di.add_argument("--teacher-config", help="guided-diffusion flags (YAML/JSON) of an ADM checkpoint --teacher")
-    di.add_argument("--student", help="student architecture spec (default: the teacher's family at about half its "
-                                      "width, or the tuned student of a built-in data set)")
+    di.add_argument("--student", help="student architecture spec (default: the teacher's family at every width / "
+                                      "sqrt(2), about half its parameters)")
     di.add_argument("--teacher-dtype", choices=["float32", "bfloat16", "float16"],
                     help="run the teacher's network in reduced precision (faster on GPUs; targets change slightly)")
     di.add_argument("--guidance", type=float,
