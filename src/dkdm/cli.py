@@ -22,15 +22,9 @@ DATA_DEFAULTS = {
                "diffusion_steps": 1000, "batch": 128, "lr": 5e-4, "ema": 0.999, "steps": 12000,
                "warmup": 200},
 }
-#: Distillation settings per teacher data set: sized so the default digits run (pool preparation
-#: included) finishes in minutes on 2 CPU cores; the cost is printed before it is spent. Digits
-#: uses the paper's rho = 0.4, affordable through the default (sampled) preparation
-#: (docs/results.md: a 20x smaller exact pool at the same preparation cost gave a 3x worse digits-FID).
-DISTILL_DATA_DEFAULTS = {
-    "toy2d": {"student": "mlp:width=96,depth=2", "steps": 2500, "batch": 256, "lr": 1e-3, "ema": 0.995},
-    "digits": {"student": "unet:widths=24-48,layers=1,groups=8", "steps": 6000, "batch": 64, "rho": 0.4,
-               "lr": 1e-3, "grad_clip": 0.0, "ema": 0.999, "warmup": 200},
-}
+#: Distillation settings that ``defaults.distill_defaults`` derives from the student and the problem
+#: where neither flags nor --config give them (the same rules for every teacher).
+DISTILL_RULED = {"steps": None, "batch": None, "lr": None, "ema": None, "grad_clip": None, "warmup": None}
 COMMON_DEFAULTS = {
     "seed": 0, "steps": 2000, "batch": 128, "lr": 1e-4, "weight_decay": 0.0, "ema": 0.9999,
     "grad_clip": 1.0, "warmup": 0, "mixed_precision": "no", "log_every": 50, "ckpt_every": 500,
@@ -108,12 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--variance", choices=["learned_range", "fixed_small", "fixed_large"])
     tr.add_argument("--prediction", choices=["epsilon", "v_prediction", "sample"])
 
-    di = sub.add_parser("distill", help="data-free distillation of a teacher into a student (DKDM)")
+    di = sub.add_parser("distill", help="data-free distillation of a teacher into a student (DKDM)",
+                        description="Data-free distillation (DKDM). --batch, --steps, --lr, --warmup, --ema and "
+                                    "--grad-clip not given (by flag or --config) follow from the student's size and the "
+                                    "problem (T, sample size), the same rules for every teacher; the run prints each "
+                                    "with its reason.")
     _common(di, True)
     di.add_argument("--teacher", help="teacher model directory, an ADM checkpoint (.pt/.safetensors), or builtin:digits (the default)")
     di.add_argument("--teacher-config", help="guided-diffusion flags (YAML/JSON) of an ADM checkpoint --teacher")
-    di.add_argument("--student", help="student architecture spec (default: the teacher's family at about half its "
-                                      "width, or the tuned student of a built-in data set)")
+    di.add_argument("--student", help="student architecture spec (default: the teacher's family at every width / "
+                                      "sqrt(2), about half its parameters)")
     di.add_argument("--teacher-dtype", choices=["float32", "bfloat16", "float16"],
                     help="run the teacher's network in reduced precision (faster on GPUs; targets change slightly)")
     di.add_argument("--guidance", type=float,
@@ -445,16 +443,19 @@ def cmd_train(args) -> None:
 
 
 def cmd_distill(args) -> None:
+    import math
+
     import torch
     from tqdm.auto import tqdm
 
+    from .defaults import describe, distill_defaults, step_budget
     from .model import DiffusionModel, load_model
     from .pool import (KnowledgePool, pool_memory_bytes, pool_size, preparation_batch, preparation_cost,
                        resolve_preparation)
     from .students import count_parameters, format_spec
     from .trainer import Trainer, make_accelerator
 
-    s = _settings(args, COMMON_DEFAULTS, DISTILL_DEFAULTS, {"out": None, "resume": False})
+    s = _settings(args, COMMON_DEFAULTS, DISTILL_DEFAULTS, DISTILL_RULED, {"out": None, "resume": False})
     acc = make_accelerator(s["mixed_precision"])
     teacher = load_model(s["teacher"], device=acc.device, role="teacher", config=s["teacher_config"])
     teacher.requires_grad_(False)
@@ -463,12 +464,7 @@ def cmd_distill(args) -> None:
         teacher.net.to(memory_format=torch.channels_last)
     if s["compile"]:
         teacher.net = torch.compile(teacher.net)
-    # the teacher's data set brings its distillation defaults; --config and flags still win
-    data_defaults = DISTILL_DATA_DEFAULTS.get(teacher.extra.get("data"), {})
-    s = _settings(args, COMMON_DEFAULTS, DISTILL_DEFAULTS, data_defaults, {"out": None, "resume": False})
     s["out"] = s["out"] or _default_out("distill")
-    cfg = _train_config(s, fixed_default=int({**COMMON_DEFAULTS, **data_defaults}["steps"]))
-    watch = _monitor_config(s)
     reference, data_name = _distill_reference(s, teacher, acc.device)
     teacher_ref = _teacher_ref(s["teacher"])
     if s["student_steps"] is not None:
@@ -477,6 +473,13 @@ def cmd_distill(args) -> None:
     torch.manual_seed(int(s["seed"]))
     student = DiffusionModel.student_of(teacher, s["student"], variance=s["variance"],
                                         extra={"data": data_name, "teacher": teacher_ref})
+    # what flags and --config leave open follows from the student and the problem
+    ruled = distill_defaults(count_parameters(student.net), teacher.sample_shape, teacher.schedule.num_steps,
+                             {k: s[k] for k in DISTILL_RULED})
+    s.update({k: v.value for k, v in ruled.items()})
+    cfg = _train_config(s, fixed_default=step_budget(teacher.schedule.num_steps, math.prod(teacher.sample_shape),
+                                                     int(s["batch"])))
+    watch = _monitor_config(s)
     size = pool_size(s["pool"], float(s["rho"]), teacher.schedule.num_steps, int(s["batch"]))
     out = _check_out(s)
     T = teacher.schedule.num_steps
@@ -506,6 +509,16 @@ def cmd_distill(args) -> None:
             print(f"student: {format_spec(student.spec)}, {count_parameters(student.net):,} parameters (teacher: "
                   f"{count_parameters(teacher.net):,}){'' if s['student'] else '; --student SPEC picks another'}",
                   file=sys.stderr)
+            if ruled:
+                print(f"defaults: {describe(ruled)}", file=sys.stderr)
+            if reference is None and teacher.decoder is None:
+                from .data import builtin_names_of_shape
+
+                names = builtin_names_of_shape(teacher.sample_shape)
+                if names:
+                    print(f"the teacher records no data set, so the report has the data-free score only; its samples "
+                          f"have the shape of {' / '.join(names)}: --reference NAME adds that data set's metrics",
+                          file=sys.stderr)
             print(
                 f"pool: {s['pool']}, {size} entries x {list(teacher.sample_shape)} {s['pool_dtype']} = {mem / 2**20:.1f} MiB; "
                 f"{s['prep']} preparation ~{prep:,} teacher sample-steps; training {'up to ' * (s['steps'] == 'auto')}"
