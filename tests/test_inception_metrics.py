@@ -260,3 +260,29 @@ def test_torch_fidelity_inception_path(tmp_path, monkeypatch, reference_images):
     assert got["fid"] > 0 and got["inception_score"] >= 1 and 0 <= got["precision"] <= 1
     same = metric((torch.from_numpy(reference_images).permute(0, 3, 1, 2).float() + 0.5) / 127.5 - 1)
     assert abs(same["fid"]) < 1e-3 * got["fid"] + 1e-6
+
+
+def test_distill_scores_an_rgb_student_during_training_and_in_its_report(tmp_path, capsys, monkeypatch,
+                                                                        reference_images):
+    """Issue 15 item 3 for RGB teachers: --eval-every and the final report use the Inception metrics."""
+    import dkdm.metrics.inception as inception
+
+    monkeypatch.setattr(inception, "load_extractor", lambda weights, device="cpu": StandIn())
+    teacher = tt.make("ddpm-eps-small", tmp_path)[1]
+    np.savez(tmp_path / "ref.npz", arr_0=reference_images)
+    torch.save({"w": torch.zeros(1)}, tmp_path / "pt_inception.pth")
+    out = tmp_path / "run"
+    assert main(["distill", "--teacher", teacher, "--student", "unet:widths=8-16,groups=4", "--batch", "4",
+                 "--steps", "4", "--eval-every", "2", "--monitor-num", "12", "--monitor-steps", "3", "--heldout", "8",
+                 "--eval-num", "12", "--eval-steps", "3", "--reference", str(tmp_path / "ref.npz"),
+                 "--inception-weights", str(tmp_path / "pt_inception.pth"), "--no-progress", "--out", str(out)]) == 0
+    evals = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r.get("kind") == "eval"]
+    assert [r["step"] for r in evals] == [2, 4] and all(r["fid"] > 0 and "teacher_fd" in r for r in evals)
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["student"]["fid"] > 0 and report["teacher"]["fid"] > 0
+    assert report["student"]["reference"]["reference_images"] == 60
+    assert json.loads((out / "dkdm_model.json").read_text()).get("data") is None  # no built-in data set recorded
+    # the weights without a reference, and a reference of another shape, are one-line errors
+    assert main(["distill", "--teacher", teacher, "--inception-weights", str(tmp_path / "pt_inception.pth"),
+                 "--no-progress", "--out", str(tmp_path / "x")]) == 2
+    assert "--reference REF.npz" in capsys.readouterr().err

@@ -170,3 +170,57 @@ def latest_good_checkpoint(root, warn=None) -> tuple[Path, dict[str, torch.Tenso
             continue
         return path, tensors, meta
     return None
+
+
+PREPARATION = "preparation"
+
+
+class PreparationCheckpoints:
+    """A pool preparation's progress, kept so that an interrupted one resumes where it stopped.
+
+    At the paper's scale exact preparation is days of teacher steps. The pool hands its state after
+    each chunk (``KnowledgePool.preparation_state``); every ``every_s`` seconds it is written as a
+    checkpoint (atomic, with checksums) under ``RUN/preparation/rank<r>``: each process its own
+    shard. ``meta`` (the run's settings that shape the pool) is stored with it and must match on
+    resume. The directory is removed once training's first checkpoint holds the prepared pool.
+    """
+
+    def __init__(self, out, rank: int, meta: dict, every_s: float = 300.0):
+        self.root = Path(out) / PREPARATION / f"rank{rank}"
+        self.meta = meta
+        self.every_s = every_s
+        self._last = None
+
+    def __call__(self, state: dict[str, torch.Tensor]) -> None:
+        import time
+
+        now = time.monotonic()
+        if self._last is None:
+            self._last = now
+        if now - self._last < self.every_s:
+            return
+        save_checkpoint(self.root, int(state["prep_done"]), flatten("pool", state), {"run": self.meta}, keep=1)
+        self._last = time.monotonic()
+
+    def latest(self, warn=None) -> dict[str, torch.Tensor] | None:
+        """The saved state to resume from (None: nothing saved); DkdmError if it belongs to other settings."""
+        found = latest_good_checkpoint(self.root, warn)
+        if found is None:
+            return None
+        path, tensors, meta = found
+        saved = meta.get("run", {})
+        differ = [k for k in sorted(set(saved) | set(self.meta)) if saved.get(k) != self.meta.get(k)]
+        if differ:
+            k = differ[0]
+            raise DkdmError(f"--resume: the pool preparation in {path.parent} was made with other settings ({k}: saved "
+                            f"{saved.get(k)}, now {self.meta.get(k)}); resume with the same settings")
+        return unflatten("pool", tensors)
+
+
+def has_preparation(out) -> bool:
+    root = Path(out) / PREPARATION
+    return root.is_dir() and any(list_checkpoints(d) for d in root.iterdir() if d.is_dir())
+
+
+def drop_preparation(out) -> None:
+    shutil.rmtree(Path(out) / PREPARATION, ignore_errors=True)

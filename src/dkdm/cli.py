@@ -22,15 +22,9 @@ DATA_DEFAULTS = {
                "diffusion_steps": 1000, "batch": 128, "lr": 5e-4, "ema": 0.999, "steps": 12000,
                "warmup": 200},
 }
-#: Distillation settings per teacher data set: sized so the default digits run (pool preparation
-#: included) finishes in minutes on 2 CPU cores; the cost is printed before it is spent. Digits
-#: uses the paper's rho = 0.4, affordable through the default (sampled) preparation
-#: (docs/results.md: a 20x smaller exact pool at the same preparation cost gave a 3x worse digits-FID).
-DISTILL_DATA_DEFAULTS = {
-    "toy2d": {"student": "mlp:width=96,depth=2", "steps": 2500, "batch": 256, "lr": 1e-3, "ema": 0.995},
-    "digits": {"student": "unet:widths=24-48,layers=1,groups=8", "steps": 6000, "batch": 64, "rho": 0.4,
-               "lr": 1e-3, "grad_clip": 0.0, "ema": 0.999, "warmup": 200},
-}
+#: Distillation settings that ``defaults.distill_defaults`` derives from the student and the problem
+#: where neither flags nor --config give them (the same rules for every teacher).
+DISTILL_RULED = {"steps": None, "batch": None, "lr": None, "ema": None, "grad_clip": None, "warmup": None}
 COMMON_DEFAULTS = {
     "seed": 0, "steps": 2000, "batch": 128, "lr": 1e-4, "weight_decay": 0.0, "ema": 0.9999,
     "grad_clip": 1.0, "warmup": 0, "mixed_precision": "no", "log_every": 50, "ckpt_every": 500,
@@ -41,8 +35,9 @@ COMMON_DEFAULTS = {
 TRAIN_DEFAULTS = {"data": "toy2d", "real_fraction": None, "synthetic": None, "model": None, "schedule": "cosine", "diffusion_steps": 1000,
                   "variance": "learned_range", "prediction": "epsilon"}
 DISTILL_DEFAULTS = {"teacher": "builtin:digits", "teacher_config": None, "student": None, "student_steps": None, "guidance": 1.0, "teacher_dtype": "float32", "pool": "dynamic", "rho": 0.4,
-                    "pool_dtype": "float32", "prep_batch": None, "prep": "auto", "prep_steps": None,
-                    "variance": "learned_range", "heldout": 512, "reference": None}
+                    "pool_dtype": "float32", "prep_batch": None, "prep": "auto", "prep_steps": None, "prep_ckpt_every": 300.0,
+                    "variance": "learned_range", "heldout": 512, "reference": None,
+                    "inception_weights": None}
 
 
 def _common(p: argparse.ArgumentParser, training: bool) -> None:
@@ -107,12 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--variance", choices=["learned_range", "fixed_small", "fixed_large"])
     tr.add_argument("--prediction", choices=["epsilon", "v_prediction", "sample"])
 
-    di = sub.add_parser("distill", help="data-free distillation of a teacher into a student (DKDM)")
+    di = sub.add_parser("distill", help="data-free distillation of a teacher into a student (DKDM)",
+                        description="Data-free distillation (DKDM). --batch, --steps, --lr, --warmup, --ema and "
+                                    "--grad-clip not given (by flag or --config) follow from the student's size and the "
+                                    "problem (T, sample size), the same rules for every teacher; the run prints each "
+                                    "with its reason.")
     _common(di, True)
     di.add_argument("--teacher", help="teacher model directory, an ADM checkpoint (.pt/.safetensors), or builtin:digits (the default)")
     di.add_argument("--teacher-config", help="guided-diffusion flags (YAML/JSON) of an ADM checkpoint --teacher")
-    di.add_argument("--student", help="student architecture spec (default: the teacher's family at about half its "
-                                      "width, or the tuned student of a built-in data set)")
+    di.add_argument("--student", help="student architecture spec (default: the teacher's family at every width / "
+                                      "sqrt(2), about half its parameters)")
     di.add_argument("--teacher-dtype", choices=["float32", "bfloat16", "float16"],
                     help="run the teacher's network in reduced precision (faster on GPUs; targets change slightly)")
     di.add_argument("--guidance", type=float,
@@ -128,12 +127,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="pool preparation: exact (teacher chains, N*T/2 steps), sampled (K-step x0, noised by q), "
                          "or auto (the default: sampled where it is cheaper, K < T/2)")
     di.add_argument("--prep-steps", type=int, help="K, the teacher sampling steps of --prep sampled (default 25, at most T)")
+    di.add_argument("--prep-ckpt-every", type=float, metavar="SECONDS",
+                    help="checkpoint the pool preparation every SECONDS (default 300; 0: after every --prep-batch "
+                         "chunk), so that --resume continues an interrupted preparation")
     di.add_argument("--variance", choices=["learned_range", "fixed_small", "fixed_large"],
                     help="student variance (learned_range trains it with L*vlb)")
     di.add_argument("--heldout", type=int,
                     help="pool states held out to score the student on with --eval-every (default 512; 0: none)")
     di.add_argument("--reference", help="data set the teacher learned (a built-in name), for the report's and "
-                                        "--eval-every's data-set metrics (default: the one the teacher records)")
+                                        "--eval-every's data-set metrics (default: the one the teacher records); with "
+                                        "--inception-weights an ADM reference batch or statistics (.npz) or a folder "
+                                        "of images")
+    di.add_argument("--inception-weights", help="local Inception weights (torch-fidelity's pt_inception file): "
+                                                "--eval-every and the report score FID, IS, precision and recall "
+                                                "against --reference")
 
     sy = sub.add_parser("synth", help="sample a synthetic data set from a teacher (the data-free baseline's data)")
     _common(sy, False)
@@ -220,12 +227,14 @@ def _check_out(s: dict) -> Path:
     out = Path(s["out"])
     if out.exists() and not out.is_dir():
         raise DkdmError(f"--out {out} is a file; choose a directory path")
-    if s.get("resume"):
-        from .checkpoint import list_checkpoints
+    from .runlock import LOCK
 
-        if not list_checkpoints(out / "checkpoints"):
+    if s.get("resume"):
+        from .checkpoint import has_preparation, list_checkpoints
+
+        if not list_checkpoints(out / "checkpoints") and not has_preparation(out):
             raise DkdmError(f"--resume: {out} has no checkpoint to resume from; drop --resume to start afresh")
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and any(p.name != LOCK for p in out.iterdir()):
         raise DkdmError(f"--out {out} already holds a run; pass --resume to continue it or choose another directory")
     return out
 
@@ -287,27 +296,57 @@ def _monitor(config, trainer, teacher=None, pool=None, reference=None, guidance:
                    device=trainer.accelerator.device, progress=progress)
 
 
-def _run(trainer, s: dict, out: Path, args, prepare=None, teacher=None, monitor=None) -> None:
-    """Resume or start (optionally preparing the pool first, then checkpointing it), train, report."""
+def _run(trainer, s: dict, out: Path, args, prepare=None, teacher=None, monitor=None, reference=None) -> None:
+    """``_run_locked`` holding the run directory's lock (one run per directory)."""
+    from .runlock import RunLock
+
+    acc = trainer.accelerator
+    lock, created, error = RunLock(out), not out.exists(), ""
+    if acc.is_main_process:
+        try:
+            lock.acquire()
+        except DkdmError as e:
+            error = str(e)
+    if acc.num_processes > 1:  # every process stops if the main one could not take the lock
+        from accelerate.utils import broadcast_object_list
+
+        error = broadcast_object_list([error])[0]
+    if error:
+        raise DkdmError(error)
+    try:
+        _run_locked(trainer, s, out, args, prepare, teacher, monitor, reference)
+    finally:
+        lock.release()
+        if created and acc.is_main_process and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a run that failed before writing anything leaves no directory behind
+
+
+def _run_locked(trainer, s: dict, out: Path, args, prepare=None, teacher=None, monitor=None, reference=None) -> None:
+    """Resume or start (optionally preparing the pool first, then checkpointing it), train, report
+    (against ``reference``, default: the data set the student records)."""
     import torch
 
+    from .checkpoint import drop_preparation, list_checkpoints
     from .evaluation import summary_table, write_report
     from .model import load_model
+    from .runlock import check_free_space
 
     acc = trainer.accelerator
     main = acc.is_main_process
     acc.wait_for_everyone()  # every process has checked --out before the main one writes into it
     if monitor is not None and main:
         print(monitor.cost(), file=sys.stderr)
-    if s.get("resume"):
+    if s.get("resume") and list_checkpoints(trainer.ckpt_dir):
         step = trainer.resume()
         if main:
+            drop_preparation(out)  # left by a run killed between its first checkpoint and dropping it
             print(f"resuming {out} from step {step}", file=sys.stderr)
             if monitor is not None and monitor.setup(resume=True):
                 trainer.cfg.steps = step  # the rule had already stopped the run at its last checkpoint
     else:
         if prepare is not None:
-            prepare()
+            check_free_space(out, 2 * trainer.checkpoint_bytes(), "the pool's preparation and first checkpoints")
+            prepare(bool(s.get("resume")))
         if main:
             out.mkdir(parents=True, exist_ok=True)
             (out / "run.json").write_text(json.dumps({**s, "processes": acc.num_processes}, indent=1, default=str))
@@ -316,6 +355,8 @@ def _run(trainer, s: dict, out: Path, args, prepare=None, teacher=None, monitor=
         torch.manual_seed(int(s["seed"]) + 1)
         acc.wait_for_everyone()
         trainer.save()
+        if main:  # the first checkpoint holds the prepared pool
+            drop_preparation(out)
     if monitor is not None:
         trainer.callbacks.append(monitor)
     last = trainer.train()
@@ -326,7 +367,7 @@ def _run(trainer, s: dict, out: Path, args, prepare=None, teacher=None, monitor=
         monitor.plot()  # with the last loss line
     if trainer.stop_reason:
         print(f"stopped at step {trainer.step}: {trainer.stop_reason}", file=sys.stderr)
-    reference = trainer.student.extra.get("data")
+    reference = reference if reference is not None else trainer.student.extra.get("data")
     if (reference or teacher is not None) and not s.get("no_report"):
         model = load_model(out, device=acc.device)
         heldout = {k: v for k, v in monitor.last.items() if k.startswith("heldout_")} if monitor else None
@@ -402,16 +443,19 @@ def cmd_train(args) -> None:
 
 
 def cmd_distill(args) -> None:
+    import math
+
     import torch
     from tqdm.auto import tqdm
 
+    from .defaults import describe, distill_defaults, step_budget
     from .model import DiffusionModel, load_model
     from .pool import (KnowledgePool, pool_memory_bytes, pool_size, preparation_batch, preparation_cost,
                        resolve_preparation)
     from .students import count_parameters, format_spec
     from .trainer import Trainer, make_accelerator
 
-    s = _settings(args, COMMON_DEFAULTS, DISTILL_DEFAULTS, {"out": None, "resume": False})
+    s = _settings(args, COMMON_DEFAULTS, DISTILL_DEFAULTS, DISTILL_RULED, {"out": None, "resume": False})
     acc = make_accelerator(s["mixed_precision"])
     teacher = load_model(s["teacher"], device=acc.device, role="teacher", config=s["teacher_config"])
     teacher.requires_grad_(False)
@@ -420,24 +464,22 @@ def cmd_distill(args) -> None:
         teacher.net.to(memory_format=torch.channels_last)
     if s["compile"]:
         teacher.net = torch.compile(teacher.net)
-    # the teacher's data set brings its distillation defaults; --config and flags still win
-    data_defaults = DISTILL_DATA_DEFAULTS.get(teacher.extra.get("data"), {})
-    s = _settings(args, COMMON_DEFAULTS, DISTILL_DEFAULTS, data_defaults, {"out": None, "resume": False})
     s["out"] = s["out"] or _default_out("distill")
-    cfg = _train_config(s, fixed_default=int({**COMMON_DEFAULTS, **data_defaults}["steps"]))
-    watch = _monitor_config(s)
-    reference = s["reference"] or teacher.extra.get("data")
-    if s["reference"]:
-        from .evaluation import check_reference
-
-        check_reference(reference, None if teacher.decoder is not None else teacher.sample_shape)
+    reference, data_name = _distill_reference(s, teacher, acc.device)
     teacher_ref = _teacher_ref(s["teacher"])
     if s["student_steps"] is not None:
         # the pool runs the teacher on the student's steps, so every batch is a step the student takes
         teacher = teacher.respaced(int(s["student_steps"]))
     torch.manual_seed(int(s["seed"]))
     student = DiffusionModel.student_of(teacher, s["student"], variance=s["variance"],
-                                        extra={"data": reference, "teacher": teacher_ref})
+                                        extra={"data": data_name, "teacher": teacher_ref})
+    # what flags and --config leave open follows from the student and the problem
+    ruled = distill_defaults(count_parameters(student.net), teacher.sample_shape, teacher.schedule.num_steps,
+                             {k: s[k] for k in DISTILL_RULED})
+    s.update({k: v.value for k, v in ruled.items()})
+    cfg = _train_config(s, fixed_default=step_budget(teacher.schedule.num_steps, math.prod(teacher.sample_shape),
+                                                     int(s["batch"])))
+    watch = _monitor_config(s)
     size = pool_size(s["pool"], float(s["rho"]), teacher.schedule.num_steps, int(s["batch"]))
     out = _check_out(s)
     T = teacher.schedule.num_steps
@@ -446,6 +488,8 @@ def cmd_distill(args) -> None:
     mem = pool_memory_bytes(size, teacher.sample_shape, s["pool_dtype"])
     s["prep"] = resolve_preparation(s["prep"], T, int(s["prep_steps"]))
     prep_batch = preparation_batch(None if s["prep_batch"] is None else int(s["prep_batch"]), acc.device)
+    if not float(s["prep_ckpt_every"]) >= 0:
+        raise DkdmError(f"--prep-ckpt-every must be >= 0 seconds, got {s['prep_ckpt_every']}")
     prep = preparation_cost(s["pool"], size, T, s["prep"], int(s["prep_steps"]))
     pool = KnowledgePool(teacher, int(s["batch"]), s["pool"], float(s["rho"]), s["pool_dtype"],
                          seed=_rank_seed(s, acc), device=acc.device, preparation=s["prep"], prep_steps=int(s["prep_steps"]),
@@ -453,13 +497,28 @@ def cmd_distill(args) -> None:
     info = {"student": student.describe(), "source": pool.describe(), "teacher": teacher_ref}
     trainer = Trainer(student, pool, cfg, out, info, progress=not args.no_progress, accelerator=acc)
 
-    def prepare():
-        """A new run (not a resumed one, whose settings are checked first): announce it, prepare the pool."""
+    def prepare(resume: bool):
+        """A new run, or one stopped while preparing: announce it, prepare (or finish preparing) the pool."""
+        from .checkpoint import PreparationCheckpoints
+
         n = acc.num_processes
+        saver = PreparationCheckpoints(out, acc.process_index, {**info, "seed": s["seed"], "processes": n},
+                                       every_s=float(s["prep_ckpt_every"]))
+        state = saver.latest(warn=lambda m: print(m, file=sys.stderr)) if resume else None
         if acc.is_main_process:
             print(f"student: {format_spec(student.spec)}, {count_parameters(student.net):,} parameters (teacher: "
                   f"{count_parameters(teacher.net):,}){'' if s['student'] else '; --student SPEC picks another'}",
                   file=sys.stderr)
+            if ruled:
+                print(f"defaults: {describe(ruled)}", file=sys.stderr)
+            if reference is None and teacher.decoder is None:
+                from .data import builtin_names_of_shape
+
+                names = builtin_names_of_shape(teacher.sample_shape)
+                if names:
+                    print(f"the teacher records no data set, so the report has the data-free score only; its samples "
+                          f"have the shape of {' / '.join(names)}: --reference NAME adds that data set's metrics",
+                          file=sys.stderr)
             print(
                 f"pool: {s['pool']}, {size} entries x {list(teacher.sample_shape)} {s['pool_dtype']} = {mem / 2**20:.1f} MiB; "
                 f"{s['prep']} preparation ~{prep:,} teacher sample-steps; training {'up to ' * (s['steps'] == 'auto')}"
@@ -467,12 +526,39 @@ def cmd_distill(args) -> None:
                 f"sample-forwards" + (f" (each of {n} processes: its own pool shard and batches)" if n > 1 else ""),
                 file=sys.stderr,
             )
+            if state is not None:
+                print(f"resuming the pool preparation: {int(state['prep_done']):,} of {size:,} entries were prepared",
+                      file=sys.stderr)
         with tqdm(total=prep, desc="pool", unit="step", unit_scale=True,
                   disable=args.no_progress or prep == 0 or not acc.is_main_process, dynamic_ncols=True) as bar:
-            pool.prepare(chunk=prep_batch, progress=bar)
+            pool.prepare(chunk=prep_batch, progress=bar, resume=state, on_chunk=saver)
 
     monitor = _monitor(watch, trainer, teacher, pool, reference, float(s["guidance"]), progress=not args.no_progress)
-    _run(trainer, s, out, args, prepare, teacher=teacher, monitor=monitor)
+    _run(trainer, s, out, args, prepare, teacher=teacher, monitor=monitor, reference=reference)
+
+
+def _distill_reference(s: dict, teacher, device):
+    """What the run is scored against (--eval-every, the report) and the built-in data set the student
+    records: the teacher's data set; a built-in one named by --reference; or, with
+    --inception-weights, the user's RGB reference (ADM batch, statistics or image folder)."""
+    data_name = teacher.extra.get("data")
+    if s["inception_weights"]:
+        from .evaluation import reference_for
+        from .metrics.inception import check_rgb, check_weights
+
+        check_weights(s["inception_weights"])
+        if teacher.decoder is None:
+            check_rgb(teacher.sample_shape)
+        if not s["reference"]:
+            raise DkdmError("--inception-weights scores against a reference you supply: --reference REF.npz (an ADM "
+                            "reference batch or statistics) or a folder of images")
+        return reference_for(s["reference"], s["inception_weights"], device), data_name
+    if s["reference"]:
+        from .evaluation import check_reference
+
+        check_reference(s["reference"], None if teacher.decoder is not None else teacher.sample_shape)
+        return s["reference"], s["reference"]
+    return data_name, data_name
 
 
 def _reference_for(model_dir, given):

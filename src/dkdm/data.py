@@ -112,6 +112,11 @@ SAMPLES_JSON = "dataset.json"
 SAMPLES_FILE = "samples.safetensors"
 
 
+def builtin_names_of_shape(sample_shape) -> list[str]:
+    """The built-in data sets whose samples have this shape (a hint, never a guess acted on)."""
+    return [name for name, cls in BUILTIN.items() if tuple(cls.sample_shape) == tuple(sample_shape)]
+
+
 def builtin_dataset(name: str):
     if name not in BUILTIN:
         raise DkdmError(f"unknown built-in data set {name!r}; choose one of {', '.join(BUILTIN)}")

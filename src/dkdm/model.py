@@ -250,6 +250,8 @@ class DiffusionModel(nn.Module):
             if (self.spec is not None and self.spec["type"] == "dit" and self.num_classes and self.decoder is not None
                     and has_diffusers_positions(self.net.dit)):
                 self._save_dit_pipeline(d, sd)
+            elif self.decoder is not None:  # no pipeline holds the autoencoder: keep it beside the weights
+                self.decoder.vae.save_pretrained(d / "vae", safe_serialization=True)
         tmpj = d / (MODEL_JSON + ".tmp")
         tmpj.write_text(json.dumps(self.describe(), indent=1))
         os.replace(tmpj, d / MODEL_JSON)
@@ -304,8 +306,11 @@ def _decoder_of(d: Path):
         if (d / name).is_dir():
             from .teachers.diffusers_dir import LatentDecoder
 
-            index = json.loads((d / "model_index.json").read_text())
-            return LatentDecoder.load(d / name, index.get(name, [None, None])[1])
+            if (d / "model_index.json").exists():
+                class_name = json.loads((d / "model_index.json").read_text()).get(name, [None, None])[1]
+            else:  # saved on its own (a latent student no pipeline holds)
+                class_name = json.loads((d / name / "config.json").read_text()).get("_class_name")
+            return LatentDecoder.load(d / name, class_name)
     return None
 
 

@@ -156,41 +156,80 @@ class KnowledgePool:
         self._graphed = GraphedStep(self._advance)
 
     @torch.no_grad()
-    def prepare(self, chunk: int | None = None, progress=None) -> None:
+    def prepare(self, chunk: int | None = None, progress=None, resume: dict | None = None, on_chunk=None) -> None:
         """Bring every entry from noise to its own stop step, uniform over 1..T-1.
 
-        ``chunk`` is the teacher's batch (default: ``preparation_batch``'s for this device).
+        ``chunk`` is the teacher's batch (default: ``preparation_batch``'s for this device). The
+        entries are prepared chunk by chunk, each from the pool's one random stream, so the state
+        after a chunk (``preparation_state``, handed to ``on_chunk``) is all a resumed preparation
+        needs: ``prepare(resume=state)`` finishes the same pool, bit for bit, as if never stopped.
         """
         chunk = preparation_batch(chunk, self.device)
         T = self.num_steps
-        self.x.copy_(self._noise(self.x.shape))
-        if self.y is not None:
-            self.y.copy_(self._labels(self.size))
-        if self.kind == "iterative":
-            self.s.fill_(T)
-            self.prepared = True
-            return
-        stops = torch.randint(1, T, (self.size,), generator=self.generator, device=self.device)
-        if self.preparation == "sampled":
-            self._prepare_sampled(stops, chunk, progress)
-            return
-        for start in range(0, self.size, chunk):
-            x = self.x[start:start + chunk].float()
-            stop = stops[start:start + chunk]
-            y = None if self.y is None else self.y[start:start + chunk]
-            for s in range(T, 1, -1):
-                active = (stop < s).nonzero().squeeze(1)
-                if len(active) == 0:
-                    break
-                sv = torch.full((len(active),), s, device=self.device)
-                x[active], _ = self._teacher_step(x[active], sv, None if y is None else y[active])
-                self.prep_calls += len(active)
-                if progress is not None:
-                    progress.update(len(active))
-            self.x[start:start + chunk] = x.to(self.x.dtype)
-        self.s.copy_(stops)
+        if resume is not None:
+            self._load_preparation(resume)
+        else:
+            self.x.copy_(self._noise(self.x.shape))
+            if self.y is not None:
+                self.y.copy_(self._labels(self.size))
+            if self.kind == "iterative":
+                self.s.fill_(T)
+                self.prepared = True
+                return
+            self.s.copy_(torch.randint(1, T, (self.size,), generator=self.generator, device=self.device))
+            self._prep_done = 0
+        if progress is not None and self.prep_calls:
+            progress.update(self.prep_calls)
+        for start in range(self._prep_done, self.size, chunk):
+            end = min(start + chunk, self.size)
+            if self.preparation == "sampled":
+                self._prepare_sampled(start, end, progress)
+            else:
+                self._prepare_exact(start, end, progress)
+            self._prep_done = end
+            if on_chunk is not None and end < self.size:
+                on_chunk(self.preparation_state())
         self._check_finite()
         self.prepared = True
+
+    def _prepare_exact(self, start: int, end: int, progress) -> None:
+        """The paper's preparation: each entry runs the teacher's own chain from noise to its stop."""
+        x = self.x[start:end].float()
+        stop = self.s[start:end]
+        y = None if self.y is None else self.y[start:end]
+        for s in range(self.num_steps, 1, -1):
+            active = (stop < s).nonzero().squeeze(1)
+            if len(active) == 0:
+                break
+            sv = torch.full((len(active),), s, device=self.device)
+            x[active], _ = self._teacher_step(x[active], sv, None if y is None else y[active])
+            self.prep_calls += len(active)
+            if progress is not None:
+                progress.update(len(active))
+        self.x[start:end] = x.to(self.x.dtype)
+
+    def _prepare_sampled(self, start: int, end: int, progress) -> None:
+        """Cheap preparation: x0 from a K-step respaced teacher sampler, noised to each stop by q.
+
+        x_s then follows q(x_s | x0) with x0 from the teacher's (few-step) distribution instead of
+        the teacher's own marginal at s; it costs N*K teacher steps instead of N*T/2.
+        """
+        n = end - start
+        labels = None if self.y is None else self.y[start:end]
+        x0 = self.teacher.sample(n, self.prep_steps, self.generator, batch_size=n, progress=progress, labels=labels,
+                                 guidance=self.guidance).to(self.device)
+        self.prep_calls += n * self.prep_steps
+        t = self.s[start:end] - 1
+        self.x[start:end] = self.teacher.schedule.q_sample(x0, t, self._noise(x0.shape)).to(self.x.dtype)
+
+    def preparation_state(self) -> dict[str, torch.Tensor]:
+        """What a preparation stopped after a chunk resumes from (see ``prepare``)."""
+        return {**self.state_dict(), "prep_done": torch.tensor(self._prep_done)}
+
+    def _load_preparation(self, state: dict[str, torch.Tensor]) -> None:
+        self.load_state_dict(state)
+        self.prepared = False
+        self._prep_done = int(state["prep_done"])
 
     def _check_finite(self) -> None:
         bad = ~torch.isfinite(self.x.flatten(1)).all(1)
@@ -200,23 +239,6 @@ class KnowledgePool:
                 f"stopped at t={(self.s[bad][:4] - 1).tolist()}): the teacher is broken, or too imprecise "
                 f"(try --teacher-dtype float32)"
             )
-
-    @torch.no_grad()
-    def _prepare_sampled(self, stops, chunk, progress) -> None:
-        """Cheap preparation: x0 from a K-step respaced teacher sampler, noised to each stop by q.
-
-        x_s then follows q(x_s | x0) with x0 from the teacher's (few-step) distribution instead of
-        the teacher's own marginal at s; it costs N*K teacher steps instead of N*T/2.
-        """
-        x0 = self.teacher.sample(self.size, self.prep_steps, self.generator, batch_size=chunk, progress=progress,
-                                 labels=self.y, guidance=self.guidance)
-        self.prep_calls += self.size * self.prep_steps
-        x0 = x0.to(self.device)
-        t = stops - 1
-        self.x.copy_(self.teacher.schedule.q_sample(x0, t, self._noise(x0.shape)).to(self.x.dtype))
-        self.s.copy_(stops)
-        self._check_finite()
-        self.prepared = True
 
     def _draw(self) -> torch.Tensor:
         if self.kind == "dynamic":

@@ -317,28 +317,40 @@ def _unwrapped(net: nn.Module) -> nn.Module:
         net = inner
 
 
-def _half(width: int, multiple: int) -> int:
-    """About half of ``width``, a multiple of ``multiple``, at least ``multiple``."""
-    return max(multiple, width // 2 // multiple * multiple)
+#: Width factor of the default student: 1/sqrt(2) of every width, about half the teacher's parameters
+#: (a layer's weights grow with the square of its width). Smaller digits students (231k, 164k
+#: against 367k) were 1.2-1.4x behind at equal steps (docs/digits-default.md, docs/results.md);
+#: a DKDM step costs a teacher forward whatever the student.
+WIDTH_SCALE = 1 / math.sqrt(2)
+
+
+def _narrower(width: int, multiple: int) -> int:
+    """``width`` * WIDTH_SCALE, the nearest multiple of ``multiple``, at least ``multiple``."""
+    return max(multiple, round(width * WIDTH_SCALE / multiple) * multiple)
 
 
 def _half_unet(widths, layers: int, attn, groups: int, classes: int) -> dict:
-    half = [max(1, w // 2) for w in widths]
-    g = next(g for g in range(groups, 0, -1) if all(w % g == 0 for w in half))  # GroupNorm must divide every width
-    return {"type": "unet", "widths": half, "layers": layers, "attn": list(attn), "groups": g, "classes": classes}
+    # GroupNorm must divide every width: the most groups dividing the teacher's whose multiples come
+    # within a quarter of each target width
+    targets = [w * WIDTH_SCALE for w in widths]
+    for g in (d for d in range(groups, 0, -1) if groups % d == 0):
+        narrow = [_narrower(w, g) for w in widths]
+        if all(abs(n - x) <= 0.25 * x for n, x in zip(narrow, targets)):
+            break
+    return {"type": "unet", "widths": narrow, "layers": layers, "attn": list(attn), "groups": g, "classes": classes}
 
 
 def _half_dit(width: int, heads: int, depth: int, patch: int, classes: int) -> dict:
-    # half the heads at the teacher's head size; DiT's sin-cos position embedding needs width % 4 == 0
-    heads = heads // 2 if heads % 2 == 0 else heads
+    # fewer heads at about the teacher's head size; DiT's sin-cos position embedding needs width % 4 == 0
+    heads = max(1, round(heads * WIDTH_SCALE))
     step = heads * 4 // math.gcd(heads, 4)
-    return {"type": "dit", "patch": patch, "depth": depth, "width": _half(width, step), "heads": heads,
+    return {"type": "dit", "patch": patch, "depth": depth, "width": _narrower(width, step), "heads": heads,
             "classes": classes}
 
 
 def _half_adm(flags: dict) -> dict:
-    """The ADM flags at about half num_channels, keeping every level divisible as ADM needs (GroupNorm
-    of 32 groups, the attention heads); the teacher's own width where no smaller one fits."""
+    """The ADM flags at about num_channels / sqrt(2), keeping every level divisible as ADM needs
+    (GroupNorm of 32 groups, the attention heads): the nearest width that fits, at most the teacher's."""
     from .teachers.adm import _derived
 
     mult, _ = _derived(flags)
@@ -348,18 +360,20 @@ def _half_adm(flags: dict) -> dict:
         chans = [int(m * c) for m in mult]
         return all(ch % 32 == 0 and (ch % head_ch == 0 if head_ch != -1 else ch % heads == 0) for ch in chans)
 
-    half = next((c for c in range(mc // 2, 0, -1) if fits(c)), mc)
+    target = mc * WIDTH_SCALE
+    half = min((c for c in range(1, mc + 1) if fits(c)), key=lambda c: (abs(c - target), c), default=mc)
     return {**flags, "num_channels": half}
 
 
 def default_student_spec(teacher) -> dict:
     """The student dkdm distills into when none is named: the teacher's family (adm, unet, dit,
-    mlp) at about half its width, conditioned on the teacher's classes.
+    mlp) at about half its parameters (every width / sqrt(2), same depth), conditioned on the
+    teacher's classes.
 
     A diffusers UNet2DModel teacher gets a dkdm ``unet`` (its levels, res-blocks and attention
     levels), a DiT a ``dit`` of the same depth and patch. A teacher of unknown architecture (a
     custom module) gets the smallest default of the data's shape: a ``unet`` for images, an ``mlp``
-    for vectors. Settings tuned for a data set (the CLI's digits defaults) are chosen above this.
+    for vectors.
     """
     classes = int(teacher.num_classes or 0)
     spec = teacher.spec
@@ -369,7 +383,7 @@ def default_student_spec(teacher) -> dict:
         out.update(class_cond=bool(classes), **({"num_classes": classes} if classes else {}))
         return parse_spec({"type": "adm", **out})
     if spec is not None and spec["type"] == "mlp":
-        return parse_spec({**spec, "width": _half(int(spec["width"]), 8), "classes": classes})
+        return parse_spec({**spec, "width": _narrower(int(spec["width"]), 8), "classes": classes})
     if spec is not None and spec["type"] == "unet":
         return parse_spec(_half_unet(spec["widths"], spec["layers"], spec["attn"], spec["groups"], classes))
     if spec is not None and spec["type"] == "dit":

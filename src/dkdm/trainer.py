@@ -30,6 +30,7 @@ from .diffusion import Reverse, TrainingBatch
 from .errors import DkdmError
 from .model import DiffusionModel
 from .objective import DEFAULT_VLB_WEIGHT, dkdm_loss
+from .runlock import check_free_space
 
 
 def make_accelerator(mixed_precision: str = "no") -> Accelerator:
@@ -220,6 +221,11 @@ class Trainer:
         self.log_path = self.out / "log.jsonl"
 
     # checkpoints ------------------------------------------------------------------------------
+    def checkpoint_bytes(self) -> int:
+        """About the size of one checkpoint: weights, EMA and two Adam moments, and the source's state."""
+        weights = sum(p.numel() * 4 for p in self._params)
+        return 4 * weights + sum(t.nbytes for t in self.source.state_dict().values() if torch.is_tensor(t))
+
     def save(self) -> Path:
         """Checkpoint: the shared state from the main process, every rank's source (pool shard) and RNG."""
         acc = self.accelerator
@@ -237,6 +243,7 @@ class Trainer:
             **flatten("optim", opt_tensors),
             **own,
         }
+        check_free_space(self.ckpt_dir, sum(t.nbytes for t in tensors.values()), f"the checkpoint of step {self.step}")
         meta = {"optimizer": opt_meta, "lr_scheduler": self.lr_sched.state_dict(),
                 "config": asdict(self.cfg), "run": self.run_info, "world_size": acc.num_processes}
         acc.wait_for_everyone()  # every rank's shard is written into the temporary directory
@@ -443,6 +450,8 @@ class Trainer:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         if acc.is_main_process:
+            # the weights, and their copy in a diffusers pipeline where the student has one
+            check_free_space(self.out, 2 * sum(t.nbytes for t in self.ema.shadow.values()), "the final model")
             student.save(self.out, {k: v for k, v in self.ema.shadow.items()})
         acc.wait_for_everyone()
         return last

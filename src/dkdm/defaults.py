@@ -1,0 +1,85 @@
+"""The optimisation settings of a distillation run that the user leaves out, derived from the
+student and the problem (never from the name of a data set), each with the reason it is printed with.
+
+One rule for every teacher: what the student is (its parameter count) and what the problem is (the
+teacher's number of diffusion steps T, the size of one sample). Measured on the digits teachers of
+three families (docs/defaults.md); the scaling beyond digits is reasoned, not measured.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+#: The step budget, in training samples per diffusion step per sample value: 6,000 steps of batch
+#: 64 on 8x8 digits at T = 1000 (the bundled teacher's measured budget, docs/defaults.md).
+SAMPLES_PER_STEP_VALUE = 6.0
+MIN_STEPS, MAX_STEPS = 1000, 400_000
+#: The paper's batch (CIFAR-10, 32x32 RGB); smaller samples train at half of it, which halves the
+#: pool (rho * T * B entries) and its preparation.
+PAPER_BATCH, SMALL_BATCH, PAPER_SAMPLE = 128, 64, 3 * 32 * 32
+LR_MAX, LR_MIN, LR_PARAMS = 1e-3, 1e-4, 1_000_000
+EMA = 0.9999
+GRAD_CLIP = 1.0
+
+
+@dataclass(frozen=True)
+class Setting:
+    value: object
+    why: str
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.2g}M"
+
+
+def step_budget(num_steps: int, sample_numel: int, batch: int) -> int:
+    """Fixed training steps: SAMPLES_PER_STEP_VALUE * T * sample values / batch, within
+    [MIN_STEPS, MAX_STEPS]. Every diffusion step gets the same number of training samples per value
+    of a sample: 6,000 steps on digits (batch 64), ~144,000 on CIFAR-10 at batch 128."""
+    return int(min(MAX_STEPS, max(MIN_STEPS, round(SAMPLES_PER_STEP_VALUE * num_steps * sample_numel / batch))))
+
+
+def learning_rate(student_params: int) -> float:
+    """1e-3 * sqrt(1M / parameters), within [1e-4, 1e-3]: 1e-3 for students up to 1M parameters
+    (digits), ~2e-4 at 35M (DDPM's CIFAR-10 2e-4), 1e-4 from 100M (ADM, DiT, the paper's 1e-4)."""
+    return min(LR_MAX, max(LR_MIN, LR_MAX * math.sqrt(LR_PARAMS / max(1, student_params))))
+
+
+def warmup_steps(steps: int) -> int:
+    """Linear learning-rate warm-up over a 50th of the run, at least 200 and at most 5,000 steps."""
+    return min(5000, max(200, steps // 50))
+
+
+def distill_defaults(student_params: int, sample_shape, num_steps: int, given: dict | None = None) -> dict[str, Setting]:
+    """The settings of a distillation that ``given`` (the user's flags and config: a value or None)
+    leaves open: batch, steps (the fixed budget, also --steps auto's yardstick), lr, warmup, ema and
+    grad_clip. ``given`` values win and feed the rules that depend on them (warm-up follows the
+    given steps, the budget the given batch)."""
+    given = {k: v for k, v in (given or {}).items() if v is not None}
+    numel = math.prod(int(d) for d in sample_shape)
+    out: dict[str, Setting] = {}
+    small = numel < PAPER_SAMPLE
+    out["batch"] = Setting(SMALL_BATCH if small else PAPER_BATCH,
+                           f"{'under' if small else 'from'} {PAPER_SAMPLE:,} values a sample (the paper's 32x32 RGB)")
+    batch = int(given.get("batch", out["batch"].value))
+    budget = step_budget(num_steps, numel, batch)
+    out["steps"] = Setting(budget, f"{SAMPLES_PER_STEP_VALUE:g} training samples per diffusion step and sample value: "
+                                   f"{SAMPLES_PER_STEP_VALUE:g} x T={num_steps} x {numel} values / batch {batch}")
+    steps = given.get("steps", budget)
+    steps = budget if steps == "auto" else int(steps)
+    out["lr"] = Setting(learning_rate(student_params),
+                        f"for a {_millions(student_params)}-parameter student: 1e-3 x sqrt(1M / parameters) in [1e-4, 1e-3]")
+    out["warmup"] = Setting(warmup_steps(steps), f"a 50th of {steps:,} steps, in [200, 5000]")
+    cap = round((10 * EMA - 1) / (1 - EMA))  # the step where (1+s)/(10+s) reaches EMA
+    out["ema"] = Setting(EMA, f"warmed up as (1+s)/(10+s): it averages the last ~11% of the steps until step {cap:,}")
+    out["grad_clip"] = Setting(GRAD_CLIP, "AdamW is nearly blind to the gradient's scale: clipping only trims spikes")
+    return {k: v for k, v in out.items() if k not in given}
+
+
+def describe(settings: dict[str, Setting]) -> str:
+    """One line for the start of a run: each default with its reason."""
+    def text(v):
+        return f"{v:g}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
+
+    return "; ".join(f"{k.replace('_', '-')} {text(s.value)} ({s.why})" for k, s in settings.items())

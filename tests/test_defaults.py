@@ -1,0 +1,121 @@
+"""The settings a distillation derives from its student and problem (issue 16): one rule set for
+every teacher, the user's flags and config winning, each default printed with its reason."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import tiny_teachers as tt
+from dkdm.cli import main
+from dkdm.defaults import distill_defaults, learning_rate, step_budget, warmup_steps
+from dkdm.trainer import EMA
+
+
+@pytest.mark.parametrize("params, want", [(2e5, 1e-3), (1e6, 1e-3), (4e6, 5e-4), (35.7e6, 1.674e-4), (1e8, 1e-4),
+                                          (6.75e8, 1e-4)])
+def test_learning_rate_falls_with_the_square_root_of_the_students_size(params, want):
+    assert learning_rate(int(params)) == pytest.approx(want, rel=1e-3)
+
+
+def test_step_budget_scales_with_T_and_sample_size_and_inversely_with_batch():
+    assert step_budget(1000, 64, 64) == 6000  # digits: the bundled teacher's measured budget
+    assert step_budget(1000, 3 * 32 * 32, 128) == 144_000  # CIFAR-10 at the paper's batch
+    assert step_budget(2000, 64, 64) == 2 * step_budget(1000, 64, 64)
+    assert step_budget(1000, 64, 128) == step_budget(1000, 64, 64) // 2
+    assert step_budget(100, 2, 64) == 1000 and step_budget(1000, 3 * 256 * 256, 128) == 400_000  # the bounds
+
+
+def test_warmup_is_a_fiftieth_of_the_run_within_bounds():
+    assert [warmup_steps(n) for n in (10, 6000, 20_000, 144_000, 10**6)] == [200, 200, 400, 2880, 5000]
+
+
+def test_defaults_follow_the_problem_and_given_values_win():
+    small = distill_defaults(500_000, (1, 8, 8), 1000)
+    assert {k: s.value for k, s in small.items()} == {"batch": 64, "steps": 6000, "lr": 1e-3, "warmup": 200,
+                                                      "ema": 0.9999, "grad_clip": 1.0}
+    assert all(s.why for s in small.values())
+    big = distill_defaults(14_000_000, (3, 32, 32), 1000)
+    assert big["batch"].value == 128 and big["steps"].value == 144_000 and big["warmup"].value == 2880
+    assert big["lr"].value == pytest.approx(1e-3 / math.sqrt(14))
+    # given values are not defaults, and the rules that depend on them follow them
+    given = distill_defaults(500_000, (1, 8, 8), 1000, {"batch": 32, "lr": 3e-4, "steps": None})
+    assert "batch" not in given and "lr" not in given and given["steps"].value == 12_000
+    assert given["warmup"].value == 240
+    assert distill_defaults(500_000, (1, 8, 8), 1000, {"steps": 50_000})["warmup"].value == 1000
+    assert distill_defaults(500_000, (1, 8, 8), 1000, {"steps": "auto"})["warmup"].value == 200  # the fixed budget's
+
+
+def test_ema_0_9999_equals_0_999_until_its_warm_up_reaches_0_999():
+    """The defaults say EMA 0.9999 changes nothing on runs shorter than ~9,000 steps: the warm-up
+    (1+s)/(10+s) stays below 0.999 until step 8,990, so both decays give the same weights there."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 4)
+    a, b = EMA(net, 0.999), EMA(net, 0.9999)
+    for step in [*range(20), *range(8950, 8990)]:
+        with torch.no_grad():
+            net.weight.add_(torch.randn_like(net.weight))
+        a.update(net, step)
+        b.update(net, step)
+    assert all(torch.equal(a.shadow[k], b.shadow[k]) for k in a.shadow)
+    a.update(net, 9500)
+    b.update(net, 9500)
+    assert not torch.equal(a.shadow["weight"], b.shadow["weight"])
+
+
+def _run(tmp_path, name, *extra):
+    out = tmp_path / name
+    args = ["distill", *tt.make("dkdm-unet", tmp_path), "--rho", "0.5", "--prep-steps", "2", "--no-report",
+            "--no-progress", "--out", str(out), *extra]
+    assert main(args) == 0
+    return json.loads((out / "run.json").read_text())
+
+
+def test_distill_prints_the_rule_defaults_and_flags_and_config_win(tmp_path, capsys):
+    from dkdm.model import load_model
+    from dkdm.students import count_parameters
+
+    run = _run(tmp_path, "a", "--steps", "3")
+    err = capsys.readouterr().err
+    line = next(l for l in err.splitlines() if l.startswith("defaults: "))
+    params = count_parameters(load_model(tmp_path / "a").net)
+    assert run["lr"] == learning_rate(params) and f"lr 0.001 (for a {params / 1e6:.2g}M-parameter student" in line
+    assert (run["batch"], run["warmup"], run["ema"], run["grad_clip"], run["steps"]) == (64, 200, 0.9999, 1.0, 3)
+    assert "batch 64 (" in line and "steps" not in line.split("(")[0]  # --steps was given: not a default
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("ema: 0.99\n")
+    run = _run(tmp_path, "b", "--steps", "3", "--lr", "3e-4", "--batch", "8", "--config", str(cfg))
+    line = next(l for l in capsys.readouterr().err.splitlines() if l.startswith("defaults: "))
+    assert (run["lr"], run["batch"], run["ema"], run["warmup"]) == (3e-4, 8, 0.99, 200)
+    assert not any(f"{k} " in line for k in ("lr", "batch", "ema"))
+    assert "warmup 200" in line and "grad-clip 1" in line
+
+
+def test_a_teacher_recording_digits_gets_the_generic_rules(tmp_path, capsys):
+    """No data-set-keyed distillation defaults: the bundled digits teacher's student is the generic
+    default student at the generic rules' settings."""
+    from dkdm.model import load_model
+    from dkdm.students import count_parameters, default_student_spec
+
+    out = tmp_path / "d"
+    assert main(["distill", "--steps", "1", "--rho", "0.001", "--prep-steps", "2", "--no-report", "--no-progress",
+                 "--out", str(out)]) == 0
+    run = json.loads((out / "run.json").read_text())
+    student = load_model(out)
+    assert student.spec == default_student_spec(load_model("builtin:digits"))
+    assert run["lr"] == learning_rate(count_parameters(student.net)) and run["batch"] == 64
+    assert (run["ema"], run["grad_clip"]) == (0.9999, 1.0)
+
+
+def test_a_teacher_without_a_data_set_gets_a_hint_about_reference(tmp_path, capsys):
+    """A teacher that records no data set: the report can only be data-free, and distill says which
+    built-in set has its sample shape; with --reference (or another shape) nothing is hinted."""
+    common = ["--steps", "1", "--batch", "8", "--rho", "0.5", "--prep-steps", "2", "--no-report", "--no-progress"]
+    teacher = tt.make("dkdm-mlp", tmp_path)  # 2-D samples, like toy2d
+    assert main(["distill", *teacher, *common, "--out", str(tmp_path / "a")]) == 0
+    assert "its samples have the shape of toy2d: --reference NAME" in capsys.readouterr().err
+    assert main(["distill", *teacher, *common, "--reference", "toy2d", "--out", str(tmp_path / "b")]) == 0
+    assert "--reference NAME" not in capsys.readouterr().err
+    assert main(["distill", *tt.make("dkdm-unet", tmp_path), *common, "--out", str(tmp_path / "c")]) == 0  # 3x8x8
+    assert "--reference NAME" not in capsys.readouterr().err
