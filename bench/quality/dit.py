@@ -106,17 +106,9 @@ def report(root: Path, jobs: list[dict], iters: int) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--root", default=str(grid.REPO / "runs" / "quality-dit"), help="where runs and results go")
     ap.add_argument("--iters", type=int, default=6000, help="training iterations of every student (the digits default)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--dit-teacher", help="a DiT digits teacher (a dkdm model directory); without it no DiT -> DiT row")
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--only", nargs="+", help="run only these jobs, in this order (names as in results/)")
-    ap.add_argument("--eval-num", type=int, help="samples per evaluation (smoke tests only; default 1,437)")
-    ap.add_argument("--eval-steps", type=int, help="sampling steps per evaluation (smoke tests only; default 100)")
-    ap.add_argument("--one", help=argparse.SUPPRESS)
-    ap.add_argument("--report-only", action="store_true")
-    ap.add_argument("--out", default=str(grid.REPO / "docs" / "cross-architecture.md"))
+    grid.add_common_args(ap, grid.REPO / "runs" / "quality-dit", grid.REPO / "docs" / "cross-architecture.md", [0, 1, 2])
     a = ap.parse_args(argv)
     grid.EVAL_NUM, grid.EVAL_STEPS = a.eval_num, a.eval_steps
     root = Path(a.root).resolve()

@@ -461,19 +461,24 @@ ITERS, SEEDS = 1500, [0, 1, 2]
 EVAL_NUM = EVAL_STEPS = None  # None: the digits defaults (1,437 samples, 100 steps)
 
 
-def main(argv=None) -> int:
-    global ITERS, SEEDS, EVAL_NUM, EVAL_STEPS
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--root", default=str(REPO / "runs" / "quality"), help="where runs and results go")
-    ap.add_argument("--iters", type=int, default=ITERS, help="training iterations of every student")
-    ap.add_argument("--seeds", type=int, nargs="+", default=SEEDS)
+def add_common_args(ap, root: Path, out: Path, seeds) -> None:
+    """The options every quality bench shares (this grid and dit.py): where, which jobs, how scored."""
+    ap.add_argument("--root", default=str(root), help="where runs and results go")
+    ap.add_argument("--seeds", type=int, nargs="+", default=seeds)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--only", nargs="+", help="run only these jobs, in this order (names as in results/)")
     ap.add_argument("--eval-num", type=int, help="samples per evaluation (smoke tests only; default 1,437)")
     ap.add_argument("--eval-steps", type=int, help="sampling steps per evaluation (smoke tests only; default 100)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--report-only", action="store_true")
-    ap.add_argument("--out", default=str(REPO / "docs" / "results.md"))
+    ap.add_argument("--out", default=str(out))
+
+
+def main(argv=None) -> int:
+    global ITERS, SEEDS, EVAL_NUM, EVAL_STEPS
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--iters", type=int, default=ITERS, help="training iterations of every student")
+    add_common_args(ap, REPO / "runs" / "quality", REPO / "docs" / "results.md", SEEDS)
     a = ap.parse_args(argv)
     ITERS, SEEDS, EVAL_NUM, EVAL_STEPS = a.iters, a.seeds, a.eval_num, a.eval_steps
     root = Path(a.root).resolve()

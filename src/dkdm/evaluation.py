@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -131,37 +130,22 @@ def teacher_statistics(teacher, num: int, steps: int | None, seed: int, guidance
     with the labels they were drawn for: the reference of the data-free sample score. Cached per
     weights and settings, as the teacher's metrics are; ``samples`` the teacher has just drawn
     with these settings (``teacher.last_labels`` being theirs) are not drawn again."""
-    from safetensors.torch import load_file, save_file
-
+    from .metrics import cached
     from .metrics.features import mean_cov
-    from .metrics.teacher_fd import TeacherFeatures, cache_dir, weights_fingerprint
+    from .metrics.teacher_fd import TeacherFeatures, weights_fingerprint
 
     features = TeacherFeatures(teacher)
     settings = {"num": num, "steps": steps or teacher.schedule.num_steps, "seed": seed, "guidance": guidance,
                 "schedule": teacher.schedule.num_steps, "dtype": str(teacher.inference_dtype), **features.describe()}
-    path = None
-    if cache:
-        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
-        path = cache_dir() / f"teacherfd-{weights_fingerprint(teacher.net)}-{key}.safetensors"
-        if path.exists():
-            try:
-                return load_file(str(path))
-            except Exception:
-                pass
-    if samples is None:
-        samples = draw(teacher, num, steps, seed, progress, guidance=guidance)
-    labels = getattr(teacher, "last_labels", None)
-    mean, cov = mean_cov(features(samples, labels))
-    stats = {"mean": mean, "cov": cov, **({"labels": labels.cpu()} if labels is not None else {})}
-    if path is not None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            save_file({k: v.contiguous() for k, v in stats.items()}, str(tmp))
-            os.replace(tmp, path)
-        except OSError:
-            pass
-    return stats
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+
+    def compute():
+        drawn = samples if samples is not None else draw(teacher, num, steps, seed, progress, guidance=guidance)
+        labels = getattr(teacher, "last_labels", None)
+        mean, cov = mean_cov(features(drawn, labels))
+        return {"mean": mean, "cov": cov, **({"labels": labels.cpu()} if labels is not None else {})}
+
+    return cached(f"teacherfd-{weights_fingerprint(teacher.net)}-{key}.safetensors" if cache else None, compute)
 
 
 def data_free_score(teacher, samples: torch.Tensor, stats: dict[str, torch.Tensor]) -> float:

@@ -10,15 +10,14 @@ the same space; the classifier's predictions give the class histogram.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import DkdmError
-from . import cache_dir
+from . import cached
 from .features import frechet_distance, mean_cov, precision_recall
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "assets" / "digits_classifier.safetensors"
@@ -66,21 +65,8 @@ def reference_features(split: str = "test") -> torch.Tensor:
     from ..data import Digits
 
     key = hashlib.sha256(WEIGHTS.read_bytes()).hexdigest()[:16]
-    path = cache_dir() / f"digits-{split}-{key}.safetensors"
-    if path.exists():
-        try:
-            return load_file(str(path))["features"]
-        except Exception:
-            path.unlink(missing_ok=True)
-    feats, _ = embed(load_classifier(), Digits(split).images)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"features": feats.contiguous()}, str(tmp))
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only home only costs recomputation
-    return feats
+    return cached(f"digits-{split}-{key}.safetensors",
+                  lambda: {"features": embed(load_classifier(), Digits(split).images)[0]})["features"]
 
 
 def digits_metrics(images: torch.Tensor, split: str = "test", labels: torch.Tensor | None = None) -> dict:

@@ -12,7 +12,6 @@ with a ``name``) is accepted, so the readers are tested with a stand-in network.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import DkdmError
-from . import cache_dir
+from . import cached
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -122,22 +121,7 @@ def extract(extractor, images: torch.Tensor, batch_size: int = 200, progress=Non
 
 def reference_features(reference: RGBReference, extractor, progress=None) -> dict[str, torch.Tensor]:
     """The features of a reference's images, from the cache when this network has seen its bytes."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, save_file
 
     tag = hashlib.sha256(extractor.name.encode()).hexdigest()[:8]
-    path = cache_dir() / f"rgbref-{reference.key}-{tag}.safetensors"
-    if path.exists():
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError):
-            path.unlink(missing_ok=True)
-    feats = extract(extractor, reference.images, progress=progress)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in feats.items()}, str(tmp))
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only cache only costs recomputation
-    return feats
+    return cached(f"rgbref-{reference.key}-{tag}.safetensors",
+                  lambda: extract(extractor, reference.images, progress=progress))

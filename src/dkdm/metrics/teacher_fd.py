@@ -17,8 +17,6 @@ feature module with ``layer``; without one, the lowest-resolution, widest 4-D ac
 from __future__ import annotations
 
 import hashlib
-import os
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -155,6 +153,3 @@ def weights_fingerprint(net: nn.Module) -> str:
         h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("DKDM_CACHE", Path.home() / ".cache" / "dkdm"))
