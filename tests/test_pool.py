@@ -59,6 +59,34 @@ def test_prepared_entries_follow_the_teachers_marginal_at_their_step(preparation
         assert got == pytest.approx(want, rel=0.25), (s, got, want)
 
 
+class AutotuneWatch(torch.nn.Module):
+    """Records, per call, the batch size and whether cuDNN's autotuner was on."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.calls = net, []
+
+    def forward(self, x, t, *args, **kwargs):
+        self.calls.append((len(x), torch.backends.cudnn.benchmark))
+        return self.net(x, t, *args, **kwargs)
+
+
+def test_exact_preparation_runs_without_the_autotuner_and_restores_it(monkeypatch):
+    # the shrinking batches of exact preparation would make cuDNN search its algorithms again at
+    # nearly every step; the training steps after it keep the autotuner that make_accelerator set
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    teacher = tiny_teacher(20)
+    teacher.net = AutotuneWatch(teacher.net)
+    pool = KnowledgePool(teacher, batch_size=16, kind="dynamic", rho=1.0, seed=0, preparation="exact")
+    pool.prepare(chunk=pool.size)
+    sizes = {n for n, _ in teacher.net.calls}
+    assert len(sizes) > 5, "the test needs preparation batches of many sizes"
+    assert not any(on for _, on in teacher.net.calls)
+    assert torch.backends.cudnn.benchmark is True
+    pool.next_batch()
+    assert teacher.net.calls[-1] == (16, True)
+
+
 def test_sampled_preparation_costs_k_teacher_steps_per_entry():
     T, K = 50, 5
     teacher = tiny_teacher(T)

@@ -12,6 +12,7 @@ Each training sample costs exactly one teacher forward.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -45,6 +46,19 @@ def pool_size(kind: str, rho: float, num_steps: int, batch_size: int) -> int:
 
 def pool_memory_bytes(size: int, sample_shape, dtype: str) -> int:
     return size * math.prod(sample_shape) * DTYPES[dtype].itemsize + size * 8
+
+
+@contextlib.contextmanager
+def _without_autotuning():
+    """cuDNN's autotuner (on for the fixed-shape training steps) searches its algorithms again for
+    every new input size; exact preparation's batch shrinks at almost every step, so there each of
+    up to T sizes would pay a search that is never reused."""
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
 
 
 def resolve_preparation(method: str, num_steps: int, prep_steps: int) -> str:
@@ -197,15 +211,16 @@ class KnowledgePool:
         x = self.x[start:end].float()
         stop = self.s[start:end]
         y = None if self.y is None else self.y[start:end]
-        for s in range(self.num_steps, 1, -1):
-            active = (stop < s).nonzero().squeeze(1)
-            if len(active) == 0:
-                break
-            sv = torch.full((len(active),), s, device=self.device)
-            x[active], _ = self._teacher_step(x[active], sv, None if y is None else y[active])
-            self.prep_calls += len(active)
-            if progress is not None:
-                progress.update(len(active))
+        with _without_autotuning():
+            for s in range(self.num_steps, 1, -1):
+                active = (stop < s).nonzero().squeeze(1)
+                if len(active) == 0:
+                    break
+                sv = torch.full((len(active),), s, device=self.device)
+                x[active], _ = self._teacher_step(x[active], sv, None if y is None else y[active])
+                self.prep_calls += len(active)
+                if progress is not None:
+                    progress.update(len(active))
         self.x[start:end] = x.to(self.x.dtype)
 
     def _prepare_sampled(self, start: int, end: int, progress) -> None:
