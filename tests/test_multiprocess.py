@@ -1,10 +1,14 @@
-"""Two CPU processes over gloo (torchrun): same student on every rank, own pool shards, resume."""
+"""Two CPU processes over gloo (torchrun): same student on every rank, own pool shards, resume, a rank that dies."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
+import pytest
+import torch
 from safetensors.torch import load_file
 
 TINY = ["--teacher", "builtin:digits", "--student", "unet:widths=8-16,layers=1,groups=4", "--batch", "8",
@@ -40,3 +44,71 @@ def test_two_processes_train_one_student_with_their_own_pool_shards(tmp_path):
     r2 = launch(2, "distill", *TINY, "--steps", "8", "--resume", "--out", str(out))
     assert r2.returncode == 0, r2.stderr[-2000:]
     assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["step"] == 8
+
+
+def _children(pid):
+    """pids whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return found
+
+
+def _rank_of(pid):
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+    return int(env[b"RANK"])
+
+
+def _final_weights(out):
+    f = out / "model.safetensors"
+    return load_file(str(f if f.exists() else out / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the ranks' processes through /proc (Linux)")
+@pytest.mark.parametrize("victim", [1, pytest.param(0, marks=pytest.mark.slow)])
+def test_a_rank_that_dies_stops_the_other_in_one_line_and_resume_is_bit_identical(tmp_path, victim):
+    run = [*TINY, "--steps", "24", "--ckpt-every", "5"]
+    base = tmp_path / "base"
+    r = launch(2, "distill", *run, "--out", str(base))
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    cut = tmp_path / "cut"
+    port = str(29500 + (os.getpid() + 7 + victim) % 1000)
+    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                              port, "-m", "dkdm.cli", "distill", *run, "--out", str(cut)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = cut / "log.jsonl"
+    deadline = time.monotonic() + 300
+    while not (log.exists() and len(log.read_text().splitlines()) >= 7):
+        assert agent.poll() is None and time.monotonic() < deadline, "the run ended before it could be cut"
+        time.sleep(0.02)
+    ranks = {_rank_of(p): p for p in _children(agent.pid)}
+    # stopped first, so the other rank cannot finish the run while the kill is on its way
+    os.kill(ranks[victim], signal.SIGSTOP)
+    killed_at = time.monotonic()
+    os.kill(ranks[victim], signal.SIGKILL)
+    survivor = ranks[1 - victim]
+    while os.path.exists(f"/proc/{survivor}") and time.monotonic() - killed_at < 60:
+        time.sleep(0.05)
+    stopped_after = time.monotonic() - killed_at
+    _, err = agent.communicate(timeout=120)
+    assert stopped_after < 30, f"rank {1 - victim} still ran {stopped_after:.0f} s after rank {victim} died"
+    lines = [line for line in err.splitlines() if line.startswith("dkdm distill:")]
+    assert len(lines) == 1, err[-3000:]
+    assert f"rank {victim} (pid {ranks[victim]}) of this run stopped" in lines[0]
+    assert f"rank {1 - victim} stopped at step" in lines[0] and "--resume continues from" in lines[0]
+    assert "dkdm/" not in err  # no traceback through dkdm's code (the launcher prints its own)
+    assert f"exitcode  : 4 (pid: {survivor})" in err  # the survivor's own exit, not the launcher's SIGTERM
+
+    r = launch(2, "distill", *run, "--resume", "--out", str(cut))
+    assert r.returncode == 0, r.stderr[-2000:]
+    want, got = _final_weights(base), _final_weights(cut)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from .errors import DkdmError
+from .peers import PeerLost
 
 #: Settings that suit each built-in data set (flags and --config override them).
 DATA_DEFAULTS = {
@@ -716,11 +718,14 @@ def main(argv=None) -> int:
     try:
         COMMANDS[args.command](args)
     except DkdmError as e:
-        from .trainer import TrainingDiverged
-
         one_line = " | ".join(part.strip() for part in str(e).splitlines() if part.strip())
-        print(f"dkdm {args.command}: error: {one_line}", file=sys.stderr)
-        return 3 if isinstance(e, TrainingDiverged) else 2
+        print(f"dkdm {args.command}: error: {one_line}", file=sys.stderr, flush=True)
+        if isinstance(e, PeerLost):
+            # nothing is left to write, the teardown of the broken process group can block on the
+            # dead peer, and the launcher's SIGTERM is on its way: leave now, with the exit code
+            sys.stdout.flush()
+            os._exit(e.exit_code)
+        return e.exit_code
     except KeyboardInterrupt as e:
         print(f"dkdm {args.command}: {e or 'interrupted'}", file=sys.stderr)
         return 128 + getattr(e, "signum", 2)

@@ -1,5 +1,8 @@
-"""The one exception type for user mistakes: the CLI prints its message on one line and exits 2."""
+"""The one exception type for what stops a command cleanly: the CLI prints its message on one line
+and exits with its ``exit_code`` (2 for user mistakes; subclasses for failed runs have their own)."""
 
 
 class DkdmError(Exception):
     """A problem with what the user asked for (a path, a spec, a number), not a bug in dkdm."""
+
+    exit_code = 2

@@ -7,6 +7,7 @@ come from accelerate.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -30,6 +31,7 @@ from .diffusion import Reverse, TrainingBatch
 from .errors import DkdmError
 from .model import DiffusionModel
 from .objective import DEFAULT_VLB_WEIGHT, dkdm_loss
+from .peers import PeerLost, describe_loss, is_peer_failure, roll_call
 from .runlock import check_free_space
 
 
@@ -58,6 +60,8 @@ def _adamw(params, cfg: "TrainConfig", device: torch.device) -> torch.optim.Adam
 
 class TrainingDiverged(DkdmError):
     """The loss became NaN or inf; the run stopped and its last good checkpoint is kept."""
+
+    exit_code = 3
 
 
 class Interrupted(KeyboardInterrupt):
@@ -184,6 +188,11 @@ class Trainer:
         self.progress = progress
         self.accelerator = accelerator or make_accelerator(config.mixed_precision)
         self.step = 0
+        self.ckpt_dir = self.out / "checkpoints"
+        self._roll = None
+        if self.accelerator.num_processes > 1:
+            with self._peer_failures():
+                self._roll = roll_call()
         self.callbacks = list(callbacks)
         self.stop_reason: str | None = None
         if config.cuda_graphs:
@@ -217,7 +226,6 @@ class Trainer:
             self._graph = GraphedStep(self._graphed_update)
             if hasattr(source, "use_cuda_graphs"):
                 source.use_cuda_graphs()
-        self.ckpt_dir = self.out / "checkpoints"
         self.log_path = self.out / "log.jsonl"
 
     # checkpoints ------------------------------------------------------------------------------
@@ -376,7 +384,41 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
 
     def train(self) -> dict:
-        """Run to ``config.steps``; returns the last logged record. Saves the EMA model at the end."""
+        """Run to ``config.steps``; returns the last logged record. Saves the EMA model at the end.
+
+        In a multi-process run, a process that dies makes the others stop with ``PeerLost`` (which
+        rank, and where to resume). Their signal handlers stay in place then: the launcher's SIGTERM
+        that follows a failed process must not cut that report short."""
+        stop: list[int] = []
+        previous = self._catch_signals(stop)
+        lost = False
+        try:
+            with self._peer_failures():
+                return self._run(stop)
+        except PeerLost:
+            lost = True
+            raise
+        finally:
+            if not lost:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    @contextlib.contextmanager
+    def _peer_failures(self):
+        """A collective broken by a lost process becomes ``PeerLost``: which rank, and the checkpoint to resume."""
+        try:
+            yield
+        except RuntimeError as e:
+            acc = self.accelerator
+            if acc.num_processes == 1 or not is_peer_failure(e):
+                raise
+            saved = list_checkpoints(self.ckpt_dir)
+            resume = (f"--resume continues from {saved[-1]} (same number of processes)" if saved else
+                      "no checkpoint was written yet: --resume starts the run again from its first step")
+            raise PeerLost(f"{describe_loss(e, self._roll, acc.process_index)}; rank {acc.process_index} stopped "
+                           f"at step {self.step}; {resume}") from e
+
+    def _run(self, stop: list[int]) -> dict:
         cfg, student = self.cfg, self.student
         self.out.mkdir(parents=True, exist_ok=True)
         self._sums.zero_()
@@ -387,8 +429,6 @@ class Trainer:
         acc = self.accelerator
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step",
                    disable=not self.progress or not acc.is_main_process, dynamic_ncols=True)
-        stop: list[int] = []
-        previous = self._catch_signals(stop)
         try:
             while self.step < cfg.steps:
                 batch = self.source.next_batch()
@@ -447,8 +487,6 @@ class Trainer:
                     break
         finally:
             bar.close()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
         if acc.is_main_process:
             # the weights, and their copy in a diffusers pipeline where the student has one
             check_free_space(self.out, 2 * sum(t.nbytes for t in self.ema.shadow.values()), "the final model")
