@@ -209,3 +209,20 @@ def test_deferred_finiteness_check_names_the_first_bad_step_and_writes_nothing_b
         trainer.train()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000004"]
     assert not (tmp_path / "model").exists() and not (tmp_path / "dkdm_model.json").exists()
+
+
+def test_the_python_api_runs_what_the_command_line_runs(teacher, tmp_path):
+    # dkdm.distill(...) holds every rule of `dkdm distill`: same settings, same student, bit for bit
+    import dkdm
+    from dkdm.errors import DkdmError
+
+    assert distill(teacher, tmp_path / "cli", "--seed", "3") == 0
+    result = dkdm.distill(teacher=str(teacher), student="mlp:width=16,depth=1", steps=12, batch=16, rho=0.5, seed=3,
+                          out=str(tmp_path / "api"), progress=False)
+    assert result["out"] == tmp_path / "api" and result["last"]["step"] == 12 and result["stop_reason"] is None
+    assert json.loads((tmp_path / "api" / "run.json").read_text()) == json.loads((tmp_path / "cli" / "run.json").read_text()) | {"out": str(tmp_path / "api")}
+    want, got = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("cli", "api"))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    with pytest.raises(DkdmError, match="unknown setting.*stpes"):
+        dkdm.distill(teacher=str(teacher), stpes=3, out=str(tmp_path / "typo"))
+    assert not (tmp_path / "typo").exists()

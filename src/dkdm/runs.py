@@ -1,0 +1,372 @@
+"""The rules of a run: ``train`` and ``distill`` from settings, for the command line and for Python.
+
+Everything a run decides lives here, not in the command line, so ``dkdm.runs.distill(...)`` does
+what ``dkdm distill`` does: settings merged from defaults, a YAML file and the given values
+(``settings.merge``); the run directory checked and locked; a new run prepared and checkpointed
+at step 0, or a stopped one resumed; training; the report. Messages about cost and progress go to
+stderr; the result comes back to the caller.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .errors import DkdmError
+from .settings import COMMON_DEFAULTS, DATA_DEFAULTS, DISTILL_DEFAULTS, DISTILL_RULED, RUN_DIRECTORY, TRAIN_DEFAULTS, merge
+
+#: What a finished run returns: its directory, the last log record (loss terms, lr, step rate),
+#: why it stopped early (``--steps auto``, else None) and the report's rows (None without one).
+RESULT = ("out", "last", "stop_reason", "report")
+
+
+def train(config=None, progress: bool = True, **settings) -> dict | None:
+    """Data-based training (teachers and baselines): ``dkdm train``'s run, settings as its flags
+    (``data="digits"``, ``model=...``, ``steps=...``; ``config``: a YAML file of them). Returns a dict
+    with the keys of ``RESULT`` on the main process, None on the others."""
+    import torch
+    from .data import DataSource, MixedSet, SampleSet, load_dataset, reference_of
+    from .diffusion import Schedule
+    from .model import DiffusionModel
+    from .trainer import Trainer, make_accelerator
+
+    s = merge([COMMON_DEFAULTS, TRAIN_DEFAULTS, RUN_DIRECTORY], config, settings)  # the data set's defaults below
+    data_name = s["data"]
+    dataset = load_dataset(data_name)
+    if (s["real_fraction"] is None) != (s["synthetic"] is None):
+        raise DkdmError("--real-fraction P and --synthetic DIR go together: P% of --data, the rest from DIR")
+    if s["real_fraction"] is not None:
+        if not hasattr(dataset, "images") or isinstance(dataset, SampleSet):
+            raise DkdmError(f"--real-fraction needs a built-in image data set as --data (digits), got {data_name}")
+        dataset = MixedSet(dataset, SampleSet(s["synthetic"]), s["real_fraction"], seed=s["seed"] or 0)
+    reference = reference_of(dataset)
+    s = merge([COMMON_DEFAULTS, TRAIN_DEFAULTS, DATA_DEFAULTS.get(reference, {}), RUN_DIRECTORY], config, settings)
+    s["model"] = s["model"] or "mlp"
+    cfg = _train_config(s)
+    watch = _monitor_config(s)
+    out = _check_out(s)
+    if int(s["diffusion_steps"]) < 2:
+        raise DkdmError(f"--diffusion-steps must be at least 2, got {s['diffusion_steps']}")
+    schedule = Schedule.named(s["schedule"], int(s["diffusion_steps"]))
+    torch.manual_seed(int(s["seed"]))
+    model = DiffusionModel.build(
+        s["model"], dataset.sample_shape, schedule, variance=s["variance"], prediction=s["prediction"],
+        clip_x0=dataset.clip_x0, extra={"data": reference, **({"trained_on": dataset.name} if dataset.name != reference else {})},
+    )
+    acc = make_accelerator(cfg.mixed_precision)
+    classes = getattr(dataset, "num_classes", 0)
+    if model.num_classes and model.num_classes != classes:
+        raise DkdmError(f"the model conditions on {model.num_classes} classes but {dataset.name} has "
+                        f"{classes or 'no'} labels; use classes={classes} in the spec" if classes else
+                        f"the model conditions on classes but {dataset.name} has no labels; drop classes= from the spec")
+    source = DataSource(dataset, schedule, int(s["batch"]), seed=_rank_seed(s, acc), device=acc.device,
+                        conditional=bool(model.num_classes))
+    info = {"student": model.describe(), "source": source.describe()}
+    trainer = Trainer(model, source, cfg, out, info, progress=progress, accelerator=acc)
+    return _run(trainer, s, out, progress, monitor=_monitor(watch, trainer, reference=reference, progress=progress))
+
+
+def distill(config=None, progress: bool = True, **settings) -> dict | None:
+    """Data-free distillation (DKDM): ``dkdm distill``'s run with every rule of it (the student from
+    the teacher, the defaults from the student and the problem, per-rank seeds and pool shards, the
+    teacher's dtype / layout / compilation, the preparation, the lock, resume and the report).
+    Settings as its flags (``teacher=...``, ``student=...``, ``steps=...``; ``config``: a YAML file
+    of them). Returns a dict with the keys of ``RESULT`` on the main process, None on the
+    others."""
+    import math
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from .defaults import describe, distill_defaults, step_budget
+    from .model import DiffusionModel, load_model
+    from .pool import (KnowledgePool, pool_memory_bytes, pool_size, preparation_batch, preparation_cost,
+                       resolve_preparation)
+    from .students import count_parameters, format_spec
+    from .trainer import Trainer, make_accelerator
+
+    s = merge([COMMON_DEFAULTS, DISTILL_DEFAULTS, DISTILL_RULED, RUN_DIRECTORY], config, settings)
+    acc = make_accelerator(s["mixed_precision"])
+    teacher = load_model(s["teacher"], device=acc.device, role="teacher", config=s["teacher_config"])
+    teacher.requires_grad_(False)
+    teacher.set_inference_dtype(s["teacher_dtype"])
+    if s["channels_last"]:
+        teacher.net.to(memory_format=torch.channels_last)
+    if s["compile"]:
+        teacher.net = torch.compile(teacher.net)
+    s["out"] = s["out"] or _default_out("distill")
+    reference, data_name = _distill_reference(s, teacher, acc.device)
+    teacher_ref = teacher_reference(s["teacher"])
+    if s["student_steps"] is not None:
+        # the pool runs the teacher on the student's steps, so every batch is a step the student takes
+        teacher = teacher.respaced(int(s["student_steps"]))
+    torch.manual_seed(int(s["seed"]))
+    student = DiffusionModel.student_of(teacher, s["student"], variance=s["variance"],
+                                        extra={"data": data_name, "teacher": teacher_ref})
+    # what flags and --config leave open follows from the student and the problem
+    ruled = distill_defaults(count_parameters(student.net), teacher.sample_shape, teacher.schedule.num_steps,
+                             {k: s[k] for k in DISTILL_RULED})
+    s.update({k: v.value for k, v in ruled.items()})
+    cfg = _train_config(s, fixed_default=step_budget(teacher.schedule.num_steps, math.prod(teacher.sample_shape),
+                                                     int(s["batch"])))
+    watch = _monitor_config(s)
+    size = pool_size(s["pool"], float(s["rho"]), teacher.schedule.num_steps, int(s["batch"]))
+    out = _check_out(s)
+    T = teacher.schedule.num_steps
+    if s["prep_steps"] is None:  # 25 sampling steps, or all of a shorter process
+        s["prep_steps"] = min(25, T)
+    mem = pool_memory_bytes(size, teacher.sample_shape, s["pool_dtype"])
+    s["prep"] = resolve_preparation(s["prep"], T, int(s["prep_steps"]))
+    prep_batch = preparation_batch(None if s["prep_batch"] is None else int(s["prep_batch"]), acc.device)
+    if not float(s["prep_ckpt_every"]) >= 0:
+        raise DkdmError(f"--prep-ckpt-every must be >= 0 seconds, got {s['prep_ckpt_every']}")
+    prep = preparation_cost(s["pool"], size, T, s["prep"], int(s["prep_steps"]))
+    pool = KnowledgePool(teacher, int(s["batch"]), s["pool"], float(s["rho"]), s["pool_dtype"],
+                         seed=_rank_seed(s, acc), device=acc.device, preparation=s["prep"], prep_steps=int(s["prep_steps"]),
+                         guidance=float(s["guidance"]))
+    info = {"student": student.describe(), "source": pool.describe(), "teacher": teacher_ref}
+    trainer = Trainer(student, pool, cfg, out, info, progress=progress, accelerator=acc)
+
+    def prepare(resume: bool):
+        """A new run, or one stopped while preparing: announce it, prepare (or finish preparing) the pool."""
+        from .checkpoint import PreparationCheckpoints
+
+        n = acc.num_processes
+        saver = PreparationCheckpoints(out, acc.process_index, {**info, "seed": s["seed"], "processes": n},
+                                       every_s=float(s["prep_ckpt_every"]))
+        state = saver.latest(warn=lambda m: print(m, file=sys.stderr)) if resume else None
+        if acc.is_main_process:
+            print(f"student: {format_spec(student.spec)}, {count_parameters(student.net):,} parameters (teacher: "
+                  f"{count_parameters(teacher.net):,}){'' if s['student'] else '; --student SPEC picks another'}",
+                  file=sys.stderr)
+            if ruled:
+                print(f"defaults: {describe(ruled)}", file=sys.stderr)
+            if reference is None and teacher.decoder is None:
+                from .data import builtin_names_of_shape
+
+                names = builtin_names_of_shape(teacher.sample_shape)
+                if names:
+                    print(f"the teacher records no data set, so the report has the data-free score only; its samples "
+                          f"have the shape of {' / '.join(names)}: --reference NAME adds that data set's metrics",
+                          file=sys.stderr)
+            print(
+                f"pool: {s['pool']}, {size} entries x {list(teacher.sample_shape)} {s['pool_dtype']} = {mem / 2**20:.1f} MiB; "
+                f"{s['prep']} preparation ~{prep:,} teacher sample-steps; training {'up to ' * (s['steps'] == 'auto')}"
+                f"{cfg.steps * int(s['batch']):,} teacher "
+                f"sample-forwards" + (f" (each of {n} processes: its own pool shard and batches)" if n > 1 else ""),
+                file=sys.stderr,
+            )
+            if state is not None:
+                print(f"resuming the pool preparation: {int(state['prep_done']):,} of {size:,} entries were prepared",
+                      file=sys.stderr)
+        with tqdm(total=prep, desc="pool", unit="step", unit_scale=True,
+                  disable=not progress or prep == 0 or not acc.is_main_process, dynamic_ncols=True) as bar:
+            pool.prepare(chunk=prep_batch, progress=bar, resume=state, on_chunk=saver)
+
+    monitor = _monitor(watch, trainer, teacher, pool, reference, float(s["guidance"]), progress=progress)
+    return _run(trainer, s, out, progress, prepare, teacher=teacher, monitor=monitor, reference=reference)
+
+
+def _distill_reference(s: dict, teacher, device):
+    """What the run is scored against (--eval-every, the report) and the built-in data set the student
+    records: the teacher's data set; a built-in one named by --reference; or, with
+    --inception-weights, the user's RGB reference (ADM batch, statistics or image folder)."""
+    data_name = teacher.extra.get("data")
+    if s["inception_weights"]:
+        from .evaluation import reference_for
+        from .metrics.inception import check_rgb, check_weights
+
+        check_weights(s["inception_weights"])
+        if teacher.decoder is None:
+            check_rgb(teacher.sample_shape)
+        if not s["reference"]:
+            raise DkdmError("--inception-weights scores against a reference you supply: --reference REF.npz (an ADM "
+                            "reference batch or statistics) or a folder of images")
+        return reference_for(s["reference"], s["inception_weights"], device), data_name
+    if s["reference"]:
+        from .evaluation import check_reference
+
+        check_reference(s["reference"], None if teacher.decoder is not None else teacher.sample_shape)
+        return s["reference"], s["reference"]
+    return data_name, data_name
+
+
+def _default_out(command: str) -> str:
+    import time
+
+    return str(Path("dkdm-runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def _check_out(s: dict) -> Path:
+    if not s.get("out"):
+        raise DkdmError("--out DIR is required: the run directory to create")
+    out = Path(s["out"])
+    if out.exists() and not out.is_dir():
+        raise DkdmError(f"--out {out} is a file; choose a directory path")
+    from .runlock import LOCK
+
+    if s.get("resume"):
+        from .checkpoint import has_preparation, list_checkpoints
+
+        if not list_checkpoints(out / "checkpoints") and not has_preparation(out):
+            raise DkdmError(f"--resume: {out} has no checkpoint to resume from; drop --resume to start afresh")
+    elif out.exists() and any(p.name != LOCK for p in out.iterdir()):
+        raise DkdmError(f"--out {out} already holds a run; pass --resume to continue it or choose another directory")
+    return out
+
+
+def _train_config(s: dict, fixed_default: int | None = None):
+    """The loop's settings; ``--steps auto`` trains up to --max-steps (default 4x ``fixed_default``)
+    and evaluates every --eval-every steps (default: a 20th of the fixed default budget)."""
+    from .trainer import TrainConfig
+
+    if s["steps"] == "auto":
+        if fixed_default is None:
+            raise DkdmError("--steps auto needs a teacher (it watches the held-out error and data-free score of "
+                            "`dkdm distill`); give train a number of steps")
+        s["max_steps"] = int(s["max_steps"] or 4 * fixed_default)
+        s["eval_every"] = int(s["eval_every"] or max(1, fixed_default // 20))
+        s["patience"] = int(4 if s["patience"] is None else s["patience"])
+        if s["patience"] < 1 or s["max_steps"] < 1:
+            raise DkdmError(f"--patience and --max-steps must be at least 1, got {s['patience']} and {s['max_steps']}")
+    else:
+        for key in ("max_steps", "patience"):
+            if s.get(key) is not None:
+                raise DkdmError(f"--{key.replace('_', '-')} goes with --steps auto; with a fixed --steps it has no effect")
+    cfg = TrainConfig(
+        steps=int(s["max_steps"] if s["steps"] == "auto" else s["steps"]), lr=float(s["lr"]),
+        weight_decay=float(s["weight_decay"]),
+        ema_decay=float(s["ema"]), grad_clip=float(s["grad_clip"]), warmup=int(s["warmup"]),
+        mixed_precision=s["mixed_precision"], log_every=int(s["log_every"]), ckpt_every=int(s["ckpt_every"]),
+        keep_checkpoints=int(s["keep_checkpoints"]), vlb_weight=float(s["vlb_weight"]),
+        compile=bool(s["compile"]), channels_last=bool(s["channels_last"]), cuda_graphs=bool(s["cuda_graphs"]),
+    )
+    cfg.validate()
+    if int(s["batch"]) < 1:
+        raise DkdmError(f"--batch must be at least 1, got {s['batch']}")
+    return cfg
+
+
+def _monitor_config(s: dict):
+    """The settings of --eval-every / --steps auto, checked (None: the run is not watched)."""
+    if s.get("eval_every") is None:
+        return None
+    from .monitor import MonitorConfig
+
+    config = MonitorConfig(every=int(s["eval_every"]), num=int(s["monitor_num"]),
+                           steps=None if s["monitor_steps"] is None else int(s["monitor_steps"]),
+                           heldout=int(s.get("heldout") or 0), seed=int(s["seed"]),
+                           patience=int(s["patience"] or 0))
+    config.validate()
+    return config
+
+
+def _monitor(config, trainer, teacher=None, pool=None, reference=None, guidance: float = 1.0, progress=True):
+    """The --eval-every / --steps auto callback of a run, or None."""
+    if config is None:
+        return None
+    from .monitor import Monitor
+
+    return Monitor(trainer.student, trainer.out, config, trainer.cfg.steps, teacher=teacher, pool=pool,
+                   reference=reference, vlb_weight=trainer.cfg.vlb_weight, guidance=guidance,
+                   device=trainer.accelerator.device, progress=progress)
+
+
+def _run(trainer, s: dict, out: Path, progress: bool, prepare=None, teacher=None, monitor=None, reference=None) -> None:
+    """``_run_locked`` holding the run directory's lock (one run per directory)."""
+    from .runlock import RunLock
+
+    acc = trainer.accelerator
+    lock, created, error = RunLock(out), not out.exists(), ""
+    if acc.is_main_process:
+        try:
+            lock.acquire()
+        except DkdmError as e:
+            error = str(e)
+    if acc.num_processes > 1:  # every process stops if the main one could not take the lock
+        from accelerate.utils import broadcast_object_list
+
+        error = broadcast_object_list([error])[0]
+    if error:
+        raise DkdmError(error)
+    try:
+        return _run_locked(trainer, s, out, progress, prepare, teacher, monitor, reference)
+    finally:
+        lock.release()
+        if created and acc.is_main_process and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a run that failed before writing anything leaves no directory behind
+
+
+def _run_locked(trainer, s: dict, out: Path, progress: bool, prepare=None, teacher=None, monitor=None, reference=None) -> None:
+    """Resume or start (optionally preparing the pool first, then checkpointing it), train, report
+    (against ``reference``, default: the data set the student records)."""
+    import torch
+
+    from .checkpoint import drop_preparation, list_checkpoints
+    from .evaluation import write_report
+    from .model import load_model, resolve_model_dir
+    from .runlock import check_free_space
+
+    acc = trainer.accelerator
+    main = acc.is_main_process
+    acc.wait_for_everyone()  # every process has checked --out before the main one writes into it
+    if monitor is not None and main:
+        print(monitor.cost(), file=sys.stderr)
+    if s.get("resume") and list_checkpoints(trainer.ckpt_dir):
+        step = trainer.resume()
+        if main:
+            drop_preparation(out)  # left by a run killed between its first checkpoint and dropping it
+            print(f"resuming {out} from step {step}", file=sys.stderr)
+            if monitor is not None and monitor.setup(resume=True):
+                trainer.cfg.steps = step  # the rule had already stopped the run at its last checkpoint
+    else:
+        if prepare is not None:
+            check_free_space(out, 2 * trainer.checkpoint_bytes(), "the pool's preparation and first checkpoints")
+            prepare(bool(s.get("resume")))
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "run.json").write_text(json.dumps({**s, "processes": acc.num_processes}, indent=1, default=str))
+            if monitor is not None:
+                monitor.setup()
+        torch.manual_seed(int(s["seed"]) + 1)
+        acc.wait_for_everyone()
+        trainer.save()
+        if main:  # the first checkpoint holds the prepared pool
+            drop_preparation(out)
+    if monitor is not None:
+        trainer.callbacks.append(monitor)
+    last = trainer.train()
+    if not main:
+        return None
+    result = {"out": out, "last": last, "stop_reason": trainer.stop_reason, "report": None}
+    if monitor is not None:
+        monitor.plot()  # with the last loss line
+    if trainer.stop_reason:
+        print(f"stopped at step {trainer.step}: {trainer.stop_reason}", file=sys.stderr)
+    reference = reference if reference is not None else trainer.student.extra.get("data")
+    if (reference or teacher is not None) and not s.get("no_report"):
+        model = load_model(out, device=acc.device)
+        heldout = {k: v for k, v in monitor.last.items() if k.startswith("heldout_")} if monitor else None
+        rows = write_report(out, model, reference, teacher=teacher, teacher_dir=s.get("teacher") and
+                            resolve_model_dir(s["teacher"]), seed=int(s["seed"]), progress=progress,
+                            num=s["eval_num"], steps=s["eval_steps"], guidance=float(s.get("guidance") or 1.0),
+                            heldout=heldout)
+        result["report"] = rows
+        written = [f for f in ("metrics.json", "samples.png", "training.png", "stop.json") if (out / f).exists()]
+        print(f"run directory: {out} ({', '.join(written)})", file=sys.stderr)
+    return result
+
+
+def _rank_seed(s: dict, acc) -> int:
+    """Each process draws its own batches (its own pool shard): the seed is offset by the rank.
+    Rank 0 keeps the run's seed, so a single process reproduces earlier runs."""
+    return int(s["seed"]) + 100003 * acc.process_index
+
+
+def teacher_reference(teacher) -> str:
+    """How a run records its teacher: builtin names and Hub ids as given, paths made absolute."""
+    from .teachers.diffusers_dir import looks_like_hub_id
+
+    text = str(teacher)
+    return text if text.startswith("builtin:") or looks_like_hub_id(text) else str(Path(text).resolve())

@@ -1,0 +1,69 @@
+"""The settings of a run: every command's defaults, and how a YAML file and given values override them.
+
+One table of defaults serves the command line and the Python API alike (``dkdm.runs``), so a
+setting means the same wherever it is given. Distillation leaves ``DISTILL_RULED`` open:
+``defaults.distill_defaults`` derives them from the student and the problem.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import DkdmError
+
+#: Settings that suit each built-in data set (flags and --config override them).
+DATA_DEFAULTS = {
+    "toy2d": {"model": "mlp:width=128,depth=3", "schedule": "linear", "diffusion_steps": 100, "batch": 256, "lr": 1e-3,
+              "ema": 0.995, "steps": 3000},
+    "digits": {"model": "unet:widths=32-64,layers=2,groups=8", "schedule": "cosine",
+               "diffusion_steps": 1000, "batch": 128, "lr": 5e-4, "ema": 0.999, "steps": 12000,
+               "warmup": 200},
+}
+#: Distillation settings that ``defaults.distill_defaults`` derives from the student and the problem
+#: where neither flags nor --config give them (the same rules for every teacher).
+DISTILL_RULED = {"steps": None, "batch": None, "lr": None, "ema": None, "grad_clip": None, "warmup": None}
+COMMON_DEFAULTS = {
+    "seed": 0, "steps": 2000, "batch": 128, "lr": 1e-4, "weight_decay": 0.0, "ema": 0.9999,
+    "grad_clip": 1.0, "warmup": 0, "mixed_precision": "no", "log_every": 50, "ckpt_every": 500,
+    "keep_checkpoints": 2, "vlb_weight": 1.0, "no_report": False,
+    "eval_num": None, "eval_steps": None, "compile": False, "channels_last": False, "cuda_graphs": False,
+    "eval_every": None, "monitor_num": 1000, "monitor_steps": None, "patience": None, "max_steps": None,
+}
+TRAIN_DEFAULTS = {"data": "toy2d", "real_fraction": None, "synthetic": None, "model": None, "schedule": "cosine", "diffusion_steps": 1000,
+                  "variance": "learned_range", "prediction": "epsilon"}
+DISTILL_DEFAULTS = {"teacher": "builtin:digits", "teacher_config": None, "student": None, "student_steps": None, "guidance": 1.0, "teacher_dtype": "float32", "pool": "dynamic", "rho": 0.4,
+                    "pool_dtype": "float32", "prep_batch": None, "prep": "auto", "prep_steps": None, "prep_ckpt_every": 300.0,
+                    "variance": "learned_range", "heldout": 512, "reference": None,
+                    "inception_weights": None}
+RUN_DIRECTORY = {"out": None, "resume": False}
+
+
+def read_config(path) -> dict:
+    """A YAML mapping of settings, keys with dashes or underscores."""
+    import yaml
+
+    path = Path(path)
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise DkdmError(f"cannot read config {path}: {e.__class__.__name__}: {e}")
+    if not isinstance(loaded, dict):
+        raise DkdmError(f"config {path} must be a YAML mapping of settings")
+    return {k.replace("-", "_"): v for k, v in loaded.items()}
+
+
+def merge(defaults, config=None, given: dict | None = None) -> dict:
+    """``defaults`` (dicts, later ones win) <- the YAML file ``config`` <- ``given`` (None: not given).
+
+    A setting that no default names is refused, from the file and from ``given`` alike."""
+    merged: dict = {}
+    for d in defaults:
+        merged.update(d)
+    for source, values in ((f"config {config}", read_config(config) if config else {}),
+                           ("unknown", {k: v for k, v in (given or {}).items() if v is not None})):
+        unknown = set(values) - set(merged)
+        if unknown:
+            where = f"{source}: unknown" if source != "unknown" else "unknown"
+            raise DkdmError(f"{where} setting(s) {', '.join(sorted(unknown))}")
+        merged.update(values)
+    return merged
