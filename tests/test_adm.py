@@ -139,7 +139,8 @@ def test_convert_to_a_diffusers_unet_computes_the_same_function(tmp_path, adm_re
 
 def test_legacy_attention_order_converts_too(tmp_path):
     """Needs no reference tensors: the reference config's flags are written out, so it runs in a clone."""
-    from dkdm.teachers.adm import ADMUNet, parse_flags, to_diffusers
+    from dkdm.nets.adm import ADMUNet
+    from dkdm.teachers.adm import parse_flags, to_diffusers
 
     flags = parse_flags({"image_size": 32, "num_channels": 32, "num_res_blocks": 1, "num_head_channels": 16,
                          "attention_resolutions": "16,8", "learn_sigma": True, "noise_schedule": "cosine",
@@ -175,7 +176,7 @@ def _einsum_attention(block, x):
 @pytest.mark.parametrize("new_order", [True, False])
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
 def test_attention_by_sdpa_equals_adm_einsum_attention(new_order, dtype, tol):
-    from dkdm.teachers.adm import AttentionBlock
+    from dkdm.nets.adm import AttentionBlock
 
     torch.manual_seed(0)
     block = AttentionBlock(64, 4, -1, new_order)
@@ -195,7 +196,7 @@ def test_attention_by_sdpa_equals_adm_einsum_attention(new_order, dtype, tol):
 @pytest.mark.parametrize("new_order", [True, False])
 def test_attention_on_cuda_in_bf16_follows_the_einsum_attention(new_order):
     """On a GPU, bf16 attention goes through the flash / memory-efficient kernels."""
-    from dkdm.teachers.adm import AttentionBlock
+    from dkdm.nets.adm import AttentionBlock
 
     torch.manual_seed(0)
     block = AttentionBlock(128, 4, -1, new_order).cuda()

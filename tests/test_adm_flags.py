@@ -16,7 +16,8 @@ import tiny_teachers as tt
 from dkdm.cli import main
 from dkdm.errors import DkdmError
 from dkdm.model import load_model
-from dkdm.teachers.adm import ADMUNet, parse_flags
+from dkdm.nets.adm import ADMUNet
+from dkdm.teachers.adm import parse_flags
 
 
 def _cosine_betas(steps):

@@ -167,7 +167,7 @@ def test_teacher_features_are_the_mlp_hidden_layer_and_the_score_the_float64_fre
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(NOISE_SEED)).double()
         t = torch.full((len(x0),), 2)
         x = teacher.schedule.q_sample(x0.double(), t, noise)
-        from dkdm.students import timestep_embedding
+        from dkdm.nets.embedding import timestep_embedding
 
         h = net.inp(x) + net.time(timestep_embedding(t, net.temb).double())
         for block in net.blocks:

@@ -49,7 +49,8 @@ def _perturb(net: torch.nn.Module, scale: float = 0.05) -> torch.nn.Module:
 def adm_checkpoint(root: Path, flags: dict, suffix: str, name: str = "adm") -> list[str]:
     from safetensors.torch import save_file
 
-    from dkdm.teachers.adm import ADMUNet, parse_flags
+    from dkdm.nets.adm import ADMUNet
+    from dkdm.teachers.adm import parse_flags
 
     net = _perturb(ADMUNet(parse_flags(flags)))
     root.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,8 @@ from torch import nn
 
 from .diffusion import PREDICTIONS, VARIANCES, Schedule, reverse_sample
 from .errors import DkdmError
-from .students import build_net, has_diffusers_positions, parse_spec, saved_spec, student_spec
+from .nets.dit import has_diffusers_positions
+from .students import build_net, parse_spec, saved_spec, student_spec
 from .students import num_classes as _num_classes
 
 MODEL_JSON = "dkdm_model.json"
@@ -368,7 +369,8 @@ def load_checkpoint_file(path, config, device="cpu", role: str = "teacher") -> D
 
 def load_pipeline_dir(d: Path, device="cpu") -> DiffusionModel:
     """A plain diffusers DDPM/DDIM pipeline directory (no dkdm_model.json) as a model."""
-    from .students import DiTNet, UNetNet
+    from .nets.dit import DiTNet
+    from .nets.unet import UNetNet
     from .teachers.diffusers_dir import read_pipeline
 
     p = read_pipeline(d)

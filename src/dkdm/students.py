@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import nn
 
 from .errors import DkdmError
+from .nets.adm import ADMNet, ADMUNet, channel_plan
+from .nets.dit import DiTNet, init_dit, stretch_positions
+from .nets.mlp import MLPNet
+from .nets.unet import UNetNet
 
 DEFAULTS = {
     "mlp": {"width": 256, "depth": 4, "temb": 64, "classes": 0},
@@ -105,135 +108,6 @@ def saved_spec(spec):
     return spec
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-
-class MLPNet(nn.Module):
-    """A residual MLP for vector data, conditioned on a sinusoidal timestep embedding."""
-
-    def __init__(self, dim: int, out_dim: int, width: int, depth: int, temb: int, classes: int = 0):
-        super().__init__()
-        self.temb = temb
-        if classes:
-            self.label = nn.Embedding(classes, width)
-        self.inp = nn.Linear(dim, width)
-        self.time = nn.Sequential(nn.Linear(temb, width), nn.SiLU(), nn.Linear(width, width))
-        self.blocks = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
-            for _ in range(depth)
-        )
-        self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, out_dim))
-
-    def forward(self, x, t, y=None):
-        temb = timestep_embedding(t, self.temb).to(self.inp.weight.dtype)  # bf16 / fp16 weights: one dtype
-        h = self.inp(x) + self.time(temb)
-        if y is not None:
-            h = h + self.label(y)
-        for block in self.blocks:
-            h = h + block(h)
-        return self.out(h)
-
-
-class UNetNet(nn.Module):
-    """diffusers ``UNet2DModel`` behind the ``net(x, t)`` signature."""
-
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, x, t, y=None):
-        return self.unet(x, t, class_labels=y, return_dict=False)[0]
-
-
-class DiTNet(nn.Module):
-    """diffusers ``DiTTransformer2DModel``; unconditional models use one class. Label dropout is
-    off (dkdm never drops labels while training), but a pretrained table's null row is kept."""
-
-    def __init__(self, dit):
-        super().__init__()
-        self.dit = dit
-        for m in dit.modules():
-            if hasattr(m, "dropout_prob") and hasattr(m, "embedding_table"):
-                m.dropout_prob = 0.0
-
-    def forward(self, x, t, y=None):
-        labels = torch.zeros(x.shape[0], dtype=torch.long, device=x.device) if y is None else y
-        return self.dit(x, timestep=t, class_labels=labels, return_dict=False)[0]
-
-
-def init_dit(dit) -> None:
-    """Give a fresh diffusers ``DiTTransformer2DModel`` DiT's adaLN-Zero initialisation.
-
-    diffusers builds the DiT with PyTorch's default initialisation and leaves it so (it loads
-    pretrained weights over it): every block's modulation and the output head start random.
-    As in the DiT paper, linear layers and the patch embedding start Xavier-uniform with zero
-    bias, the label table N(0, 0.02), and every block's adaLN modulation and the output layer
-    (its modulation and projection) zero, so each block starts as the identity and the
-    network's output at zero. One departure: the paper draws the timestep MLP from N(0, 0.02),
-    which leaves the time signal in the modulation ~0.02 per channel at the start; it is Xavier
-    here like every other linear layer (digits, 1,500 steps: held-out epsilon error 0.1736
-    against 0.1770, bench/quality/analysis.md).
-    """
-    for m in dit.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-    proj = dit.pos_embed.proj  # a patch-sized convolution: a linear layer on each patch
-    nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
-    nn.init.zeros_(proj.bias)
-    for block in dit.transformer_blocks:
-        nn.init.normal_(block.norm1.emb.class_embedder.embedding_table.weight, std=0.02)
-        nn.init.zeros_(block.norm1.linear.weight)
-        nn.init.zeros_(block.norm1.linear.bias)
-    for layer in (dit.proj_out_1, dit.proj_out_2):
-        nn.init.zeros_(layer.weight)
-        nn.init.zeros_(layer.bias)
-
-
-def stretch_positions(dit, pos_grid: int) -> None:
-    """Number a patch grid smaller than ``pos_grid`` in the sin-cos table as if it spanned that grid.
-
-    DiTTransformer2DModel numbers its g x g patches 0..g-1 in a sin-cos table whose frequencies
-    DiT chose for 16 x 16 patch grids (256-pixel images, patch 2 on 32 x 32 latents). On a small
-    grid most of those frequencies barely move: on 8 x 8 digits at patch 2 (g = 4) neighbouring
-    patches' embeddings are 98% alike (cosine), and the network has to learn where each patch is
-    before it can denoise. diffusers' own table function takes the grid it spans as ``base_size``;
-    giving it ``pos_grid`` spreads the g patches over pos_grid positions (digits, 1,500 steps:
-    digits-FID 53 against 73 with the default table, bench/quality/analysis.md). Grids of
-    ``pos_grid`` patches or more keep diffusers' table unchanged; ``pos_grid=0`` always keeps it.
-    The table is a non-persistent buffer, so the spec, not the weights, says which one a model has.
-    """
-    pe = dit.pos_embed
-    if not pos_grid or pe.height >= pos_grid:
-        return
-    from diffusers.models.embeddings import get_2d_sincos_pos_embed
-
-    pe.base_size = pos_grid
-    table = get_2d_sincos_pos_embed(pe.pos_embed.shape[-1], pe.height, base_size=pos_grid, output_type="pt")
-    pe.pos_embed = table.float().unsqueeze(0).to(pe.pos_embed.device)
-
-
-def has_diffusers_positions(dit) -> bool:
-    """Whether a DiT numbers its patches as DiTTransformer2DModel does (a DiTPipeline can hold it)."""
-    return dit.pos_embed.base_size == dit.pos_embed.height
-
-
-class ADMNet(nn.Module):
-    """An OpenAI ADM UNet (guided-diffusion layout)."""
-
-    def __init__(self, adm):
-        super().__init__()
-        self.adm = adm
-
-    def forward(self, x, t, y=None):
-        return self.adm(x, t, y)
-
-
 def build_net(spec, sample_shape, out_channels: int) -> nn.Module:
     """Build the network for ``spec`` on data of ``sample_shape`` (C,H,W or D)."""
     s = parse_spec(spec)
@@ -268,7 +142,7 @@ def build_net(spec, sample_shape, out_channels: int) -> nn.Module:
         )
         return UNetNet(unet)
     if kind == "adm":
-        from .teachers.adm import ADMUNet, parse_flags
+        from .teachers.adm import parse_flags
 
         flags = {**s, "in_channels": c, "image_size": h}  # the data decides these two
         if out_channels not in (c, 2 * c):
@@ -351,9 +225,7 @@ def _half_dit(width: int, heads: int, depth: int, patch: int, classes: int) -> d
 def _half_adm(flags: dict) -> dict:
     """The ADM flags at about num_channels / sqrt(2), keeping every level divisible as ADM needs
     (GroupNorm of 32 groups, the attention heads): the nearest width that fits, at most the teacher's."""
-    from .teachers.adm import _derived
-
-    mult, _ = _derived(flags)
+    mult, _ = channel_plan(flags)
     mc, head_ch, heads = int(flags["num_channels"]), int(flags["num_head_channels"]), int(flags["num_heads"])
 
     def fits(c):

@@ -40,7 +40,7 @@ def _unwrap(net: nn.Module, t: int) -> tuple[nn.Module, int]:
 
 def default_layer(net: nn.Module) -> str | None:
     """The name of the feature module of a known architecture (None: choose by shape)."""
-    from ..students import MLPNet
+    from ..nets.mlp import MLPNet
 
     inner, _ = _unwrap(net, 0)
     names = dict(inner.named_modules())

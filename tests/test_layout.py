@@ -1,0 +1,62 @@
+"""The package's layering: what each layer may import from dkdm (function-level imports included)."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "dkdm"
+
+
+def _module(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every dkdm module ``path`` imports, resolved to absolute names."""
+    here = _module(path).split(".")
+    package = here if path.name == "__init__.py" else here[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            target = ".".join([*base, *(node.module.split(".") if node.module else [])])
+            if target.startswith("dkdm"):
+                found.add(target)
+                found.update(f"{target}.{a.name}" for a in node.names
+                             if (PACKAGE.parent / f"{target}.{a.name}".replace(".", "/")).with_suffix(".py").exists())
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("dkdm"))
+    return found
+
+
+MODULES = {_module(p): _imports(p) for p in PACKAGE.rglob("*.py")}
+
+
+@pytest.mark.parametrize("layer,allowed", [
+    ("dkdm.diffusion", {"dkdm.errors"}),
+    ("dkdm.nets", {"dkdm.errors", "dkdm.nets"}),
+    ("dkdm.objective", {"dkdm.errors", "dkdm.diffusion"}),
+    ("dkdm.settings", {"dkdm.errors"}),
+])
+def test_lower_layers_import_nothing_above_them(layer, allowed):
+    for name, imports in MODULES.items():
+        if name == layer or name.startswith(layer + "."):
+            above = {i for i in imports if not any(i == a or i.startswith(a + ".") for a in allowed)}
+            assert not above, f"{name} imports {sorted(above)}"
+
+
+def test_only_the_command_line_and_the_package_use_the_run_rules_and_nothing_imports_the_cli():
+    for name, imports in MODULES.items():
+        assert "dkdm.cli" not in imports, name
+        if name not in ("dkdm", "dkdm.cli", "dkdm.runs", "dkdm.tools"):
+            assert not {"dkdm.runs", "dkdm.tools"} & imports, f"{name} imports the run rules"
+    cli = MODULES["dkdm.cli"] - {"dkdm.errors", "dkdm.peers", "dkdm.runs", "dkdm.tools", "dkdm.evaluation"}
+    assert not cli, f"cli.py does more than parse and call: it imports {sorted(cli)}"
+
+
+def test_every_module_has_a_docstring_saying_its_job():
+    for path in PACKAGE.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        assert ast.get_docstring(tree), f"{path.relative_to(PACKAGE)} has no docstring saying its job"
