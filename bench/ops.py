@@ -139,7 +139,8 @@ def default_trainers(tmp: Path, grad_clip: float = 1.0, student_spec: str = "une
                      batch: int = 16):
     """(name, make_trainer, teacher net) for a DKDM step and a data-based step of the digits set-up."""
     from dkdm.data import DataSource, builtin_dataset
-    from dkdm.model import DiffusionModel, load_model
+    from dkdm.formats import load_model
+    from dkdm.model import DiffusionModel
     from dkdm.pool import KnowledgePool
     from dkdm.trainer import TrainConfig, Trainer
 

@@ -167,8 +167,10 @@ def _matmul_rate(device) -> tuple[str, float]:
 
 def _teacher(args, device):
     """The digits teacher, or an ADM teacher of the scale's layout with random weights."""
-    from dkdm.model import DiffusionModel, load_model
-    from dkdm.teachers.adm import parse_flags, schedule_from_flags
+    from dkdm.formats import load_model
+    from dkdm.model import DiffusionModel
+    from dkdm.formats.adm import schedule_from_flags
+    from dkdm.nets.adm import parse_flags
 
     if args.scale == "digits":
         return load_model(args.teacher, device=device, role="teacher")

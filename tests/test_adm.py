@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from conftest import ADM
 from dkdm.cli import main
 from dkdm.errors import DkdmError
-from dkdm.model import load_checkpoint_file, load_model
+from dkdm.formats import load_checkpoint_file, load_model
 from dkdm.objective import dkdm_loss
 
 CONFIG = ADM / "adm_config.json"
@@ -140,7 +140,8 @@ def test_convert_to_a_diffusers_unet_computes_the_same_function(tmp_path, adm_re
 def test_legacy_attention_order_converts_too(tmp_path):
     """Needs no reference tensors: the reference config's flags are written out, so it runs in a clone."""
     from dkdm.nets.adm import ADMUNet
-    from dkdm.teachers.adm import parse_flags, to_diffusers
+    from dkdm.formats.adm import to_diffusers
+    from dkdm.nets.adm import parse_flags
 
     flags = parse_flags({"image_size": 32, "num_channels": 32, "num_res_blocks": 1, "num_head_channels": 16,
                          "attention_resolutions": "16,8", "learn_sigma": True, "noise_schedule": "cosine",

@@ -15,9 +15,9 @@ import yaml
 import tiny_teachers as tt
 from dkdm.cli import main
 from dkdm.errors import DkdmError
-from dkdm.model import load_model
+from dkdm.formats import load_model
 from dkdm.nets.adm import ADMUNet
-from dkdm.teachers.adm import parse_flags
+from dkdm.nets.adm import parse_flags
 
 
 def _cosine_betas(steps):

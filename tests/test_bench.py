@@ -51,7 +51,8 @@ def test_ops_per_step_do_not_grow_with_the_number_of_weight_tensors():
 def test_scales_are_the_layouts_they_name():
     from dkdm.model import DiffusionModel
     from dkdm.students import count_parameters
-    from dkdm.teachers.adm import parse_flags, schedule_from_flags
+    from dkdm.formats.adm import schedule_from_flags
+    from dkdm.nets.adm import parse_flags
 
     schedule = schedule_from_flags(parse_flags({}))
 

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from dkdm.model import BUILTIN_TEACHERS, load_model
+from dkdm.formats import load_model
+from dkdm.formats.dkdm_dir import BUILTIN_TEACHERS
 
 TEACHER = BUILTIN_TEACHERS["digits"]
 

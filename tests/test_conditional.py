@@ -116,7 +116,7 @@ def test_conditional_digits_train_and_distill_from_the_command_line(tmp_path):
     import json
 
     from dkdm.cli import main
-    from dkdm.model import load_model
+    from dkdm.formats import load_model
 
     tiny = ["--batch", "16", "--steps", "10", "--eval-num", "60", "--eval-steps", "5", "--no-progress"]
     t = tmp_path / "t"

@@ -45,7 +45,7 @@ def test_diffusers_unet_pipeline_teacher_gets_a_unet_student(tmp_path):
                        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
                        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=10)).save_pretrained(tmp_path / "p")
-    from dkdm.model import load_model
+    from dkdm.formats import load_model
 
     teacher = load_model(tmp_path / "p")
     spec = default_student_spec(teacher)

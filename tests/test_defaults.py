@@ -73,7 +73,7 @@ def _run(tmp_path, name, *extra):
 
 
 def test_distill_prints_the_rule_defaults_and_flags_and_config_win(tmp_path, capsys):
-    from dkdm.model import load_model
+    from dkdm.formats import load_model
     from dkdm.students import count_parameters
 
     run = _run(tmp_path, "a", "--steps", "3")
@@ -95,7 +95,7 @@ def test_distill_prints_the_rule_defaults_and_flags_and_config_win(tmp_path, cap
 def test_a_teacher_recording_digits_gets_the_generic_rules(tmp_path, capsys):
     """No data-set-keyed distillation defaults: the bundled digits teacher's student is the generic
     default student at the generic rules' settings."""
-    from dkdm.model import load_model
+    from dkdm.formats import load_model
     from dkdm.students import count_parameters, default_student_spec
 
     out = tmp_path / "d"

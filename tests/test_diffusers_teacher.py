@@ -9,7 +9,7 @@ from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 from dkdm.cli import main
 from dkdm.diffusion import reverse_sample
 from dkdm.errors import DkdmError
-from dkdm.model import load_model
+from dkdm.formats import load_model
 
 
 def tiny_pipeline(path, prediction="epsilon", variance="fixed_small", scheduler=DDPMScheduler, steps=50):
@@ -160,11 +160,12 @@ def test_written_pipelines_carry_clipping_to_fast_schedulers(tmp_path):
     from diffusers import DPMSolverMultistepScheduler
 
     from dkdm.diffusion import Schedule
+    from dkdm.formats import save_model
     from dkdm.model import DiffusionModel
 
     schedule = Schedule.named("cosine", 50)
     model = DiffusionModel.build("unet:widths=8-16,layers=1,groups=4", (3, 8, 8), schedule, clip_x0=True)
-    model.save(tmp_path / "m")
+    save_model(model, tmp_path / "m")
     pipe = DDPMPipeline.from_pretrained(tmp_path / "m")
     assert pipe.scheduler.config.thresholding and pipe.scheduler.config.sample_max_value == 1.0
     assert DPMSolverMultistepScheduler.from_config(pipe.scheduler.config).config.thresholding

@@ -39,7 +39,7 @@ def test_train_writes_pipeline_grid_and_metrics(digits_teacher):
 def test_diffusers_unet_matches_our_model(digits_teacher):
     from diffusers import UNet2DModel
 
-    from dkdm.model import load_model
+    from dkdm.formats import load_model
 
     ours = load_model(digits_teacher)
     theirs = UNet2DModel.from_pretrained(digits_teacher / "unet").eval()

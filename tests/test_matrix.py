@@ -20,7 +20,7 @@ import torch
 
 import tiny_teachers as tt
 from dkdm.cli import main
-from dkdm.model import load_model
+from dkdm.formats import load_model
 
 COMMON = ["--batch", "4", "--steps", "2", "--log-every", "1", "--no-progress", "--no-report"]
 #: option sets: together they give every option to every teacher kind

@@ -218,7 +218,7 @@ def test_bad_pool_settings_are_refused():
 
 def test_reduced_precision_teacher_changes_targets_by_a_bounded_amount():
     """bfloat16 teacher forwards (opt-in): targets stay within a few percent of float32."""
-    from dkdm.model import load_model
+    from dkdm.formats import load_model
 
     teacher = load_model("builtin:digits")
     torch.manual_seed(0)

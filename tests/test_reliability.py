@@ -161,7 +161,8 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, t
 def test_non_finite_teacher_stops_naming_the_teacher_the_step_and_t(tmp_path, teacher, capsys):
     from dkdm.diffusion import Schedule
     from dkdm.errors import DkdmError
-    from dkdm.model import DiffusionModel, load_model
+    from dkdm.formats import load_model, save_model
+    from dkdm.model import DiffusionModel
     from dkdm.pool import KnowledgePool
     from dkdm.trainer import TrainConfig, Trainer, TrainingDiverged
 
@@ -169,7 +170,7 @@ def test_non_finite_teacher_stops_naming_the_teacher_the_step_and_t(tmp_path, te
     m = load_model(teacher)
     state = {k: v.clone() for k, v in m.net.state_dict().items()}
     state[next(k for k in state if k.endswith("weight"))][0].fill_(float("nan"))
-    m.save(broken, state)
+    save_model(m, broken, state)
     assert main(argv("distill", broken, tmp_path / "d", 50)) == 2  # caught while preparing the pool
     err = capsys.readouterr().err
     assert "the teacher produced NaN/inf while preparing the pool" in err

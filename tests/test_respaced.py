@@ -8,7 +8,8 @@ import torch
 from dkdm.cli import main
 from dkdm.diffusion import Schedule
 from dkdm.errors import DkdmError
-from dkdm.model import DiffusionModel, load_model
+from dkdm.formats import load_model
+from dkdm.model import DiffusionModel
 from dkdm.pool import KnowledgePool
 from dkdm.trainer import TrainConfig, Trainer
 from helpers import CountingNet, tiny_teacher

@@ -14,7 +14,7 @@ import torch
 
 from dkdm.cli import main
 from dkdm.errors import DkdmError
-from dkdm.model import load_model
+from dkdm.formats import load_model
 from dkdm.pool import KnowledgePool
 from dkdm.runlock import LOCK, RunLock
 

@@ -5,7 +5,8 @@ import torch
 
 from dkdm.diffusion import Schedule
 from dkdm.errors import DkdmError
-from dkdm.model import DiffusionModel, load_model
+from dkdm.formats import load_model, save_model
+from dkdm.model import DiffusionModel
 from dkdm.students import count_parameters, parse_spec
 
 
@@ -87,7 +88,7 @@ def test_any_module_trains_through_the_python_api(tmp_path):
 def test_model_directory_round_trip(tmp_path):
     m = DiffusionModel.build("dit:patch=2,depth=1,width=16,heads=2", (1, 4, 4), Schedule.named("cosine", 12),
                              clip_x0=True, extra={"data": "x"})
-    m.save(tmp_path)
+    save_model(m, tmp_path)
     back = load_model(tmp_path)
     x, t = torch.randn(2, 1, 4, 4), torch.tensor([1, 11])
     assert torch.equal(m.eval()(x, t), back(x, t))
@@ -143,7 +144,7 @@ def test_a_dit_saved_before_pos_grid_existed_loads_with_its_own_positions(tmp_pa
     import json
 
     m = DiffusionModel.build("dit:patch=2,depth=1,width=16,heads=2,pos_grid=0", (1, 8, 8), Schedule.named("cosine", 12))
-    m.save(tmp_path)
+    save_model(m, tmp_path)
     meta = json.loads((tmp_path / "dkdm_model.json").read_text())
     del meta["spec"]["pos_grid"]  # as dkdm wrote DiTs before the field existed
     (tmp_path / "dkdm_model.json").write_text(json.dumps(meta))

@@ -50,7 +50,7 @@ def adm_checkpoint(root: Path, flags: dict, suffix: str, name: str = "adm") -> l
     from safetensors.torch import save_file
 
     from dkdm.nets.adm import ADMUNet
-    from dkdm.teachers.adm import parse_flags
+    from dkdm.nets.adm import parse_flags
 
     net = _perturb(ADMUNet(parse_flags(flags)))
     root.mkdir(parents=True, exist_ok=True)
@@ -115,11 +115,12 @@ def dit_pipeline(root: Path) -> Path:
 
 def dkdm_dir(root: Path, name: str, spec: str, shape) -> Path:
     from dkdm.diffusion import Schedule
+    from dkdm.formats import save_model
     from dkdm.model import DiffusionModel
 
     model = DiffusionModel.build(spec, shape, Schedule.named("cosine", T), clip_x0=True)
     _perturb(model.net)
-    model.save(root / name)
+    save_model(model, root / name)
     return root / name
 
 
@@ -155,7 +156,7 @@ def make(kind: str, root) -> list[str]:
 
 def load(args: list[str]):
     """The teacher a ``make`` result names, loaded as the CLI loads it."""
-    from dkdm.model import load_model
+    from dkdm.formats import load_model
 
     config = args[args.index("--teacher-config") + 1] if "--teacher-config" in args else None
     return load_model(args[1], config=config)

@@ -48,7 +48,7 @@ def score_run(run: Path, out: Path, every: int, shard: tuple[int, int] = (0, 1))
     from dkdm.metrics.digits import embed, load_classifier
     from dkdm.metrics.features import frechet_distance, mean_cov
     from dkdm.metrics.teacher_fd import TeacherFeatures
-    from dkdm.model import load_model
+    from dkdm.formats import load_model
     from dkdm.monitor import HELDOUT_SEED, heldout_error
     from dkdm.pool import KnowledgePool
 
@@ -111,7 +111,7 @@ def fid_over_seeds(run: Path, out: Path, steps: list[int], seeds: list[int]) -> 
 
     from dkdm.checkpoint import load_checkpoint, unflatten
     from dkdm.evaluation import evaluate_model
-    from dkdm.model import load_model
+    from dkdm.formats import load_model
 
     student, ckpts = student_at(run, load_model(json.loads((run / "run.json").read_text())["teacher"]))
     results = json.loads(out.read_text()) if out.exists() else {}

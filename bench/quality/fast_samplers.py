@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
     from dkdm.metrics.digits import digits_metrics
-    from dkdm.model import load_model
+    from dkdm.formats import load_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=25)

@@ -168,7 +168,7 @@ def run_job(job: dict) -> dict:
 
     from dkdm.checkpoint import list_checkpoints, load_checkpoint, unflatten
     from dkdm.evaluation import evaluate_model
-    from dkdm.model import load_model
+    from dkdm.formats import load_model
 
     d = Path(job["dir"])
     if d.exists() and job["cmds"]:
@@ -218,7 +218,7 @@ def run_and_store(job: dict, root: Path) -> None:
 
 
 def _model_dir(ref):
-    from dkdm.model import resolve_model_dir
+    from dkdm.formats import resolve_model_dir
 
     return resolve_model_dir(ref)
 

@@ -16,7 +16,7 @@ import torch
 
 def main(argv=None) -> int:
     from dkdm.metrics.digits import digits_metrics
-    from dkdm.model import load_model
+    from dkdm.formats import load_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, nargs="+", default=[10, 25, 100])

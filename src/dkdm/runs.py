@@ -80,7 +80,8 @@ def distill(config=None, progress: bool = True, **settings) -> dict | None:
     from tqdm.auto import tqdm
 
     from .defaults import describe, distill_defaults, step_budget
-    from .model import DiffusionModel, load_model
+    from .formats import load_model
+    from .model import DiffusionModel
     from .pool import (KnowledgePool, pool_memory_bytes, pool_size, preparation_batch, preparation_cost,
                        resolve_preparation)
     from .students import count_parameters, format_spec
@@ -305,7 +306,7 @@ def _run_locked(trainer, s: dict, out: Path, progress: bool, prepare=None, teach
 
     from .checkpoint import drop_preparation, list_checkpoints
     from .evaluation import write_report
-    from .model import load_model, resolve_model_dir
+    from .formats import load_model, resolve_model_dir
     from .runlock import check_free_space
 
     acc = trainer.accelerator
@@ -366,7 +367,7 @@ def _rank_seed(s: dict, acc) -> int:
 
 def teacher_reference(teacher) -> str:
     """How a run records its teacher: builtin names and Hub ids as given, paths made absolute."""
-    from .teachers.diffusers_dir import looks_like_hub_id
+    from .formats.pipelines import looks_like_hub_id
 
     text = str(teacher)
     return text if text.startswith("builtin:") or looks_like_hub_id(text) else str(Path(text).resolve())

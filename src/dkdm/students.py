@@ -78,7 +78,7 @@ def parse_spec(spec) -> dict:
     if kind not in KINDS:
         raise DkdmError(f"unknown model type {kind!r}; choose one of {', '.join(KINDS)} ({SPEC_HELP})")
     if kind == "adm":
-        from .teachers.adm import parse_flags
+        from .nets.adm import parse_flags
 
         return {"type": "adm", **parse_flags(spec)}
     unknown = set(spec) - set(DEFAULTS[kind]) - {"type"}
@@ -142,7 +142,7 @@ def build_net(spec, sample_shape, out_channels: int) -> nn.Module:
         )
         return UNetNet(unet)
     if kind == "adm":
-        from .teachers.adm import parse_flags
+        from .nets.adm import parse_flags
 
         flags = {**s, "in_channels": c, "image_size": h}  # the data decides these two
         if out_channels not in (c, 2 * c):
@@ -295,7 +295,7 @@ def format_spec(spec: dict) -> str:
     defaults left out)."""
     spec = parse_spec(spec)
     if spec["type"] == "adm":
-        from .teachers.adm import FLAG_DEFAULTS
+        from .nets.adm import FLAG_DEFAULTS
 
         defaults = FLAG_DEFAULTS
     else:

@@ -18,7 +18,7 @@ def synth(out, teacher="builtin:digits", num: int | None = None, steps: int = 10
 
     from .data import save_sample_set
     from .evaluation import draw
-    from .model import load_model
+    from .formats import load_model
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -53,7 +53,7 @@ def synth(out, teacher="builtin:digits", num: int | None = None, steps: int = 10
 def convert(checkpoint, config, out, format: str = "dkdm") -> Path:
     """An ADM / guided-diffusion checkpoint (and its flags file) as a dkdm model directory, or as a
     diffusers ``DDPMPipeline`` (``format="diffusers"``). Returns the directory."""
-    from .model import load_checkpoint_file
+    from .formats import load_checkpoint_file, save_model
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -62,14 +62,14 @@ def convert(checkpoint, config, out, format: str = "dkdm") -> Path:
     if format == "diffusers":
         from diffusers import DDPMPipeline
 
-        from .model import ddpm_scheduler
-        from .teachers.adm import to_diffusers
+        from .formats.pipelines import ddpm_scheduler
+        from .formats.adm import to_diffusers
 
         unet = to_diffusers(model.spec, model.net.adm)
         scheduler = ddpm_scheduler(model.schedule, model.variance, model.prediction, model.clip_x0)
         DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(out, safe_serialization=True)
     else:
-        model.save(out)
+        save_model(model, out)
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {out}: ADM UNet, {n:,} parameters, {model.variance} variance, {model.prediction} prediction, "
           f"T={model.schedule.num_steps}; use it as --teacher {out}", file=sys.stderr)
@@ -82,7 +82,7 @@ def sample(model, out, num: int = 1000, steps: int | None = None, seed: int = 0,
     import numpy as np
 
     from .evaluation import draw
-    from .model import load_model
+    from .formats import load_model
 
     out = Path(out)
     if out.suffix not in (".npz", ".png"):
@@ -117,7 +117,7 @@ def evaluate(model, reference=None, num: int | None = None, steps: int | None = 
     against the user's reference. Returns ``{"model": ..., metric: value, ...}``."""
     from .data import builtin_dataset
     from .evaluation import evaluate_model
-    from .model import load_model, resolve_model_dir
+    from .formats import load_model, resolve_model_dir
 
     if inception_weights:
         return _evaluate_rgb(model, reference, inception_weights, num, steps, seed, progress)
@@ -136,7 +136,7 @@ def _evaluate_rgb(model_ref, reference, inception_weights, num, steps, seed, pro
 
     from .evaluation import default_num, evaluate_model, reference_for
     from .metrics.inception import check_rgb, check_weights
-    from .model import load_model, resolve_model_dir
+    from .formats import load_model, resolve_model_dir
 
     check_weights(inception_weights)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -158,7 +158,7 @@ def _evaluate_rgb(model_ref, reference, inception_weights, num, steps, seed, pro
 
 
 def _reference_for(model_dir, given):
-    from .model import read_model_config
+    from .formats import read_model_config
 
     if given:
         return given

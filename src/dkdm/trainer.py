@@ -28,6 +28,7 @@ from .checkpoint import (
 )
 from .diffusion import Reverse, TrainingBatch
 from .errors import DkdmError
+from .formats import save_model
 from .model import DiffusionModel
 from .objective import DEFAULT_VLB_WEIGHT, dkdm_loss
 from .peers import PeerLost, describe_loss, is_peer_failure, roll_call
@@ -489,7 +490,7 @@ class Trainer:
         if acc.is_main_process:
             # the weights, and their copy in a diffusers pipeline where the student has one
             check_free_space(self.out, 2 * sum(t.nbytes for t in self.ema.shadow.values()), "the final model")
-            student.save(self.out, {k: v for k, v in self.ema.shadow.items()})
+            save_model(student, self.out, {k: v for k, v in self.ema.shadow.items()})
         acc.wait_for_everyone()
         return last
 

@@ -1,9 +1,9 @@
 """OpenAI's ADM UNet (guided-diffusion's ``UNetModel``), written from the published architecture.
 
 Parameter names match guided-diffusion's state dicts key for key, so a checkpoint loads without
-the original code; the network is configured by guided-diffusion's flags, already parsed and
-checked by the format (``teachers/adm.py``). A teacher from a checkpoint and an ``adm`` student
-are the same network.
+the original code; the network is configured by guided-diffusion's own flag names
+(``parse_flags``: defaults filled in, training-only flags dropped, typos refused). A teacher from
+a checkpoint (``formats/adm.py``) and an ``adm`` student are the same network.
 """
 
 from __future__ import annotations
@@ -15,6 +15,31 @@ from torch import nn
 from ..errors import DkdmError
 from .embedding import timestep_embedding
 
+#: guided-diffusion's defaults (script_util.model_and_diffusion_defaults), plus in/out channels,
+#: improved-diffusion's sigma_small and the sampling scripts' clip_denoised. rescale_timesteps has no
+#: default here: the two code bases disagree on it (see _rescale_timesteps).
+FLAG_DEFAULTS = {
+    "image_size": 64, "num_channels": 128, "num_res_blocks": 2, "num_heads": 4, "num_heads_upsample": -1,
+    "num_head_channels": -1, "attention_resolutions": "16,8", "channel_mult": "", "dropout": 0.0,
+    "class_cond": False, "use_checkpoint": False, "use_scale_shift_norm": True, "resblock_updown": False,
+    "use_fp16": False, "use_new_attention_order": False, "learn_sigma": False, "sigma_small": False,
+    "diffusion_steps": 1000, "noise_schedule": "linear", "timestep_respacing": "", "use_kl": False,
+    "predict_xstart": False, "rescale_timesteps": None, "rescale_learned_sigmas": False, "in_channels": 3,
+    "num_classes": 1000, "clip_denoised": True,
+}
+#: Flags the training and sampling scripts of improved-/guided-diffusion save beside the model's that
+#: change neither the network nor its reverse step: accepted and dropped.
+IGNORED_FLAGS = {
+    "data_dir", "schedule_sampler", "lr", "weight_decay", "lr_anneal_steps", "batch_size", "microbatch",
+    "ema_rate", "log_interval", "save_interval", "resume_checkpoint", "fp16_scale_growth", "num_samples",
+    "use_ddim", "model_path", "classifier_scale", "classifier_path", "classifier_use_fp16", "classifier_width",
+    "classifier_depth", "classifier_attention_resolutions", "classifier_use_scale_shift_norm",
+    "classifier_resblock_updown", "classifier_pool",
+}
+#: Flags only one code base has: they tell which defaults a flags file was written against.
+IMPROVED_ONLY = {"sigma_small"}
+GUIDED_ONLY = {"num_head_channels", "channel_mult", "resblock_updown", "use_new_attention_order"} | {
+    k for k in IGNORED_FLAGS if k.startswith("classifier_")}
 #: channel_mult per image size when the flag is empty, as guided-diffusion chooses it (improved-diffusion
 #: has the same for 256 and 64 and adds 32, which the DKDM authors' fork keeps).
 DEFAULT_MULT = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4),
@@ -41,6 +66,58 @@ def channel_plan(f: dict) -> tuple[tuple, list[int]]:
     else:
         res = [int(r) for r in str(res).split(",") if r.strip()]
     return tuple(mult), sorted({size // r for r in res})
+
+
+def parse_flags(flags: dict) -> dict:
+    """Full, validated flags from an improved-/guided-diffusion flag mapping.
+
+    Training-only flags are dropped; unknown names are refused, so a typo never goes unnoticed.
+    """
+    if not isinstance(flags, dict):
+        raise DkdmError("an ADM config must be a mapping of guided-diffusion flags (e.g. num_channels: 128)")
+    given = {k: v for k, v in flags.items() if k != "type" and k not in IGNORED_FLAGS}
+    if {"large_size", "small_size"} & set(given):
+        raise DkdmError("ADM large_size / small_size describe a super-resolution model, which dkdm does not "
+                        "support (its network also takes the low-resolution image)")
+    unknown = set(given) - set(FLAG_DEFAULTS)
+    if unknown:
+        raise DkdmError(f"unknown ADM flag(s) {', '.join(sorted(unknown))}; guided-diffusion flags are "
+                        f"{', '.join(sorted(FLAG_DEFAULTS))} (training-only flags such as lr are ignored)")
+    f = {**FLAG_DEFAULTS, **given}
+    respacing = f["timestep_respacing"]
+    if respacing not in ("", None) and str(respacing) != str(f["diffusion_steps"]):
+        raise DkdmError("ADM timestep_respacing is a sampling setting; give the checkpoint's full schedule "
+                        "(timestep_respacing: \"\") and choose sampling steps in dkdm")
+    f["timestep_respacing"] = ""
+    f["rescale_timesteps"] = _rescale_timesteps(given, f)
+    try:
+        channel_plan(f)
+    except (TypeError, ValueError) as e:
+        raise DkdmError(f"bad ADM flags ({e}); channel_mult looks like 1,2,2,2 and attention_resolutions like 16,8")
+    return f
+
+
+def _rescale_timesteps(given: dict, f: dict) -> bool:
+    """Whether the network sees t scaled to 0..1000: as stated, else by the code base's default.
+
+    improved-diffusion defaults rescale_timesteps to true, guided-diffusion to false; the flags of
+    only one of them tell which a file was written for. The choice only matters when
+    diffusion_steps is not 1000, and there a wrong guess would silently feed the network wrong
+    timesteps, so an undecidable file is refused.
+    """
+    if given.get("rescale_timesteps") is not None:
+        return bool(given["rescale_timesteps"])
+    improved, guided = bool(IMPROVED_ONLY & set(given)), bool(GUIDED_ONLY & set(given))
+    if improved != guided:
+        return improved
+    try:
+        if int(f["diffusion_steps"]) == 1000:
+            return False  # 1000 / diffusion_steps = 1: both conventions feed the same t
+    except (TypeError, ValueError):
+        raise DkdmError(f"ADM diffusion_steps must be an integer, got {f['diffusion_steps']!r}")
+    raise DkdmError(f"the ADM flags do not say rescale_timesteps, which at diffusion_steps {f['diffusion_steps']} "
+                    f"changes the timesteps the network sees: improved-diffusion's default is true, "
+                    f"guided-diffusion's false; add rescale_timesteps: true or false to the flags file")
 
 
 class GroupNorm32(nn.GroupNorm):
