@@ -41,7 +41,7 @@ def timed(fn, device, reps: int) -> float:
 
 def main() -> None:
     from dkdm.students import build_net, count_parameters
-    from dkdm.trainer import EMA
+    from dkdm.ema import EMA
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--student", default="unet:widths=24-48,layers=1,groups=8")

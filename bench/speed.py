@@ -224,7 +224,8 @@ def measure(args, report) -> None:
     from dkdm.model import DiffusionModel
     from dkdm.pool import KnowledgePool
     from dkdm.students import count_parameters
-    from dkdm.trainer import TrainConfig, Trainer, make_accelerator
+    from dkdm.devices import make_accelerator
+    from dkdm.trainer import TrainConfig, Trainer
 
     acc = make_accelerator(args.mixed_precision) if args.device != "cpu" else Accelerator(
         cpu=True, mixed_precision=args.mixed_precision)

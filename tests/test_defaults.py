@@ -10,7 +10,7 @@ import torch
 import tiny_teachers as tt
 from dkdm.cli import main
 from dkdm.defaults import distill_defaults, learning_rate, step_budget, warmup_steps
-from dkdm.trainer import EMA
+from dkdm.ema import EMA
 
 
 @pytest.mark.parametrize("params, want", [(2e5, 1e-3), (1e6, 1e-3), (4e6, 5e-4), (35.7e6, 1.674e-4), (1e8, 1e-4),

@@ -1,7 +1,7 @@
 """The EMA of the weights against a float64 recurrence written out independently."""
 import torch
 
-from dkdm.trainer import EMA
+from dkdm.ema import EMA
 
 
 def test_ema_follows_the_warmed_up_decay_and_copies_integer_buffers():

@@ -15,6 +15,8 @@ import hashlib
 import json
 import os
 import shutil
+import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -22,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import DkdmError
+from .runlock import check_free_space
 
 PREFIX = "step_"
 
@@ -224,3 +227,82 @@ def has_preparation(out) -> bool:
 
 def drop_preparation(out) -> None:
     shutil.rmtree(Path(out) / PREPARATION, ignore_errors=True)
+
+
+# a trainer's state as a checkpoint ----------------------------------------------------------
+def checkpoint_size(trainer) -> int:
+    """About the size of one checkpoint: weights, EMA and two Adam moments, and the source's state."""
+    weights = sum(p.numel() * 4 for p in trainer._params)
+    return 4 * weights + sum(t.nbytes for t in trainer.source.state_dict().values() if torch.is_tensor(t))
+
+def save_run(trainer) -> Path:
+    """Checkpoint: the shared state from the main process, every rank's source (pool shard) and RNG."""
+    acc = trainer.accelerator
+    own = {**flatten("source", trainer.source.state_dict()), **flatten("rng", rng_state())}
+    if not acc.is_main_process:
+        write_rank_shard(trainer.ckpt_dir, trainer.step, acc.process_index, own)
+        acc.wait_for_everyone()
+        acc.wait_for_everyone()
+        return trainer.ckpt_dir
+    net = acc.unwrap_model(trainer.net)
+    opt_tensors, opt_meta = optimizer_to_flat(trainer.opt.state_dict())
+    tensors = {
+        **flatten("student", net.state_dict()),
+        **flatten("ema", trainer.ema.shadow),
+        **flatten("optim", opt_tensors),
+        **own,
+    }
+    check_free_space(trainer.ckpt_dir, sum(t.nbytes for t in tensors.values()), f"the checkpoint of step {trainer.step}")
+    meta = {"optimizer": opt_meta, "lr_scheduler": trainer.lr_sched.state_dict(),
+            "config": asdict(trainer.cfg), "run": trainer.run_info, "world_size": acc.num_processes}
+    acc.wait_for_everyone()  # every rank's shard is written into the temporary directory
+    path = save_checkpoint(trainer.ckpt_dir, trainer.step, tensors, meta, trainer.cfg.keep_checkpoints,
+                           shards=[f"rank{r}" for r in range(1, acc.num_processes)])
+    acc.wait_for_everyone()
+    return path
+
+def resume_run(trainer) -> int:
+    """Put the last good checkpoint back into ``trainer``; returns its step."""
+    if not list_checkpoints(trainer.ckpt_dir):
+        raise DkdmError(f"--resume: {trainer.out} has no checkpoint to resume from; drop --resume to start afresh")
+    found = latest_good_checkpoint(trainer.ckpt_dir, warn=lambda m: print(m, file=sys.stderr))
+    if found is None:
+        raise DkdmError(f"--resume: every checkpoint in {trainer.ckpt_dir} is damaged; start afresh in a new --out")
+    path, tensors, meta = found
+    acc = trainer.accelerator
+    if int(meta.get("world_size", 1)) != acc.num_processes:
+        raise DkdmError(f"--resume: the run in {trainer.out} was trained by {meta.get('world_size', 1)} processes, "
+                        f"this launch has {acc.num_processes}; resume with the same number of processes")
+    if acc.process_index:
+        tensors = {**tensors, **read_rank_shard(path, acc.process_index)}
+    saved = meta.get("run", {})
+    for key in ("student", "source", "teacher"):
+        if key in saved and key in trainer.run_info and saved[key] != trainer.run_info[key]:
+            raise DkdmError(
+                f"--resume: the {key} settings differ from the run in {trainer.out} "
+                f"(saved {saved[key]}, now {trainer.run_info[key]}); resume with the same settings"
+            )
+    trainer._plain_net.load_state_dict(unflatten("student", tensors))
+    trainer.ema.load_state_dict(unflatten("ema", tensors))
+    trainer.opt.load_state_dict(optimizer_from_flat(unflatten("optim", tensors), meta["optimizer"]))
+    trainer.lr_sched.load_state_dict(meta["lr_scheduler"])
+    trainer.source.load_state_dict(unflatten("source", tensors))
+    set_rng_state(unflatten("rng", tensors))
+    trainer.step = int(meta["step"])
+    _truncate_log(trainer, trainer.step)
+    return trainer.step
+
+def _truncate_log(trainer, step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from (they will be written again)."""
+    if not trainer.accelerator.is_main_process or not trainer.log_path.exists():
+        return
+    keep = []
+    for line in trainer.log_path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+    tmp = trainer.log_path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, trainer.log_path)

@@ -29,7 +29,8 @@ def train(config=None, progress: bool = True, **settings) -> dict | None:
     from .data import DataSource, MixedSet, SampleSet, load_dataset, reference_of
     from .diffusion import Schedule
     from .model import DiffusionModel
-    from .trainer import Trainer, make_accelerator
+    from .devices import make_accelerator
+    from .trainer import Trainer
 
     s = merge([COMMON_DEFAULTS, TRAIN_DEFAULTS, RUN_DIRECTORY], config, settings)  # the data set's defaults below
     data_name = s["data"]
@@ -85,7 +86,8 @@ def distill(config=None, progress: bool = True, **settings) -> dict | None:
     from .pool import (KnowledgePool, pool_memory_bytes, pool_size, preparation_batch, preparation_cost,
                        resolve_preparation)
     from .students import count_parameters, format_spec
-    from .trainer import Trainer, make_accelerator
+    from .devices import make_accelerator
+    from .trainer import Trainer
 
     s = merge([COMMON_DEFAULTS, DISTILL_DEFAULTS, DISTILL_RULED, RUN_DIRECTORY], config, settings)
     acc = make_accelerator(s["mixed_precision"])

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
-import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,54 +20,23 @@ from accelerate import Accelerator
 from accelerate.utils import AutocastKwargs
 from tqdm.auto import tqdm
 
-from .checkpoint import (
-    flatten, latest_good_checkpoint, list_checkpoints, optimizer_from_flat, optimizer_to_flat, read_rank_shard, rng_state,
-    save_checkpoint, set_rng_state, unflatten, write_rank_shard,
-)
+from .checkpoint import checkpoint_size, list_checkpoints, resume_run, save_run
+from .devices import adamw, make_accelerator
 from .diffusion import Reverse, TrainingBatch
+from .ema import EMA
 from .errors import DkdmError
 from .formats import save_model
+from .interrupts import Interrupted, catch_signals, restore_signals
 from .model import DiffusionModel
 from .objective import DEFAULT_VLB_WEIGHT, dkdm_loss
 from .peers import PeerLost, describe_loss, is_peer_failure, roll_call
 from .runlock import check_free_space
 
 
-def make_accelerator(mixed_precision: str = "no") -> Accelerator:
-    """accelerate's Accelerator; without CUDA it uses the CPU, and under torchrun / accelerate
-    launch several CPU processes train together over gloo. On CUDA, cuDNN autotunes its
-    convolution algorithms (every step has the same shapes, so the first step's search pays off)."""
-    if torch.cuda.is_available():
-        torch.backends.cudnn.benchmark = True
-    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
-
-
-_FUSED_CPU_ADAMW = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4)
-
-
-def _adamw(params, cfg: "TrainConfig", device: torch.device) -> torch.optim.AdamW:
-    """AdamW as one fused kernel over all tensors (CUDA; CPU since torch 2.4, where it is also 5x
-    faster than the per-tensor loop on the default digits student); elsewhere the foreach form.
-    A CUDA graph replays the fused step only if it is capturable (its step count on the device)."""
-    if device.type == "cuda" or (device.type == "cpu" and _FUSED_CPU_ADAMW):
-        kind = {"fused": True, "capturable": cfg.cuda_graphs}
-    else:
-        kind = {"foreach": True}
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **kind)
-
-
 class TrainingDiverged(DkdmError):
     """The loss became NaN or inf; the run stopped and its last good checkpoint is kept."""
 
     exit_code = 3
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM: the run stopped after a finished step and wrote a checkpoint."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.signum = signum
 
 
 def _first_nonfinite(batch, output) -> str:
@@ -112,46 +79,6 @@ class TrainConfig:
             raise DkdmError("--ckpt-every and --log-every must be at least 1")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise DkdmError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
-
-
-class EMA:
-    """Exponential moving average of the weights, with diffusers' warm-up of the decay.
-
-    Hand-written (a few dozen lines) because its state must be a flat tensor dict for safetensors.
-    The live tensors are paired with their shadows once, so a step is one fused lerp and no
-    walk over the module (a state_dict() per step costs an op per tensor).
-    """
-
-    def __init__(self, net: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {k: v.detach().clone().float() for k, v in net.state_dict().items()}
-        self._bind(net)
-
-    def _bind(self, net: torch.nn.Module) -> None:
-        live = net.state_dict(keep_vars=True)  # the parameters and buffers themselves, not copies
-        floats = [k for k, v in live.items() if v.dtype.is_floating_point]
-        self._net = net
-        self._shadows = [self.shadow[k] for k in floats]
-        self._live = [live[k] for k in floats]
-        self._cast = any(v.dtype != torch.float32 for v in self._live)
-        self._copied = [(self.shadow[k], v) for k, v in live.items() if not v.dtype.is_floating_point]
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Copy a saved EMA in place (the pairs made once stay valid)."""
-        for k, v in state.items():
-            self.shadow[k].copy_(v)
-
-    @torch.no_grad()
-    def update(self, net: torch.nn.Module, step: int) -> None:
-        """One fused lerp over all float tensors: a per-tensor loop costs a kernel launch each on a GPU."""
-        if net is not self._net:
-            self._bind(net)
-        d = min(self.decay, (1 + step) / (10 + step))
-        live = [v.float() for v in self._live] if self._cast else self._live
-        if live:
-            torch._foreach_lerp_(self._shadows, live, 1 - d)
-        for shadow, v in self._copied:
-            shadow.copy_(v)
 
 
 class Trainer:
@@ -200,7 +127,7 @@ class Trainer:
         if config.channels_last:
             student.net.to(memory_format=torch.channels_last)
         student.net.to(self.accelerator.device)
-        opt = _adamw(student.net.parameters(), config, self.accelerator.device)
+        opt = adamw(student.net.parameters(), config.lr, config.weight_decay, self.accelerator.device, config.cuda_graphs)
         warm = max(1, config.warmup)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
         self.net, self.opt, self.lr_sched = self.accelerator.prepare(student.net, opt, sched)
@@ -228,82 +155,16 @@ class Trainer:
                 source.use_cuda_graphs()
         self.log_path = self.out / "log.jsonl"
 
-    # checkpoints ------------------------------------------------------------------------------
+    # checkpoints (what they hold and how: checkpoint.py) --------------------------------------
     def checkpoint_bytes(self) -> int:
-        """About the size of one checkpoint: weights, EMA and two Adam moments, and the source's state."""
-        weights = sum(p.numel() * 4 for p in self._params)
-        return 4 * weights + sum(t.nbytes for t in self.source.state_dict().values() if torch.is_tensor(t))
+        return checkpoint_size(self)
 
     def save(self) -> Path:
-        """Checkpoint: the shared state from the main process, every rank's source (pool shard) and RNG."""
-        acc = self.accelerator
-        own = {**flatten("source", self.source.state_dict()), **flatten("rng", rng_state())}
-        if not acc.is_main_process:
-            write_rank_shard(self.ckpt_dir, self.step, acc.process_index, own)
-            acc.wait_for_everyone()
-            acc.wait_for_everyone()
-            return self.ckpt_dir
-        net = acc.unwrap_model(self.net)
-        opt_tensors, opt_meta = optimizer_to_flat(self.opt.state_dict())
-        tensors = {
-            **flatten("student", net.state_dict()),
-            **flatten("ema", self.ema.shadow),
-            **flatten("optim", opt_tensors),
-            **own,
-        }
-        check_free_space(self.ckpt_dir, sum(t.nbytes for t in tensors.values()), f"the checkpoint of step {self.step}")
-        meta = {"optimizer": opt_meta, "lr_scheduler": self.lr_sched.state_dict(),
-                "config": asdict(self.cfg), "run": self.run_info, "world_size": acc.num_processes}
-        acc.wait_for_everyone()  # every rank's shard is written into the temporary directory
-        path = save_checkpoint(self.ckpt_dir, self.step, tensors, meta, self.cfg.keep_checkpoints,
-                               shards=[f"rank{r}" for r in range(1, acc.num_processes)])
-        acc.wait_for_everyone()
-        return path
+        return save_run(self)
 
     def resume(self) -> int:
-        if not list_checkpoints(self.ckpt_dir):
-            raise DkdmError(f"--resume: {self.out} has no checkpoint to resume from; drop --resume to start afresh")
-        found = latest_good_checkpoint(self.ckpt_dir, warn=lambda m: print(m, file=sys.stderr))
-        if found is None:
-            raise DkdmError(f"--resume: every checkpoint in {self.ckpt_dir} is damaged; start afresh in a new --out")
-        path, tensors, meta = found
-        acc = self.accelerator
-        if int(meta.get("world_size", 1)) != acc.num_processes:
-            raise DkdmError(f"--resume: the run in {self.out} was trained by {meta.get('world_size', 1)} processes, "
-                            f"this launch has {acc.num_processes}; resume with the same number of processes")
-        if acc.process_index:
-            tensors = {**tensors, **read_rank_shard(path, acc.process_index)}
-        saved = meta.get("run", {})
-        for key in ("student", "source", "teacher"):
-            if key in saved and key in self.run_info and saved[key] != self.run_info[key]:
-                raise DkdmError(
-                    f"--resume: the {key} settings differ from the run in {self.out} "
-                    f"(saved {saved[key]}, now {self.run_info[key]}); resume with the same settings"
-                )
-        self._plain_net.load_state_dict(unflatten("student", tensors))
-        self.ema.load_state_dict(unflatten("ema", tensors))
-        self.opt.load_state_dict(optimizer_from_flat(unflatten("optim", tensors), meta["optimizer"]))
-        self.lr_sched.load_state_dict(meta["lr_scheduler"])
-        self.source.load_state_dict(unflatten("source", tensors))
-        set_rng_state(unflatten("rng", tensors))
-        self.step = int(meta["step"])
-        self._truncate_log(self.step)
-        return self.step
-
-    def _truncate_log(self, step: int) -> None:
-        """Drop log lines written after the checkpoint we resume from (they will be written again)."""
-        if not self.accelerator.is_main_process or not self.log_path.exists():
-            return
-        keep = []
-        for line in self.log_path.read_text().splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    keep.append(line)
-            except json.JSONDecodeError:  # a line cut short by a kill
-                continue
-        tmp = self.log_path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, self.log_path)
+        """Restore the last good checkpoint (a damaged one is skipped with a warning); returns its step."""
+        return resume_run(self)
 
     # the loop ---------------------------------------------------------------------------------
     @property
@@ -390,7 +251,7 @@ class Trainer:
         rank, and where to resume). Their signal handlers stay in place then: the launcher's SIGTERM
         that follows a failed process must not cut that report short."""
         stop: list[int] = []
-        previous = self._catch_signals(stop)
+        previous = catch_signals(stop)
         lost = False
         try:
             with self._peer_failures():
@@ -400,8 +261,7 @@ class Trainer:
             raise
         finally:
             if not lost:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
+                restore_signals(previous)
 
     @contextlib.contextmanager
     def _peer_failures(self):
@@ -526,19 +386,6 @@ class Trainer:
 
             finished = broadcast(finished, from_process=0)
         return bool(finished)
-
-    @staticmethod
-    def _catch_signals(stop: list) -> dict:
-        """SIGINT / SIGTERM finish the current step, checkpoint and stop (a second one stops at once)."""
-        def handler(signum, frame):
-            if stop:
-                raise KeyboardInterrupt(f"{signal.Signals(signum).name} again: stopped without a new checkpoint")
-            stop.append(signum)
-
-        try:
-            return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-        except ValueError:  # not the main thread: leave signals alone
-            return {}
 
     def _check_ranks_in_sync(self) -> None:
         """All processes must hold the same student; a cheap fingerprint of the weights is compared."""
