@@ -37,6 +37,22 @@ def test_conditional_teacher_draws_the_asked_class(cond_teacher):
     assert class_accuracy(cond_teacher) > 0.95
 
 
+def test_sampling_hands_back_the_labels_it_drew_and_keeps_no_state(cond_teacher):
+    # whoever scores samples gets their labels from the call, not from an attribute a later call overwrites
+    from dkdm.evaluation import draw
+
+    x, labels = cond_teacher.sample(400, steps=10, generator=torch.Generator().manual_seed(3), return_labels=True)
+    assert labels.shape == (400,) and set(labels.tolist()) == set(range(8))
+    assert not hasattr(cond_teacher, "last_labels")
+    nearest = torch.cdist(x.double(), Toy2D().centers).argmin(1)
+    assert (nearest == labels).double().mean() > 0.9  # the labels are the ones the samples were drawn for
+    again = draw(cond_teacher, 400, 10, seed=5, progress=False, return_labels=True)
+    other = draw(cond_teacher, 400, 10, seed=6, progress=False, return_labels=True)
+    same = draw(cond_teacher, 400, 10, seed=5, progress=False, return_labels=True)
+    assert torch.equal(again.labels, same.labels) and not torch.equal(again.labels, other.labels)
+    assert torch.equal(draw(cond_teacher, 400, 10, seed=5, progress=False), again.samples)
+
+
 def test_conditional_student_distilled_without_data_keeps_the_classes(cond_teacher, tmp_path):
     torch.manual_seed(1)
     student = DiffusionModel.build("mlp:width=96,depth=2,classes=8", (2,), cond_teacher.schedule, variance="fixed_small")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -37,6 +38,41 @@ def eval_settings(reference, num: int | None, steps: int | None) -> tuple[int, i
     else:
         d = {"num": default_num(reference), "steps": None}
     return num or d["num"], steps if steps is not None else d["steps"]
+
+
+class Drawn(NamedTuple):
+    """Samples and the class labels they were drawn for (None: an unconditional model)."""
+
+    samples: torch.Tensor
+    labels: torch.Tensor | None
+
+
+def _toy2d(samples, dataset, labels):
+    from .metrics.toy import sliced_w2
+
+    return {"sliced_w2": sliced_w2(samples, dataset)}
+
+
+def _digits(samples, dataset, labels):
+    from .metrics.digits import digits_metrics
+
+    return digits_metrics(samples, labels=labels)
+
+
+class Metric(NamedTuple):
+    """How samples of one built-in reference are scored, and the one number that heads them."""
+
+    score: Callable  # (samples, dataset, labels) -> dict of metrics
+    headline: str
+
+
+#: Every built-in reference's metrics: adding one is adding a row here. RGB references the user
+#: supplies are scored in Inception space (metrics/inception.py), headed by ``fid``.
+METRICS = {"toy2d": Metric(_toy2d, "sliced_w2"), "digits": Metric(_digits, "digits_fid")}
+HEADLINES = (*(m.headline for m in METRICS.values()), "fid")
+#: The columns of the report's table, in order (those no row has are left out).
+SUMMARY_KEYS = ("digits_fid", "fid", "sfid", "inception_score", "precision", "recall", "label_accuracy",
+                "sliced_w2", "teacher_fd", "heldout_mse")
 
 
 def reference_for(reference, inception_weights=None, device="cpu", extractor=None):
@@ -76,15 +112,9 @@ def score(samples: torch.Tensor, reference, labels: torch.Tensor | None = None) 
     dataset = builtin_dataset(reference)
     if tuple(samples.shape[1:]) != tuple(dataset.sample_shape):
         raise DkdmError(f"samples have shape {list(samples.shape[1:])} but {reference} has {list(dataset.sample_shape)}")
-    if reference == "toy2d":
-        from .metrics.toy import sliced_w2
-
-        return {"sliced_w2": sliced_w2(samples, dataset)}
-    if reference == "digits":
-        from .metrics.digits import digits_metrics
-
-        return digits_metrics(samples, labels=labels)
-    raise DkdmError(f"no metrics defined for {reference!r}")
+    if reference not in METRICS:
+        raise DkdmError(f"no metrics defined for {reference!r}")
+    return METRICS[reference].score(samples, dataset, labels)
 
 
 def check_reference(reference: str, sample_shape=None) -> None:
@@ -107,9 +137,10 @@ def data_floor(reference: str) -> dict | None:
 
 
 def draw(model, num: int, steps: int | None, seed: int, progress: bool = True, batch_size: int = 1024,
-         guidance: float = 1.0) -> torch.Tensor:
+         guidance: float = 1.0, return_labels: bool = False):
     """``num`` samples from the seed's noise: two models of the same shape (and classes) drawn
-    with the same seed, steps and batch size start from the same noise and draw the same labels."""
+    with the same seed, steps and batch size start from the same noise and draw the same labels.
+    With ``return_labels``, a ``Drawn`` (samples and their labels)."""
     from tqdm.auto import tqdm
 
     T = model.schedule.num_steps
@@ -120,16 +151,18 @@ def draw(model, num: int, steps: int | None, seed: int, progress: bool = True, b
     g = torch.Generator(device=next(model.parameters(), torch.empty(0)).device).manual_seed(seed)
     with tqdm(total=num * (steps or T), desc="sample", unit="step", unit_scale=True,
               disable=not progress, dynamic_ncols=True) as bar:
-        return model.sample(num, steps, g, batch_size=batch_size, progress=bar, guidance=guidance)
+        out = model.sample(num, steps, g, batch_size=batch_size, progress=bar, guidance=guidance,
+                           return_labels=return_labels)
+    return Drawn(*out) if return_labels else out
 
 
 def teacher_statistics(teacher, num: int, steps: int | None, seed: int, guidance: float = 1.0,
-                       progress: bool = True, cache: bool = True, samples: torch.Tensor | None = None
+                       progress: bool = True, cache: bool = True, drawn: Drawn | None = None
                        ) -> dict[str, torch.Tensor]:
     """Mean and covariance of the teacher's samples in its own features (metrics/teacher_fd.py),
     with the labels they were drawn for: the reference of the data-free sample score. Cached per
-    weights and settings, as the teacher's metrics are; ``samples`` the teacher has just drawn
-    with these settings (``teacher.last_labels`` being theirs) are not drawn again."""
+    weights and settings, as the teacher's metrics are; samples the teacher has just drawn with
+    these settings (``drawn``, with their labels) are not drawn again."""
     from .metrics import cached
     from .metrics.features import mean_cov
     from .metrics.teacher_fd import TeacherFeatures, weights_fingerprint
@@ -140,9 +173,9 @@ def teacher_statistics(teacher, num: int, steps: int | None, seed: int, guidance
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
 
     def compute():
-        drawn = samples if samples is not None else draw(teacher, num, steps, seed, progress, guidance=guidance)
-        labels = getattr(teacher, "last_labels", None)
-        mean, cov = mean_cov(features(drawn, labels))
+        samples, labels = drawn if drawn is not None else draw(teacher, num, steps, seed, progress, guidance=guidance,
+                                                               return_labels=True)
+        mean, cov = mean_cov(features(samples, labels))
         return {"mean": mean, "cov": cov, **({"labels": labels.cpu()} if labels is not None else {})}
 
     return cached(f"teacherfd-{weights_fingerprint(teacher.net)}-{key}.safetensors" if cache else None, compute)
@@ -174,9 +207,9 @@ def default_num(reference) -> int:
 
 
 def evaluate_model(model, model_dir, reference, num=None, steps=None, seed: int = 0,
-                   progress: bool = True, cache: bool = False) -> tuple[dict, torch.Tensor | None]:
-    """Metrics of ``model``'s samples against ``reference`` (see ``reference_for``); with ``cache``
-    the result is kept per weights + settings."""
+                   progress: bool = True, cache: bool = False) -> tuple[dict, Drawn | None]:
+    """Metrics of ``model``'s samples against ``reference`` (see ``reference_for``), and what was
+    drawn for them (None when the result came from the cache, kept per weights + settings)."""
     num, steps = eval_settings(reference, num, steps)
     settings = {"reference": _name(reference), "num_samples": num,
                 "sampling_steps": steps or model.schedule.num_steps, "seed": seed}
@@ -191,23 +224,21 @@ def evaluate_model(model, model_dir, reference, num=None, steps=None, seed: int 
                 return json.loads(path.read_text()), None
             except (OSError, json.JSONDecodeError):
                 pass
-    samples = draw(model, num, steps, seed, progress)
-    if not isinstance(reference, str):  # RGB metrics see images: a latent model's are decoded
-        samples = model.decode(samples)
-    result = {**settings, **score(samples, reference, getattr(model, "last_labels", None))}
+    drawn = draw(model, num, steps, seed, progress, return_labels=True)
+    samples = drawn.samples if isinstance(reference, str) else model.decode(drawn.samples)  # RGB metrics see images
+    result = {**settings, **score(samples, reference, drawn.labels)}
     if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(result))
         except OSError:
             pass
-    return result, samples
+    return result, Drawn(samples, drawn.labels)
 
 
 def summary_table(rows: dict[str, dict]) -> str:
     """A plain-text table of the headline metrics, one row per model (and one comparing student and teacher)."""
-    keys = [k for k in ("digits_fid", "fid", "sfid", "inception_score", "precision", "recall", "label_accuracy",
-                        "sliced_w2", "teacher_fd", "heldout_mse") if any(k in r for r in rows.values())]
+    keys = [k for k in SUMMARY_KEYS if any(k in r for r in rows.values())]
     lines = ["| model | " + " | ".join(keys) + (" | missing classes |" if "digits_fid" in keys else " |")]
     lines.append("|---" * (len(keys) + 1 + ("digits_fid" in keys)) + "|")
     for name, r in rows.items():
@@ -230,16 +261,17 @@ def write_report(out, student, reference, teacher=None, teacher_dir=None, seed: 
     side by side, drawn from the same noise.
     """
     out = Path(out)
-    rows, samples, teacher_samples = {}, None, None
+    rows, samples, teacher_drawn = {}, None, None
     num, steps = eval_settings(reference, num, steps)
     if steps is not None:
         steps = min(steps, student.schedule.num_steps)
     if reference:
         if teacher is not None:
-            rows["teacher"], teacher_samples = evaluate_model(teacher, teacher_dir, reference, num, steps, seed, progress,
-                                                              cache=True)
-        rows["student" if teacher is not None else "model"], samples = evaluate_model(
+            rows["teacher"], teacher_drawn = evaluate_model(teacher, teacher_dir, reference, num, steps, seed, progress,
+                                                            cache=True)
+        rows["student" if teacher is not None else "model"], drawn = evaluate_model(
             student, out, reference, num, steps, seed, progress)
+        samples = drawn.samples
         floor = data_floor(reference)
         if floor is not None:
             rows["real train split"] = floor
@@ -247,7 +279,7 @@ def write_report(out, student, reference, teacher=None, teacher_dir=None, seed: 
         if samples is None:
             samples = draw(student, num, steps, seed, progress)
         stats = teacher_statistics(teacher, num, steps, seed, guidance, progress,
-                                   samples=teacher_samples if guidance == 1.0 else None)
+                                   drawn=teacher_drawn if guidance == 1.0 else None)
         rows["student vs teacher"] = {"teacher_fd": data_free_score(teacher, samples, stats), "num_samples": num,
                                       "sampling_steps": steps or student.schedule.num_steps, "seed": seed,
                                       **(heldout or {})}

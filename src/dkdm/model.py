@@ -147,10 +147,12 @@ class DiffusionModel(nn.Module):
 
     @torch.no_grad()
     def sample(self, num: int, steps: int | None = None, generator=None, batch_size: int = 1024, progress=None,
-               labels: torch.Tensor | None = None, guidance: float = 1.0):
+               labels: torch.Tensor | None = None, guidance: float = 1.0, return_labels: bool = False):
         """Ancestral sampling with ``steps`` evenly respaced steps (default: all of them).
 
-        A class-conditional model draws uniform labels unless ``labels`` are given.
+        A class-conditional model draws uniform labels unless ``labels`` are given; with
+        ``return_labels`` the call returns ``(samples, labels)`` (labels None when unconditional),
+        so whoever scores the samples gets the labels they were drawn for.
         """
         device = next(self.parameters(), torch.empty(0)).device
         if steps is None or steps == self.schedule.num_steps:
@@ -160,7 +162,6 @@ class DiffusionModel(nn.Module):
         tmap = tmap.to(device)
         if labels is None:
             labels = self.labels_for(num, generator, device)
-        self.last_labels = labels
         chunks = []
         for start in range(0, num, batch_size):
             n = min(batch_size, num - start)
@@ -173,7 +174,8 @@ class DiffusionModel(nn.Module):
                 if progress is not None:
                     progress.update(n)
             chunks.append(x.cpu())
-        return torch.cat(chunks)
+        samples = torch.cat(chunks)
+        return (samples, None if labels is None else labels.cpu()) if return_labels else samples
 
     # persistence -----------------------------------------------------------------------------
     def describe(self) -> dict:

@@ -30,14 +30,13 @@ from safetensors.torch import load_file, save_file
 
 from .diffusion import Reverse, TrainingBatch
 from .errors import DkdmError
+from .evaluation import HEADLINES
 from .model import DiffusionModel
 from .objective import dkdm_loss
 
 MONITOR_FILE = "monitor.safetensors"
 PLOT_FILE = "training.png"
 STOP_FILE = "stop.json"
-#: The run metric that is plotted and printed: the first of these a score has.
-HEADLINE = ("digits_fid", "fid", "sliced_w2")
 HELDOUT_SEED = 991  # offset of the held-out set's seed from the run's (its noise is not the pool's)
 FLOOR_SEED = 7919  # offset of the second teacher sample set, whose distance to the first is the score's floor
 
@@ -93,7 +92,7 @@ def heldout_error(model: DiffusionModel, batch: TrainingBatch, vlb_weight: float
 
 def headline(record: dict) -> str | None:
     """The key of the run metric in an evaluation record, if it has one."""
-    return next((k for k in HEADLINE if k in record), None)
+    return next((k for k in HEADLINES if k in record), None)  # the run metric plotted and printed
 
 
 class Plateau:
@@ -285,12 +284,12 @@ class Monitor:
             rec.update(heldout_error(self.model, self.heldout, self.vlb_weight))
         # the teacher reference's seed: the same noise, and for a student of the teacher's classes the same labels
         g = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
-        samples = self.model.sample(self.cfg.num, self.steps, g)
+        samples, labels = self.model.sample(self.cfg.num, self.steps, g, return_labels=True)
         if self.stats is not None:
             rec["teacher_fd"] = data_free_score(self.teacher, samples, self.stats)
             rec["teacher_fd_floor"] = self.floor
         if self.reference:
-            metrics = score(self.model.decode(samples), self.reference, getattr(self.model, "last_labels", None))
+            metrics = score(self.model.decode(samples), self.reference, labels)
             rec.update({k: v for k, v in metrics.items() if isinstance(v, float)})
         return rec
 
