@@ -1,8 +1,9 @@
 """The ``dkdm`` command line: train, distill, sample, evaluate.
 
-Settings come from built-in defaults, then a YAML file (``--config``), then flags. A user
-mistake prints one line and exits 2; a diverged run exits 3; an interrupt checkpoints and exits
-130.
+Settings come from built-in defaults, then a YAML file (``--config``), then flags (``settings.py``),
+and the library does the rest (``runs.py``, ``tools.py``). A user mistake prints one line and exits
+2; a diverged run exits 3; a run whose other process died exits 4; an interrupt checkpoints and
+exits 130 (SIGINT) or 143 (SIGTERM).
 """
 
 from __future__ import annotations
