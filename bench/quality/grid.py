@@ -474,6 +474,28 @@ def add_common_args(ap, root: Path, out: Path, seeds) -> None:
     ap.add_argument("--out", default=str(out))
 
 
+def run_jobs(ap, a, root: Path, jobs: list[dict], script: str, extra: list[str]) -> bool:
+    """What every quality bench does with its jobs: ``--one`` runs one in this process (True: the
+    caller stops there), otherwise the missing ones (``--only``: these, in this order) go to the
+    scheduler, each as ``script --one NAME`` with the bench's own ``extra`` arguments."""
+    (root / "results").mkdir(parents=True, exist_ok=True)
+    (root / "logs").mkdir(exist_ok=True)
+    if a.one:
+        run_and_store(next(j for j in jobs if j["name"] == a.one), root)
+        return True
+    if not a.report_only:
+        by_name = {j["name"]: j for j in jobs}
+        unknown = [n for n in a.only or [] if n not in by_name]
+        if unknown:
+            ap.error(f"unknown job(s) {', '.join(unknown)}")
+        selected = [by_name[n] for n in a.only] if a.only else jobs
+        schedule(selected, root, a.workers, lambda name: [
+            sys.executable, script, "--root", str(root), "--one", name, "--iters", str(a.iters), "--seeds",
+            *map(str, a.seeds), *extra, *(["--eval-num", str(a.eval_num)] if a.eval_num else []),
+            *(["--eval-steps", str(a.eval_steps)] if a.eval_steps else [])])
+    return False
+
+
 def main(argv=None) -> int:
     global ITERS, SEEDS, EVAL_NUM, EVAL_STEPS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -483,21 +505,8 @@ def main(argv=None) -> int:
     ITERS, SEEDS, EVAL_NUM, EVAL_STEPS = a.iters, a.seeds, a.eval_num, a.eval_steps
     root = Path(a.root).resolve()
     jobs = jobs_for(root, a.iters, a.seeds)
-    (root / "results").mkdir(parents=True, exist_ok=True)
-    (root / "logs").mkdir(exist_ok=True)
-    if a.one:
-        run_and_store(next(j for j in jobs if j["name"] == a.one), root)
+    if run_jobs(ap, a, root, jobs, __file__, []):
         return 0
-    if not a.report_only:
-        by_name = {j["name"]: j for j in jobs}
-        unknown = [n for n in a.only or [] if n not in by_name]
-        if unknown:
-            ap.error(f"unknown job(s) {', '.join(unknown)}")
-        selected = [by_name[n] for n in a.only] if a.only else jobs  # --only runs in the order given
-        schedule(selected, root, a.workers, lambda name: [
-            sys.executable, __file__, "--root", str(root), "--one", name, "--iters", str(a.iters), "--seeds",
-            *map(str, a.seeds), *(["--eval-num", str(a.eval_num)] if a.eval_num else []),
-            *(["--eval-steps", str(a.eval_steps)] if a.eval_steps else [])])
     render(root, jobs, a.iters, Path(a.out))
     return 0
 

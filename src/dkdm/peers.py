@@ -14,6 +14,7 @@ import socket
 import time
 
 from .errors import DkdmError
+from .runlock import process_alive
 
 # substrings of the errors gloo raises when a peer's connection breaks or times out (NCCL's are
 # DistBackendError, a DistError)
@@ -45,24 +46,6 @@ def is_peer_failure(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and any(s in str(error).lower() for s in _TRANSPORT_FAILURES)
 
 
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs; a killed process that its launcher has not reaped yet (a zombie) does not."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc (not Linux): ask the kernel whether the pid exists
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def lost_ranks(roll: list[tuple[str, int]], me: int, wait: float = 2.0) -> tuple[list[int], list[int]]:
     """(ranks on this host whose process is gone, ranks on other hosts that cannot be checked).
 
@@ -73,7 +56,7 @@ def lost_ranks(roll: list[tuple[str, int]], me: int, wait: float = 2.0) -> tuple
     unknown = [r for r, (host, _) in enumerate(roll) if r != me and host != here]
     deadline = time.monotonic() + wait
     while True:
-        gone = [r for r in local if not _alive(roll[r][1])]
+        gone = [r for r in local if not process_alive(roll[r][1])]
         if gone or not local or time.monotonic() > deadline:
             return gone, unknown
         time.sleep(0.05)

@@ -22,24 +22,33 @@ from .errors import DkdmError
 LOCK = ".lock"
 
 
-def _start_time(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (tells a reused pid apart), where /proc has it."""
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state first), where /proc has them."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return fields[19]  # field 22 of stat: starttime, in clock ticks since boot
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
 
 
-def _alive(pid: int, started: str | None) -> bool:
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (tells a reused pid apart), where /proc has it."""
+    fields = _stat(pid)
+    return fields[19] if fields and len(fields) > 19 else None  # field 22 of stat: starttime, in ticks since boot
+
+
+def process_alive(pid: int, started: str | None = None) -> bool:
+    """Whether ``pid`` runs and, given its kernel start time, is still that process. A killed process
+    its parent has not reaped yet (a zombie) is not alive. Without /proc, the kernel is asked."""
+    fields = _stat(pid)
+    if fields is not None:
+        return fields[0] not in ("Z", "X") and (started is None or len(fields) <= 19 or fields[19] == started)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # someone else's live process
         return True
-    now = _start_time(pid)
-    return started is None or now is None or now == started
+    return True
 
 
 class RunLock:
@@ -81,7 +90,7 @@ class RunLock:
         if host != socket.gethostname():
             raise DkdmError(f"{self.out} is in use by process {pid} on host {host} (since {holder.get('since')}); "
                             f"if that run is gone, delete {self.path}")
-        if pid != os.getpid() and _alive(pid, holder.get("started")):
+        if pid != os.getpid() and process_alive(pid, holder.get("started")):
             raise DkdmError(f"{self.out} is in use by process {pid} (since {holder.get('since')}): one run per "
                             f"directory; wait for it to finish or choose another --out")
         try:

@@ -59,11 +59,10 @@ def merge(defaults, config=None, given: dict | None = None) -> dict:
     merged: dict = {}
     for d in defaults:
         merged.update(d)
-    for source, values in ((f"config {config}", read_config(config) if config else {}),
-                           ("unknown", {k: v for k, v in (given or {}).items() if v is not None})):
+    for where, values in ((f"config {config}: ", read_config(config) if config else {}),
+                          ("", {k: v for k, v in (given or {}).items() if v is not None})):
         unknown = set(values) - set(merged)
         if unknown:
-            where = f"{source}: unknown" if source != "unknown" else "unknown"
-            raise DkdmError(f"{where} setting(s) {', '.join(sorted(unknown))}")
+            raise DkdmError(f"{where}unknown setting(s) {', '.join(sorted(unknown))}")
         merged.update(values)
     return merged
