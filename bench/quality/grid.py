@@ -185,12 +185,14 @@ def run_job(job: dict) -> dict:
         meta = json.loads((d / "dataset.json").read_text())
         result["teacher_sample_steps"] = meta["teacher_sample_steps"]
     t1 = time.time()
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the runs themselves take the GPU when there is one
+    result["device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     if job["evals"] == ["final"]:
-        model = load_model(job["model"])
+        model = load_model(job["model"], device=device)
         result["evals"]["final"], _ = evaluate_model(model, _model_dir(job["model"]), "digits", seed=job["seed"],
                                                      progress=False, cache=True, num=EVAL_NUM, steps=EVAL_STEPS)
     elif job["evals"]:
-        model = load_model(d)
+        model = load_model(d, device=device)
         ckpts = {int(json.loads((c / "meta.json").read_text())["step"]): c for c in list_checkpoints(d / "checkpoints")}
         for it in job["evals"]:
             tensors, _ = load_checkpoint(ckpts[it])

@@ -225,15 +225,18 @@ def evaluate_model(model, model_dir, reference, num=None, steps=None, seed: int 
             except (OSError, json.JSONDecodeError):
                 pass
     drawn = draw(model, num, steps, seed, progress, return_labels=True)
-    samples = drawn.samples if isinstance(reference, str) else model.decode(drawn.samples)  # RGB metrics see images
-    result = {**settings, **score(samples, reference, drawn.labels)}
+    if isinstance(reference, str):  # built-in references are scored on the CPU, wherever the model drew
+        samples, labels = drawn.samples.cpu(), None if drawn.labels is None else drawn.labels.cpu()
+    else:  # RGB metrics see images
+        samples, labels = model.decode(drawn.samples), drawn.labels
+    result = {**settings, **score(samples, reference, labels)}
     if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(result))
         except OSError:
             pass
-    return result, Drawn(samples, drawn.labels)
+    return result, Drawn(samples, labels)
 
 
 def summary_table(rows: dict[str, dict]) -> str:
