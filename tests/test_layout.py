@@ -56,7 +56,8 @@ def test_only_the_command_line_and_the_package_use_the_run_rules_and_nothing_imp
         assert "dkdm.cli" not in imports, name
         if name not in ("dkdm", "dkdm.cli", "dkdm.runs", "dkdm.tools"):
             assert not {"dkdm.runs", "dkdm.tools"} & imports, f"{name} imports the run rules"
-    cli = MODULES["dkdm.cli"] - {"dkdm.errors", "dkdm.peers", "dkdm.runs", "dkdm.tools", "dkdm.evaluation"}
+    cli = MODULES["dkdm.cli"] - {"dkdm", "dkdm.errors", "dkdm.peers", "dkdm.runs", "dkdm.settings", "dkdm.tools",
+                                 "dkdm.evaluation"}
     assert not cli, f"cli.py does more than parse and call: it imports {sorted(cli)}"
 
 

@@ -88,7 +88,8 @@ def test_steps_auto_stops_on_a_plateau_and_resumes_to_the_same_stop(tmp_path, to
     capsys.readouterr()
     assert main(toy_argv(toy_teacher, tmp_path / "a", *auto, "--max-steps", "600", "--monitor-num", "200",
                          "--resume")) == 2
-    assert "other evaluation settings" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "settings differ from the run" in err and "--monitor-num 200 (saved" in err, err  # its run.json
 
 
 def test_plateau_rule_on_a_fake_score_sequence():

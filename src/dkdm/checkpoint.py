@@ -186,12 +186,15 @@ class PreparationCheckpoints:
     checkpoint (atomic, with checksums) under ``RUN/preparation/rank<r>``: each process its own
     shard. ``meta`` (the run's settings that shape the pool) is stored with it and must match on
     resume. The directory is removed once training's first checkpoint holds the prepared pool.
+    A signal noted in ``stop`` (``interrupts.catch_signals``) saves the state after the chunk in
+    flight and stops with ``Interrupted``, so a Ctrl-C loses at most one chunk.
     """
 
-    def __init__(self, out, rank: int, meta: dict, every_s: float = 300.0):
+    def __init__(self, out, rank: int, meta: dict, every_s: float = 300.0, stop: list | None = None):
         self.root = Path(out) / PREPARATION / f"rank{rank}"
         self.meta = meta
         self.every_s = every_s
+        self.stop = stop if stop is not None else []
         self._last = None
 
     def __call__(self, state: dict[str, torch.Tensor]) -> None:
@@ -200,10 +203,24 @@ class PreparationCheckpoints:
         now = time.monotonic()
         if self._last is None:
             self._last = now
+        if self.stop:
+            self.interrupt(state)
         if now - self._last < self.every_s:
             return
         save_checkpoint(self.root, int(state["prep_done"]), flatten("pool", state), {"run": self.meta}, keep=1)
         self._last = time.monotonic()
+
+    def interrupt(self, state: dict[str, torch.Tensor]) -> None:
+        """Save ``state`` and raise ``Interrupted`` for the first signal in ``stop``."""
+        import signal
+
+        from .interrupts import Interrupted
+
+        done = int(state["prep_done"])
+        save_checkpoint(self.root, done, flatten("pool", state), {"run": self.meta}, keep=1)
+        name = signal.Signals(self.stop[0]).name
+        raise Interrupted(f"{name} while preparing the pool: {done:,} of {int(state['x'].shape[0]):,} entries "
+                          f"prepared and saved in {self.root.parent}; continue with --resume", self.stop[0])
 
     def latest(self, warn=None) -> dict[str, torch.Tensor] | None:
         """The saved state to resume from (None: nothing saved); DkdmError if it belongs to other settings."""

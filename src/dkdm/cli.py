@@ -16,27 +16,51 @@ import sys
 from .errors import DkdmError
 from .peers import PeerLost
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: a usage block of sixty flags would bury the line that matters."""
+
+    def error(self, message):
+        import difflib
+        import re
+
+        wrong = re.match(r"argument command: invalid choice: '([^']*)'", message)
+        close = difflib.get_close_matches(wrong.group(1), list(COMMANDS), n=1) if wrong else []
+        hint = f"did you mean {close[0]}? " if close else ""
+        listed = "every flag" if " " in self.prog else "the commands"
+        self.exit(2, f"{self.prog}: error: {message} ({hint}`{self.prog} --help` lists {listed})\n")
+
+
+TEACHER_HELP = ("the teacher: builtin:digits (the bundled one); a dkdm model directory; a diffusers pipeline directory "
+                "or Hub id (DDPMPipeline, DDIMPipeline, LDMPipeline, DiTPipeline); or an ADM / guided-diffusion "
+                "checkpoint (.pt loaded weights-only, or .safetensors) with --teacher-config")
+
+
 def _common(p: argparse.ArgumentParser, training: bool) -> None:
     p.add_argument("--config", help="YAML file of settings (flags override it)")
     p.add_argument("--seed", type=int, help="random seed (same seed, same result on CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     if not training:
         return
-    p.add_argument("--out", help="run directory to create (it becomes the model directory)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--out", help="run directory to create (it becomes the model directory; default: "
+                                 "dkdm-runs/COMMAND-DATE-TIME)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint with the settings it saved (run.json): no "
+                        "other flag is needed, and only --steps, --max-steps, --patience and how it logs, checkpoints "
+                        "and reports may change")
     p.add_argument("--steps", type=_steps,
                    help="training iterations, or auto (distill): stop when the held-out error and the data-free "
                         "score stop improving (see --patience, --max-steps)")
     p.add_argument("--batch", type=int, help="training batch size B")
     p.add_argument("--lr", type=float, help="AdamW learning rate")
-    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay")
     p.add_argument("--ema", type=float, help="EMA decay of the saved weights")
     p.add_argument("--grad-clip", type=float, help="gradient-norm clip (0: off)")
     p.add_argument("--warmup", type=int, help="learning-rate warm-up steps")
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
-    p.add_argument("--log-every", type=int)
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"],
+                   help="autocast the student's update (fp16 needs a CUDA device)")
+    p.add_argument("--log-every", type=int, help="write a log.jsonl line every N steps")
     p.add_argument("--ckpt-every", type=int, help="checkpoint every K steps")
-    p.add_argument("--keep-checkpoints", type=int)
+    p.add_argument("--keep-checkpoints", type=int, help="checkpoints kept (the oldest are deleted)")
     p.add_argument("--vlb-weight", type=float, help="lambda on L*vlb (default 1: the authors' code)")
     p.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the networks (the student; in distill also the teacher); the first steps are "
@@ -53,7 +77,7 @@ def _common(p: argparse.ArgumentParser, training: bool) -> None:
     p.add_argument("--eval-steps", type=int, help="sampling steps for the final report (default: per data set)")
     p.add_argument("--eval-every", type=int,
                    help="score the EMA model every N steps (held-out error, data-free score, the run's metric): "
-                        "log.jsonl and training.png")
+                        "log.jsonl and training.png (default: off; --steps auto: a 20th of the fixed default budget)")
     p.add_argument("--monitor-num", type=int, help="samples drawn at each --eval-every evaluation (default 1000)")
     p.add_argument("--monitor-steps", type=int, help="sampling steps of each --eval-every evaluation (default 25)")
     p.add_argument("--patience", type=int,
@@ -62,8 +86,46 @@ def _common(p: argparse.ArgumentParser, training: bool) -> None:
                    help="--steps auto: the most steps to train (default: 4x the fixed default budget)")
 
 
+def _show_defaults(p: argparse.ArgumentParser, table: dict, ruled=(), per_data: dict | None = None) -> None:
+    """Append each flag's default to its help, from the settings table its run merges: argparse's own
+    defaults stay None, so that a run tells a flag given from one left out."""
+    for a in p._actions:
+        if not a.option_strings or a.dest in ("help", "version") or "default" in (a.help or ""):
+            continue
+        per = {name: d[a.dest] for name, d in (per_data or {}).items() if a.dest in d}
+        if a.dest in ruled:
+            text = "from the student and the problem, printed when the run starts"
+        elif per:
+            other = "mlp" if a.dest == "model" else table.get(a.dest)  # runs.train: an unnamed model is an mlp
+            text = "; ".join(f"{name}: {v}" for name, v in per.items()) + f"; other data: {other}"
+        elif table.get(a.dest) is not None and table[a.dest] is not False:
+            text = str(table[a.dest])
+        elif a.default is not None and a.default is not False:
+            text = str(a.default)
+        else:
+            text = "off" if a.nargs == 0 else "none"
+        a.help = f"{a.help or ''} (default: {text})".strip()
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    def v(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"dkdm {__version__} (torch {v('torch')}, diffusers {v('diffusers')}, accelerate {v('accelerate')})"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="dkdm", description="Data-free knowledge distillation for diffusion models.")
+    from .settings import COMMON_DEFAULTS, DATA_DEFAULTS, DISTILL_DEFAULTS, DISTILL_RULED, TRAIN_DEFAULTS
+
+    ap = _Parser(prog="dkdm", description="Data-free knowledge distillation for diffusion models.")
+    ap.add_argument("--version", action="version", version=_version())
     sub = ap.add_subparsers(dest="command", required=True)
 
     tr = sub.add_parser("train", help="ordinary data-based training (teachers and baselines)")
@@ -73,10 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="data-limited baseline: keep this percentage of --data, fill up with --synthetic samples")
     tr.add_argument("--synthetic", help="sample set (from `dkdm synth`) that fills up a --real-fraction set")
     tr.add_argument("--model", help="architecture spec, e.g. mlp:width=128,depth=3")
-    tr.add_argument("--schedule", choices=["linear", "cosine", "scaled_linear"])
+    tr.add_argument("--schedule", choices=["linear", "cosine", "scaled_linear"], help="noise schedule")
     tr.add_argument("--diffusion-steps", type=int, help="T, the number of diffusion steps")
-    tr.add_argument("--variance", choices=["learned_range", "fixed_small", "fixed_large"])
-    tr.add_argument("--prediction", choices=["epsilon", "v_prediction", "sample"])
+    tr.add_argument("--variance", choices=["learned_range", "fixed_small", "fixed_large"],
+                    help="reverse-process variance (learned_range trains it with L*vlb)")
+    tr.add_argument("--prediction", choices=["epsilon", "v_prediction", "sample"], help="what the network predicts")
 
     di = sub.add_parser("distill", help="data-free distillation of a teacher into a student (DKDM)",
                         description="Data-free distillation (DKDM). --batch, --steps, --lr, --warmup, --ema and "
@@ -84,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "problem (T, sample size), the same rules for every teacher; the run prints each "
                                     "with its reason.")
     _common(di, True)
-    di.add_argument("--teacher", help="teacher model directory, an ADM checkpoint (.pt/.safetensors), or builtin:digits (the default)")
+    di.add_argument("--teacher", help=TEACHER_HELP)
     di.add_argument("--teacher-config", help="guided-diffusion flags (YAML/JSON) of an ADM checkpoint --teacher")
     di.add_argument("--student", help="student architecture spec (default: the teacher's family at every width / "
                                       "sqrt(2), about half its parameters)")
@@ -94,9 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="classifier-free guidance scale of a class-conditional teacher's targets (1: none)")
     di.add_argument("--student-steps", type=int,
                     help="the student's diffusion steps: an even respacing of the teacher's (default: the same)")
-    di.add_argument("--pool", choices=["iterative", "shuffled", "dynamic"])
+    di.add_argument("--pool", choices=["iterative", "shuffled", "dynamic"],
+                    help="the pool of partially denoised samples (dynamic: the paper's dynamic iterative distillation)")
     di.add_argument("--rho", type=float, help="dynamic pool size in batches per diffusion step (paper: 0.4)")
-    di.add_argument("--pool-dtype", choices=["float32", "float16", "bfloat16"])
+    di.add_argument("--pool-dtype", choices=["float32", "float16", "bfloat16"],
+                    help="dtype the pool keeps its samples in (16-bit halves its memory)")
     di.add_argument("--prep-batch", type=int,
                     help="teacher batch size for pool preparation (default 256 on a CPU, 8192 on a GPU)")
     di.add_argument("--prep", choices=["auto", "exact", "sampled"],
@@ -120,11 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sy = sub.add_parser("synth", help="sample a synthetic data set from a teacher (the data-free baseline's data)")
     _common(sy, False)
-    sy.add_argument("--teacher", default="builtin:digits", help="teacher model directory, ADM checkpoint, or builtin:NAME")
+    sy.add_argument("--teacher", default="builtin:digits", help=TEACHER_HELP)
     sy.add_argument("--teacher-config", help="guided-diffusion flags (YAML/JSON) of an ADM checkpoint --teacher")
     sy.add_argument("--num", type=int, help="number of samples (default: the size of the teacher's training set)")
     sy.add_argument("--steps", type=int, default=100, help="teacher sampling steps (the paper: 1000 or 100)")
-    sy.add_argument("--batch", type=int, default=1024)
+    sy.add_argument("--batch", type=int, default=1024, help="samples drawn at once")
     sy.add_argument("--out", required=True, help="sample set directory to create (train on it with --data DIR)")
 
     co = sub.add_parser("convert", help="turn an ADM / guided-diffusion checkpoint into a dkdm model directory")
@@ -137,9 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     sa = sub.add_parser("sample", help="draw samples from a model directory")
     _common(sa, False)
     sa.add_argument("--model", required=True, help="model directory")
-    sa.add_argument("--num", type=int, default=1000)
+    sa.add_argument("--num", type=int, default=1000, help="number of samples")
     sa.add_argument("--steps", type=int, help="sampling steps (default: all diffusion steps)")
-    sa.add_argument("--batch", type=int, default=1024)
+    sa.add_argument("--batch", type=int, default=1024, help="samples drawn at once")
     sa.add_argument("--out", required=True, help="output file: .npz (arrays) or .png (image grid)")
 
     ev = sub.add_parser("evaluate", help="metrics of a model's samples against a reference, as JSON")
@@ -152,6 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "precision and recall of RGB models against --reference")
     ev.add_argument("--num", type=int, help="number of samples (default: the metric's fixed count)")
     ev.add_argument("--steps", type=int, help="sampling steps (default: all diffusion steps)")
+
+    _show_defaults(tr, {**COMMON_DEFAULTS, **TRAIN_DEFAULTS}, per_data=DATA_DEFAULTS)
+    _show_defaults(di, {**COMMON_DEFAULTS, **DISTILL_DEFAULTS}, ruled=DISTILL_RULED)
+    for p in (sy, co, sa, ev):
+        _show_defaults(p, {"seed": 0})
     return ap
 
 
@@ -223,8 +293,33 @@ def cmd_evaluate(args) -> None:
 COMMANDS = {"train": cmd_train, "distill": cmd_distill, "synth": cmd_synth, "convert": cmd_convert, "sample": cmd_sample, "evaluate": cmd_evaluate}
 
 
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+
+
+def _unrecognized(parser: argparse.ArgumentParser, command: str, unknown: list[str]) -> None:
+    """argparse's error for arguments the subcommand does not take, naming the closest flags it has."""
+    import difflib
+
+    sub = _subparser(parser, command)
+    names = [o[2:] for a in sub._actions for o in a.option_strings if o.startswith("--")]
+    hints = []
+    for token in unknown:
+        if token.startswith("-"):
+            close = difflib.get_close_matches(token.split("=", 1)[0].lstrip("-"), names, n=2, cutoff=0.6)
+            hints.append(f"{token}: did you mean {' or '.join('--' + c for c in close)}?" if close else
+                         f"{token}: no such flag")
+    sub.error(f"unrecognized argument(s) {' '.join(unknown)}" + (f" ({'; '.join(hints)})" if hints else ""))
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            _unrecognized(parser, args.command, unknown)
+    except SystemExit as e:  # argparse: a usage error (2), --help or --version (0)
+        return e.code if isinstance(e.code, int) else 2
     try:
         COMMANDS[args.command](args)
     except DkdmError as e:
@@ -237,7 +332,7 @@ def main(argv=None) -> int:
             os._exit(e.exit_code)
         return e.exit_code
     except KeyboardInterrupt as e:
-        print(f"dkdm {args.command}: {e or 'interrupted'}", file=sys.stderr)
+        print(f"dkdm {args.command}: {str(e) or 'interrupted'}", file=sys.stderr)
         return 128 + getattr(e, "signum", 2)
     return 0
 

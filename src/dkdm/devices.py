@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from accelerate import Accelerator
 
+from .errors import DkdmError
+
 
 def make_accelerator(mixed_precision: str = "no") -> Accelerator:
     """accelerate's Accelerator; without CUDA it uses the CPU, and under torchrun / accelerate
@@ -13,7 +15,21 @@ def make_accelerator(mixed_precision: str = "no") -> Accelerator:
     convolution algorithms (every step has the same shapes, so the first step's search pays off)."""
     if torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
+    elif mixed_precision == "fp16":
+        raise DkdmError("--mixed-precision fp16 needs a CUDA device; on a CPU it would silently train in float32 "
+                        "(use bf16, which CPUs run under autocast, or drop the flag)")
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free on ``device`` for new tensors (None: unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available)
 
 
 _FUSED_CPU_ADAMW = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4)

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from .errors import DkdmError
-from .settings import COMMON_DEFAULTS, DATA_DEFAULTS, DISTILL_DEFAULTS, DISTILL_RULED, RUN_DIRECTORY, TRAIN_DEFAULTS, merge
+from .settings import (COMMON_DEFAULTS, DATA_DEFAULTS, DISTILL_DEFAULTS, DISTILL_RULED, RUN_DIRECTORY, TRAIN_DEFAULTS,
+                       merge, read_config, resumed)
 
 #: What a finished run returns: its directory, the last log record (loss terms, lr, step rate),
 #: why it stopped early (``--steps auto``, else None) and the report's rows (None without one).
@@ -32,6 +33,7 @@ def train(config=None, progress: bool = True, **settings) -> dict | None:
     from .devices import make_accelerator
     from .trainer import Trainer
 
+    config, settings = _saved("train", config, settings)
     s = merge([COMMON_DEFAULTS, TRAIN_DEFAULTS, RUN_DIRECTORY], config, settings)  # the data set's defaults below
     data_name = s["data"]
     dataset = load_dataset(data_name)
@@ -89,6 +91,7 @@ def distill(config=None, progress: bool = True, **settings) -> dict | None:
     from .devices import make_accelerator
     from .trainer import Trainer
 
+    config, settings = _saved("distill", config, settings)
     s = merge([COMMON_DEFAULTS, DISTILL_DEFAULTS, DISTILL_RULED, RUN_DIRECTORY], config, settings)
     acc = make_accelerator(s["mixed_precision"])
     teacher = load_model(s["teacher"], device=acc.device, role="teacher", config=s["teacher_config"])
@@ -107,6 +110,8 @@ def distill(config=None, progress: bool = True, **settings) -> dict | None:
     torch.manual_seed(int(s["seed"]))
     student = DiffusionModel.student_of(teacher, s["student"], variance=s["variance"],
                                         extra={"data": data_name, "teacher": teacher_ref})
+    if s["batch"] is not None and int(s["batch"]) < 1:  # the rules divide by it
+        raise DkdmError(f"--batch must be at least 1, got {s['batch']}")
     # what flags and --config leave open follows from the student and the problem
     ruled = distill_defaults(count_parameters(student.net), teacher.sample_shape, teacher.schedule.num_steps,
                              {k: s[k] for k in DISTILL_RULED})
@@ -125,6 +130,7 @@ def distill(config=None, progress: bool = True, **settings) -> dict | None:
     if not float(s["prep_ckpt_every"]) >= 0:
         raise DkdmError(f"--prep-ckpt-every must be >= 0 seconds, got {s['prep_ckpt_every']}")
     prep = preparation_cost(s["pool"], size, T, s["prep"], int(s["prep_steps"]))
+    _check_pool_fits(mem, size, teacher.sample_shape, s, acc.device)
     pool = KnowledgePool(teacher, int(s["batch"]), s["pool"], float(s["rho"]), s["pool_dtype"],
                          seed=_rank_seed(s, acc), device=acc.device, preparation=s["prep"], prep_steps=int(s["prep_steps"]),
                          guidance=float(s["guidance"]))
@@ -134,10 +140,12 @@ def distill(config=None, progress: bool = True, **settings) -> dict | None:
     def prepare(resume: bool):
         """A new run, or one stopped while preparing: announce it, prepare (or finish preparing) the pool."""
         from .checkpoint import PreparationCheckpoints
+        from .interrupts import catch_signals, restore_signals
 
         n = acc.num_processes
+        stop: list = []
         saver = PreparationCheckpoints(out, acc.process_index, {**info, "seed": s["seed"], "processes": n},
-                                       every_s=float(s["prep_ckpt_every"]))
+                                       every_s=float(s["prep_ckpt_every"]), stop=stop)
         state = saver.latest(warn=lambda m: print(m, file=sys.stderr)) if resume else None
         if acc.is_main_process:
             print(f"student: {format_spec(student.spec)}, {count_parameters(student.net):,} parameters (teacher: "
@@ -163,12 +171,91 @@ def distill(config=None, progress: bool = True, **settings) -> dict | None:
             if state is not None:
                 print(f"resuming the pool preparation: {int(state['prep_done']):,} of {size:,} entries were prepared",
                       file=sys.stderr)
-        with tqdm(total=prep, desc="pool", unit="step", unit_scale=True,
-                  disable=not progress or prep == 0 or not acc.is_main_process, dynamic_ncols=True) as bar:
-            pool.prepare(chunk=prep_batch, progress=bar, resume=state, on_chunk=saver)
+        estimate = _Estimate(prep, cfg.steps * int(s["batch"]), acc.is_main_process)
+        previous = catch_signals(stop)  # Ctrl-C: save after the chunk in flight, then stop
+        try:
+            with tqdm(total=prep, desc="pool", unit="step", unit_scale=True,
+                      disable=not progress or prep == 0 or not acc.is_main_process, dynamic_ncols=True) as bar:
+                pool.prepare(chunk=prep_batch, progress=bar, resume=state,
+                             on_chunk=lambda st: (estimate(pool.prep_calls), saver(st)))
+            if stop:  # the signal came in the last chunk: keep the whole pool
+                saver.interrupt(pool.preparation_state())
+        finally:
+            restore_signals(previous)
 
     monitor = _monitor(watch, trainer, teacher, pool, reference, float(s["guidance"]), progress=progress)
     return _run(trainer, s, out, progress, prepare, teacher=teacher, monitor=monitor, reference=reference)
+
+
+#: A preparation estimated to take longer than this is announced as such before it goes on.
+LONG_PREPARATION_S = 3600.0
+
+
+class _Estimate:
+    """After the first chunk of the pool's preparation: how long the rest and the training's
+    teacher forwards take at the rate measured, said plainly when the preparation is long."""
+
+    def __init__(self, prep_steps: int, train_forwards: int, main: bool):
+        import time
+
+        self.prep_steps, self.train_forwards, self.main = prep_steps, train_forwards, main
+        self.start, self.done_before, self.said = time.monotonic(), None, False
+
+    def __call__(self, prep_calls: int) -> None:
+        import time
+
+        if self.done_before is None:  # a resumed preparation counts from where it starts
+            self.done_before, self.start = prep_calls, time.monotonic()
+            return
+        if self.said or not self.main or prep_calls <= self.done_before:
+            return
+        self.said = True
+        rate = (prep_calls - self.done_before) / max(time.monotonic() - self.start, 1e-9)
+        left = (self.prep_steps - prep_calls) / rate
+        print(f"estimate: the pool's preparation {_duration(left)} more, training at least "
+              f"{_duration(self.train_forwards / rate)} (its teacher forwards alone), at {rate:,.0f} teacher "
+              f"sample-steps/s measured", file=sys.stderr)
+        if left > LONG_PREPARATION_S:
+            print(f"warning: preparing the pool takes about {_duration(left)} on this machine; a smaller --batch or "
+                  f"--rho shrinks the pool (round(rho x T) x batch entries) and --prep-steps cuts the steps per entry "
+                  f"(Ctrl-C saves the preparation; --resume continues it)", file=sys.stderr)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def _check_pool_fits(mem: int, size: int, shape, s: dict, device) -> None:
+    """Refuse a pool that cannot fit in the memory this device has free (per process), with the fix."""
+    import os
+
+    from .devices import available_memory
+
+    free = available_memory(device)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if device.type == "cpu" else 1
+    if free is None or mem * local <= 0.8 * free:
+        return
+    raise DkdmError(f"the pool needs {mem * local / 2**30:,.1f} GiB ({size:,} entries x {list(shape)} "
+                    f"{s['pool_dtype']}{f' in each of {local} processes' if local > 1 else ''}) but this {device.type} "
+                    f"has {free / 2**30:,.1f} GiB free: a smaller --batch ({s['batch']}) or --rho ({s['rho']}) shrinks it "
+                    f"(round(rho x T) x batch entries), --pool-dtype bfloat16 halves it")
+
+
+def _saved(command: str, config, settings: dict):
+    """``config`` and ``settings`` as the run uses them: with --resume of a run that saved its
+    settings (RUN/run.json), the saved ones with what may change (``settings.resumed``), so a
+    stopped run continues with no flag but --out and --resume."""
+    asked = {**(read_config(config) if config else {}), **{k: v for k, v in settings.items() if v is not None}}
+    path = Path(asked["out"]) / "run.json" if asked.get("resume") and asked.get("out") else None
+    if path is None or not path.is_file():
+        return config, settings
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DkdmError(f"--resume: cannot read the run's settings {path}: {e.__class__.__name__}: {e}")
+    if not isinstance(saved, dict):
+        raise DkdmError(f"--resume: {path} does not hold a run's settings")
+    return None, resumed(command, saved, asked, str(path))
 
 
 def _distill_reference(s: dict, teacher, device):
@@ -207,16 +294,28 @@ def _check_out(s: dict) -> Path:
     out = Path(s["out"])
     if out.exists() and not out.is_dir():
         raise DkdmError(f"--out {out} is a file; choose a directory path")
+    from .checkpoint import has_preparation, list_checkpoints
     from .runlock import LOCK
 
+    others = sorted(p.name for p in out.iterdir() if p.name != LOCK) if out.is_dir() else []
+    is_run = (out / "run.json").is_file() or bool(list_checkpoints(out / "checkpoints")) or has_preparation(out)
     if s.get("resume"):
-        from .checkpoint import has_preparation, list_checkpoints
-
-        if not list_checkpoints(out / "checkpoints") and not has_preparation(out):
-            raise DkdmError(f"--resume: {out} has no checkpoint to resume from; drop --resume to start afresh")
-    elif out.exists() and any(p.name != LOCK for p in out.iterdir()):
-        raise DkdmError(f"--out {out} already holds a run; pass --resume to continue it or choose another directory")
+        if not out.exists():
+            raise DkdmError(f"--resume: {out} has no checkpoint to resume from (it does not exist); drop --resume to "
+                            f"start a new run there")
+        if not is_run:
+            raise DkdmError(f"--resume: {out} holds no dkdm run (no run.json, checkpoints/ or preparation/, but "
+                            f"{_names(others)}); name the run directory with --out")
+    elif others:
+        if is_run:
+            raise DkdmError(f"--out {out} already holds a run; pass --resume to continue it or choose another directory")
+        raise DkdmError(f"--out {out} is not empty ({_names(others)}) and holds no dkdm run; choose a new or empty "
+                        f"directory")
     return out
+
+
+def _names(names: list[str]) -> str:
+    return "nothing" if not names else ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def _train_config(s: dict, fixed_default: int | None = None):
@@ -306,7 +405,7 @@ def _run_locked(trainer, s: dict, out: Path, progress: bool, prepare=None, teach
     (against ``reference``, default: the data set the student records)."""
     import torch
 
-    from .checkpoint import drop_preparation, list_checkpoints
+    from .checkpoint import drop_preparation, has_preparation, list_checkpoints
     from .evaluation import write_report
     from .formats import load_model, resolve_model_dir
     from .runlock import check_free_space
@@ -319,6 +418,7 @@ def _run_locked(trainer, s: dict, out: Path, progress: bool, prepare=None, teach
     if s.get("resume") and list_checkpoints(trainer.ckpt_dir):
         step = trainer.resume()
         if main:
+            _write_settings(out, s, acc.num_processes)  # with what a resumed run may change (e.g. --steps)
             drop_preparation(out)  # left by a run killed between its first checkpoint and dropping it
             print(f"resuming {out} from step {step}", file=sys.stderr)
             if monitor is not None and monitor.setup(resume=True):
@@ -326,12 +426,20 @@ def _run_locked(trainer, s: dict, out: Path, progress: bool, prepare=None, teach
     else:
         if prepare is not None:
             check_free_space(out, 2 * trainer.checkpoint_bytes(), "the pool's preparation and first checkpoints")
-            prepare(bool(s.get("resume")))
-        if main:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "run.json").write_text(json.dumps({**s, "processes": acc.num_processes}, indent=1, default=str))
-            if monitor is not None:
-                monitor.setup()
+        if main:  # before the preparation, so that a run stopped while preparing resumes from its settings
+            if s.get("resume") and not has_preparation(out):
+                print(f"{out} was stopped before it saved anything: starting it afresh with its settings",
+                      file=sys.stderr)
+            _write_settings(out, s, acc.num_processes)
+        if prepare is not None:
+            try:
+                prepare(bool(s.get("resume")))
+            except DkdmError:  # a refused run leaves nothing behind (an interrupted one its settings)
+                if main and not s.get("resume") and not has_preparation(out):
+                    (out / "run.json").unlink(missing_ok=True)
+                raise
+        if main and monitor is not None:
+            monitor.setup()
         torch.manual_seed(int(s["seed"]) + 1)
         acc.wait_for_everyone()
         trainer.save()
@@ -359,6 +467,13 @@ def _run_locked(trainer, s: dict, out: Path, progress: bool, prepare=None, teach
         written = [f for f in ("metrics.json", "samples.png", "training.png", "stop.json") if (out / f).exists()]
         print(f"run directory: {out} ({', '.join(written)})", file=sys.stderr)
     return result
+
+
+def _write_settings(out: Path, s: dict, processes: int) -> None:
+    """RUN/run.json: the settings (every rule applied), which command ran them and on how many processes."""
+    command = "distill" if "teacher" in s else "train"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run.json").write_text(json.dumps({**s, "command": command, "processes": processes}, indent=1, default=str))
 
 
 def _rank_seed(s: dict, acc) -> int:

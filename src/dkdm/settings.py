@@ -36,6 +36,13 @@ DISTILL_DEFAULTS = {"teacher": "builtin:digits", "teacher_config": None, "studen
                     "variance": "learned_range", "heldout": 512, "reference": None,
                     "inception_weights": None}
 RUN_DIRECTORY = {"out": None, "resume": False}
+#: What RUN/run.json records beside the settings (ignored where run.json is read as a --config).
+RECORDED = ("command", "processes")
+#: Settings a resumed run may change: how long it trains, and how it logs, checkpoints, reports and
+#: runs; not what it learns from or how (those stay as RUN/run.json saved them).
+RESUMABLE = {"steps", "max_steps", "patience", "log_every", "ckpt_every", "keep_checkpoints", "no_report",
+             "eval_num", "eval_steps", "eval_every", "prep_batch", "prep_ckpt_every", "compile", "channels_last",
+             "cuda_graphs"}
 
 
 def read_config(path) -> dict:
@@ -49,7 +56,7 @@ def read_config(path) -> dict:
         raise DkdmError(f"cannot read config {path}: {e.__class__.__name__}: {e}")
     if not isinstance(loaded, dict):
         raise DkdmError(f"config {path} must be a YAML mapping of settings")
-    return {k.replace("-", "_"): v for k, v in loaded.items()}
+    return {k.replace("-", "_"): v for k, v in loaded.items() if k not in RECORDED}
 
 
 def merge(defaults, config=None, given: dict | None = None) -> dict:
@@ -66,3 +73,34 @@ def merge(defaults, config=None, given: dict | None = None) -> dict:
             raise DkdmError(f"{where}unknown setting(s) {', '.join(sorted(unknown))}")
         merged.update(values)
     return merged
+
+
+def _same(given, saved) -> bool:
+    if given == saved or str(given) == str(saved):
+        return True
+    try:
+        return float(given) == float(saved)
+    except (TypeError, ValueError):
+        return isinstance(given, str) and isinstance(saved, str) and Path(given).resolve() == Path(saved).resolve()
+
+
+def resumed(command: str, saved: dict, asked: dict, where: str) -> dict:
+    """The settings of a resumed run: those it saved (``where``: its run.json), with the ``asked``
+    ones (a YAML file's and the given values) that may change (``RESUMABLE``) or that the run left
+    to a rule (saved as None). DkdmError naming every other asked value that differs."""
+    kind = saved.get("command") or ("distill" if "teacher" in saved else "train")
+    if kind != command:
+        raise DkdmError(f"--resume: {where} is a `dkdm {kind}` run; continue it with `dkdm {kind} --out ... --resume`")
+    settings = {k: v for k, v in saved.items() if k not in RECORDED}
+    differ = []
+    for key, value in asked.items():
+        if key in RUN_DIRECTORY or key in RESUMABLE or settings.get(key) is None or key not in settings:
+            settings[key] = value
+        elif not _same(value, settings[key]):
+            differ.append(f"--{key.replace('_', '-')} {value} (saved {settings[key]})")
+    if differ:
+        changeable = ", ".join(f"--{k.replace('_', '-')}" for k in sorted(RESUMABLE))
+        raise DkdmError(f"--resume: these settings differ from the run ({where}): {'; '.join(differ)}. A resumed "
+                        f"run keeps its own settings and may change only {changeable}: drop the others, or start a "
+                        f"new run in another --out")
+    return settings

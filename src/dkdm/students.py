@@ -30,8 +30,9 @@ MAY_BE_ZERO = {"classes", "pos_grid"}
 #: as they were trained (a saved spec lacking the field gets this, not today's default).
 LEGACY = {"dit": {"pos_grid": 0}}
 SPEC_HELP = (
-    "(any type takes classes=K for K-class conditioning)  mlp[:width=256,depth=4]  |  unet[:widths=32-64,layers=1,attn=1,groups=8]  |  "
-    "dit[:patch=2,depth=4,width=128,heads=4,pos_grid=16]  |  adm[:num_channels=64,num_res_blocks=2,...] (guided-diffusion flags)"
+    "TYPE or TYPE:key=value,...: mlp:width=256,depth=4; unet:widths=32-64,layers=1,attn=1,groups=8; "
+    "dit:patch=2,depth=4,width=128,heads=4,pos_grid=16; adm:num_channels=64,num_res_blocks=2,... (guided-diffusion "
+    "flags); every type takes classes=K for K-class conditioning"
 )
 KINDS = (*DEFAULTS, "adm")
 
@@ -76,7 +77,7 @@ def parse_spec(spec) -> dict:
         raise DkdmError(f"model spec must name a type; specs look like {SPEC_HELP}")
     kind = spec["type"]
     if kind not in KINDS:
-        raise DkdmError(f"unknown model type {kind!r}; choose one of {', '.join(KINDS)} ({SPEC_HELP})")
+        raise DkdmError(f"unknown model type {kind!r}; choose one of {', '.join(KINDS)} (specs: {SPEC_HELP})")
     if kind == "adm":
         from .nets.adm import parse_flags
 

@@ -28,7 +28,8 @@ from .errors import DkdmError
 from .formats import save_model
 from .interrupts import Interrupted, catch_signals, restore_signals
 from .model import DiffusionModel
-from .objective import DEFAULT_VLB_WEIGHT, dkdm_loss
+from .objective import dkdm_loss
+from .settings import COMMON_DEFAULTS
 from .peers import PeerLost, describe_loss, is_peer_failure, roll_call
 from .runlock import check_free_space
 
@@ -51,19 +52,26 @@ def _first_nonfinite(batch, output) -> str:
     return "the loss alone is not finite (overflow)"
 
 
+_D = COMMON_DEFAULTS
+
+
 @dataclass
 class TrainConfig:
-    steps: int = 2000
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    ema_decay: float = 0.9999
-    grad_clip: float = 1.0
-    warmup: int = 0
-    mixed_precision: str = "no"
-    log_every: int = 50
-    ckpt_every: int = 500
-    keep_checkpoints: int = 2
-    vlb_weight: float = DEFAULT_VLB_WEIGHT
+    """The loop's settings, defaulting to the command line's (``settings.COMMON_DEFAULTS``). A
+    distillation's steps, batch, lr, warm-up, EMA and clipping follow from the student and the
+    problem instead (``defaults.distill_defaults``); ``dkdm.distill`` applies those rules."""
+
+    steps: int = _D["steps"]
+    lr: float = _D["lr"]
+    weight_decay: float = _D["weight_decay"]
+    ema_decay: float = _D["ema"]
+    grad_clip: float = _D["grad_clip"]
+    warmup: int = _D["warmup"]
+    mixed_precision: str = _D["mixed_precision"]
+    log_every: int = _D["log_every"]
+    ckpt_every: int = _D["ckpt_every"]
+    keep_checkpoints: int = _D["keep_checkpoints"]
+    vlb_weight: float = _D["vlb_weight"]
     compile: bool = False  # torch.compile the student's forward (the backward follows)
     channels_last: bool = False  # channels-last weights: faster convolutions on GPUs in reduced precision
     cuda_graphs: bool = False  # replay the student update (and a pool's teacher step) as CUDA graphs

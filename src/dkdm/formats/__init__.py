@@ -30,6 +30,10 @@ def load_model(directory, device="cpu", role: str = "model", net: nn.Module | No
     for a dkdm directory of a model built from a custom module."""
     text = str(directory)
     if Path(text).is_file():
+        if role == "model" and config is None:  # sample / evaluate take directories only
+            raise DkdmError(f"{text} is a file, not a model directory: --model takes a dkdm model directory, a "
+                            f"diffusers pipeline directory or Hub id, or builtin:NAME; an ADM checkpoint becomes one "
+                            f"with `dkdm convert --checkpoint FILE --config FLAGS --out DIR`")
         return load_checkpoint_file(directory, config, device, role)
     if config is not None:
         if not Path(text).exists() and not text.startswith("builtin:"):
