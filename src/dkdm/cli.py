@@ -80,6 +80,12 @@ def _common(p: argparse.ArgumentParser, training: bool) -> None:
                         "log.jsonl and training.png (default: off; --steps auto: a 20th of the fixed default budget)")
     p.add_argument("--monitor-num", type=int, help="samples drawn at each --eval-every evaluation (default 1000)")
     p.add_argument("--monitor-steps", type=int, help="sampling steps of each --eval-every evaluation (default 25)")
+    p.add_argument("--report-to", metavar="TRACKERS",
+                   help="experiment trackers: tensorboard, wandb, mlflow (several separated by commas), all or none; "
+                        "they get every log record, the --eval-every scores and sample grids (files in RUN/tracking)")
+    p.add_argument("--push-to-hub", metavar="REPO_ID",
+                   help="upload the finished run's model directory and its model card to this Hugging Face Hub repo "
+                        "(as `dkdm push`)")
     p.add_argument("--patience", type=int,
                    help="--steps auto: evaluations without a 1%% improvement of both scores before stopping (default 4)")
     p.add_argument("--max-steps", type=int,
@@ -179,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "--eval-every's data-set metrics (default: the one the teacher records); with "
                                         "--inception-weights an ADM reference batch or statistics (.npz) or a folder "
                                         "of images")
+    di.add_argument("--dry-run", action="store_true", default=None,
+                    help="load the teacher, build the student, check the settings and memory, print the plan and its "
+                         "cost, and stop before the pool is allocated (nothing is written)")
     di.add_argument("--inception-weights", help="local Inception weights (torch-fidelity's pt_inception file): "
                                                 "--eval-every and the report score FID, IS, precision and recall "
                                                 "against --reference")
@@ -207,6 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--batch", type=int, default=1024, help="samples drawn at once")
     sa.add_argument("--out", required=True, help="output file: .npz (arrays) or .png (image grid)")
 
+    pu = sub.add_parser("push", help="upload a model directory and its model card to the Hugging Face Hub")
+    pu.add_argument("directory", help="the model directory (a run's --out)")
+    pu.add_argument("repo_id", help="the Hub repo, USER/NAME or ORG/NAME (created if it does not exist)")
+    pu.add_argument("--private", action="store_true", help="create the repo private")
+
+    rp = sub.add_parser("report", help="redraw a run's training.png from its log, and write its model card if missing")
+    rp.add_argument("directory", help="the run directory")
+
     ev = sub.add_parser("evaluate", help="metrics of a model's samples against a reference, as JSON")
     _common(ev, False)
     ev.add_argument("--model", required=True, help="model directory")
@@ -220,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _show_defaults(tr, {**COMMON_DEFAULTS, **TRAIN_DEFAULTS}, per_data=DATA_DEFAULTS)
     _show_defaults(di, {**COMMON_DEFAULTS, **DISTILL_DEFAULTS}, ruled=DISTILL_RULED)
-    for p in (sy, co, sa, ev):
+    for p in (sy, co, sa, ev, pu, rp):
         _show_defaults(p, {"seed": 0})
     return ap
 
@@ -242,7 +259,7 @@ def _given(args) -> dict:
 
 def _finished(result) -> None:
     """The last log record as JSON on stdout, then the report's table (main process only)."""
-    if result is None:
+    if result is None or result["last"] is None:  # not the main process, or a dry run
         return
     last = result["last"]
     print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in last.items()}))
@@ -290,7 +307,20 @@ def cmd_evaluate(args) -> None:
                               args.inception_weights, not args.no_progress)))
 
 
-COMMANDS = {"train": cmd_train, "distill": cmd_distill, "synth": cmd_synth, "convert": cmd_convert, "sample": cmd_sample, "evaluate": cmd_evaluate}
+def cmd_push(args) -> None:
+    from .tools import push
+
+    print(push(args.directory, args.repo_id, args.private))
+
+
+def cmd_report(args) -> None:
+    from .tools import report
+
+    for path in report(args.directory):
+        print(path)
+
+
+COMMANDS = {"push": cmd_push, "report": cmd_report, "train": cmd_train, "distill": cmd_distill, "synth": cmd_synth, "convert": cmd_convert, "sample": cmd_sample, "evaluate": cmd_evaluate}
 
 
 def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:

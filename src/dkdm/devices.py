@@ -9,16 +9,32 @@ from accelerate import Accelerator
 from .errors import DkdmError
 
 
-def make_accelerator(mixed_precision: str = "no") -> Accelerator:
+def make_accelerator(mixed_precision: str = "no", log_with=None, logging_dir=None) -> Accelerator:
     """accelerate's Accelerator; without CUDA it uses the CPU, and under torchrun / accelerate
     launch several CPU processes train together over gloo. On CUDA, cuDNN autotunes its
-    convolution algorithms (every step has the same shapes, so the first step's search pays off)."""
+    convolution algorithms (every step has the same shapes, so the first step's search pays off).
+    ``log_with``: the experiment trackers (``tracking.parse``), writing under ``logging_dir``."""
     if torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
     elif mixed_precision == "fp16":
         raise DkdmError("--mixed-precision fp16 needs a CUDA device; on a CPU it would silently train in float32 "
                         "(use bf16, which CPUs run under autocast, or drop the flag)")
-    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+    project = None
+    if log_with:
+        from accelerate.utils import ProjectConfiguration
+
+        project = ProjectConfiguration(project_dir=str(logging_dir), logging_dir=str(logging_dir))
+    kwargs = dict(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(),
+                  log_with=list(log_with) if log_with else None, project_config=project)
+    try:
+        return Accelerator(**kwargs)
+    except ValueError as e:  # an earlier run in this process (Python API) chose another precision
+        if "already been initialized" not in str(e):
+            raise
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()  # the process group (PartialState) stays
+        return Accelerator(**kwargs)
 
 
 def available_memory(device: torch.device) -> int | None:

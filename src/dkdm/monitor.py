@@ -145,8 +145,10 @@ class Monitor:
 
     def __init__(self, student: DiffusionModel, out, config: MonitorConfig, last_step: int, teacher=None, pool=None,
                  reference: str | None = None, vlb_weight: float = 1.0, guidance: float = 1.0, device="cpu",
-                 progress: bool = True):
+                 progress: bool = True, accelerator=None):
+        """``accelerator``: its experiment trackers get each evaluation and a grid of its samples."""
         config.validate()
+        self.accelerator = accelerator
         self.cfg = config
         self.every = config.every
         self.out = Path(out)
@@ -265,6 +267,11 @@ class Monitor:
         self.last = record
         with open(self.out / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.accelerator is not None:
+            from .tracking import log_record, log_samples
+
+            log_record(self.accelerator, record)
+            log_samples(self.accelerator, self.model.decode(self._samples), step)
         reason = self.rule.update(step, record) if self.rule else None
         if self.rule and reason is None and step >= self.last_step:
             reason = f"reached the maximum of {self.last_step} steps before a plateau"
@@ -285,6 +292,7 @@ class Monitor:
         # the teacher reference's seed: the same noise, and for a student of the teacher's classes the same labels
         g = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
         samples, labels = self.model.sample(self.cfg.num, self.steps, g, return_labels=True)
+        self._samples = samples
         if self.stats is not None:
             rec["teacher_fd"] = data_free_score(self.teacher, samples, self.stats)
             rec["teacher_fd_floor"] = self.floor
@@ -319,11 +327,22 @@ class Monitor:
 
     def plot(self) -> None:
         """Redraw training.png from log.jsonl (after each evaluation, and once the run has ended)."""
-        from .plots import plot_log
+        plot_run(self.out, self.stop_step)
 
-        records = read_log(self.out / "log.jsonl")
-        metric = next((headline(r) for r in records if r.get("kind") == "eval" and headline(r)), None)
-        plot_log(records, self.out / PLOT_FILE, metric, self.stop_step)
+
+def plot_run(out, stop_step: int | None = None) -> Path | None:
+    """RUN/training.png from RUN/log.jsonl (the step --steps auto stopped at: ``stop_step``, or
+    stop.json's); None when the run has logged nothing yet."""
+    from .plots import plot_log
+
+    out = Path(out)
+    records = read_log(out / "log.jsonl") if (out / "log.jsonl").is_file() else []
+    if not records:
+        return None
+    if stop_step is None and (out / STOP_FILE).is_file():
+        stop_step = json.loads((out / STOP_FILE).read_text()).get("step")
+    metric = next((headline(r) for r in records if r.get("kind") == "eval" and headline(r)), None)
+    return plot_log(records, out / PLOT_FILE, metric, stop_step)
 
 
 def _copy_net(net: torch.nn.Module) -> torch.nn.Module:

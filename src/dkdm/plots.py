@@ -22,7 +22,8 @@ def plot_log(records: list[dict], path, metric: str | None = None, stop_step: in
     held-out error by quarter of t, the data-free score and the run's ``metric``, against steps."""
     train = [r for r in records if r.get("kind") != "eval" and "loss" in r]
     evals = [r for r in records if r.get("kind") == "eval"]
-    panels = [p for p, has in (("loss", bool(train)), ("heldout", any("heldout_mse" in r for r in evals)),
+    panels = [p for p, has in (("loss", bool(train)), ("quarters", any("mse_q0" in r for r in train)),
+                               ("heldout", any("heldout_mse" in r for r in evals)),
                                ("teacher_fd", any("teacher_fd" in r for r in evals)), ("metric", any(metric in r for r in evals))) if has]
     fig, axes = _figure(max(1, len(panels)))
 
@@ -36,6 +37,10 @@ def plot_log(records: list[dict], path, metric: str | None = None, stop_step: in
             for key in ("loss", "mse", "vb"):
                 curve(ax, train, key)
             ax.set_title("training loss (batches)")
+        elif panel == "quarters":
+            for i in range(4):
+                curve(ax, train, f"mse_q{i}", f"t quarter {i}")
+            ax.set_title("training epsilon error by quarter of t")
         elif panel == "heldout":
             curve(ax, evals, "heldout_mse", "all t", color="black", marker=".")
             for i in range(4):
@@ -54,7 +59,7 @@ def plot_log(records: list[dict], path, metric: str | None = None, stop_step: in
         ax.set_xlabel("step")
         if all(y > 0 for line in ax.get_lines() for y in line.get_ydata()):
             ax.set_yscale("log")
-        if panel in ("loss", "heldout"):
+        if panel in ("loss", "quarters", "heldout"):
             ax.legend(fontsize=7)
         if stop_step is not None:
             ax.axvline(stop_step, color="red", linestyle="--", linewidth=1)

@@ -57,7 +57,7 @@ def train(config=None, progress: bool = True, **settings) -> dict | None:
         s["model"], dataset.sample_shape, schedule, variance=s["variance"], prediction=s["prediction"],
         clip_x0=dataset.clip_x0, extra={"data": reference, **({"trained_on": dataset.name} if dataset.name != reference else {})},
     )
-    acc = make_accelerator(cfg.mixed_precision)
+    acc = make_accelerator(cfg.mixed_precision, *_trackers(s))
     classes = getattr(dataset, "num_classes", 0)
     if model.num_classes and model.num_classes != classes:
         raise DkdmError(f"the model conditions on {model.num_classes} classes but {dataset.name} has "
@@ -93,7 +93,8 @@ def distill(config=None, progress: bool = True, **settings) -> dict | None:
 
     config, settings = _saved("distill", config, settings)
     s = merge([COMMON_DEFAULTS, DISTILL_DEFAULTS, DISTILL_RULED, RUN_DIRECTORY], config, settings)
-    acc = make_accelerator(s["mixed_precision"])
+    s["out"] = s["out"] or _default_out("distill")
+    acc = make_accelerator(s["mixed_precision"], *_trackers(s))
     teacher = load_model(s["teacher"], device=acc.device, role="teacher", config=s["teacher_config"])
     teacher.requires_grad_(False)
     teacher.set_inference_dtype(s["teacher_dtype"])
@@ -101,7 +102,6 @@ def distill(config=None, progress: bool = True, **settings) -> dict | None:
         teacher.net.to(memory_format=torch.channels_last)
     if s["compile"]:
         teacher.net = torch.compile(teacher.net)
-    s["out"] = s["out"] or _default_out("distill")
     reference, data_name = _distill_reference(s, teacher, acc.device)
     teacher_ref = teacher_reference(s["teacher"])
     if s["student_steps"] is not None:
@@ -131,6 +131,37 @@ def distill(config=None, progress: bool = True, **settings) -> dict | None:
         raise DkdmError(f"--prep-ckpt-every must be >= 0 seconds, got {s['prep_ckpt_every']}")
     prep = preparation_cost(s["pool"], size, T, s["prep"], int(s["prep_steps"]))
     _check_pool_fits(mem, size, teacher.sample_shape, s, acc.device)
+
+    def announce():
+        """The student, the rules' settings and the pool's size and cost, before any is spent."""
+        n = acc.num_processes
+        print(f"student: {format_spec(student.spec)}, {count_parameters(student.net):,} parameters (teacher: "
+              f"{count_parameters(teacher.net):,}){'' if s['student'] else '; --student SPEC picks another'}",
+              file=sys.stderr)
+        if ruled:
+            print(f"defaults: {describe(ruled)}", file=sys.stderr)
+        if reference is None and teacher.decoder is None:
+            from .data import builtin_names_of_shape
+
+            names = builtin_names_of_shape(teacher.sample_shape)
+            if names:
+                print(f"the teacher records no data set, so the report has the data-free score only; its samples "
+                      f"have the shape of {' / '.join(names)}: --reference NAME adds that data set's metrics",
+                      file=sys.stderr)
+        print(
+            f"pool: {s['pool']}, {size} entries x {list(teacher.sample_shape)} {s['pool_dtype']} = {mem / 2**20:.1f} MiB; "
+            f"{s['prep']} preparation ~{prep:,} teacher sample-steps; training {'up to ' * (s['steps'] == 'auto')}"
+            f"{cfg.steps:,} steps, {cfg.steps * int(s['batch']):,} teacher sample-forwards"
+            + (f" (each of {n} processes: its own pool shard and batches)" if n > 1 else ""),
+            file=sys.stderr,
+        )
+
+    if s["dry_run"]:  # the plan, and no pool allocated, nothing written
+        if acc.is_main_process:
+            announce()
+            print("dry run: stopped before preparing the pool", file=sys.stderr)
+        return {"out": out, "last": None, "stop_reason": "dry run", "report": None}
+
     pool = KnowledgePool(teacher, int(s["batch"]), s["pool"], float(s["rho"]), s["pool_dtype"],
                          seed=_rank_seed(s, acc), device=acc.device, preparation=s["prep"], prep_steps=int(s["prep_steps"]),
                          guidance=float(s["guidance"]))
@@ -148,26 +179,7 @@ def distill(config=None, progress: bool = True, **settings) -> dict | None:
                                        every_s=float(s["prep_ckpt_every"]), stop=stop)
         state = saver.latest(warn=lambda m: print(m, file=sys.stderr)) if resume else None
         if acc.is_main_process:
-            print(f"student: {format_spec(student.spec)}, {count_parameters(student.net):,} parameters (teacher: "
-                  f"{count_parameters(teacher.net):,}){'' if s['student'] else '; --student SPEC picks another'}",
-                  file=sys.stderr)
-            if ruled:
-                print(f"defaults: {describe(ruled)}", file=sys.stderr)
-            if reference is None and teacher.decoder is None:
-                from .data import builtin_names_of_shape
-
-                names = builtin_names_of_shape(teacher.sample_shape)
-                if names:
-                    print(f"the teacher records no data set, so the report has the data-free score only; its samples "
-                          f"have the shape of {' / '.join(names)}: --reference NAME adds that data set's metrics",
-                          file=sys.stderr)
-            print(
-                f"pool: {s['pool']}, {size} entries x {list(teacher.sample_shape)} {s['pool_dtype']} = {mem / 2**20:.1f} MiB; "
-                f"{s['prep']} preparation ~{prep:,} teacher sample-steps; training {'up to ' * (s['steps'] == 'auto')}"
-                f"{cfg.steps * int(s['batch']):,} teacher "
-                f"sample-forwards" + (f" (each of {n} processes: its own pool shard and batches)" if n > 1 else ""),
-                file=sys.stderr,
-            )
+            announce()
             if state is not None:
                 print(f"resuming the pool preparation: {int(state['prep_done']):,} of {size:,} entries were prepared",
                       file=sys.stderr)
@@ -282,6 +294,18 @@ def _distill_reference(s: dict, teacher, device):
     return data_name, data_name
 
 
+def _trackers(s: dict) -> tuple[list[str], Path | None]:
+    """--report-to's trackers (checked before anything is loaded, as --push-to-hub's repo id) and
+    where their files go."""
+    from .tracking import TRACKING_DIR, parse
+
+    if s.get("push_to_hub"):
+        from .formats.hub import check_repo_id
+
+        check_repo_id(s["push_to_hub"])
+    return parse(s["report_to"]), Path(s["out"]) / TRACKING_DIR if s.get("out") else None
+
+
 def _default_out(command: str) -> str:
     import time
 
@@ -371,6 +395,7 @@ def _monitor(config, trainer, teacher=None, pool=None, reference=None, guidance:
     from .monitor import Monitor
 
     return Monitor(trainer.student, trainer.out, config, trainer.cfg.steps, teacher=teacher, pool=pool,
+                   accelerator=trainer.accelerator,
                    reference=reference, vlb_weight=trainer.cfg.vlb_weight, guidance=guidance,
                    device=trainer.accelerator.device, progress=progress)
 
@@ -447,12 +472,20 @@ def _run_locked(trainer, s: dict, out: Path, progress: bool, prepare=None, teach
             drop_preparation(out)
     if monitor is not None:
         trainer.callbacks.append(monitor)
-    last = trainer.train()
+    from .tracking import finish, start
+
+    start(acc, s)
+    try:
+        last = trainer.train()
+    finally:
+        finish(acc)
     if not main:
         return None
+    from .formats.hub import push, write_model_card
+    from .monitor import plot_run
+
     result = {"out": out, "last": last, "stop_reason": trainer.stop_reason, "report": None}
-    if monitor is not None:
-        monitor.plot()  # with the last loss line
+    plot_run(out, monitor.stop_step if monitor is not None else None)  # every run's curves, the last line included
     if trainer.stop_reason:
         print(f"stopped at step {trainer.step}: {trainer.stop_reason}", file=sys.stderr)
     reference = reference if reference is not None else trainer.student.extra.get("data")
@@ -464,8 +497,13 @@ def _run_locked(trainer, s: dict, out: Path, progress: bool, prepare=None, teach
                             num=s["eval_num"], steps=s["eval_steps"], guidance=float(s.get("guidance") or 1.0),
                             heldout=heldout)
         result["report"] = rows
-        written = [f for f in ("metrics.json", "samples.png", "training.png", "stop.json") if (out / f).exists()]
-        print(f"run directory: {out} ({', '.join(written)})", file=sys.stderr)
+    from .students import count_parameters
+
+    write_model_card(out, count_parameters(teacher.net) if teacher is not None else None)
+    written = [f for f in ("metrics.json", "samples.png", "training.png", "stop.json", "README.md") if (out / f).exists()]
+    print(f"run directory: {out} ({', '.join(written)})", file=sys.stderr)
+    if s.get("push_to_hub"):
+        print(f"pushed to {push(out, s['push_to_hub'])}", file=sys.stderr)
     return result
 
 

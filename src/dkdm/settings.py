@@ -28,13 +28,14 @@ COMMON_DEFAULTS = {
     "keep_checkpoints": 2, "vlb_weight": 1.0, "no_report": False,
     "eval_num": None, "eval_steps": None, "compile": False, "channels_last": False, "cuda_graphs": False,
     "eval_every": None, "monitor_num": 1000, "monitor_steps": None, "patience": None, "max_steps": None,
+    "report_to": None, "push_to_hub": None,
 }
 TRAIN_DEFAULTS = {"data": "toy2d", "real_fraction": None, "synthetic": None, "model": None, "schedule": "cosine", "diffusion_steps": 1000,
                   "variance": "learned_range", "prediction": "epsilon"}
 DISTILL_DEFAULTS = {"teacher": "builtin:digits", "teacher_config": None, "student": None, "student_steps": None, "guidance": 1.0, "teacher_dtype": "float32", "pool": "dynamic", "rho": 0.4,
                     "pool_dtype": "float32", "prep_batch": None, "prep": "auto", "prep_steps": None, "prep_ckpt_every": 300.0,
                     "variance": "learned_range", "heldout": 512, "reference": None,
-                    "inception_weights": None}
+                    "inception_weights": None, "dry_run": False}
 RUN_DIRECTORY = {"out": None, "resume": False}
 #: What RUN/run.json records beside the settings (ignored where run.json is read as a --config).
 RECORDED = ("command", "processes")
@@ -42,7 +43,7 @@ RECORDED = ("command", "processes")
 #: runs; not what it learns from or how (those stay as RUN/run.json saved them).
 RESUMABLE = {"steps", "max_steps", "patience", "log_every", "ckpt_every", "keep_checkpoints", "no_report",
              "eval_num", "eval_steps", "eval_every", "prep_batch", "prep_ckpt_every", "compile", "channels_last",
-             "cuda_graphs"}
+             "cuda_graphs", "report_to", "push_to_hub"}
 
 
 def read_config(path) -> dict:

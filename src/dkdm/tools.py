@@ -166,3 +166,25 @@ def _reference_for(model_dir, given):
     if cfg.get("data"):
         return cfg["data"]
     raise DkdmError(f"{model_dir} does not record its data set; pass --reference NAME")
+
+
+def push(directory, repo_id: str, private: bool = False) -> str:
+    """``dkdm push``: a model directory and its card to the Hub repo ``repo_id``; returns its URL."""
+    from .formats.hub import push as upload
+
+    return upload(directory, repo_id, private=private)
+
+
+def report(directory) -> list[Path]:
+    """``dkdm report``: redraw a run's training.png from its log.jsonl, and write its model card
+    (README.md) where it has none; returns the files written."""
+    from .formats.hub import CARD, write_model_card
+    from .monitor import plot_run
+
+    d = Path(directory)
+    if not (d / "log.jsonl").is_file() and not (d / "dkdm_model.json").is_file():
+        raise DkdmError(f"{d} is not a run directory (no log.jsonl or dkdm_model.json)")
+    written = [p for p in [plot_run(d)] if p is not None]
+    if (d / "dkdm_model.json").is_file() and not (d / CARD).is_file():
+        written.append(write_model_card(d))
+    return written

@@ -30,6 +30,7 @@ from .interrupts import Interrupted, catch_signals, restore_signals
 from .model import DiffusionModel
 from .objective import dkdm_loss
 from .settings import COMMON_DEFAULTS
+from .tracking import log_record
 from .peers import PeerLost, describe_loss, is_peer_failure, roll_call
 from .runlock import check_free_space
 
@@ -251,6 +252,7 @@ class Trainer:
     def _log(self, record: dict) -> None:
         with open(self.log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        log_record(self.accelerator, record)
 
     def train(self) -> dict:
         """Run to ``config.steps``; returns the last logged record. Saves the EMA model at the end.

@@ -1,0 +1,169 @@
+"""The Hugging Face Hub: a model directory's card (README.md, in the Hub's format) and its upload.
+
+The card is written at the end of every run from what the directory holds (its settings, model
+config, metrics and samples), so ``dkdm push`` uploads a directory that explains itself. The upload
+goes through huggingface_hub; nothing here runs at import time or without being asked.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import DkdmError
+
+CARD = "README.md"
+#: Never uploaded: training state (large, and only for --resume) and the run lock.
+PRIVATE = ["checkpoints/*", "preparation/*", ".lock", "*.tmp", "*.tmp.png"]
+TAGS = ["dkdm", "data-free-distillation", "knowledge-distillation", "diffusion"]
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _parameters(d: Path) -> int | None:
+    """Parameters in the directory's weights (the diffusers pipeline's network, or model.safetensors)."""
+    from safetensors import safe_open
+
+    files = sorted(d.glob("unet/*.safetensors")) or sorted(d.glob("transformer/*.safetensors")) or \
+        sorted(d.glob("model.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for f in files:
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                total += _numel(st.get_slice(k).get_shape())
+    return total
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _command(run: dict) -> str:
+    """The run as a command line: every setting it saved that is set (the rules' values included)."""
+    from ..settings import RECORDED
+
+    kind = run.get("command", "distill" if "teacher" in run else "train")
+    parts = [f"dkdm {kind}"]
+    for k, v in run.items():
+        if k in RECORDED or k == "resume" or v is None or v is False:
+            continue
+        flag = "--" + k.replace("_", "-")
+        parts.append(flag if v is True else f"{flag} {v}")
+    return " ".join(parts)
+
+
+def _metric_rows(metrics: dict) -> list[str]:
+    rows = []
+    for name, m in metrics.items():
+        if not isinstance(m, dict):
+            continue
+        values = ", ".join(f"{k} {v:.4g}" for k, v in m.items() if isinstance(v, float))
+        if values:
+            count = f" ({m['num_samples']:,} samples, {m['sampling_steps']} steps)" if "num_samples" in m else ""
+            rows.append(f"| {name} | {values}{count} |")
+    return rows
+
+
+def model_card(directory, repo_id: str | None = None, teacher_parameters: int | None = None) -> str:
+    """The card of a model directory (a string): YAML front matter the Hub reads, then the facts."""
+    d = Path(directory)
+    run, config, metrics = _read(d / "run.json"), _read(d / "dkdm_model.json"), _read(d / "metrics.json")
+    pipeline = _read(d / "model_index.json").get("_class_name")
+    teacher = run.get("teacher") or config.get("extra", {}).get("teacher")
+    from .pipelines import looks_like_hub_id
+
+    shape = config.get("sample_shape") or []
+    front = ["---", f"library_name: {'diffusers' if pipeline else 'dkdm'}",
+             f"pipeline_tag: {'unconditional-image-generation' if len(shape) == 3 else 'other'}",
+             "tags:", *(f"- {t}" for t in TAGS)]
+    if teacher and looks_like_hub_id(str(teacher)):
+        front.append(f"base_model: {teacher}")
+    front += ["---", ""]
+    name = repo_id or d.name
+    student = _parameters(d)
+    lines = [f"# {name}", ""]
+    if run.get("command", "distill" if teacher else "train") == "distill" and teacher:
+        lines += [f"A diffusion model distilled data-free from the teacher `{teacher}` with "
+                  f"[dkdm](https://arxiv.org/abs/2409.03550) (DKDM): the teacher's denoising steps were its only "
+                  f"training data.", ""]
+    else:
+        lines += ["A diffusion model trained with dkdm.", ""]
+    spec = config.get("spec", {})
+    facts = [f"- architecture: `{spec.get('type', '?')}` " + ", ".join(f"{k}={v}" for k, v in spec.items() if k != "type"),
+             f"- samples: {shape}, {config.get('schedule', {}).get('num_steps', '?')} diffusion steps, predicts "
+             f"{config.get('prediction', '?')}, variance {config.get('variance', '?')}"]
+    if student:
+        facts.append(f"- parameters: {student:,}" + (f" (teacher: {teacher_parameters:,}, "
+                                                     f"{student / teacher_parameters:.2f}x)" if teacher_parameters else ""))
+    lines += facts + [""]
+    rows = _metric_rows(metrics)
+    if rows:
+        lines += ["## Metrics", "", "| model | metrics |", "|---|---|", *rows, ""]
+    if (d / "samples.png").is_file():
+        lines += ["## Samples", "", "![samples](samples.png)", ""]
+        if teacher:
+            lines += ["Teacher and student, drawn from the same noise.", ""]
+    lines += ["## Use", "", "```python"]
+    if pipeline:
+        lines += [f"from diffusers import {pipeline}", "", f'pipe = {pipeline}.from_pretrained("{name}")',
+                  "images = pipe(batch_size=16).images"]
+    else:
+        lines += ["from dkdm.formats import load_model", "", f'model = load_model("{name}")',
+                  "samples = model.sample(16)"]
+    lines += ["```", ""]
+    if run:
+        lines += ["## How it was made", "", "```bash", _command(run), "```", ""]
+    return "\n".join(front + lines)
+
+
+def write_model_card(directory, teacher_parameters: int | None = None) -> Path:
+    path = Path(directory) / CARD
+    tmp = path.with_name(CARD + ".tmp")
+    tmp.write_text(model_card(directory, teacher_parameters=teacher_parameters))
+    tmp.replace(path)
+    return path
+
+
+def check_repo_id(repo_id: str) -> None:
+    """DkdmError unless ``repo_id`` has the Hub's USER/NAME form (checked before a run, not after it)."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", str(repo_id)):
+        raise DkdmError(f"repo id {repo_id!r} must look like USER/NAME or ORG/NAME")
+
+
+def push(directory, repo_id: str, private: bool = False, token: str | None = None, api=None) -> str:
+    """Upload a model directory (its card first written where it has none) to the Hub repo
+    ``repo_id``; returns the repo's URL. ``api``: a stand-in for ``huggingface_hub.HfApi`` (tests)."""
+    d = Path(directory)
+    if not (d / "dkdm_model.json").is_file() and not (d / "model_index.json").is_file():
+        raise DkdmError(f"{d} is not a model directory (no dkdm_model.json or model_index.json): push the --out of a run")
+    check_repo_id(repo_id)
+    if not (d / CARD).is_file():
+        write_model_card(d)
+    if api is None:
+        try:
+            from huggingface_hub import HfApi
+        except ImportError:
+            raise DkdmError("pushing needs huggingface_hub: pip install huggingface_hub")
+        api = HfApi(token=token)
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(folder_path=str(d), repo_id=repo_id, ignore_patterns=PRIVATE,
+                          commit_message="dkdm push")
+    except Exception as e:  # huggingface_hub's errors: offline, no token, no permission, HTTP
+        reason = " ".join(str(e).split())[:300].rstrip(".") or e.__class__.__name__
+        raise DkdmError(f"cannot push {d} to {repo_id}: {e.__class__.__name__}: {reason}. Log in with `hf auth login` "
+                        f"or set HF_TOKEN, check the network (HF_HUB_OFFLINE must be unset), then run "
+                        f"`dkdm push {d} {repo_id}` again")
+    return str(url)
