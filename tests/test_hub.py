@@ -93,3 +93,17 @@ def test_report_redraws_a_runs_curves(run, capsys):
     assert main(["report", str(run)]) == 0
     assert capsys.readouterr().out.split() == [str(run / "training.png")]
     assert (run / "training.png").stat().st_size > 1000
+
+
+def test_push_to_hub_uploads_the_finished_run_with_its_card(run, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    api = StandIn()
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda token=None: api)
+    out = tmp_path / "pushed"
+    assert main(["distill", "--teacher", str(run.parent / "teacher"), "--student", "unet:widths=8-16,layers=1,groups=4",
+                 "--batch", "8", "--rho", "0.5", "--steps", "2", "--no-report", "--no-progress",
+                 "--push-to-hub", "someone/pushed", "--out", str(out)]) == 0
+    assert "pushed to https://huggingface.co/someone/pushed" in capsys.readouterr().err
+    assert api.calls[0][:2] == ("create_repo", "someone/pushed") and "README.md" in api.calls[1][2]
+    assert "--push-to-hub someone/pushed" in (out / "README.md").read_text()  # the command that made it
