@@ -165,9 +165,9 @@ def test_plain_keyboard_interrupt_says_interrupted(monkeypatch, capsys):
 
 def test_the_cost_is_estimated_after_the_first_chunks_and_a_long_preparation_said_plainly(teacher, tmp_path, capsys,
                                                                                           monkeypatch):
-    import dkdm.runs
+    import dkdm.costs
 
-    monkeypatch.setattr(dkdm.runs, "LONG_PREPARATION_S", 0.0)
+    monkeypatch.setattr(dkdm.costs, "LONG_PREPARATION_S", 0.0)
     assert main(["distill", "--teacher", str(teacher), *SMALL, "--steps", "4", "--prep", "exact", "--prep-batch", "16",
                  "--out", str(tmp_path / "run")]) == 0
     err = capsys.readouterr().err

@@ -82,6 +82,7 @@ def distill(config=None, progress: bool = True, **settings) -> dict | None:
     import torch
     from tqdm.auto import tqdm
 
+    from .costs import Estimate, check_pool_fits
     from .defaults import describe, distill_defaults, step_budget
     from .formats import load_model
     from .model import DiffusionModel
@@ -130,7 +131,7 @@ def distill(config=None, progress: bool = True, **settings) -> dict | None:
     if not float(s["prep_ckpt_every"]) >= 0:
         raise DkdmError(f"--prep-ckpt-every must be >= 0 seconds, got {s['prep_ckpt_every']}")
     prep = preparation_cost(s["pool"], size, T, s["prep"], int(s["prep_steps"]))
-    _check_pool_fits(mem, size, teacher.sample_shape, s, acc.device)
+    check_pool_fits(mem, size, teacher.sample_shape, s, acc.device)
 
     def announce():
         """The student, the rules' settings and the pool's size and cost, before any is spent."""
@@ -183,7 +184,7 @@ def distill(config=None, progress: bool = True, **settings) -> dict | None:
             if state is not None:
                 print(f"resuming the pool preparation: {int(state['prep_done']):,} of {size:,} entries were prepared",
                       file=sys.stderr)
-        estimate = _Estimate(prep, cfg.steps * int(s["batch"]), acc.is_main_process)
+        estimate = Estimate(prep, cfg.steps * int(s["batch"]), acc.is_main_process)
         previous = catch_signals(stop)  # Ctrl-C: save after the chunk in flight, then stop
         try:
             with tqdm(total=prep, desc="pool", unit="step", unit_scale=True,
@@ -197,60 +198,6 @@ def distill(config=None, progress: bool = True, **settings) -> dict | None:
 
     monitor = _monitor(watch, trainer, teacher, pool, reference, float(s["guidance"]), progress=progress)
     return _run(trainer, s, out, progress, prepare, teacher=teacher, monitor=monitor, reference=reference)
-
-
-#: A preparation estimated to take longer than this is announced as such before it goes on.
-LONG_PREPARATION_S = 3600.0
-
-
-class _Estimate:
-    """After the first chunk of the pool's preparation: how long the rest and the training's
-    teacher forwards take at the rate measured, said plainly when the preparation is long."""
-
-    def __init__(self, prep_steps: int, train_forwards: int, main: bool):
-        import time
-
-        self.prep_steps, self.train_forwards, self.main = prep_steps, train_forwards, main
-        self.start, self.done_before, self.said = time.monotonic(), None, False
-
-    def __call__(self, prep_calls: int) -> None:
-        import time
-
-        if self.done_before is None:  # a resumed preparation counts from where it starts
-            self.done_before, self.start = prep_calls, time.monotonic()
-            return
-        if self.said or not self.main or prep_calls <= self.done_before:
-            return
-        self.said = True
-        rate = (prep_calls - self.done_before) / max(time.monotonic() - self.start, 1e-9)
-        left = (self.prep_steps - prep_calls) / rate
-        print(f"estimate: the pool's preparation {_duration(left)} more, training at least "
-              f"{_duration(self.train_forwards / rate)} (its teacher forwards alone), at {rate:,.0f} teacher "
-              f"sample-steps/s measured", file=sys.stderr)
-        if left > LONG_PREPARATION_S:
-            print(f"warning: preparing the pool takes about {_duration(left)} on this machine; a smaller --batch or "
-                  f"--rho shrinks the pool (round(rho x T) x batch entries) and --prep-steps cuts the steps per entry "
-                  f"(Ctrl-C saves the preparation; --resume continues it)", file=sys.stderr)
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
-
-
-def _check_pool_fits(mem: int, size: int, shape, s: dict, device) -> None:
-    """Refuse a pool that cannot fit in the memory this device has free (per process), with the fix."""
-    import os
-
-    from .devices import available_memory
-
-    free = available_memory(device)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if device.type == "cpu" else 1
-    if free is None or mem * local <= 0.8 * free:
-        return
-    raise DkdmError(f"the pool needs {mem * local / 2**30:,.1f} GiB ({size:,} entries x {list(shape)} "
-                    f"{s['pool_dtype']}{f' in each of {local} processes' if local > 1 else ''}) but this {device.type} "
-                    f"has {free / 2**30:,.1f} GiB free: a smaller --batch ({s['batch']}) or --rho ({s['rho']}) shrinks it "
-                    f"(round(rho x T) x batch entries), --pool-dtype bfloat16 halves it")
 
 
 def _saved(command: str, config, settings: dict):
