@@ -69,5 +69,8 @@ def log_samples(accelerator, images, step: int, num: int = 64) -> None:
 
 
 def finish(accelerator) -> None:
-    if accelerator.trackers:
-        accelerator.end_training()
+    """Close the trackers (their files flushed). Not ``end_training``: that also tears down the
+    process group, which the report and a Python caller's next run may still need."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    accelerator.trackers = []
