@@ -157,15 +157,22 @@ def test_soak_ten_kills_at_random_moments_end_bit_identical(tmp_path, teacher):
     """SIGKILL at 10 random moments of one distillation (preparation, training, checkpoint writing,
     the final save), resumed each time: the result is the uninterrupted run's, bit for bit."""
     args = lambda *extra: prep_argv(teacher, tmp_path / "b", "--ckpt-every", "20", *extra, steps=400)  # noqa: E731
-    t0 = time.time()
-    assert run_cli(prep_argv(teacher, tmp_path / "a", "--ckpt-every", "20", steps=400)) == 0
+    t0, prepared = time.time(), None
+    proc = spawn(prep_argv(teacher, tmp_path / "a", "--ckpt-every", "20", steps=400))
+    while proc.poll() is None:  # when training's first checkpoint appears: the preparation is over
+        if prepared is None and (tmp_path / "a" / "checkpoints").is_dir():
+            prepared = time.time() - t0
+        time.sleep(0.02)
+    assert proc.returncode == 0 and prepared is not None, proc.stderr.read()
     whole = time.time() - t0
     rng, phases = random.Random(0), []
     while len(phases) < 10:
         out = tmp_path / "b"
-        resume = (out / "checkpoints").is_dir() or (out / "preparation").is_dir()
+        resume = (out / "checkpoints").is_dir() or (out / "preparation").is_dir() or (out / "run.json").is_file()
         proc = spawn(args(*(["--resume"] if resume else [])))
-        time.sleep(rng.uniform(0.5, whole))
+        # the first kill falls in the preparation, the others anywhere in what a resumed run has left (its
+        # start-up, training, checkpoints, the final save and report), up to the end
+        time.sleep(rng.uniform(0.5, prepared if not phases else whole - prepared + 2.0))
         if proc.poll() is not None:  # finished before the kill
             assert proc.returncode == 0, proc.stderr.read()
             break
