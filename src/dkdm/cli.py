@@ -72,7 +72,7 @@ def _common(p: argparse.ArgumentParser, training: bool) -> None:
                    help="replay each student update (in distill also the pool's teacher step) as a CUDA graph: one "
                         "launch instead of hundreds (needs a CUDA device; not with --compile, fp16 or several processes)")
     p.add_argument("--no-report", action="store_true", default=None,
-                   help="skip the final samples / metrics report")
+                   help="skip the final samples / metrics report and training.png (the model card is written)")
     p.add_argument("--eval-num", type=int, help="samples for the final report (default: per data set)")
     p.add_argument("--eval-steps", type=int, help="sampling steps for the final report (default: per data set)")
     p.add_argument("--eval-every", type=int,

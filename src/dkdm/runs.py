@@ -432,7 +432,8 @@ def _run_locked(trainer, s: dict, out: Path, progress: bool, prepare=None, teach
     from .monitor import plot_run
 
     result = {"out": out, "last": last, "stop_reason": trainer.stop_reason, "report": None}
-    plot_run(out, monitor.stop_step if monitor is not None else None)  # every run's curves, the last line included
+    if monitor is not None or not s.get("no_report"):  # the curves, the last line included (dkdm report redraws)
+        plot_run(out, monitor.stop_step if monitor is not None else None)
     if trainer.stop_reason:
         print(f"stopped at step {trainer.step}: {trainer.stop_reason}", file=sys.stderr)
     reference = reference if reference is not None else trainer.student.extra.get("data")
