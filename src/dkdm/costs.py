@@ -53,10 +53,11 @@ def check_pool_fits(mem: int, size: int, shape, s: dict, device) -> None:
     from .devices import available_memory
 
     free = available_memory(device)
+    where = "GPU" if device.type == "cuda" else "machine"
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if device.type == "cpu" else 1
     if free is None or mem * local <= 0.8 * free:
         return
     raise DkdmError(f"the pool needs {mem * local / 2**30:,.1f} GiB ({size:,} entries x {list(shape)} "
-                    f"{s['pool_dtype']}{f' in each of {local} processes' if local > 1 else ''}) but this {device.type} "
+                    f"{s['pool_dtype']}{f' in each of {local} processes' if local > 1 else ''}) but this {where} "
                     f"has {free / 2**30:,.1f} GiB free: a smaller --batch ({s['batch']}) or --rho ({s['rho']}) shrinks it "
                     f"(round(rho x T) x batch entries), --pool-dtype bfloat16 halves it")
