@@ -207,8 +207,11 @@ class PreparationCheckpoints:
             self.interrupt(state)
         if now - self._last < self.every_s:
             return
-        save_checkpoint(self.root, int(state["prep_done"]), flatten("pool", state), {"run": self.meta}, keep=1)
+        self._save(state)
         self._last = time.monotonic()
+
+    def _save(self, state: dict[str, torch.Tensor]) -> None:
+        save_checkpoint(self.root, int(state["prep_done"]), flatten("pool", state), {"run": self.meta}, keep=1)
 
     def interrupt(self, state: dict[str, torch.Tensor]) -> None:
         """Save ``state`` and raise ``Interrupted`` for the first signal in ``stop``."""
@@ -217,7 +220,7 @@ class PreparationCheckpoints:
         from .interrupts import Interrupted
 
         done = int(state["prep_done"])
-        save_checkpoint(self.root, done, flatten("pool", state), {"run": self.meta}, keep=1)
+        self._save(state)
         name = signal.Signals(self.stop[0]).name
         raise Interrupted(f"{name} while preparing the pool: {done:,} of {int(state['x'].shape[0]):,} entries "
                           f"prepared and saved in {self.root.parent}; continue with --resume", self.stop[0])

@@ -16,18 +16,24 @@ import sys
 from .errors import DkdmError
 from .peers import PeerLost
 
+def _did_you_mean(word: str, choices, prefix: str = "", n: int = 2) -> str:
+    """'did you mean X or Y?' for the choices closest to a mistyped ``word`` ('' when none is close)."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(choices), n=n, cutoff=0.6)
+    return f"did you mean {' or '.join(prefix + c for c in close)}?" if close else ""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error: a usage block of sixty flags would bury the line that matters."""
 
     def error(self, message):
-        import difflib
         import re
 
         wrong = re.match(r"argument command: invalid choice: '([^']*)'", message)
-        close = difflib.get_close_matches(wrong.group(1), list(COMMANDS), n=1) if wrong else []
-        hint = f"did you mean {close[0]}? " if close else ""
+        hint = _did_you_mean(wrong.group(1), COMMANDS, n=1) if wrong else ""
         listed = "every flag" if " " in self.prog else "the commands"
-        self.exit(2, f"{self.prog}: error: {message} ({hint}`{self.prog} --help` lists {listed})\n")
+        self.exit(2, f"{self.prog}: error: {message} ({hint + ' ' if hint else ''}`{self.prog} --help` lists {listed})\n")
 
 
 TEACHER_HELP = ("the teacher: builtin:digits (the bundled one); a dkdm model directory; a diffusers pipeline directory "
@@ -102,8 +108,7 @@ def _show_defaults(p: argparse.ArgumentParser, table: dict, ruled=(), per_data: 
         if a.dest in ruled:
             text = "from the student and the problem, printed when the run starts"
         elif per:
-            other = "mlp" if a.dest == "model" else table.get(a.dest)  # runs.train: an unnamed model is an mlp
-            text = "; ".join(f"{name}: {v}" for name, v in per.items()) + f"; other data: {other}"
+            text = "; ".join(f"{name}: {v}" for name, v in per.items()) + f"; other data: {table.get(a.dest)}"
         elif table.get(a.dest) is not None and table[a.dest] is not False:
             text = str(table[a.dest])
         elif a.default is not None and a.default is not False:
@@ -329,16 +334,10 @@ def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.Argume
 
 def _unrecognized(parser: argparse.ArgumentParser, command: str, unknown: list[str]) -> None:
     """argparse's error for arguments the subcommand does not take, naming the closest flags it has."""
-    import difflib
-
     sub = _subparser(parser, command)
     names = [o[2:] for a in sub._actions for o in a.option_strings if o.startswith("--")]
-    hints = []
-    for token in unknown:
-        if token.startswith("-"):
-            close = difflib.get_close_matches(token.split("=", 1)[0].lstrip("-"), names, n=2, cutoff=0.6)
-            hints.append(f"{token}: did you mean {' or '.join('--' + c for c in close)}?" if close else
-                         f"{token}: no such flag")
+    hints = [f"{token}: {_did_you_mean(token.split('=', 1)[0].lstrip('-'), names, '--') or 'no such flag'}"
+             for token in unknown if token.startswith("-")]
     sub.error(f"unrecognized argument(s) {' '.join(unknown)}" + (f" ({'; '.join(hints)})" if hints else ""))
 
 

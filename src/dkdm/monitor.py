@@ -262,16 +262,17 @@ class Monitor:
     def __call__(self, step: int, ema: dict[str, torch.Tensor]) -> str | None:
         t0 = time.time()
         self.model.net.load_state_dict(ema)
-        record = self.evaluate()
+        tracked = self.accelerator is not None and bool(self.accelerator.trackers)
+        record, images = self.evaluate(want_images=tracked)
         record = {"step": step, "kind": "eval", **record, "eval_s": round(time.time() - t0, 3)}
         self.last = record
         with open(self.out / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.accelerator is not None:
+        if tracked:
             from .tracking import log_record, log_samples
 
             log_record(self.accelerator, record)
-            log_samples(self.accelerator, self.model.decode(self._samples), step)
+            log_samples(self.accelerator, images, step)
         reason = self.rule.update(step, record) if self.rule else None
         if self.rule and reason is None and step >= self.last_step:
             reason = f"reached the maximum of {self.last_step} steps before a plateau"
@@ -282,8 +283,9 @@ class Monitor:
         return reason
 
     @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Scores of the model as it now is (held-out error, data-free score, run metric)."""
+    def evaluate(self, want_images: bool = False) -> tuple[dict, torch.Tensor | None]:
+        """Scores of the model as it now is (held-out error, data-free score, run metric), and its
+        samples as images (a latent model's decoded once) where the metric or ``want_images`` needs them."""
         from .evaluation import data_free_score, score
 
         rec = {}
@@ -292,14 +294,14 @@ class Monitor:
         # the teacher reference's seed: the same noise, and for a student of the teacher's classes the same labels
         g = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
         samples, labels = self.model.sample(self.cfg.num, self.steps, g, return_labels=True)
-        self._samples = samples
         if self.stats is not None:
             rec["teacher_fd"] = data_free_score(self.teacher, samples, self.stats)
             rec["teacher_fd_floor"] = self.floor
+        images = self.model.decode(samples) if self.reference or want_images else None
         if self.reference:
-            metrics = score(self.model.decode(samples), self.reference, labels)
+            metrics = score(images, self.reference, labels)
             rec.update({k: v for k, v in metrics.items() if isinstance(v, float)})
-        return rec
+        return rec, images
 
     def _say(self, rec: dict) -> None:
         from tqdm.auto import tqdm

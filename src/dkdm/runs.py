@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .errors import DkdmError
 from .settings import (COMMON_DEFAULTS, DATA_DEFAULTS, DISTILL_DEFAULTS, DISTILL_RULED, RUN_DIRECTORY, TRAIN_DEFAULTS,
-                       merge, read_config, resumed)
+                       command_of, merge, read_config, resumed)
 
 #: What a finished run returns: its directory, the last log record (loss terms, lr, step rate),
 #: why it stopped early (``--steps auto``, else None) and the report's rows (None without one).
@@ -45,7 +45,6 @@ def train(config=None, progress: bool = True, **settings) -> dict | None:
         dataset = MixedSet(dataset, SampleSet(s["synthetic"]), s["real_fraction"], seed=s["seed"] or 0)
     reference = reference_of(dataset)
     s = merge([COMMON_DEFAULTS, TRAIN_DEFAULTS, DATA_DEFAULTS.get(reference, {}), RUN_DIRECTORY], config, settings)
-    s["model"] = s["model"] or "mlp"
     cfg = _train_config(s)
     watch = _monitor_config(s)
     out = _check_out(s)
@@ -457,9 +456,9 @@ def _run_locked(trainer, s: dict, out: Path, progress: bool, prepare=None, teach
 
 def _write_settings(out: Path, s: dict, processes: int) -> None:
     """RUN/run.json: the settings (every rule applied), which command ran them and on how many processes."""
-    command = "distill" if "teacher" in s else "train"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "run.json").write_text(json.dumps({**s, "command": command, "processes": processes}, indent=1, default=str))
+    (out / "run.json").write_text(json.dumps({**s, "command": command_of(s), "processes": processes}, indent=1,
+                                             default=str))
 
 
 def _rank_seed(s: dict, acc) -> int:

@@ -30,7 +30,7 @@ COMMON_DEFAULTS = {
     "eval_every": None, "monitor_num": 1000, "monitor_steps": None, "patience": None, "max_steps": None,
     "report_to": None, "push_to_hub": None,
 }
-TRAIN_DEFAULTS = {"data": "toy2d", "real_fraction": None, "synthetic": None, "model": None, "schedule": "cosine", "diffusion_steps": 1000,
+TRAIN_DEFAULTS = {"data": "toy2d", "real_fraction": None, "synthetic": None, "model": "mlp", "schedule": "cosine", "diffusion_steps": 1000,
                   "variance": "learned_range", "prediction": "epsilon"}
 DISTILL_DEFAULTS = {"teacher": "builtin:digits", "teacher_config": None, "student": None, "student_steps": None, "guidance": 1.0, "teacher_dtype": "float32", "pool": "dynamic", "rho": 0.4,
                     "pool_dtype": "float32", "prep_batch": None, "prep": "auto", "prep_steps": None, "prep_ckpt_every": 300.0,
@@ -76,6 +76,11 @@ def merge(defaults, config=None, given: dict | None = None) -> dict:
     return merged
 
 
+def command_of(settings: dict) -> str:
+    """The command a run's settings belong to: what run.json records, else distill where there is a teacher."""
+    return settings.get("command") or ("distill" if "teacher" in settings else "train")
+
+
 def _same(given, saved) -> bool:
     if given == saved or str(given) == str(saved):
         return True
@@ -89,7 +94,7 @@ def resumed(command: str, saved: dict, asked: dict, where: str) -> dict:
     """The settings of a resumed run: those it saved (``where``: its run.json), with the ``asked``
     ones (a YAML file's and the given values) that may change (``RESUMABLE``) or that the run left
     to a rule (saved as None). DkdmError naming every other asked value that differs."""
-    kind = saved.get("command") or ("distill" if "teacher" in saved else "train")
+    kind = command_of(saved)
     if kind != command:
         raise DkdmError(f"--resume: {where} is a `dkdm {kind}` run; continue it with `dkdm {kind} --out ... --resume`")
     settings = {k: v for k, v in saved.items() if k not in RECORDED}

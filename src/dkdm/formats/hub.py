@@ -8,6 +8,7 @@ goes through huggingface_hub; nothing here runs at import time or without being 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from ..errors import DkdmError
@@ -37,23 +38,15 @@ def _parameters(d: Path) -> int | None:
     for f in files:
         with safe_open(str(f), "pt") as st:
             for k in st.keys():
-                total += _numel(st.get_slice(k).get_shape())
+                total += math.prod(st.get_slice(k).get_shape())
     return total
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 def _command(run: dict) -> str:
     """The run as a command line: every setting it saved that is set (the rules' values included)."""
-    from ..settings import RECORDED
+    from ..settings import RECORDED, command_of
 
-    kind = run.get("command", "distill" if "teacher" in run else "train")
-    parts = [f"dkdm {kind}"]
+    parts = [f"dkdm {command_of(run)}"]
     for k, v in run.items():
         if k in RECORDED or k == "resume" or v is None or v is False:
             continue
@@ -92,7 +85,7 @@ def model_card(directory, repo_id: str | None = None, teacher_parameters: int | 
     name = repo_id or d.name
     student = _parameters(d)
     lines = [f"# {name}", ""]
-    if run.get("command", "distill" if teacher else "train") == "distill" and teacher:
+    if teacher:  # only a distilled model records one
         lines += [f"A diffusion model distilled data-free from the teacher `{teacher}` with "
                   f"[dkdm](https://arxiv.org/abs/2409.03550) (DKDM): the teacher's denoising steps were its only "
                   f"training data.", ""]
