@@ -1,4 +1,4 @@
-"""Small models built in-test (no downloads)."""
+"""Small models built in-test (no downloads), and the comparison of two runs' saved weights."""
 
 import torch
 
@@ -24,3 +24,17 @@ def tiny_teacher(steps=20, seed=0, spec="mlp:width=32,depth=1", schedule="linear
     # clipped x0 keeps an untrained teacher's trajectories bounded
     return DiffusionModel.build(spec, (2,), Schedule.named(schedule, steps), clip_x0=True,
                                 extra={"data": "toy2d"}).eval()
+
+
+def weights(out):
+    """A run directory's saved (EMA) weights, model.safetensors."""
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "model.safetensors"))
+
+
+def same(a, b):
+    """Two state dicts hold bit-identical tensors under the same names."""
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

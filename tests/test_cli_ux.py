@@ -9,7 +9,7 @@ from dataclasses import fields
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from helpers import same, weights
 
 from dkdm.cli import build_parser, main
 from dkdm.settings import COMMON_DEFAULTS
@@ -71,16 +71,6 @@ def test_the_loop_defaults_are_the_command_lines():
     assert COMMON_DEFAULTS["vlb_weight"] == DEFAULT_VLB_WEIGHT
 
 
-def _model(d):
-    return load_file(str(d / "model.safetensors"))
-
-
-def _same(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-
-
 def _stopped_at_first_checkpoint(run):
     """What a run killed right after its step-5 checkpoint leaves (its later files removed)."""
     for c in (run / "checkpoints").iterdir():
@@ -99,7 +89,7 @@ def test_resume_needs_no_flag_but_out_and_may_extend_the_run(teacher, tmp_path, 
     capsys.readouterr()
     assert main(["distill", "--out", str(run), "--resume", "--no-progress"]) == 0
     assert f"resuming {run} from step 5" in capsys.readouterr().err
-    _same(_model(full), _model(run))
+    same(weights(full), weights(run))
     # the saved settings as a --config: the number of processes it records is not a setting
     assert main(["distill", "--config", str(run / "run.json"), "--out", str(run), "--resume", "--steps", "14"]) == 0
     saved = json.loads((run / "run.json").read_text())
@@ -112,7 +102,7 @@ def test_resume_needs_no_flag_but_out_and_may_extend_the_run(teacher, tmp_path, 
     assert "settings differ from the run" in err and "--lr 0.5 (saved 0.001)" in err and "--batch 16" not in err
     # the same settings as a new run elsewhere
     assert main(["distill", "--config", str(run / "run.json"), "--out", str(tmp_path / "copy"), "--steps", "10"]) == 0
-    _same(_model(full), _model(tmp_path / "copy"))
+    same(weights(full), weights(tmp_path / "copy"))
 
 
 def test_a_run_stopped_before_it_saved_anything_starts_afresh_with_its_settings(teacher, tmp_path, capsys):
@@ -125,7 +115,7 @@ def test_a_run_stopped_before_it_saved_anything_starts_afresh_with_its_settings(
     capsys.readouterr()
     assert main(["distill", "--out", str(run), "--resume", "--no-progress"]) == 0
     assert "stopped before it saved anything: starting it afresh" in capsys.readouterr().err
-    _same(_model(tmp_path / "ref"), _model(run))
+    same(weights(tmp_path / "ref"), weights(run))
 
 
 def test_ctrl_c_while_preparing_saves_the_pool_and_resume_finishes_it(teacher, tmp_path, capsys, monkeypatch):
@@ -149,7 +139,7 @@ def test_ctrl_c_while_preparing_saves_the_pool_and_resume_finishes_it(teacher, t
     monkeypatch.setattr(dkdm.interrupts, "catch_signals", real)
     assert main(["distill", "--out", str(run), "--resume", "--no-progress"]) == 0
     assert "resuming the pool preparation: 16 of 160 entries were prepared" in capsys.readouterr().err
-    _same(_model(tmp_path / "ref"), _model(run))
+    same(weights(tmp_path / "ref"), weights(run))
 
 
 def test_plain_keyboard_interrupt_says_interrupted(monkeypatch, capsys):

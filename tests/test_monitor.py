@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from dkdm.cli import main
 from dkdm.monitor import MONITOR_FILE, Plateau, read_log
+from helpers import same, weights
 
 
 def toy_argv(teacher, out, *extra):
@@ -28,16 +29,6 @@ def toy_teacher(tmp_path_factory):
 
 def evals(out):
     return [r for r in read_log(out / "log.jsonl") if r.get("kind") == "eval"]
-
-
-def weights(out):
-    return load_file(str(out / "model.safetensors"))
-
-
-def same(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 def test_held_out_error_and_data_free_score_fall_and_watching_changes_no_weight(tmp_path, toy_teacher):
