@@ -6,10 +6,15 @@ on the CPU and with the accelerator code path's settings (the deferred finitenes
 of a steady-state step of the Trainer by region:
 
 - the networks: the student's forward, the teacher's forward, the backward pass;
-- outside them: the rest of the student update (``Trainer._update``: the loss, clipping, the
-  optimizer, loss statistics, the finiteness record), the rest of the teacher's step
+- outside them, what dkdm's own code issues: the rest of the student update (``Trainer._update``:
+  the loss, loss statistics, the finiteness record), the rest of the teacher's step
   (``KnowledgePool._advance``: its reverse-step math and sample), and the host loop (the pool's
-  draw, restarts and write-back, a data-based batch, the EMA).
+  draw, restarts and write-back, a data-based batch, the EMA);
+- the library routines dkdm calls once a step, counted apart: the optimizer's step and gradient
+  clipping. How many aten ops torch's own Python dispatches inside them is torch's business and
+  changes between its releases (46 and 48 for the same update with two torch builds, issue 26);
+  what dkdm owes is that they are fused or foreach calls whose count does not grow with the
+  student's number of weight tensors.
 
 With ``--cuda-graphs`` the update and the teacher's step are replayed as graphs, so the host
 dispatches only the host loop's ops plus a copy per graph input and one replay per graph: that
@@ -44,6 +49,7 @@ NETWORKS = ("student forward", "teacher forward", "backward")
 TABLE = ("| date | code | step | grad clip | ops outside the networks | update / teacher step / host loop | "
          "with --cuda-graphs | host reads | networks: student forward / teacher forward / backward |")
 OUTSIDE = ("update", "teacher step", "host loop")
+LIBRARY = "optimizer and clipping"  # torch's routines, called once a step (see the docstring)
 
 
 def _launches(func) -> bool:
@@ -108,6 +114,8 @@ def count_step_ops(make_trainer, teacher_net=None, warm: int = 3, n: int = 4) ->
     trainer.check_every = trainer.cfg.log_every = trainer.cfg.ckpt_every = 10 ** 6
     trainer.cfg.steps = trainer.source.steps_needed
     trainer._update = counter.within("update", trainer._update)
+    trainer.opt.step = counter.within(LIBRARY, trainer.opt.step)
+    trainer.accelerator.clip_grad_norm_ = counter.within(LIBRARY, trainer.accelerator.clip_grad_norm_)
     pool = trainer.source._source
     graph_inputs = 5 + bool(trainer.student.num_classes)  # x_t, t, the teacher's eps, mean, log-variance (, y)
     if hasattr(pool, "_advance"):
@@ -123,7 +131,7 @@ def count_step_ops(make_trainer, teacher_net=None, warm: int = 3, n: int = 4) ->
             trainer.train()
     finally:
         torch.Tensor.backward = original
-    per_region = {r: sum(counter.ops[r].values()) / n for r in (*NETWORKS, *OUTSIDE)}
+    per_region = {r: sum(counter.ops[r].values()) / n for r in (*NETWORKS, *OUTSIDE, LIBRARY)}
     outside = collections.Counter()
     for r in OUTSIDE:
         outside.update(counter.ops[r])
@@ -132,6 +140,7 @@ def count_step_ops(make_trainer, teacher_net=None, warm: int = 3, n: int = 4) ->
             "free": sum(counter.free[r] for r in OUTSIDE) / n,
             "with_cuda_graphs": per_region["host loop"] + graph_inputs + graphs,
             "outside_ops": {k: v / n for k, v in outside.most_common()},
+            "library": per_region[LIBRARY], "library_ops": {k: v / n for k, v in counter.ops[LIBRARY].most_common()},
             "syncs": sum(v for r in counter.ops.values() for k, v in r.items() if k in SYNCS) / n}
 
 
@@ -178,7 +187,8 @@ def main(argv=None) -> int:
             r = count_step_ops(make, teacher_net)
             pr = r["per_region"]
             print(f"{name}: {r['outside']:.0f} ops outside the networks (update {pr['update']:.0f}, teacher step "
-                  f"{pr['teacher step']:.0f}, host loop {pr['host loop']:.0f}; +{r['free']:.0f} views and markers), "
+                  f"{pr['teacher step']:.0f}, host loop {pr['host loop']:.0f}; +{r['free']:.0f} views and markers; "
+                  f"+{r['library']:.0f} in torch's optimizer step and clipping), "
                   f"{r['syncs']:.0f} host reads; with --cuda-graphs {r['with_cuda_graphs']:.0f} | networks: student "
                   f"forward {pr['student forward']:.0f}, teacher forward {pr['teacher forward']:.0f}, backward "
                   f"{pr['backward']:.0f}")

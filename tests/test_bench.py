@@ -23,11 +23,18 @@ def step_ops():
 
 
 def test_ops_outside_the_networks_per_step_are_bounded(step_ops):
-    """Measured at this bound (2026-11-26): 72 for a DKDM step (the teacher step's and the loss's
-    diffusion math are 41 of them), 60 for a data-based step; 1,139 and 1,129 before issue 14. A
-    step must not read the device from the host, and the loop must not grow host work unnoticed."""
+    """What dkdm's own code dispatches outside the networks each step: 62 for a DKDM step (the
+    teacher step's and the loss's diffusion math are most of them), 50 for a data-based step
+    (measured 2026-12-04; 1,139 and 1,129 before issue 14). These are aten ops that dkdm's code
+    calls directly, the same on every CPU and CPU build. torch's optimizer step and gradient
+    clipping are counted apart: how many ops torch's own Python issues inside them changes between
+    torch builds (10 and 12 for the same step, issue 26), so they are bounded only loosely here and
+    by the next test, which checks that they do not grow with the student. A step must not read the
+    device from the host, and the loop must not grow host work unnoticed."""
     dkdm, data = step_ops["DKDM step"], step_ops["data-based step"]
-    assert dkdm["outside"] <= 72 and data["outside"] <= 60, (dkdm["outside_ops"], data["outside_ops"])
+    assert dkdm["outside"] <= 62 and data["outside"] <= 50, (dkdm["outside_ops"], data["outside_ops"])
+    # fused AdamW and foreach clipping: about a dozen ops in any torch build; a per-tensor loop, hundreds
+    assert dkdm["library"] <= 24 and data["library"] <= 24, (dkdm["library_ops"], data["library_ops"])
     assert dkdm["syncs"] == data["syncs"] == 0
     # with --cuda-graphs the update and the teacher step are replays: the host issues the pool's
     # draw and write-back, the EMA, the graphs' input copies and the two replays
@@ -38,14 +45,15 @@ def test_ops_outside_the_networks_per_step_are_bounded(step_ops):
 
 def test_ops_per_step_do_not_grow_with_the_number_of_weight_tensors():
     """Optimizer, clipping and EMA are fused or foreach: a student with twice the tensors costs
-    the same number of ops outside the networks (a per-tensor loop would add hundreds)."""
+    the same number of ops outside the networks, dkdm's and torch's routines' alike (a per-tensor
+    loop would add hundreds)."""
     with tempfile.TemporaryDirectory() as tmp:
         counts = []
         for spec in ("unet:widths=8-16,layers=1,groups=4", "unet:widths=8-16-16,layers=2,groups=4"):
             _, make, teacher_net = ops.default_trainers(Path(tmp) / spec, student_spec=spec, batch=4)[0]
             r = ops.count_step_ops(make, teacher_net, warm=2, n=1)
-            counts.append((r["outside"], r["per_region"]["backward"]))
-    assert counts[0][0] == counts[1][0] and counts[1][1] > 1.5 * counts[0][1]
+            counts.append((r["outside"], r["library"], r["per_region"]["backward"]))
+    assert counts[0][:2] == counts[1][:2] and counts[1][2] > 1.5 * counts[0][2]
 
 
 def test_scales_are_the_layouts_they_name():
