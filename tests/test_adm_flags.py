@@ -117,3 +117,27 @@ def test_flags_file_written_by_hand_as_yaml_distills(tmp_path):
                  "--prep-steps", "2", "--no-progress", "--no-report", "--out", str(tmp_path / "run")]) == 0
     student = load_model(tmp_path / "run")
     assert student.spec["type"] == "adm" and student.spec["rescale_timesteps"] is True
+
+
+def test_class_cond_checkpoint_without_a_class_count_reads_it_from_its_weights(tmp_path, capsys):
+    """guided-diffusion's scripts take no class-count flag (NUM_CLASSES is 1000 in its code), so a
+    10-class checkpoint's flags say only ``class_cond: true``: it loads, says so in one line, and
+    computes what the same checkpoint loaded with ``num_classes: 10`` computes."""
+    flags = {**tt.IMPROVED_FLAGS, "class_cond": True, "num_classes": 10}
+    args = _write(tmp_path, flags)
+    as_written = tmp_path / "as_written.yaml"
+    as_written.write_text(yaml.safe_dump({k: v for k, v in flags.items() if k != "num_classes"}))
+    model = load_model(args[1], config=str(as_written))
+    err = capsys.readouterr().err
+    assert "10 classes, read from its label_emb.weight" in err and len(err.strip().splitlines()) == 1
+    given = load_model(args[1], config=args[3])
+    assert model.num_classes == given.num_classes == 10
+    x, t, y = torch.randn(3, 3, 32, 32), torch.tensor([1, 7, 15]), torch.tensor([0, 4, 9])
+    with torch.no_grad():
+        torch.testing.assert_close(model.net(x, t, y), given.net(x, t, y), rtol=0, atol=0)
+    assert capsys.readouterr().err == ""  # the count given: nothing to say
+    # a count given that the weights contradict is named in one line
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text(yaml.safe_dump({**flags, "num_classes": 1000}))
+    with pytest.raises(DkdmError, match=r"label_emb.weight has shape \[10, .*check num_classes"):
+        load_model(args[1], config=str(wrong))

@@ -8,6 +8,7 @@ names) and give the diffusion: schedule, learned sigma, epsilon or x0 prediction
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -69,8 +70,9 @@ def load_weights(net: nn.Module, state: dict[str, torch.Tensor], source) -> None
                             f"{list(v.shape)}); check the flags against the ones the checkpoint was trained with")
         if tuple(state[k].shape) != tuple(v.shape):
             raise DkdmError(f"{source} does not fit this ADM config: {k} has shape {list(state[k].shape)} in the "
-                            f"checkpoint but {list(v.shape)} in the config; check num_channels, channel_mult, "
-                            f"num_res_blocks, attention_resolutions and learn_sigma")
+                            f"checkpoint but {list(v.shape)} in the config; check "
+                            + ("num_classes" if k == "label_emb.weight" else
+                               "num_channels, channel_mult, num_res_blocks, attention_resolutions and learn_sigma"))
     extra = sorted(set(state) - set(own))
     if extra:
         raise DkdmError(f"{source} does not fit this ADM config: it has {extra[0]} (and {len(extra) - 1} more) that the "
@@ -78,16 +80,37 @@ def load_weights(net: nn.Module, state: dict[str, torch.Tensor], source) -> None
     net.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
 
 
-def read_flags(path) -> dict:
-    """guided-diffusion flags from a YAML or JSON file."""
+def read_flag_file(path):
+    """The guided-diffusion flags of a YAML or JSON file, as written (``parse_flags`` checks them)."""
     import yaml
 
     p = Path(path)
     try:
-        flags = yaml.safe_load(p.read_text())
+        return yaml.safe_load(p.read_text())
     except (OSError, yaml.YAMLError) as e:
         raise DkdmError(f"cannot read ADM config {p}: {e.__class__.__name__}: {e}")
-    return parse_flags(flags)
+
+
+def read_flags(path) -> dict:
+    """guided-diffusion flags from a YAML or JSON file, defaults filled in and checked."""
+    return parse_flags(read_flag_file(path))
+
+
+def class_count_from_weights(flags, state: dict[str, torch.Tensor]):
+    """``flags`` with ``num_classes`` read from the checkpoint's ``label_emb.weight`` where the flags
+    say ``class_cond`` but give no count, and the line that says so (None where nothing was read).
+
+    guided-diffusion's scripts take no class-count flag (NUM_CLASSES is 1000 in its code, and
+    forks change the constant), so a class-conditional checkpoint's flags as written rarely hold it.
+    """
+    if not isinstance(flags, dict) or not flags.get("class_cond") or flags.get("num_classes") is not None:
+        return flags, None
+    emb = state.get("label_emb.weight")
+    if emb is None or emb.dim() != 2:
+        return flags, None
+    n = int(emb.shape[0])
+    return {**flags, "num_classes": n}, (f"ADM checkpoint: {n} classes, read from its label_emb.weight (the flags say "
+                                         f"class_cond but give no num_classes)")
 
 
 def _adm_sequence(net: ADMUNet) -> list[nn.Module]:
@@ -203,11 +226,15 @@ def load_checkpoint_file(path, config, device="cpu", role: str = "teacher") -> D
     if config is None:
         raise DkdmError(f"{path} is a checkpoint file: pass the guided-diffusion flags it was trained with "
                         f"(YAML or JSON) with --{role}-config FILE")
-    flags = read_flags(config)
+    state = read_state_dict(path)
+    flags, note = class_count_from_weights(read_flag_file(config), state)
+    flags = parse_flags(flags)
+    if note:
+        print(note, file=sys.stderr)
     prediction, variance = prediction_and_variance(flags)
     c, size = int(flags["in_channels"]), int(flags["image_size"])
     model = DiffusionModel.build({"type": "adm", **flags}, (c, size, size), schedule_from_flags(flags),
                                  variance=variance, prediction=prediction, clip_x0=bool(flags["clip_denoised"]),
                                  extra={"converted_from": str(Path(path).resolve())})
-    load_weights(model.net.adm, read_state_dict(path), path)
+    load_weights(model.net.adm, state, path)
     return model.to(device).eval()
