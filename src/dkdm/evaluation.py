@@ -40,6 +40,52 @@ def eval_settings(reference, num: int | None, steps: int | None) -> tuple[int, i
     return num or d["num"], steps if steps is not None else d["steps"]
 
 
+#: Sample-steps a report may always spend, however short the run (a few seconds to a minute of a
+#: small model on a 2-core CPU); and the smallest report a sized one shrinks to.
+REPORT_FLOOR = 10_000
+REPORT_MIN_NUM, REPORT_MIN_STEPS, REPORT_STEPS = 100, 10, 25
+
+
+class ReportSize(NamedTuple):
+    """What a run's report draws: ``num`` samples of ``steps`` steps (None: all) from each of the
+    student and the teacher, about ``cost`` sample-steps in all; ``sized``: shrunk to fit the run."""
+
+    num: int
+    steps: int | None
+    cost: int
+    sized: bool
+
+    def describe(self, num_steps: int, teacher: bool) -> str:
+        who = "the student and the teacher" if teacher else "the model"
+        return (f"report: {self.num:,} samples x {self.steps or num_steps} steps of {who}, ~{self.cost:,} sample-steps"
+                + (" (sized to the run's own cost; --eval-num / --eval-steps set it)" if self.sized else "")
+                + ("; the teacher's samples and statistics are cached across runs" if teacher else ""))
+
+
+def report_size(reference, num: int | None, steps: int | None, num_steps: int, sample_shape, budget: int | None,
+                teacher: bool = True) -> ReportSize:
+    """The report's sample count and steps: given, or the reference's defaults; where neither is
+    given and those would cost more sample-steps than ``budget`` (the run's own teacher
+    sample-steps) or ``REPORT_FLOOR``, fewer steps (``REPORT_STEPS``), then fewer samples (at
+    least ``REPORT_MIN_NUM``), then fewer steps again (at least ``REPORT_MIN_STEPS``)."""
+    n, s = eval_settings(reference, num, steps)
+    models = 2 if teacher else 1
+    pictures = (PICTURE_PAIRS if len(sample_shape) == 3 else 1000 if tuple(sample_shape) == (2,) else 0) if teacher else 0
+
+    def cost(n_, s_):
+        return models * (n_ + pictures) * min(s_ or num_steps, num_steps)
+
+    limit = max(budget or 0, REPORT_FLOOR)
+    if budget is None or num is not None or steps is not None or cost(n, s) <= limit:
+        return ReportSize(n, s, cost(n, s), False)
+    s = min(s or num_steps, REPORT_STEPS, num_steps)
+    n = max(REPORT_MIN_NUM, min(n, limit // (models * s) - pictures))
+    if cost(n, s) > limit:
+        s = max(min(REPORT_MIN_STEPS, num_steps), min(s, limit // (models * (n + pictures))))
+    s = max(s, 2) if num_steps >= 2 else s
+    return ReportSize(n, s, cost(n, s), True)
+
+
 class Drawn(NamedTuple):
     """Samples and the class labels they were drawn for (None: an unconditional model)."""
 
@@ -137,11 +183,11 @@ def data_floor(reference: str) -> dict | None:
 
 
 def draw(model, num: int, steps: int | None, seed: int, progress: bool = True, batch_size: int = 1024,
-         guidance: float = 1.0, return_labels: bool = False):
+         guidance: float = 1.0, return_labels: bool = False, desc: str = "sample"):
     """``num`` samples from the seed's noise: two models of the same shape (and classes) drawn
     with the same seed, steps and batch size start from the same noise and draw the same labels.
     With ``return_labels``, a ``Drawn`` (samples and their labels)."""
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     T = model.schedule.num_steps
     if steps is not None and not 2 <= steps <= T:
@@ -149,8 +195,7 @@ def draw(model, num: int, steps: int | None, seed: int, progress: bool = True, b
     if num < 2:
         raise DkdmError(f"--num must be at least 2, got {num}")
     g = torch.Generator(device=next(model.parameters(), torch.empty(0)).device).manual_seed(seed)
-    with tqdm(total=num * (steps or T), desc="sample", unit="step", unit_scale=True,
-              disable=not progress, dynamic_ncols=True) as bar:
+    with progress_bar(num * (steps or T), desc, unit="sample-step", unit_scale=True, disable=not progress) as bar:
         out = model.sample(num, steps, g, batch_size=batch_size, progress=bar, guidance=guidance,
                            return_labels=return_labels)
     return Drawn(*out) if return_labels else out
@@ -174,7 +219,7 @@ def teacher_statistics(teacher, num: int, steps: int | None, seed: int, guidance
 
     def compute():
         samples, labels = drawn if drawn is not None else draw(teacher, num, steps, seed, progress, guidance=guidance,
-                                                               return_labels=True)
+                                                               return_labels=True, desc="teacher samples")
         mean, cov = mean_cov(features(samples, labels))
         return {"mean": mean, "cov": cov, **({"labels": labels.cpu()} if labels is not None else {})}
 
@@ -207,7 +252,7 @@ def default_num(reference) -> int:
 
 
 def evaluate_model(model, model_dir, reference, num=None, steps=None, seed: int = 0,
-                   progress: bool = True, cache: bool = False) -> tuple[dict, Drawn | None]:
+                   progress: bool = True, cache: bool = False, desc: str = "sample") -> tuple[dict, Drawn | None]:
     """Metrics of ``model``'s samples against ``reference`` (see ``reference_for``), and what was
     drawn for them (None when the result came from the cache, kept per weights + settings)."""
     num, steps = eval_settings(reference, num, steps)
@@ -224,7 +269,7 @@ def evaluate_model(model, model_dir, reference, num=None, steps=None, seed: int 
                 return json.loads(path.read_text()), None
             except (OSError, json.JSONDecodeError):
                 pass
-    drawn = draw(model, num, steps, seed, progress, return_labels=True)
+    drawn = draw(model, num, steps, seed, progress, return_labels=True, desc=desc)
     if isinstance(reference, str):  # built-in references are scored on the CPU, wherever the model drew
         samples, labels = drawn.samples.cpu(), None if drawn.labels is None else drawn.labels.cpu()
     else:  # RGB metrics see images
@@ -271,16 +316,16 @@ def write_report(out, student, reference, teacher=None, teacher_dir=None, seed: 
     if reference:
         if teacher is not None:
             rows["teacher"], teacher_drawn = evaluate_model(teacher, teacher_dir, reference, num, steps, seed, progress,
-                                                            cache=True)
+                                                            cache=True, desc="teacher samples")
         rows["student" if teacher is not None else "model"], drawn = evaluate_model(
-            student, out, reference, num, steps, seed, progress)
+            student, out, reference, num, steps, seed, progress, desc="student samples" if teacher else "samples")
         samples = drawn.samples
         floor = data_floor(reference)
         if floor is not None:
             rows["real train split"] = floor
     if teacher is not None:
         if samples is None:
-            samples = draw(student, num, steps, seed, progress)
+            samples = draw(student, num, steps, seed, progress, desc="student samples")
         stats = teacher_statistics(teacher, num, steps, seed, guidance, progress,
                                    drawn=teacher_drawn if guidance == 1.0 else None)
         rows["student vs teacher"] = {"teacher_fd": data_free_score(teacher, samples, stats), "num_samples": num,
@@ -302,8 +347,8 @@ def _picture_pair(out: Path, student, teacher, steps, seed: int, guidance: float
     if len(shape) == 1 and shape[0] != 2:
         return
     n = PICTURE_PAIRS if len(shape) == 3 else 1000
-    pair = [model.decode(draw(model, n, steps, seed, progress, guidance=g))
-            for model, g in ((teacher, guidance), (student, 1.0))]
+    pair = [teacher.decode(_teacher_pictures(teacher, n, steps, seed, guidance, progress)),
+            student.decode(draw(student, n, steps, seed, progress, desc="samples.png: student"))]
     if len(shape) == 3:
         from .images import save_side_by_side
 
@@ -312,3 +357,19 @@ def _picture_pair(out: Path, student, teacher, steps, seed: int, guidance: float
         from .plots import scatter_pair
 
         scatter_pair(pair, ["teacher", "student"], out / "samples.png")
+
+
+def _teacher_pictures(teacher, n: int, steps, seed: int, guidance: float, progress: bool) -> torch.Tensor:
+    """The teacher's side of samples.png, kept in the cache per weights and settings: every run of
+    the same teacher draws the same ones."""
+    from .metrics import cached
+    from .metrics.teacher_fd import weights_fingerprint
+
+    settings = {"n": n, "steps": steps or teacher.schedule.num_steps, "seed": seed, "guidance": guidance,
+                "schedule": teacher.schedule.num_steps, "dtype": str(teacher.inference_dtype)}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    device = next(teacher.parameters(), torch.empty(0)).device
+    samples = cached(f"pictures-{weights_fingerprint(teacher.net)}-{key}.safetensors",
+                     lambda: {"samples": draw(teacher, n, steps, seed, progress, guidance=guidance,
+                                              desc="samples.png: teacher").cpu()})["samples"]
+    return samples.to(device)

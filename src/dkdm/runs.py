@@ -79,7 +79,6 @@ def distill(config=None, progress: bool = True, **settings) -> dict | None:
     import math
 
     import torch
-    from tqdm.auto import tqdm
 
     from .costs import Estimate, check_pool_fits
     from .defaults import describe, distill_defaults, step_budget
@@ -131,6 +130,7 @@ def distill(config=None, progress: bool = True, **settings) -> dict | None:
         raise DkdmError(f"--prep-ckpt-every must be >= 0 seconds, got {s['prep_ckpt_every']}")
     prep = preparation_cost(s["pool"], size, T, s["prep"], int(s["prep_steps"]))
     check_pool_fits(mem, size, teacher.sample_shape, s, acc.device)
+    report = _report_size(s, reference, teacher, prep + cfg.steps * int(s["batch"]))
 
     def announce():
         """The student, the rules' settings and the pool's size and cost, before any is spent."""
@@ -155,6 +155,7 @@ def distill(config=None, progress: bool = True, **settings) -> dict | None:
             + (f" (each of {n} processes: its own pool shard and batches)" if n > 1 else ""),
             file=sys.stderr,
         )
+        print("report: none (--no-report)" if s["no_report"] else report.describe(T, teacher=True), file=sys.stderr)
 
     if s["dry_run"]:  # the plan, and no pool allocated, nothing written
         if acc.is_main_process:
@@ -172,6 +173,7 @@ def distill(config=None, progress: bool = True, **settings) -> dict | None:
         """A new run, or one stopped while preparing: announce it, prepare (or finish preparing) the pool."""
         from .checkpoint import PreparationCheckpoints
         from .interrupts import catch_signals, restore_signals
+        from .progress import progress_bar
 
         n = acc.num_processes
         stop: list = []
@@ -186,8 +188,8 @@ def distill(config=None, progress: bool = True, **settings) -> dict | None:
         estimate = Estimate(prep, cfg.steps * int(s["batch"]), acc.is_main_process)
         previous = catch_signals(stop)  # Ctrl-C: save after the chunk in flight, then stop
         try:
-            with tqdm(total=prep, desc="pool", unit="step", unit_scale=True,
-                      disable=not progress or prep == 0 or not acc.is_main_process, dynamic_ncols=True) as bar:
+            with progress_bar(prep, "pool", unit="teacher sample-step", unit_scale=True,
+                              disable=not progress or prep == 0 or not acc.is_main_process) as bar:
                 pool.prepare(chunk=prep_batch, progress=bar, resume=state,
                              on_chunk=lambda st: (estimate(pool.prep_calls), saver(st)))
             if stop:  # the signal came in the last chunk: keep the whole pool
@@ -238,6 +240,23 @@ def _distill_reference(s: dict, teacher, device):
         check_reference(s["reference"], None if teacher.decoder is not None else teacher.sample_shape)
         return s["reference"], s["reference"]
     return data_name, data_name
+
+
+def _report_size(s: dict, reference, teacher, run_cost: int):
+    """The end-of-run report's samples and steps (``evaluation.report_size``): a quick try gets a
+    quick report, sized to the run's own teacher sample-steps where --eval-num / --eval-steps are
+    not given. An Inception reference the user supplies keeps its full size (its FID is only
+    comparable at the count and steps the user asked for). Sized values go into the settings, so
+    run.json says what the report drew."""
+    from .evaluation import report_size
+
+    budget = run_cost if reference is None or isinstance(reference, str) else None
+    size = report_size(reference, None if s["eval_num"] is None else int(s["eval_num"]),
+                       None if s["eval_steps"] is None else int(s["eval_steps"]), teacher.schedule.num_steps,
+                       teacher.sample_shape, budget)
+    if size.sized:
+        s["eval_num"], s["eval_steps"] = size.num, size.steps
+    return size
 
 
 def _trackers(s: dict) -> tuple[list[str], Path | None]:

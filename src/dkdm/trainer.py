@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import AutocastKwargs
-from tqdm.auto import tqdm
 
 from .checkpoint import checkpoint_size, list_checkpoints, resume_run, save_run
 from .devices import adamw, make_accelerator
@@ -29,6 +28,7 @@ from .formats import save_model
 from .interrupts import Interrupted, catch_signals, restore_signals
 from .model import DiffusionModel
 from .objective import dkdm_loss
+from .progress import progress_bar
 from .settings import COMMON_DEFAULTS
 from .tracking import log_record
 from .peers import PeerLost, describe_loss, is_peer_failure, roll_call
@@ -297,8 +297,7 @@ class Trainer:
         checked_at = self.step
         last, t0, n0 = {}, time.time(), self.step
         acc = self.accelerator
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step",
-                   disable=not self.progress or not acc.is_main_process, dynamic_ncols=True)
+        bar = progress_bar(cfg.steps, "train", initial=self.step, disable=not self.progress or not acc.is_main_process)
         try:
             while self.step < cfg.steps:
                 batch = self.source.next_batch()
