@@ -2,6 +2,13 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# One thread in the test process (its subprocesses get OMP_NUM_THREADS=1 too): the suite's networks
+# are tiny, and with two OpenMP threads on a machine whose other core is busy every op waits on a
+# spinning thread (a toy MLP step: 42 steps/s against 874 with one thread, issue 26), which made
+# the suite take 35 minutes beside two other jobs.
+torch.set_num_threads(1)
 
 SHARED = Path(os.environ.get("DKDM_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 ADM = SHARED / "testdata" / "adm"

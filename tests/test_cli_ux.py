@@ -43,7 +43,8 @@ def test_every_flag_has_help_that_gives_its_default(command):
 def test_help_shows_the_defaults_a_run_uses(capsys):
     assert main(["distill", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert "--rho RHO dynamic pool size in batches per diffusion step (paper: 0.4) (default: 0.4)" in text
+    assert ("--rho RHO dynamic pool size in batches per diffusion step (paper: 0.4) (default: from the student and "
+            "the problem") in text
     assert "from the student and the problem" in text  # --steps, --batch, --lr ... follow the rules
     for fmt in ("dkdm model directory", "DDPMPipeline", "LDMPipeline", "DiTPipeline", "guided-diffusion", "builtin:digits"):
         assert fmt in text, fmt

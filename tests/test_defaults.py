@@ -20,8 +20,8 @@ def test_learning_rate_falls_with_the_square_root_of_the_students_size(params, w
 
 
 def test_step_budget_scales_with_T_and_sample_size_and_inversely_with_batch():
-    assert step_budget(1000, 64, 64) == 6000  # digits: the bundled teacher's measured budget
-    assert step_budget(1000, 3 * 32 * 32, 128) == 144_000  # CIFAR-10 at the paper's batch
+    assert step_budget(1000, 64, 128) == 1200  # digits: the bundled teacher's measured budget (issue 26)
+    assert step_budget(1000, 3 * 32 * 32, 128) == 57_600  # CIFAR-10 at the paper's batch
     assert step_budget(2000, 64, 64) == 2 * step_budget(1000, 64, 64)
     assert step_budget(1000, 64, 128) == step_budget(1000, 64, 64) // 2
     assert step_budget(100, 2, 64) == 1000 and step_budget(1000, 3 * 256 * 256, 128) == 400_000  # the bounds
@@ -33,18 +33,32 @@ def test_warmup_is_a_fiftieth_of_the_run_within_bounds():
 
 def test_defaults_follow_the_problem_and_given_values_win():
     small = distill_defaults(500_000, (1, 8, 8), 1000)
-    assert {k: s.value for k, s in small.items()} == {"batch": 64, "steps": 6000, "lr": 1e-3, "warmup": 200,
-                                                      "ema": 0.9999, "grad_clip": 1.0}
+    assert {k: s.value for k, s in small.items()} == {"batch": 128, "rho": 0.2, "steps": 1200, "lr": 1e-3,
+                                                      "lr_decay": "cosine", "warmup": 200, "ema": 0.9999,
+                                                      "grad_clip": 1.0}
     assert all(s.why for s in small.values())
     big = distill_defaults(14_000_000, (3, 32, 32), 1000)
-    assert big["batch"].value == 128 and big["steps"].value == 144_000 and big["warmup"].value == 2880
+    assert big["batch"].value == 128 and big["steps"].value == 57_600 and big["warmup"].value == 1152
+    assert big["rho"].value == 0.4  # the paper's pool from its sample size up
     assert big["lr"].value == pytest.approx(1e-3 / math.sqrt(14))
     # given values are not defaults, and the rules that depend on them follow them
     given = distill_defaults(500_000, (1, 8, 8), 1000, {"batch": 32, "lr": 3e-4, "steps": None})
-    assert "batch" not in given and "lr" not in given and given["steps"].value == 12_000
-    assert given["warmup"].value == 240
+    assert "batch" not in given and "lr" not in given and given["steps"].value == 4800
+    assert given["warmup"].value == 200
     assert distill_defaults(500_000, (1, 8, 8), 1000, {"steps": 50_000})["warmup"].value == 1000
     assert distill_defaults(500_000, (1, 8, 8), 1000, {"steps": "auto"})["warmup"].value == 200  # the fixed budget's
+
+
+def test_cosine_decay_follows_its_closed_form_in_100_stages_after_the_warm_up():
+    from dkdm.trainer import lr_factor
+
+    f = lr_factor(200, "cosine", 1200)
+    assert [f(s) for s in (0, 99, 199)] == [1 / 200, 100 / 200, 1.0]  # the linear warm-up
+    for s in range(200, 1200):
+        stage = (s - 200) * 100 // 1000
+        assert f(s) == pytest.approx(0.5 * (1 + math.cos(math.pi * stage / 100)), abs=1e-12)
+    assert len({f(s) for s in range(200, 1200)}) == 100 and f(1199) < 3e-4
+    assert {lr_factor(200, "constant", 1200)(s) for s in range(200, 1200)} == {1.0}
 
 
 def test_ema_0_9999_equals_0_999_until_its_warm_up_reaches_0_999():
@@ -81,8 +95,9 @@ def test_distill_prints_the_rule_defaults_and_flags_and_config_win(tmp_path, cap
     line = next(l for l in err.splitlines() if l.startswith("defaults: "))
     params = count_parameters(load_model(tmp_path / "a").net)
     assert run["lr"] == learning_rate(params) and f"lr 0.001 (for a {params / 1e6:.2g}M-parameter student" in line
-    assert (run["batch"], run["warmup"], run["ema"], run["grad_clip"], run["steps"]) == (64, 200, 0.9999, 1.0, 3)
-    assert "batch 64 (" in line and "steps" not in line.split("(")[0]  # --steps was given: not a default
+    assert (run["batch"], run["warmup"], run["ema"], run["grad_clip"], run["steps"]) == (128, 200, 0.9999, 1.0, 3)
+    assert "batch 128 (" in line and "steps" not in line.split("(")[0]  # --steps was given: not a default
+    assert run["lr_decay"] == "cosine" and "lr-decay cosine (" in line
     cfg = tmp_path / "c.yaml"
     cfg.write_text("ema: 0.99\n")
     run = _run(tmp_path, "b", "--steps", "3", "--lr", "3e-4", "--batch", "8", "--config", str(cfg))
@@ -104,7 +119,7 @@ def test_a_teacher_recording_digits_gets_the_generic_rules(tmp_path, capsys):
     run = json.loads((out / "run.json").read_text())
     student = load_model(out)
     assert student.spec == default_student_spec(load_model("builtin:digits"))
-    assert run["lr"] == learning_rate(count_parameters(student.net)) and run["batch"] == 64
+    assert run["lr"] == learning_rate(count_parameters(student.net)) and run["batch"] == 128
     assert (run["ema"], run["grad_clip"]) == (0.9999, 1.0)
 
 

@@ -38,7 +38,13 @@ def test_two_processes_train_one_student_with_their_own_pool_shards(tmp_path):
     assert not (main_pool["source.x"] == other_pool["source.x"]).all()  # shards differ: no duplicated work
     # each shard's stops were drawn uniformly on its own (no skew of t across ranks)
     assert json.loads((ckpt / "meta.json").read_text())["world_size"] == 2
-    # resuming needs the same number of processes
+
+
+@pytest.mark.slow  # two more launches
+def test_a_two_process_run_resumes_with_two_processes_only(tmp_path):
+    out = tmp_path / "run"
+    r = launch(2, "distill", *TINY, "--steps", "6", "--ckpt-every", "3", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
     r1 = subprocess.run([sys.executable, "-m", "dkdm.cli", "distill", *TINY, "--steps", "8", "--resume", "--out",
                          str(out)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r1.returncode == 2 and "same number of processes" in r1.stderr
@@ -73,7 +79,8 @@ def _final_weights(out):
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the ranks' processes through /proc (Linux)")
-@pytest.mark.parametrize("victim", [1, pytest.param(0, marks=pytest.mark.slow)])
+@pytest.mark.slow  # five 2-process launches: 15-20 s on 2 cores
+@pytest.mark.parametrize("victim", [1, 0])
 def test_a_rank_that_dies_stops_the_other_in_one_line_and_resume_is_bit_identical(tmp_path, victim):
     run = [*TINY, "--steps", "24", "--ckpt-every", "5"]
     base = tmp_path / "base"

@@ -85,7 +85,7 @@ def same(a, b):
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize("kind", ["train", "distill"])
+@pytest.mark.parametrize("kind", [pytest.param("train", marks=pytest.mark.slow), "distill"])  # one loop for both
 def test_kill_9_then_resume_gives_bit_identical_student_and_ema(tmp_path, teacher, kind):
     steps = 1000
     assert run_cli(argv(kind, teacher, tmp_path / "a", steps)) == 0

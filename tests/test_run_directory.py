@@ -21,10 +21,10 @@ from dkdm.runlock import LOCK, RunLock
 from test_reliability import ENV, argv, run_cli, same, spawn, teacher, weights  # noqa: F401  (fixture)
 
 
-def prep_argv(teacher, out, *extra, steps=20):
-    """A distillation whose exact preparation is long enough to be interrupted (12,800 entries, one
-    checkpoint of the preparation after every 16-entry chunk)."""
-    return [*argv("distill", teacher, out, steps), "--rho", "20", "--prep", "exact", "--prep-batch", "16",
+def prep_argv(teacher, out, *extra, steps=20, rho=20):
+    """A distillation whose exact preparation is long enough to be interrupted (rho 20: 12,800
+    entries, one checkpoint of the preparation after every 16-entry chunk)."""
+    return [*argv("distill", teacher, out, steps), "--rho", str(rho), "--prep", "exact", "--prep-batch", "16",
             "--prep-ckpt-every", "0", "--ckpt-every", "10", *extra]
 
 
@@ -54,17 +54,18 @@ def test_resumed_preparation_is_the_uninterrupted_pool(teacher, method):
 
 
 def test_kill_9_during_preparation_resumes_it_bit_identically(tmp_path, teacher):
-    assert run_cli(prep_argv(teacher, tmp_path / "a")) == 0
-    proc = spawn(prep_argv(teacher, tmp_path / "b"))
+    """rho 5: 3,200 entries in 200 chunks, killed after the 50th or later."""
+    assert run_cli(prep_argv(teacher, tmp_path / "a", rho=5)) == 0
+    proc = spawn(prep_argv(teacher, tmp_path / "b", rho=5))
     t0 = time.time()
-    while preparation_done(tmp_path / "b") < 3200 and time.time() - t0 < 300:
+    while preparation_done(tmp_path / "b") < 800 and time.time() - t0 < 300:
         assert proc.poll() is None, proc.stderr.read()
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = preparation_done(tmp_path / "b")
-    assert 3200 <= done < 12800 and not (tmp_path / "b" / "checkpoints").exists()
-    r = subprocess.run([sys.executable, "-m", "dkdm.cli", *prep_argv(teacher, tmp_path / "b", "--resume")],
+    assert 800 <= done < 3200 and not (tmp_path / "b" / "checkpoints").exists()
+    r = subprocess.run([sys.executable, "-m", "dkdm.cli", *prep_argv(teacher, tmp_path / "b", "--resume", rho=5)],
                        capture_output=True, text=True, env=ENV)
     assert r.returncode == 0, r.stderr
     assert "resuming the pool preparation:" in r.stderr

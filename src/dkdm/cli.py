@@ -62,6 +62,8 @@ def _common(p: argparse.ArgumentParser, training: bool) -> None:
     p.add_argument("--ema", type=float, help="EMA decay of the saved weights")
     p.add_argument("--grad-clip", type=float, help="gradient-norm clip (0: off)")
     p.add_argument("--warmup", type=int, help="learning-rate warm-up steps")
+    p.add_argument("--lr-decay", choices=["constant", "cosine"],
+                   help="after the warm-up: constant, or cosine to 0 at the last step (in 100 constant stages)")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"],
                    help="autocast the student's update (fp16 needs a CUDA device)")
     p.add_argument("--log-every", type=int, help="write a log.jsonl line every N steps")

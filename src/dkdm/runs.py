@@ -81,7 +81,7 @@ def distill(config=None, progress: bool = True, **settings) -> dict | None:
     import torch
 
     from .costs import Estimate, check_pool_fits
-    from .defaults import describe, distill_defaults, step_budget
+    from .defaults import PREP_STEPS, describe, distill_defaults, step_budget
     from .formats import load_model
     from .model import DiffusionModel
     from .pool import (KnowledgePool, pool_memory_bytes, pool_size, preparation_batch, preparation_cost,
@@ -121,8 +121,8 @@ def distill(config=None, progress: bool = True, **settings) -> dict | None:
     size = pool_size(s["pool"], float(s["rho"]), teacher.schedule.num_steps, int(s["batch"]))
     out = _check_out(s)
     T = teacher.schedule.num_steps
-    if s["prep_steps"] is None:  # 25 sampling steps, or all of a shorter process
-        s["prep_steps"] = min(25, T)
+    if s["prep_steps"] is None:  # PREP_STEPS sampling steps, or all of a shorter process
+        s["prep_steps"] = min(PREP_STEPS, T)
     mem = pool_memory_bytes(size, teacher.sample_shape, s["pool_dtype"])
     s["prep"] = resolve_preparation(s["prep"], T, int(s["prep_steps"]))
     prep_batch = preparation_batch(None if s["prep_batch"] is None else int(s["prep_batch"]), acc.device)
@@ -328,7 +328,7 @@ def _train_config(s: dict, fixed_default: int | None = None):
     cfg = TrainConfig(
         steps=int(s["max_steps"] if s["steps"] == "auto" else s["steps"]), lr=float(s["lr"]),
         weight_decay=float(s["weight_decay"]),
-        ema_decay=float(s["ema"]), grad_clip=float(s["grad_clip"]), warmup=int(s["warmup"]),
+        ema_decay=float(s["ema"]), grad_clip=float(s["grad_clip"]), warmup=int(s["warmup"]), lr_decay=s["lr_decay"],
         mixed_precision=s["mixed_precision"], log_every=int(s["log_every"]), ckpt_every=int(s["ckpt_every"]),
         keep_checkpoints=int(s["keep_checkpoints"]), vlb_weight=float(s["vlb_weight"]),
         compile=bool(s["compile"]), channels_last=bool(s["channels_last"]), cuda_graphs=bool(s["cuda_graphs"]),

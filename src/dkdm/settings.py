@@ -21,10 +21,11 @@ DATA_DEFAULTS = {
 }
 #: Distillation settings that ``defaults.distill_defaults`` derives from the student and the problem
 #: where neither flags nor --config give them (the same rules for every teacher).
-DISTILL_RULED = {"steps": None, "batch": None, "lr": None, "ema": None, "grad_clip": None, "warmup": None}
+DISTILL_RULED = {"steps": None, "batch": None, "lr": None, "ema": None, "grad_clip": None, "warmup": None,
+                 "lr_decay": None, "rho": None}
 COMMON_DEFAULTS = {
     "seed": 0, "steps": 2000, "batch": 128, "lr": 1e-4, "weight_decay": 0.0, "ema": 0.9999,
-    "grad_clip": 1.0, "warmup": 0, "mixed_precision": "no", "log_every": 50, "ckpt_every": 500,
+    "grad_clip": 1.0, "warmup": 0, "lr_decay": "constant", "mixed_precision": "no", "log_every": 50, "ckpt_every": 500,
     "keep_checkpoints": 2, "vlb_weight": 1.0, "no_report": False,
     "eval_num": None, "eval_steps": None, "compile": False, "channels_last": False, "cuda_graphs": False,
     "eval_every": None, "monitor_num": 1000, "monitor_steps": None, "patience": None, "max_steps": None,
@@ -32,7 +33,7 @@ COMMON_DEFAULTS = {
 }
 TRAIN_DEFAULTS = {"data": "toy2d", "real_fraction": None, "synthetic": None, "model": "mlp", "schedule": "cosine", "diffusion_steps": 1000,
                   "variance": "learned_range", "prediction": "epsilon"}
-DISTILL_DEFAULTS = {"teacher": "builtin:digits", "teacher_config": None, "student": None, "student_steps": None, "guidance": 1.0, "teacher_dtype": "float32", "pool": "dynamic", "rho": 0.4,
+DISTILL_DEFAULTS = {"teacher": "builtin:digits", "teacher_config": None, "student": None, "student_steps": None, "guidance": 1.0, "teacher_dtype": "float32", "pool": "dynamic",
                     "pool_dtype": "float32", "prep_batch": None, "prep": "auto", "prep_steps": None, "prep_ckpt_every": 300.0,
                     "variance": "learned_range", "heldout": 512, "reference": None,
                     "inception_weights": None, "dry_run": False}

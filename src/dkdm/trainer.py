@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import signal
 import time
 import warnings
@@ -54,6 +55,24 @@ def _first_nonfinite(batch, output) -> str:
 
 
 _D = COMMON_DEFAULTS
+LR_DECAYS = ("constant", "cosine")
+DECAY_STAGES = 100  # a decaying learning rate changes this many times a run (a CUDA graph is captured per value)
+
+
+def lr_factor(warmup: int, decay: str, steps: int):
+    """The learning rate's factor at step s: a linear warm-up over ``warmup`` steps, then constant,
+    or a cosine from 1 to 0 at step ``steps``, held constant over each of ``DECAY_STAGES`` stages
+    (on a GPU, each value is captured once as a CUDA graph and replayed)."""
+    warm = max(1, warmup)
+
+    def factor(s: int) -> float:
+        f = min(1.0, (s + 1) / warm)
+        if decay == "cosine" and steps > warm:
+            stage = min(DECAY_STAGES, int(DECAY_STAGES * max(0, s - warm) / (steps - warm)))
+            f *= 0.5 * (1 + math.cos(math.pi * stage / DECAY_STAGES))
+        return f
+
+    return factor
 
 
 @dataclass
@@ -68,6 +87,7 @@ class TrainConfig:
     ema_decay: float = _D["ema"]
     grad_clip: float = _D["grad_clip"]
     warmup: int = _D["warmup"]
+    lr_decay: str = _D["lr_decay"]  # after the warm-up: "constant", or "cosine" to 0 at the last step
     mixed_precision: str = _D["mixed_precision"]
     log_every: int = _D["log_every"]
     ckpt_every: int = _D["ckpt_every"]
@@ -86,6 +106,8 @@ class TrainConfig:
             raise DkdmError(f"--ema must be in [0, 1), got {self.ema_decay}")
         if self.ckpt_every < 1 or self.log_every < 1:
             raise DkdmError("--ckpt-every and --log-every must be at least 1")
+        if self.lr_decay not in LR_DECAYS:
+            raise DkdmError(f"--lr-decay must be one of {', '.join(LR_DECAYS)}, got {self.lr_decay!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise DkdmError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
 
@@ -137,8 +159,7 @@ class Trainer:
             student.net.to(memory_format=torch.channels_last)
         student.net.to(self.accelerator.device)
         opt = adamw(student.net.parameters(), config.lr, config.weight_decay, self.accelerator.device, config.cuda_graphs)
-        warm = max(1, config.warmup)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(config.warmup, config.lr_decay, config.steps))
         self.net, self.opt, self.lr_sched = self.accelerator.prepare(student.net, opt, sched)
         # the compiled forward shares the prepared module's weights; saving and the EMA keep using
         # self.net, so state-dict keys stay those of the plain network

@@ -226,10 +226,12 @@ def load_checkpoint_file(path, config, device="cpu", role: str = "teacher") -> D
     if config is None:
         raise DkdmError(f"{path} is a checkpoint file: pass the guided-diffusion flags it was trained with "
                         f"(YAML or JSON) with --{role}-config FILE")
+    given = read_flag_file(config)
+    flags = parse_flags(given)  # the flags' own mistakes first, then the checkpoint's
     state = read_state_dict(path)
-    flags, note = class_count_from_weights(read_flag_file(config), state)
-    flags = parse_flags(flags)
+    given, note = class_count_from_weights(given, state)
     if note:
+        flags = parse_flags(given)
         print(note, file=sys.stderr)
     prediction, variance = prediction_and_variance(flags)
     c, size = int(flags["in_channels"]), int(flags["image_size"])
