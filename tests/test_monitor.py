@@ -57,7 +57,7 @@ def test_held_out_error_and_data_free_score_fall_and_watching_changes_no_weight(
 
 def test_steps_auto_stops_on_a_plateau_and_resumes_to_the_same_stop(tmp_path, toy_teacher, capsys):
     # lr 1e-7: the student cannot improve, so both scores stall from the first evaluation on
-    auto = ["--steps", "auto", "--eval-every", "50", "--patience", "2", "--lr", "1e-7", "--monitor-num", "300",
+    auto = ["--steps", "auto", "--eval-every", "50", "--patience", "2", "--lr", "1e-7", "--monitor-num", "100",
             "--no-report"]
     assert main(toy_argv(toy_teacher, tmp_path / "a", *auto, "--max-steps", "600")) == 0
     err = capsys.readouterr().err
@@ -248,6 +248,7 @@ def test_bad_monitoring_settings_are_one_line_errors(tmp_path, toy_teacher, caps
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow  # a 2-process launch: about 12 s on 2 cores
 def test_two_processes_stop_together_where_the_main_one_decides(tmp_path):
     from test_multiprocess import TINY, launch
 

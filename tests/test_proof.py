@@ -15,14 +15,14 @@ import pytest
 from dkdm.cli import main
 
 
-def _evaluate(model, capsys):
+def _evaluate(model, capsys, num=None):
     capsys.readouterr()
-    assert main(["evaluate", "--model", str(model), "--no-progress"]) == 0
+    assert main(["evaluate", "--model", str(model), "--no-progress", *(["--num", str(num)] if num else [])]) == 0
     return json.loads(capsys.readouterr().out)["sliced_w2"]
 
 
 @pytest.mark.parametrize("teacher_steps, steps, iterative", [
-    (1200, 800, False), pytest.param(3000, 2500, True, marks=pytest.mark.slow)])
+    (800, 500, False), pytest.param(3000, 2500, True, marks=pytest.mark.slow)])
 def test_dynamic_distillation_matches_teacher_on_toy2d(tmp_path, capsys, teacher_steps, steps, iterative):
     start = time.time()
     teacher = tmp_path / "teacher"
@@ -33,8 +33,9 @@ def test_dynamic_distillation_matches_teacher_on_toy2d(tmp_path, capsys, teacher
     assert main(["distill", *common, "--pool", "dynamic", "--rho", "0.4", "--out", str(tmp_path / "dyn")]) == 0
     if iterative:
         assert main(["distill", *common, "--pool", "iterative", "--out", str(tmp_path / "it")]) == 0
-    w_teacher = _evaluate(teacher, capsys)
-    w_dynamic = _evaluate(tmp_path / "dyn", capsys)
+    num = None if iterative else 2000  # the fast size scores half the reference's 4,000 samples
+    w_teacher = _evaluate(teacher, capsys, num)
+    w_dynamic = _evaluate(tmp_path / "dyn", capsys, num)
     w_iterative = _evaluate(tmp_path / "it", capsys) if iterative else None
     result = {"teacher": w_teacher, "dynamic": w_dynamic, "iterative": w_iterative,
               "seconds": round(time.time() - start, 1)}

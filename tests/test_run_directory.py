@@ -28,6 +28,9 @@ def prep_argv(teacher, out, *extra, steps=20, rho=20):
             "--prep-ckpt-every", "0", "--ckpt-every", "10", *extra]
 
 
+FEW_CHECKPOINTS = ("--prep-ckpt-every", "300")  # a resumed run may change it: the rest of the pool at full speed
+
+
 def preparation_done(out) -> int:
     root = Path(out) / "preparation" / "rank0"
     done = [int(p.name.split("_")[1]) for p in root.glob("step_*") if (p / "meta.json").exists()] if root.is_dir() else []
@@ -55,7 +58,8 @@ def test_resumed_preparation_is_the_uninterrupted_pool(teacher, method):
 
 def test_kill_9_during_preparation_resumes_it_bit_identically(tmp_path, teacher):
     """rho 5: 3,200 entries in 200 chunks, killed after the 50th or later."""
-    assert run_cli(prep_argv(teacher, tmp_path / "a", rho=5)) == 0
+    # in-process, one thread like the subprocesses; the pool does not depend on how often it is checkpointed
+    assert main(prep_argv(teacher, tmp_path / "a", *FEW_CHECKPOINTS, rho=5)) == 0
     proc = spawn(prep_argv(teacher, tmp_path / "b", rho=5))
     t0 = time.time()
     while preparation_done(tmp_path / "b") < 800 and time.time() - t0 < 300:
@@ -65,7 +69,8 @@ def test_kill_9_during_preparation_resumes_it_bit_identically(tmp_path, teacher)
     proc.wait()
     done = preparation_done(tmp_path / "b")
     assert 800 <= done < 3200 and not (tmp_path / "b" / "checkpoints").exists()
-    r = subprocess.run([sys.executable, "-m", "dkdm.cli", *prep_argv(teacher, tmp_path / "b", "--resume", rho=5)],
+    r = subprocess.run([sys.executable, "-m", "dkdm.cli", *prep_argv(teacher, tmp_path / "b", "--resume",
+                                                                  *FEW_CHECKPOINTS, rho=5)],
                        capture_output=True, text=True, env=ENV)
     assert r.returncode == 0, r.stderr
     assert "resuming the pool preparation:" in r.stderr
@@ -79,18 +84,20 @@ def test_a_second_run_on_the_same_directory_is_refused_and_a_stale_lock_taken_ov
     t0 = time.time()
     while not (out / LOCK).exists() and time.time() - t0 < 120:
         time.sleep(0.02)
-    for extra in ([], ["--resume"]):
-        r = subprocess.run([sys.executable, "-m", "dkdm.cli", *prep_argv(teacher, out, *extra, steps=50)],
-                           capture_output=True, text=True, env=ENV)
-        err = r.stderr.strip().splitlines()
-        assert r.returncode == 2 and len(err) == 1, r.stderr
+    tries = [subprocess.Popen([sys.executable, "-m", "dkdm.cli", *prep_argv(teacher, out, *extra, steps=50)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+             for extra in ([], ["--resume"])]  # both at once: each is refused while the first run holds the lock
+    for r in tries:
+        _, stderr = r.communicate(timeout=120)
+        err = stderr.strip().splitlines()
+        assert r.returncode == 2 and len(err) == 1, stderr
         assert f"in use by process {proc.pid}" in err[0] or "already holds a run" in err[0], err
     while preparation_done(out) == 0 and time.time() - t0 < 300:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert json.loads((out / LOCK).read_text())["pid"] == proc.pid  # left behind by the killed run
-    assert run_cli(prep_argv(teacher, out, "--resume", steps=50)) == 0
+    assert run_cli(prep_argv(teacher, out, "--resume", *FEW_CHECKPOINTS, "--prep-batch", "4096", steps=50)) == 0
     assert (out / "model.safetensors").exists() and not (out / LOCK).exists()
 
 
