@@ -22,7 +22,7 @@ def _evaluate(model, capsys, num=None):
 
 
 @pytest.mark.parametrize("teacher_steps, steps, iterative", [
-    (800, 500, False), pytest.param(3000, 2500, True, marks=pytest.mark.slow)])
+    (600, 400, False), pytest.param(3000, 2500, True, marks=pytest.mark.slow)])
 def test_dynamic_distillation_matches_teacher_on_toy2d(tmp_path, capsys, teacher_steps, steps, iterative):
     start = time.time()
     teacher = tmp_path / "teacher"

@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--pool-dtype", choices=["float32", "float16", "bfloat16"],
                     help="dtype the pool keeps its samples in (16-bit halves its memory)")
     di.add_argument("--prep-batch", type=int,
-                    help="teacher batch size for pool preparation (default 256 on a CPU, 8192 on a GPU)")
+                    help="teacher batch size for pool preparation (default 1024 on a CPU, 8192 on a GPU)")
     di.add_argument("--prep", choices=["auto", "exact", "sampled"],
                     help="pool preparation: exact (teacher chains, N*T/2 steps), sampled (K-step x0, noised by q), "
                          "or auto (the default: sampled where it is cheaper, K < T/2)")
