@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 
 from .errors import DkdmError
+from .progress import duration
 
 #: A preparation estimated to take longer than this is announced as such before it goes on.
 LONG_PREPARATION_S = 3600.0
@@ -33,17 +34,13 @@ class Estimate:
         self.said = True
         rate = (prep_calls - self.done_before) / max(time.monotonic() - self.start, 1e-9)
         left = (self.prep_steps - prep_calls) / rate
-        print(f"estimate: the pool's preparation {_duration(left)} more, training at least "
-              f"{_duration(self.train_forwards / rate)} (its teacher forwards alone), at {rate:,.0f} teacher "
+        print(f"estimate: the pool's preparation {duration(left)} more, training at least "
+              f"{duration(self.train_forwards / rate)} (its teacher forwards alone), at {rate:,.0f} teacher "
               f"sample-steps/s measured", file=sys.stderr)
         if left > LONG_PREPARATION_S:
-            print(f"warning: preparing the pool takes about {_duration(left)} on this machine; a smaller --batch or "
+            print(f"warning: preparing the pool takes about {duration(left)} on this machine; a smaller --batch or "
                   f"--rho shrinks the pool (round(rho x T) x batch entries) and --prep-steps cuts the steps per entry "
                   f"(Ctrl-C saves the preparation; --resume continues it)", file=sys.stderr)
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
 def check_pool_fits(mem: int, size: int, shape, s: dict, device) -> None:

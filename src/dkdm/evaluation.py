@@ -55,22 +55,23 @@ class ReportSize(NamedTuple):
     cost: int
     sized: bool
 
-    def describe(self, num_steps: int, teacher: bool) -> str:
-        who = "the student and the teacher" if teacher else "the model"
-        return (f"report: {self.num:,} samples x {self.steps or num_steps} steps of {who}, ~{self.cost:,} sample-steps"
+    def describe(self, num_steps: int) -> str:
+        return (f"report: {self.num:,} samples x {self.steps or num_steps} steps of the student and the teacher, "
+                f"~{self.cost:,} sample-steps"
                 + (" (sized to the run's own cost; --eval-num / --eval-steps set it)" if self.sized else "")
-                + ("; the teacher's samples and statistics are cached across runs" if teacher else ""))
+                + "; the teacher's samples and statistics are cached across runs")
 
 
-def report_size(reference, num: int | None, steps: int | None, num_steps: int, sample_shape, budget: int | None,
-                teacher: bool = True) -> ReportSize:
-    """The report's sample count and steps: given, or the reference's defaults; where neither is
+def report_size(reference, num: int | None, steps: int | None, num_steps: int, sample_shape,
+                budget: int | None) -> ReportSize:
+    """A distillation report's sample count and steps (student and teacher each draw them, and the
+    picture pairs of samples.png): given, or the reference's defaults; where neither is
     given and those would cost more sample-steps than ``budget`` (the run's own teacher
     sample-steps) or ``REPORT_FLOOR``, fewer steps (``REPORT_STEPS``), then fewer samples (at
     least ``REPORT_MIN_NUM``), then fewer steps again (at least ``REPORT_MIN_STEPS``)."""
     n, s = eval_settings(reference, num, steps)
-    models = 2 if teacher else 1
-    pictures = (PICTURE_PAIRS if len(sample_shape) == 3 else 1000 if tuple(sample_shape) == (2,) else 0) if teacher else 0
+    models = 2  # the student and the teacher
+    pictures = PICTURE_PAIRS if len(sample_shape) == 3 else 1000 if tuple(sample_shape) == (2,) else 0
 
     def cost(n_, s_):
         return models * (n_ + pictures) * min(s_ or num_steps, num_steps)
@@ -215,7 +216,7 @@ def teacher_statistics(teacher, num: int, steps: int | None, seed: int, guidance
     features = TeacherFeatures(teacher)
     settings = {"num": num, "steps": steps or teacher.schedule.num_steps, "seed": seed, "guidance": guidance,
                 "schedule": teacher.schedule.num_steps, "dtype": str(teacher.inference_dtype), **features.describe()}
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    key = _settings_key(settings)
 
     def compute():
         samples, labels = drawn if drawn is not None else draw(teacher, num, steps, seed, progress, guidance=guidance,
@@ -234,6 +235,11 @@ def data_free_score(teacher, samples: torch.Tensor, stats: dict[str, torch.Tenso
 
     feats = TeacherFeatures(teacher)(samples, stats.get("labels"))
     return frechet_distance(stats["mean"], stats["cov"], *mean_cov(feats))
+
+
+def _settings_key(settings: dict) -> str:
+    """A short key for a cache entry drawn with ``settings``."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def _weights_key(model_dir: Path) -> str:
@@ -262,7 +268,7 @@ def evaluate_model(model, model_dir, reference, num=None, steps=None, seed: int 
     if cache:
         from .metrics import cache_dir
 
-        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+        key = _settings_key(settings)
         path = cache_dir() / f"eval-{_weights_key(Path(model_dir))}-{key}.json"
         if path.exists():
             try:
@@ -367,7 +373,7 @@ def _teacher_pictures(teacher, n: int, steps, seed: int, guidance: float, progre
 
     settings = {"n": n, "steps": steps or teacher.schedule.num_steps, "seed": seed, "guidance": guidance,
                 "schedule": teacher.schedule.num_steps, "dtype": str(teacher.inference_dtype)}
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    key = _settings_key(settings)
     device = next(teacher.parameters(), torch.empty(0)).device
     samples = cached(f"pictures-{weights_fingerprint(teacher.net)}-{key}.safetensors",
                      lambda: {"samples": draw(teacher, n, steps, seed, progress, guidance=guidance,

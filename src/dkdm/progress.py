@@ -37,7 +37,8 @@ def _count(n: float, scale: bool) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """Seconds as a person reads them: 42 s, 3.5 min, 1.2 h."""
     if seconds >= 3600:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
@@ -77,7 +78,7 @@ class LineProgress:
                  + (f" ({100 * self.n / self.total:.0f}%)" if self.total else ""),
                  f"{_count(rate, self.scale)} {self.unit}s/s"]
         if self.total and rate > 0:
-            parts.append(f"ETA {_duration((self.total - self.n) / rate)}")
+            parts.append(f"ETA {duration((self.total - self.n) / rate)}")
         parts += [f"{k} {v}" for k, v in self.postfix.items()]
         return f"{self.desc}: " + ", ".join(parts)
 
@@ -88,7 +89,7 @@ class LineProgress:
         now = time.monotonic()
         if self.enabled and self.n > self.start_n:
             done = self.n - self.start_n
-            self._write(f"{self.desc}: {_count(done, self.scale)} {self.unit}s in {_duration(now - self.t0)} "
+            self._write(f"{self.desc}: {_count(done, self.scale)} {self.unit}s in {duration(now - self.t0)} "
                         f"({_count(self._rate(now), self.scale)} {self.unit}s/s)"
                         + "".join(f", {k} {v}" for k, v in self.postfix.items()))
 

@@ -155,7 +155,7 @@ def distill(config=None, progress: bool = True, **settings) -> dict | None:
             + (f" (each of {n} processes: its own pool shard and batches)" if n > 1 else ""),
             file=sys.stderr,
         )
-        print("report: none (--no-report)" if s["no_report"] else report.describe(T, teacher=True), file=sys.stderr)
+        print("report: none (--no-report)" if s["no_report"] else report.describe(T), file=sys.stderr)
 
     if s["dry_run"]:  # the plan, and no pool allocated, nothing written
         if acc.is_main_process:
