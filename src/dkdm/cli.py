@@ -134,8 +134,42 @@ def _version() -> str:
     return f"dkdm {__version__} (torch {v('torch')}, diffusers {v('diffusers')}, accelerate {v('accelerate')})"
 
 
+def _pool_flags(p: argparse.ArgumentParser) -> None:
+    """The flags distill and fewstep share: the teacher's precision, the pool, held-out states and the report's reference."""
+    p.add_argument("--teacher-dtype", choices=["float32", "bfloat16", "float16"],
+                    help="run the teacher's network in reduced precision (faster on GPUs; targets change slightly)")
+    p.add_argument("--guidance", type=float,
+                    help="classifier-free guidance scale of a class-conditional teacher's targets (1: none)")
+    p.add_argument("--pool", choices=["iterative", "shuffled", "dynamic"],
+                    help="the pool of partially denoised samples (dynamic: the paper's dynamic iterative distillation)")
+    p.add_argument("--rho", type=float, help="dynamic pool size in batches per diffusion step (paper: 0.4)")
+    p.add_argument("--pool-dtype", choices=["float32", "float16", "bfloat16"],
+                    help="dtype the pool keeps its samples in (16-bit halves its memory)")
+    p.add_argument("--prep-batch", type=int,
+                    help="teacher batch size for pool preparation (default 1024 on a CPU, 8192 on a GPU)")
+    p.add_argument("--prep", choices=["auto", "exact", "sampled"],
+                    help="pool preparation: exact (teacher chains, N*T/2 steps), sampled (K-step x0, noised by q), "
+                         "or auto (the default: sampled where it is cheaper, K < T/2)")
+    p.add_argument("--prep-steps", type=int, help="K, the teacher sampling steps of --prep sampled (default 25, at most T)")
+    p.add_argument("--prep-ckpt-every", type=float, metavar="SECONDS",
+                    help="checkpoint the pool preparation every SECONDS (default 300; 0: after every --prep-batch "
+                         "chunk), so that --resume continues an interrupted preparation")
+    p.add_argument("--heldout", type=int,
+                    help="pool states held out to score the student on with --eval-every (default 512; 0: none)")
+    p.add_argument("--reference", help="data set the teacher learned (a built-in name), for the report's and "
+                                        "--eval-every's data-set metrics (default: the one the teacher records); with "
+                                        "--inception-weights an ADM reference batch or statistics (.npz) or a folder "
+                                        "of images")
+    p.add_argument("--dry-run", action="store_true", default=None,
+                    help="load the teacher, build the student, check the settings and memory, print the plan and its "
+                         "cost, and stop before the pool is allocated (nothing is written)")
+    p.add_argument("--inception-weights", help="local Inception weights (torch-fidelity's pt_inception file): "
+                                                "--eval-every and the report score FID, IS, precision and recall "
+                                                "against --reference")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .settings import COMMON_DEFAULTS, DATA_DEFAULTS, DISTILL_DEFAULTS, DISTILL_RULED, TRAIN_DEFAULTS
+    from .settings import COMMON_DEFAULTS, DATA_DEFAULTS, DISTILL_DEFAULTS, DISTILL_RULED, FEWSTEP_DEFAULTS, TRAIN_DEFAULTS
 
     ap = _Parser(prog="dkdm", description="Data-free knowledge distillation for diffusion models.")
     ap.add_argument("--version", action="version", version=_version())
@@ -164,40 +198,26 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--teacher-config", help="guided-diffusion flags (YAML/JSON) of an ADM checkpoint --teacher")
     di.add_argument("--student", help="student architecture spec (default: the teacher's family at every width / "
                                       "sqrt(2), about half its parameters)")
-    di.add_argument("--teacher-dtype", choices=["float32", "bfloat16", "float16"],
-                    help="run the teacher's network in reduced precision (faster on GPUs; targets change slightly)")
-    di.add_argument("--guidance", type=float,
-                    help="classifier-free guidance scale of a class-conditional teacher's targets (1: none)")
     di.add_argument("--student-steps", type=int,
                     help="the student's diffusion steps: an even respacing of the teacher's (default: the same)")
-    di.add_argument("--pool", choices=["iterative", "shuffled", "dynamic"],
-                    help="the pool of partially denoised samples (dynamic: the paper's dynamic iterative distillation)")
-    di.add_argument("--rho", type=float, help="dynamic pool size in batches per diffusion step (paper: 0.4)")
-    di.add_argument("--pool-dtype", choices=["float32", "float16", "bfloat16"],
-                    help="dtype the pool keeps its samples in (16-bit halves its memory)")
-    di.add_argument("--prep-batch", type=int,
-                    help="teacher batch size for pool preparation (default 1024 on a CPU, 8192 on a GPU)")
-    di.add_argument("--prep", choices=["auto", "exact", "sampled"],
-                    help="pool preparation: exact (teacher chains, N*T/2 steps), sampled (K-step x0, noised by q), "
-                         "or auto (the default: sampled where it is cheaper, K < T/2)")
-    di.add_argument("--prep-steps", type=int, help="K, the teacher sampling steps of --prep sampled (default 25, at most T)")
-    di.add_argument("--prep-ckpt-every", type=float, metavar="SECONDS",
-                    help="checkpoint the pool preparation every SECONDS (default 300; 0: after every --prep-batch "
-                         "chunk), so that --resume continues an interrupted preparation")
     di.add_argument("--variance", choices=["learned_range", "fixed_small", "fixed_large"],
                     help="student variance (learned_range trains it with L*vlb)")
-    di.add_argument("--heldout", type=int,
-                    help="pool states held out to score the student on with --eval-every (default 512; 0: none)")
-    di.add_argument("--reference", help="data set the teacher learned (a built-in name), for the report's and "
-                                        "--eval-every's data-set metrics (default: the one the teacher records); with "
-                                        "--inception-weights an ADM reference batch or statistics (.npz) or a folder "
-                                        "of images")
-    di.add_argument("--dry-run", action="store_true", default=None,
-                    help="load the teacher, build the student, check the settings and memory, print the plan and its "
-                         "cost, and stop before the pool is allocated (nothing is written)")
-    di.add_argument("--inception-weights", help="local Inception weights (torch-fidelity's pt_inception file): "
-                                                "--eval-every and the report score FID, IS, precision and recall "
-                                                "against --reference")
+    _pool_flags(di)
+
+    fs = sub.add_parser("fewstep", help="make a distilled student a K-step sampler (consistency distillation, data-free)",
+                        description="The second stage: a student of any architecture (the --out of `dkdm distill`) "
+                                    "becomes a K-step sampler by consistency distillation on the teacher's pool, reading "
+                                    "nothing but the teacher. Saved as a diffusers DDPMPipeline with an LCMScheduler "
+                                    "(sample it with num_inference_steps=K); `dkdm sample` / `evaluate` use its K steps.")
+    _common(fs, True)
+    fs.add_argument("--teacher", help=TEACHER_HELP)
+    fs.add_argument("--teacher-config", help="guided-diffusion flags (YAML/JSON) of an ADM checkpoint --teacher")
+    fs.add_argument("--student", help="the student to start from: the run or model directory of `dkdm distill` (or any "
+                                      "model of the teacher's sample shape and steps, e.g. the teacher itself)")
+    fs.add_argument("--sampler-steps", type=int, help="K, the steps the student samples in by default (1..50)")
+    fs.add_argument("--fewstep-prediction", choices=["v_prediction", "sample", "epsilon"],
+                    help="what the few-step student's network predicts (v: well conditioned at every step)")
+    _pool_flags(fs)
 
     sy = sub.add_parser("synth", help="sample a synthetic data set from a teacher (the data-free baseline's data)")
     _common(sy, False)
@@ -244,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _show_defaults(tr, {**COMMON_DEFAULTS, **TRAIN_DEFAULTS}, per_data=DATA_DEFAULTS)
     _show_defaults(di, {**COMMON_DEFAULTS, **DISTILL_DEFAULTS}, ruled=DISTILL_RULED)
+    _show_defaults(fs, {**COMMON_DEFAULTS, **DISTILL_DEFAULTS, **FEWSTEP_DEFAULTS}, ruled=DISTILL_RULED)
     for p in (sy, co, sa, ev, pu, rp):
         _show_defaults(p, {"seed": 0})
     return ap
@@ -288,6 +309,12 @@ def cmd_distill(args) -> None:
     _finished(distill(args.config, not args.no_progress, **_given(args)))
 
 
+def cmd_fewstep(args) -> None:
+    from .runs import fewstep
+
+    _finished(fewstep(args.config, not args.no_progress, **_given(args)))
+
+
 def cmd_synth(args) -> None:
     from .tools import synth
 
@@ -327,7 +354,7 @@ def cmd_report(args) -> None:
         print(path)
 
 
-COMMANDS = {"push": cmd_push, "report": cmd_report, "train": cmd_train, "distill": cmd_distill, "synth": cmd_synth, "convert": cmd_convert, "sample": cmd_sample, "evaluate": cmd_evaluate}
+COMMANDS = {"push": cmd_push, "report": cmd_report, "train": cmd_train, "distill": cmd_distill, "fewstep": cmd_fewstep, "synth": cmd_synth, "convert": cmd_convert, "sample": cmd_sample, "evaluate": cmd_evaluate}
 
 
 def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:

@@ -190,9 +190,8 @@ def draw(model, num: int, steps: int | None, seed: int, progress: bool = True, b
     With ``return_labels``, a ``Drawn`` (samples and their labels)."""
     from .progress import progress_bar
 
-    T = model.schedule.num_steps
-    if steps is not None and not 2 <= steps <= T:
-        raise DkdmError(f"--steps must be in 2..{T}, got {steps}")
+    model.check_sampling_steps(steps)
+    T = model.sampler_steps or model.schedule.num_steps
     if num < 2:
         raise DkdmError(f"--num must be at least 2, got {num}")
     g = torch.Generator(device=next(model.parameters(), torch.empty(0)).device).manual_seed(seed)
@@ -261,7 +260,7 @@ def evaluate_model(model, model_dir, reference, num=None, steps=None, seed: int 
                    progress: bool = True, cache: bool = False, desc: str = "sample") -> tuple[dict, Drawn | None]:
     """Metrics of ``model``'s samples against ``reference`` (see ``reference_for``), and what was
     drawn for them (None when the result came from the cache, kept per weights + settings)."""
-    num, steps = eval_settings(reference, num, steps)
+    num, steps = eval_settings(reference, num, steps or model.sampler_steps)
     settings = {"reference": _name(reference), "num_samples": num,
                 "sampling_steps": steps or model.schedule.num_steps, "seed": seed}
     path = None
@@ -319,23 +318,24 @@ def write_report(out, student, reference, teacher=None, teacher_dir=None, seed: 
     num, steps = eval_settings(reference, num, steps)
     if steps is not None:
         steps = min(steps, student.schedule.num_steps)
+    student_steps = student.sampler_steps or steps  # a few-step student draws its K steps, the teacher its own
     if reference:
         if teacher is not None:
             rows["teacher"], teacher_drawn = evaluate_model(teacher, teacher_dir, reference, num, steps, seed, progress,
                                                             cache=True, desc="teacher samples")
         rows["student" if teacher is not None else "model"], drawn = evaluate_model(
-            student, out, reference, num, steps, seed, progress, desc="student samples" if teacher else "samples")
+            student, out, reference, num, student_steps, seed, progress, desc="student samples" if teacher else "samples")
         samples = drawn.samples
         floor = data_floor(reference)
         if floor is not None:
             rows["real train split"] = floor
     if teacher is not None:
         if samples is None:
-            samples = draw(student, num, steps, seed, progress, desc="student samples")
+            samples = draw(student, num, student_steps, seed, progress, desc="student samples")
         stats = teacher_statistics(teacher, num, steps, seed, guidance, progress,
                                    drawn=teacher_drawn if guidance == 1.0 else None)
         rows["student vs teacher"] = {"teacher_fd": data_free_score(teacher, samples, stats), "num_samples": num,
-                                      "sampling_steps": steps or student.schedule.num_steps, "seed": seed,
+                                      "sampling_steps": student_steps or student.schedule.num_steps, "seed": seed,
                                       **(heldout or {})}
         _picture_pair(out, student, teacher, steps, seed, guidance, progress)
     elif samples is not None and samples.dim() == 4:
@@ -354,7 +354,7 @@ def _picture_pair(out: Path, student, teacher, steps, seed: int, guidance: float
         return
     n = PICTURE_PAIRS if len(shape) == 3 else 1000
     pair = [teacher.decode(_teacher_pictures(teacher, n, steps, seed, guidance, progress)),
-            student.decode(draw(student, n, steps, seed, progress, desc="samples.png: student"))]
+            student.decode(draw(student, n, student.sampler_steps or steps, seed, progress, desc="samples.png: student"))]
     if len(shape) == 3:
         from .images import save_side_by_side
 

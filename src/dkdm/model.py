@@ -67,6 +67,30 @@ class DiffusionModel(nn.Module):
         return cls.build(student_spec(teacher, spec), teacher.sample_shape, teacher.schedule, variance=variance,
                          prediction="epsilon", clip_x0=teacher.clip_x0, decoder=teacher.decoder, **kw)
 
+    @classmethod
+    def few_step_of(cls, model: "DiffusionModel", steps: int, prediction: str = "v_prediction") -> "DiffusionModel":
+        """A consistency student that samples in ``steps`` steps, started from ``model``'s weights: the
+        same architecture with the sample's channels only (a learned variance's outputs dropped),
+        predicting ``prediction`` (v by default: its x0 stays well conditioned at the noisiest steps,
+        where x0 from epsilon multiplies the network's error by 1 / sqrt(alpha_bar), 2e4 at T - 1 of
+        a cosine schedule)."""
+        from .consistency import GRID
+        from .students import drop_variance_outputs
+
+        if model.spec is None:
+            raise DkdmError("a few-step student starts from a model dkdm can rebuild (a spec); this one was built "
+                            "from a custom nn.Module")
+        grid = min(GRID, model.schedule.num_steps)
+        if not 1 <= steps <= grid:
+            raise DkdmError(f"--sampler-steps must be in 1..{grid} for a model of {model.schedule.num_steps} diffusion "
+                            f"steps, got {steps}")
+        extra = {**model.extra, "sampler": {"kind": "consistency", "steps": int(steps), "grid": grid}}
+        few = cls.build(model.spec, model.sample_shape, model.schedule, variance="fixed_small", prediction=prediction,
+                        clip_x0=model.clip_x0, extra=extra, null_class=model.null_class, decoder=model.decoder)
+        state = {k: v.detach().float().cpu() for k, v in model.net.state_dict().items()}
+        few.net.load_state_dict(drop_variance_outputs(model.spec, state, few.net.state_dict()))
+        return few
+
     def forward(self, x, t, y=None):
         dt = self.inference_dtype
         if dt is not None:
@@ -75,6 +99,24 @@ class DiffusionModel(nn.Module):
         return out if dt is None else out.float()
 
     inference_dtype = None
+
+    @property
+    def sampler_steps(self) -> int | None:
+        """K for a few-step (consistency) student, which samples in K steps by default; else None."""
+        sampler = self.extra.get("sampler")
+        return int(sampler["steps"]) if sampler else None
+
+    def check_sampling_steps(self, steps: int | None) -> None:
+        """A one-line error for sampling steps this model cannot take."""
+        if self.sampler_steps:
+            from .consistency import GRID
+
+            grid = int(self.extra["sampler"].get("grid", GRID))
+            if steps is not None and not 1 <= steps <= grid:
+                raise DkdmError(f"--steps must be in 1..{grid} for this few-step student (it samples in "
+                                f"{self.sampler_steps} by default), got {steps}")
+        elif steps is not None and not 2 <= steps <= self.schedule.num_steps:
+            raise DkdmError(f"--steps must be in 2..{self.schedule.num_steps}, got {steps}")
 
     def set_inference_dtype(self, dtype: str) -> "DiffusionModel":
         """Run the network in bfloat16 / float16 (a teacher: faster forwards, slightly different
@@ -154,6 +196,12 @@ class DiffusionModel(nn.Module):
         ``return_labels`` the call returns ``(samples, labels)`` (labels None when unconditional),
         so whoever scores the samples gets the labels they were drawn for.
         """
+        if self.sampler_steps:  # a few-step (consistency) student: its own K-step sampler
+            from .consistency import sample as consistency_sample
+
+            samples, labels = consistency_sample(self, num, steps or self.sampler_steps, generator, batch_size,
+                                                 progress, labels, guidance)
+            return (samples, labels) if return_labels else samples
         device = next(self.parameters(), torch.empty(0)).device
         if steps is None or steps == self.schedule.num_steps:
             sched, tmap = self.schedule, torch.arange(self.schedule.num_steps)
@@ -200,6 +248,30 @@ class _Respaced(nn.Module):
         super().__init__()
         self.inner = net
         self.register_buffer("tmap", tmap, persistent=False)
+
+    @classmethod
+    def few_step_of(cls, model: "DiffusionModel", steps: int, prediction: str = "v_prediction") -> "DiffusionModel":
+        """A consistency student that samples in ``steps`` steps, started from ``model``'s weights: the
+        same architecture with the sample's channels only (a learned variance's outputs dropped),
+        predicting ``prediction`` (v by default: its x0 stays well conditioned at the noisiest steps,
+        where x0 from epsilon multiplies the network's error by 1 / sqrt(alpha_bar), 2e4 at T - 1 of
+        a cosine schedule)."""
+        from .consistency import GRID
+        from .students import drop_variance_outputs
+
+        if model.spec is None:
+            raise DkdmError("a few-step student starts from a model dkdm can rebuild (a spec); this one was built "
+                            "from a custom nn.Module")
+        grid = min(GRID, model.schedule.num_steps)
+        if not 1 <= steps <= grid:
+            raise DkdmError(f"--sampler-steps must be in 1..{grid} for a model of {model.schedule.num_steps} diffusion "
+                            f"steps, got {steps}")
+        extra = {**model.extra, "sampler": {"kind": "consistency", "steps": int(steps), "grid": grid}}
+        few = cls.build(model.spec, model.sample_shape, model.schedule, variance="fixed_small", prediction=prediction,
+                        clip_x0=model.clip_x0, extra=extra, null_class=model.null_class, decoder=model.decoder)
+        state = {k: v.detach().float().cpu() for k, v in model.net.state_dict().items()}
+        few.net.load_state_dict(drop_variance_outputs(model.spec, state, few.net.state_dict()))
+        return few
 
     def forward(self, x, t, y=None):
         t = self.tmap.to(t.device)[t]

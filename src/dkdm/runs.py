@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 from .errors import DkdmError
-from .settings import (COMMON_DEFAULTS, DATA_DEFAULTS, DISTILL_DEFAULTS, DISTILL_RULED, RUN_DIRECTORY, TRAIN_DEFAULTS,
-                       command_of, merge, read_config, resumed)
+from .settings import (COMMON_DEFAULTS, DATA_DEFAULTS, DISTILL_DEFAULTS, DISTILL_RULED, FEWSTEP_DEFAULTS, RUN_DIRECTORY,
+                       TRAIN_DEFAULTS, command_of, merge, read_config, resumed)
 
 #: What a finished run returns: its directory, the last log record (loss terms, lr, step rate),
 #: why it stopped early (``--steps auto``, else None) and the report's rows (None without one).
@@ -76,6 +76,41 @@ def distill(config=None, progress: bool = True, **settings) -> dict | None:
     Settings as its flags (``teacher=...``, ``student=...``, ``steps=...``; ``config``: a YAML file
     of them). Returns a dict with the keys of ``RESULT`` on the main process, None on the
     others."""
+    config, settings = _saved("distill", config, settings)
+    s = merge([COMMON_DEFAULTS, DISTILL_DEFAULTS, DISTILL_RULED, RUN_DIRECTORY], config, settings)
+    return _distillation(s, progress)
+
+
+def fewstep(config=None, progress: bool = True, **settings) -> dict | None:
+    """The second stage (``dkdm fewstep``): a DKDM student (``student``: its run or model directory, of
+    any architecture) made a K-step sampler (``sampler_steps``) by consistency distillation on the
+    teacher's pool (``consistency.py``), with every rule of ``distill`` (defaults, lock, resume,
+    report). Returns what ``distill`` returns."""
+    config, settings = _saved("fewstep", config, settings)
+    s = merge([COMMON_DEFAULTS, DISTILL_DEFAULTS, DISTILL_RULED, FEWSTEP_DEFAULTS, RUN_DIRECTORY], config, settings)
+    if not s["student"]:
+        raise DkdmError("--student is required: the run or model directory of the student to make a few-step "
+                        "sampler (e.g. the --out of `dkdm distill`)")
+    if int(s["sampler_steps"]) < 1:
+        raise DkdmError(f"--sampler-steps must be at least 1, got {s['sampler_steps']}")
+    return _distillation(s, progress)
+
+
+def _few_step_student(s: dict, teacher):
+    """The DKDM student ``s["student"]`` names, as a consistency student of ``s["sampler_steps"]`` steps."""
+    from .formats import load_model
+    from .model import DiffusionModel
+
+    start = load_model(s["student"], role="student")
+    if tuple(start.sample_shape) != tuple(teacher.sample_shape) or start.schedule.num_steps != teacher.schedule.num_steps:
+        raise DkdmError(f"--student {s['student']} models samples of shape {list(start.sample_shape)} over "
+                        f"{start.schedule.num_steps} steps, the teacher {list(teacher.sample_shape)} over "
+                        f"{teacher.schedule.num_steps}: start from a student of this teacher")
+    return DiffusionModel.few_step_of(start, int(s["sampler_steps"]), s["fewstep_prediction"])
+
+
+def _distillation(s: dict, progress: bool) -> dict | None:
+    """A distillation from merged settings: DKDM (``distill``), or consistency (``fewstep``)."""
     import math
 
     import torch
@@ -90,9 +125,8 @@ def distill(config=None, progress: bool = True, **settings) -> dict | None:
     from .devices import make_accelerator
     from .trainer import Trainer
 
-    config, settings = _saved("distill", config, settings)
-    s = merge([COMMON_DEFAULTS, DISTILL_DEFAULTS, DISTILL_RULED, RUN_DIRECTORY], config, settings)
-    s["out"] = s["out"] or _default_out("distill")
+    few = s.get("sampler_steps") is not None
+    s["out"] = s["out"] or _default_out("fewstep" if few else "distill")
     acc = make_accelerator(s["mixed_precision"], *_trackers(s))
     teacher = load_model(s["teacher"], device=acc.device, role="teacher", config=s["teacher_config"])
     teacher.requires_grad_(False)
@@ -107,8 +141,11 @@ def distill(config=None, progress: bool = True, **settings) -> dict | None:
         # the pool runs the teacher on the student's steps, so every batch is a step the student takes
         teacher = teacher.respaced(int(s["student_steps"]))
     torch.manual_seed(int(s["seed"]))
-    student = DiffusionModel.student_of(teacher, s["student"], variance=s["variance"],
-                                        extra={"data": data_name, "teacher": teacher_ref})
+    if few:
+        student = _few_step_student(s, teacher)
+    else:
+        student = DiffusionModel.student_of(teacher, s["student"], variance=s["variance"],
+                                            extra={"data": data_name, "teacher": teacher_ref})
     if s["batch"] is not None and int(s["batch"]) < 1:  # the rules divide by it
         raise DkdmError(f"--batch must be at least 1, got {s['batch']}")
     # what flags and --config leave open follows from the student and the problem
@@ -116,7 +153,7 @@ def distill(config=None, progress: bool = True, **settings) -> dict | None:
                              {k: s[k] for k in DISTILL_RULED})
     s.update({k: v.value for k, v in ruled.items()})
     cfg = _train_config(s, fixed_default=step_budget(teacher.schedule.num_steps, math.prod(teacher.sample_shape),
-                                                     int(s["batch"])))
+                                                     int(s["batch"])), objective="consistency" if few else "dkdm")
     watch = _monitor_config(s)
     size = pool_size(s["pool"], float(s["rho"]), teacher.schedule.num_steps, int(s["batch"]))
     out = _check_out(s)
@@ -130,14 +167,20 @@ def distill(config=None, progress: bool = True, **settings) -> dict | None:
         raise DkdmError(f"--prep-ckpt-every must be >= 0 seconds, got {s['prep_ckpt_every']}")
     prep = preparation_cost(s["pool"], size, T, s["prep"], int(s["prep_steps"]))
     check_pool_fits(mem, size, teacher.sample_shape, s, acc.device)
-    report = _report_size(s, reference, teacher, prep + cfg.steps * int(s["batch"]))
+    # a few-step student's report costs little (K steps), its teacher's is most often cached by its distill run
+    report = _report_size(s, reference, teacher, None if few else prep + cfg.steps * int(s["batch"]))
 
     def announce():
         """The student, the rules' settings and the pool's size and cost, before any is spent."""
         n = acc.num_processes
-        print(f"student: {format_spec(student.spec)}, {count_parameters(student.net):,} parameters (teacher: "
-              f"{count_parameters(teacher.net):,}){'' if s['student'] else '; --student SPEC picks another'}",
-              file=sys.stderr)
+        if few:
+            print(f"few-step student: {format_spec(student.spec)} from {s['student']}, {count_parameters(student.net):,} "
+                  f"parameters (teacher: {count_parameters(teacher.net):,}), consistency distillation to sample in "
+                  f"{s['sampler_steps']} steps (predicting {student.prediction})", file=sys.stderr)
+        else:
+            print(f"student: {format_spec(student.spec)}, {count_parameters(student.net):,} parameters (teacher: "
+                  f"{count_parameters(teacher.net):,}){'' if s['student'] else '; --student SPEC picks another'}",
+                  file=sys.stderr)
         if ruled:
             print(f"defaults: {describe(ruled)}", file=sys.stderr)
         if reference is None and teacher.decoder is None:
@@ -307,7 +350,7 @@ def _names(names: list[str]) -> str:
     return "nothing" if not names else ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
-def _train_config(s: dict, fixed_default: int | None = None):
+def _train_config(s: dict, fixed_default: int | None = None, objective: str = "dkdm"):
     """The loop's settings; ``--steps auto`` trains up to --max-steps (default 4x ``fixed_default``)
     and evaluates every --eval-every steps (default: a 20th of the fixed default budget)."""
     from .trainer import TrainConfig
@@ -332,6 +375,7 @@ def _train_config(s: dict, fixed_default: int | None = None):
         mixed_precision=s["mixed_precision"], log_every=int(s["log_every"]), ckpt_every=int(s["ckpt_every"]),
         keep_checkpoints=int(s["keep_checkpoints"]), vlb_weight=float(s["vlb_weight"]),
         compile=bool(s["compile"]), channels_last=bool(s["channels_last"]), cuda_graphs=bool(s["cuda_graphs"]),
+        objective=objective,
     )
     cfg.validate()
     if int(s["batch"]) < 1:

@@ -37,6 +37,8 @@ DISTILL_DEFAULTS = {"teacher": "builtin:digits", "teacher_config": None, "studen
                     "pool_dtype": "float32", "prep_batch": None, "prep": "auto", "prep_steps": None, "prep_ckpt_every": 300.0,
                     "variance": "learned_range", "heldout": 512, "reference": None,
                     "inception_weights": None, "dry_run": False}
+#: ``dkdm fewstep``: distill's settings (``--student`` then names the DKDM student's directory) and these.
+FEWSTEP_DEFAULTS = {"sampler_steps": 4, "fewstep_prediction": "v_prediction"}
 RUN_DIRECTORY = {"out": None, "resume": False}
 #: What RUN/run.json records beside the settings (ignored where run.json is read as a --config).
 RECORDED = ("command", "processes")
@@ -79,7 +81,8 @@ def merge(defaults, config=None, given: dict | None = None) -> dict:
 
 def command_of(settings: dict) -> str:
     """The command a run's settings belong to: what run.json records, else distill where there is a teacher."""
-    return settings.get("command") or ("distill" if "teacher" in settings else "train")
+    return settings.get("command") or ("fewstep" if "sampler_steps" in settings else
+                                       "distill" if "teacher" in settings else "train")
 
 
 def _same(given, saved) -> bool:

@@ -312,3 +312,24 @@ def format_spec(spec: dict) -> str:
     fields = [f"{k}={text(v)}" for k, v in spec.items()
               if k != "type" and v != defaults.get(k) and v not in ("", None)]
     return spec["type"] + (":" + ",".join(fields) if fields else "")
+
+
+def drop_variance_outputs(spec: dict, state: dict, fresh: dict) -> dict:
+    """``state`` of a learned-variance network (2C outputs: prediction, then variance) made to fit the
+    fixed-variance network of the same spec whose state is ``fresh`` (C outputs): the output layer
+    keeps the prediction's rows (for a DiT, within each patch position: its head writes p x p x 2C)."""
+    out = dict(state)
+    for key, target in fresh.items():
+        source = state[key]
+        if source.shape == target.shape:
+            continue
+        if source.shape[0] != 2 * target.shape[0] or source.shape[1:] != target.shape[1:]:
+            raise DkdmError(f"cannot drop the variance outputs of {key}: shape {list(source.shape)} against "
+                            f"{list(target.shape)}")
+        if spec["type"] == "dit":  # rows ordered (patch position, channel)
+            positions = int(spec["patch"]) ** 2
+            rows = source.reshape(positions, 2, -1, *source.shape[1:])[:, 0]
+            out[key] = rows.reshape(target.shape).clone()
+        else:
+            out[key] = source[:target.shape[0]].clone()
+    return out

@@ -28,6 +28,7 @@ from .errors import DkdmError
 from .formats import save_model
 from .interrupts import Interrupted, catch_signals, restore_signals
 from .model import DiffusionModel
+from .consistency import consistency_loss, skip_steps, teacher_ode_step
 from .objective import dkdm_loss
 from .progress import progress_bar
 from .settings import COMMON_DEFAULTS
@@ -56,6 +57,7 @@ def _first_nonfinite(batch, output) -> str:
 
 _D = COMMON_DEFAULTS
 LR_DECAYS = ("constant", "cosine")
+OBJECTIVES = ("dkdm", "consistency")
 DECAY_STAGES = 100  # a decaying learning rate changes this many times a run (a CUDA graph is captured per value)
 
 
@@ -96,6 +98,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the student's forward (the backward follows)
     channels_last: bool = False  # channels-last weights: faster convolutions on GPUs in reduced precision
     cuda_graphs: bool = False  # replay the student update (and a pool's teacher step) as CUDA graphs
+    objective: str = "dkdm"  # "dkdm" (L*simple + lambda L*vlb), or "consistency" (a few-step student: consistency.py)
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -106,6 +109,8 @@ class TrainConfig:
             raise DkdmError(f"--ema must be in [0, 1), got {self.ema_decay}")
         if self.ckpt_every < 1 or self.log_every < 1:
             raise DkdmError("--ckpt-every and --log-every must be at least 1")
+        if self.objective not in OBJECTIVES:
+            raise DkdmError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
         if self.lr_decay not in LR_DECAYS:
             raise DkdmError(f"--lr-decay must be one of {', '.join(LR_DECAYS)}, got {self.lr_decay!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
@@ -230,8 +235,7 @@ class Trainer:
         with self._autocast():
             y = batch.y if student.num_classes else None  # an unconditional student learns the marginal
             output = self._forward(batch.x_t, batch.t) if y is None else self._forward(batch.x_t, batch.t, y)
-        terms = dkdm_loss(student.schedule, output.float(), batch.x_t, batch.t, batch.target,
-                          student.prediction, student.variance, cfg.vlb_weight)
+        terms = self._terms(output.float(), batch)
         loss = terms["loss"].mean()
         self.opt.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
@@ -250,15 +254,32 @@ class Trainer:
                 self._finite[1:].add_(self._finite[:1])
         return loss, output
 
+    def _terms(self, output, batch) -> dict[str, torch.Tensor]:
+        """The objective's per-sample ``loss`` and the two terms the log keeps (``mse``, ``vb``): the
+        DKDM objective's, or for a consistency student its distance to the target (as ``mse``, ``vb`` 0)."""
+        student = self.student
+        if self.cfg.objective == "dkdm":
+            return dkdm_loss(student.schedule, output, batch.x_t, batch.t, batch.target, student.prediction,
+                             student.variance, self.cfg.vlb_weight)
+        schedule, c = student.schedule, batch.x_t.shape[1]
+        s = (batch.t - skip_steps(schedule.num_steps, student.extra["sampler"]["grid"])).clamp_(min=0)
+        x_s = teacher_ode_step(schedule, batch.target, batch.x_t, batch.t, s)
+        y = batch.y if student.num_classes else None
+        with torch.no_grad(), self._autocast():  # the target: the student itself under a stop-gradient
+            target = self._forward(x_s, s) if y is None else self._forward(x_s, s, y)
+        terms = consistency_loss(schedule, output[:, :c], target.float()[:, :c], batch.x_t, batch.t, x_s, s,
+                                 student.prediction)
+        return {"mse": terms["distance"], "vb": torch.zeros_like(terms["distance"]), "loss": terms["loss"]}
+
     def _graph_inputs(self, batch) -> tuple:
         target = batch.target
-        return (batch.x_t, batch.t, batch.y if self.student.num_classes else None, target.eps, target.mean,
+        return (batch.x_t, batch.t, batch.y if self.student.num_classes else None, target.eps, target.x0, target.mean,
                 target.log_variance)
 
-    def _graphed_update(self, x_t, t, y, eps, mean, log_variance):
+    def _graphed_update(self, x_t, t, y, eps, x0, mean, log_variance):
         """``_update`` on the tensors of a batch that the loss reads (``_graph_inputs``): the arguments
         of its CUDA graph."""
-        target = Reverse(eps=eps, x0=None, mean=mean, variance=None, log_variance=log_variance)
+        target = Reverse(eps=eps, x0=x0, mean=mean, variance=None, log_variance=log_variance)
         return self._update(TrainingBatch(x_t=x_t, t=t, target=target, y=y))
 
     def _autocast(self):

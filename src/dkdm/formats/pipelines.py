@@ -171,13 +171,29 @@ def ddpm_scheduler(schedule: Schedule, variance: str, prediction: str, clip_x0: 
                          clip_sample=clip_x0, thresholding=clip_x0, sample_max_value=1.0)
 
 
+def lcm_scheduler(model):
+    """The diffusers LCMScheduler that samples a few-step (consistency) student as dkdm does:
+    ``DDPMPipeline.from_pretrained(dir)(num_inference_steps=K)``."""
+    from diffusers import LCMScheduler
+
+    from ..consistency import SIGMA_DATA, TIMESTEP_SCALING
+
+    assert SIGMA_DATA == 0.5  # LCMScheduler fixes it
+    return LCMScheduler(**model.schedule.to_diffusers(), prediction_type=model.prediction,
+                        original_inference_steps=int(model.extra["sampler"]["grid"]),
+                        timestep_scaling=TIMESTEP_SCALING, clip_sample=model.clip_x0, clip_sample_range=1.0)
+
+
 def write_ddpm_pipeline(model, d: Path, state: dict) -> None:
     """A DDPMPipeline, or for a latent model an LDMPipeline holding the teacher's autoencoder."""
     from diffusers import DDPMPipeline, LDMPipeline, UNet2DModel
 
     unet = UNet2DModel.from_config(model.net.unet.config)
     unet.load_state_dict({k[len("unet."):]: v for k, v in state.items()})
-    scheduler = ddpm_scheduler(model.schedule, model.variance, model.prediction, model.clip_x0)
+    if model.sampler_steps:
+        scheduler = lcm_scheduler(model)
+    else:
+        scheduler = ddpm_scheduler(model.schedule, model.variance, model.prediction, model.clip_x0)
     if model.decoder is not None:
         LDMPipeline(vqvae=model.decoder.vae, unet=unet, scheduler=scheduler).save_pretrained(d, safe_serialization=True)
     else:

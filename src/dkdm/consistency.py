@@ -1,0 +1,125 @@
+"""Few-step students: consistency distillation on the pool's states, and their K-step sampler.
+
+A consistency student f(x_t, t) maps any state of the teacher's probability-flow ODE to the ODE's
+end. It is parameterised as latent consistency models are, f = c_skip(t) x_t + c_out(t) x0(x_t, t)
+with x0 read from the network's prediction, so that diffusers' ``LCMScheduler`` samples a saved
+student in K steps with the same arithmetic as ``sample`` here. Training pairs come from the DKDM
+pool: for a state x_t the teacher's deterministic (DDIM) step to s = t - skip gives x_s, and the
+student is pulled towards its own output at (x_s, s) under a stop-gradient (improved consistency
+training's target), with a pseudo-Huber distance. The teacher's forward is the one the pool
+already pays for; nothing reads data.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .diffusion import Reverse, Schedule
+
+#: LCMScheduler's ``original_inference_steps``: the student is trained on skips of T // GRID steps
+#: and samples at K of the GRID timesteps T/GRID - 1, 2T/GRID - 1, ..., T - 1.
+GRID = 50
+#: LCMScheduler's boundary condition: c_skip = s^2 / ((10 t)^2 + s^2), s = SIGMA_DATA, so that f is
+#: the identity at t = 0 and the network's x0 from t = 1 on.
+TIMESTEP_SCALING, SIGMA_DATA = 10.0, 0.5
+#: iCT's pseudo-Huber constant per square root of the sample's size (0.03 on 32x32 RGB).
+HUBER_PER_SQRT_DIM = 0.00054
+
+
+def skip_steps(num_steps: int, grid: int = GRID) -> int:
+    """Model steps between the two ends of one consistency pair."""
+    return max(1, num_steps // grid)
+
+
+def sampler_timesteps(steps: int, num_steps: int, grid: int = GRID) -> list[int]:
+    """The K model timesteps a K-step student is evaluated at, as ``LCMScheduler.set_timesteps`` picks
+    them: K evenly spaced indices into the GRID timesteps, from T - 1 down."""
+    k = num_steps // grid
+    origin = (np.arange(1, grid + 1) * k - 1)[::-1]
+    index = np.floor(np.linspace(0, grid, num=steps, endpoint=False)).astype(np.int64)
+    return [int(t) for t in origin[index]]
+
+
+def boundary_scalings(t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c_skip, c_out) at timesteps ``t``, shaped and typed to broadcast over ``like``."""
+    s = t.double() * TIMESTEP_SCALING
+    c_skip = SIGMA_DATA ** 2 / (s ** 2 + SIGMA_DATA ** 2)
+    c_out = s / (s ** 2 + SIGMA_DATA ** 2).sqrt()
+    shape = (-1, *([1] * (like.dim() - 1)))
+    return c_skip.to(like.dtype).view(shape), c_out.to(like.dtype).view(shape)
+
+
+def consistency_output(schedule: Schedule, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                       prediction: str, clip_x0: bool = False) -> torch.Tensor:
+    """f(x_t, t) = c_skip x_t + c_out x0 from a network's prediction (the sampler clamps x0 where the
+    model clamps; training does not, so that the gradient reaches every value)."""
+    x0 = schedule.eps_and_x0(pred, x_t, t, prediction)[1]
+    if clip_x0:
+        x0 = x0.clamp(-1, 1)
+    c_skip, c_out = boundary_scalings(t, x_t)
+    return c_skip * x_t + c_out * x0
+
+
+def teacher_ode_step(schedule: Schedule, target: Reverse, x_t: torch.Tensor, t: torch.Tensor,
+                     s: torch.Tensor) -> torch.Tensor:
+    """The teacher's DDIM step from t to s: its x0 (clamped where the teacher clamps) and the epsilon
+    that x0 implies at (x_t, t), as guided-diffusion's ddim_sample takes it (diffusers' DDIMScheduler
+    with use_clipped_model_output)."""
+    eps = schedule.eps_from_x0(x_t, t, target.x0)
+    a, sigma = schedule._take(s, x_t, "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod")
+    return a * target.x0 + sigma * eps
+
+
+def pseudo_huber(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per sample sqrt(||a - b||^2 + c^2) - c, c = HUBER_PER_SQRT_DIM * sqrt(values per sample)."""
+    d = (a - b).flatten(1)
+    c = HUBER_PER_SQRT_DIM * math.sqrt(d.shape[1])
+    return (d.pow(2).sum(1) + c * c).sqrt() - c
+
+
+def consistency_loss(schedule: Schedule, student_pred: torch.Tensor, target_pred: torch.Tensor,
+                     x_t: torch.Tensor, t: torch.Tensor, x_s: torch.Tensor, s: torch.Tensor,
+                     prediction: str) -> dict[str, torch.Tensor]:
+    """Per-sample terms: ``distance`` between f_theta(x_t, t) and the stop-gradient f(x_s, s), and
+    ``loss`` (the same). Predictions carry the sample's channels only (a learned variance's are
+    dropped by the caller)."""
+    online = consistency_output(schedule, student_pred, x_t, t, prediction)
+    with torch.no_grad():
+        target = consistency_output(schedule, target_pred, x_s, s, prediction)
+    distance = pseudo_huber(online, target)
+    return {"distance": distance, "loss": distance}
+
+
+@torch.no_grad()
+def sample(model, num: int, steps: int, generator=None, batch_size: int = 1024, progress=None,
+           labels: torch.Tensor | None = None, guidance: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``num`` samples of a consistency student in ``steps`` steps, as diffusers' LCMScheduler draws
+    them: at each timestep x0 = f(x, t) (x0 clamped where the model clamps), then, but for the last,
+    x = q(x_next | x0) with fresh noise. Returns (samples, labels)."""
+    T = model.schedule.num_steps
+    grid = int(model.extra.get("sampler", {}).get("grid", GRID))
+    times = sampler_timesteps(steps, T, grid)
+    device = next(model.parameters(), torch.empty(0)).device
+    if labels is None:
+        labels = model.labels_for(num, generator, device)
+    c = model.sample_shape[0]
+    chunks = []
+    for start in range(0, num, batch_size):
+        n = min(batch_size, num - start)
+        y = None if labels is None else labels[start:start + n].to(device)
+        x = torch.randn((n, *model.sample_shape), generator=generator, device=device)
+        for i, step in enumerate(times):
+            t = torch.full((n,), step, device=device, dtype=torch.long)
+            pred = model.output(x, t, y, guidance)[:, :c].float()
+            x = consistency_output(model.schedule, pred, x, t, model.prediction, model.clip_x0)
+            if i + 1 < len(times):
+                a, sigma = model.schedule._take(torch.full_like(t, times[i + 1]), x,
+                                                "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod")
+                x = a * x + sigma * torch.randn(x.shape, generator=generator, device=device)
+            if progress is not None:
+                progress.update(n)
+        chunks.append(x.cpu())
+    return torch.cat(chunks), None if labels is None else labels.cpu()
