@@ -144,13 +144,15 @@ def test_fewstep_refuses_bad_input_in_one_line(tmp_path, capsys):
     assert "--sampler-steps must be at least 1" in capsys.readouterr().err
     assert main(["fewstep", "--student", "builtin:digits", "--sampler-steps", "60", "--out", str(tmp_path / "c")]) == 2
     assert "--sampler-steps must be in 1..50" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert main(["fewstep", "--student", "builtin:digits", "--steps", "auto", "--out", str(tmp_path / "e")]) == 2
+    assert "give fewstep a number of --steps" in capsys.readouterr().err
     teacher = tmp_path / "toy"
     assert main(["train", "--data", "toy2d", "--model", "mlp:width=8,depth=1", "--diffusion-steps", "20", "--steps",
                  "2", "--no-report", "--no-progress", "--out", str(teacher)]) == 0
     assert main(["fewstep", "--teacher", str(teacher), "--student", "builtin:digits", "--out", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "models samples of shape [1, 8, 8]" in err and "start from a student of this teacher" in err
-    assert not any((tmp_path / n).exists() for n in "abcd")
+    assert not any((tmp_path / n).exists() for n in "abcde")
 
 
 def _fewstep(teacher, student, out, steps, *extra):

@@ -175,6 +175,19 @@ def latest_good_checkpoint(root, warn=None) -> tuple[Path, dict[str, torch.Tenso
     return None
 
 
+def saved_pool(run_dir, rank: int = 0) -> dict[str, torch.Tensor] | None:
+    """The pool state (process ``rank``'s shard) of the newest good checkpoint of the run in
+    ``run_dir``, or None where it has none."""
+    found = latest_good_checkpoint(Path(run_dir) / "checkpoints")
+    if found is None:
+        return None
+    path, tensors, _ = found
+    if rank:
+        tensors = {**tensors, **read_rank_shard(path, rank)}
+    pool = unflatten("source", tensors)
+    return pool if "x" in pool and "s" in pool else None
+
+
 PREPARATION = "preparation"
 
 

@@ -68,7 +68,8 @@ class DiffusionModel(nn.Module):
                          prediction="epsilon", clip_x0=teacher.clip_x0, decoder=teacher.decoder, **kw)
 
     @classmethod
-    def few_step_of(cls, model: "DiffusionModel", steps: int, prediction: str = "v_prediction") -> "DiffusionModel":
+    def few_step_of(cls, model: "DiffusionModel", steps: int, prediction: str = "v_prediction",
+                    grid: int | None = None) -> "DiffusionModel":
         """A consistency student that samples in ``steps`` steps, started from ``model``'s weights: the
         same architecture with the sample's channels only (a learned variance's outputs dropped),
         predicting ``prediction`` (v by default: its x0 stays well conditioned at the noisiest steps,
@@ -80,10 +81,13 @@ class DiffusionModel(nn.Module):
         if model.spec is None:
             raise DkdmError("a few-step student starts from a model dkdm can rebuild (a spec); this one was built "
                             "from a custom nn.Module")
-        grid = min(GRID, model.schedule.num_steps)
+        T = model.schedule.num_steps
+        grid = min(GRID, T) if grid is None else grid
+        if not 1 <= grid <= T:
+            raise DkdmError(f"--consistency-grid must be in 1..{T}, got {grid}")
         if not 1 <= steps <= grid:
-            raise DkdmError(f"--sampler-steps must be in 1..{grid} for a model of {model.schedule.num_steps} diffusion "
-                            f"steps, got {steps}")
+            raise DkdmError(f"--sampler-steps must be in 1..{grid} (the --consistency-grid the K timesteps come from), "
+                            f"got {steps}")
         extra = {**model.extra, "sampler": {"kind": "consistency", "steps": int(steps), "grid": grid}}
         few = cls.build(model.spec, model.sample_shape, model.schedule, variance="fixed_small", prediction=prediction,
                         clip_x0=model.clip_x0, extra=extra, null_class=model.null_class, decoder=model.decoder)
@@ -250,7 +254,8 @@ class _Respaced(nn.Module):
         self.register_buffer("tmap", tmap, persistent=False)
 
     @classmethod
-    def few_step_of(cls, model: "DiffusionModel", steps: int, prediction: str = "v_prediction") -> "DiffusionModel":
+    def few_step_of(cls, model: "DiffusionModel", steps: int, prediction: str = "v_prediction",
+                    grid: int | None = None) -> "DiffusionModel":
         """A consistency student that samples in ``steps`` steps, started from ``model``'s weights: the
         same architecture with the sample's channels only (a learned variance's outputs dropped),
         predicting ``prediction`` (v by default: its x0 stays well conditioned at the noisiest steps,
@@ -262,7 +267,10 @@ class _Respaced(nn.Module):
         if model.spec is None:
             raise DkdmError("a few-step student starts from a model dkdm can rebuild (a spec); this one was built "
                             "from a custom nn.Module")
-        grid = min(GRID, model.schedule.num_steps)
+        T = model.schedule.num_steps
+        grid = min(GRID, T) if grid is None else grid
+        if not 1 <= grid <= T:
+            raise DkdmError(f"--consistency-grid must be in 1..{T}, got {grid}")
         if not 1 <= steps <= grid:
             raise DkdmError(f"--sampler-steps must be in 1..{grid} for a model of {model.schedule.num_steps} diffusion "
                             f"steps, got {steps}")

@@ -91,6 +91,9 @@ def fewstep(config=None, progress: bool = True, **settings) -> dict | None:
     if not s["student"]:
         raise DkdmError("--student is required: the run or model directory of the student to make a few-step "
                         "sampler (e.g. the --out of `dkdm distill`)")
+    if s["steps"] == "auto" or s["eval_every"] is not None:
+        raise DkdmError("--steps auto and --eval-every watch a DKDM student (held-out epsilon error, many-step samples); "
+                        "a few-step student is scored by its report: give fewstep a number of --steps")
     if int(s["sampler_steps"]) < 1:
         raise DkdmError(f"--sampler-steps must be at least 1, got {s['sampler_steps']}")
     return _distillation(s, progress)
@@ -106,7 +109,38 @@ def _few_step_student(s: dict, teacher):
         raise DkdmError(f"--student {s['student']} models samples of shape {list(start.sample_shape)} over "
                         f"{start.schedule.num_steps} steps, the teacher {list(teacher.sample_shape)} over "
                         f"{teacher.schedule.num_steps}: start from a student of this teacher")
-    return DiffusionModel.few_step_of(start, int(s["sampler_steps"]), s["fewstep_prediction"])
+    grid = None if s["consistency_grid"] is None else int(s["consistency_grid"])
+    return DiffusionModel.few_step_of(start, int(s["sampler_steps"]), s["fewstep_prediction"], grid)
+
+
+#: What a DKDM run's pool must share with a few-step run's for the latter to take it over.
+POOL_SETTINGS = ("pool", "batch", "rho", "pool_dtype", "guidance", "prep", "prep_steps")
+
+
+def _reusable_pool(s: dict, teacher_ref: str, acc) -> tuple[dict | None, str]:
+    """The pool a few-step run takes over from the DKDM run it starts from (``--student RUN``), so it
+    spends no teacher steps preparing one, and a line saying so; (None, why not) where the run's
+    teacher or pool settings differ or it kept no checkpoint."""
+    from .checkpoint import saved_pool
+
+    run = Path(s["student"]) / "run.json"
+    if not run.is_file():
+        return None, "preparing a pool (--student is a model directory, not a distill run)"
+    try:
+        saved = json.loads(run.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None, f"preparing a pool ({run} is unreadable)"
+    differ = [k for k in POOL_SETTINGS if str(saved.get(k)) != str(s.get(k))]
+    if saved.get("teacher") is None or teacher_reference(saved["teacher"]) != teacher_ref:
+        differ.insert(0, "teacher")
+    if int(saved.get("processes", 1)) != acc.num_processes:
+        differ.append("processes")
+    if differ:
+        return None, f"preparing a pool (the run's {', '.join(differ)} differ from this one's)"
+    state = saved_pool(s["student"], acc.process_index)
+    if state is None:
+        return None, "preparing a pool (the run kept no checkpoint)"
+    return state, f"pool: taken over from {s['student']}'s last checkpoint (the same teacher and pool settings)"
 
 
 def _distillation(s: dict, progress: bool) -> dict | None:
@@ -166,6 +200,9 @@ def _distillation(s: dict, progress: bool) -> dict | None:
     if not float(s["prep_ckpt_every"]) >= 0:
         raise DkdmError(f"--prep-ckpt-every must be >= 0 seconds, got {s['prep_ckpt_every']}")
     prep = preparation_cost(s["pool"], size, T, s["prep"], int(s["prep_steps"]))
+    inherited, inherit_note = _reusable_pool(s, teacher_ref, acc) if few else (None, "")
+    if inherited is not None:
+        prep = 0
     check_pool_fits(mem, size, teacher.sample_shape, s, acc.device)
     # a few-step student's report costs little (K steps), its teacher's is most often cached by its distill run
     report = _report_size(s, reference, teacher, None if few else prep + cfg.steps * int(s["batch"]))
@@ -193,11 +230,14 @@ def _distillation(s: dict, progress: bool) -> dict | None:
                       file=sys.stderr)
         print(
             f"pool: {s['pool']}, {size} entries x {list(teacher.sample_shape)} {s['pool_dtype']} = {mem / 2**20:.1f} MiB; "
-            f"{s['prep']} preparation ~{prep:,} teacher sample-steps; training {'up to ' * (s['steps'] == 'auto')}"
+            + (f"{s['prep']} preparation ~{prep:,} teacher sample-steps" if inherited is None else "no preparation")
+            + f"; training {'up to ' * (s['steps'] == 'auto')}"
             f"{cfg.steps:,} steps, {cfg.steps * int(s['batch']):,} teacher sample-forwards"
             + (f" (each of {n} processes: its own pool shard and batches)" if n > 1 else ""),
             file=sys.stderr,
         )
+        if few:
+            print(inherit_note, file=sys.stderr)
         print("report: none (--no-report)" if s["no_report"] else report.describe(T), file=sys.stderr)
 
     if s["dry_run"]:  # the plan, and no pool allocated, nothing written
@@ -228,6 +268,10 @@ def _distillation(s: dict, progress: bool) -> dict | None:
             if state is not None:
                 print(f"resuming the pool preparation: {int(state['prep_done']):,} of {size:,} entries were prepared",
                       file=sys.stderr)
+        if inherited is not None and state is None:
+            pool.load_state_dict(inherited)
+            pool.teacher_calls = pool.prep_calls = 0  # this run's count starts here
+            return
         estimate = Estimate(prep, cfg.steps * int(s["batch"]), acc.is_main_process)
         previous = catch_signals(stop)  # Ctrl-C: save after the chunk in flight, then stop
         try:

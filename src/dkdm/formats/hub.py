@@ -95,6 +95,11 @@ def model_card(directory, repo_id: str | None = None, teacher_parameters: int | 
     facts = [f"- architecture: `{spec.get('type', '?')}` " + ", ".join(f"{k}={v}" for k, v in spec.items() if k != "type"),
              f"- samples: {shape}, {config.get('schedule', {}).get('num_steps', '?')} diffusion steps, predicts "
              f"{config.get('prediction', '?')}, variance {config.get('variance', '?')}"]
+    sampler = config.get("sampler")
+    if sampler:
+        facts.append(f"- samples in {sampler['steps']} steps (any of 1..{sampler['grid']}): a consistency model made "
+                     f"from the DKDM student `{run.get('student', '?')}` by consistency distillation on the teacher's "
+                     f"pool (`dkdm fewstep`), sampled by diffusers' LCMScheduler")
     if student:
         facts.append(f"- parameters: {student:,}" + (f" (teacher: {teacher_parameters:,}, "
                                                      f"{student / teacher_parameters:.2f}x)" if teacher_parameters else ""))
@@ -106,10 +111,11 @@ def model_card(directory, repo_id: str | None = None, teacher_parameters: int | 
         lines += ["## Samples", "", "![samples](samples.png)", ""]
         if teacher:
             lines += ["Teacher and student, drawn from the same noise.", ""]
+    steps_arg = f", num_inference_steps={sampler['steps']}" if sampler else ""
     lines += ["## Use", "", "```python"]
     if pipeline:
         lines += [f"from diffusers import {pipeline}", "", f'pipe = {pipeline}.from_pretrained("{name}")',
-                  "images = pipe(batch_size=16).images"]
+                  f"images = pipe(batch_size=16{steps_arg}).images"]
     else:
         lines += ["from dkdm.formats import load_model", "", f'model = load_model("{name}")',
                   "samples = model.sample(16)"]

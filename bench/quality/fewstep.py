@@ -1,0 +1,120 @@
+"""Few-step samplers on digits, data-free: the table of docs/few-step.md.
+
+For each seed: the DKDM students (`dkdm distill`, the default half-width UNet and a DiT from the
+UNet teacher), their few-step students (`dkdm fewstep`), and the few-step student of the teacher's
+own architecture started from the teacher's weights; then digits-FID, precision and recall
+(1,437 samples) at K = 1, 2, 4, 8 for: the teacher with DDIM (clipping) and DPM-Solver++ 2M
+(thresholding at 1), the DKDM student with DPM-Solver++, and each few-step student with its own
+sampler. Every run is a run directory under --out: a finished one is reused, a stopped one resumed
+(`--resume`), so the script continues where it was stopped. The teacher's 100-step row is the report's.
+
+    python bench/quality/fewstep.py --out bench-runs/fewstep --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+KS = (1, 2, 4, 8)
+RUNS = {  # name: (command, extra flags); {student} is the DKDM run the few-step stage starts from
+    "dkdm-unet": ("distill", []),
+    "fewstep-unet": ("fewstep", ["--student", "{dkdm-unet}"]),
+    "dkdm-dit": ("distill", ["--student", "dit:width=96,heads=3"]),
+    "fewstep-dit": ("fewstep", ["--student", "{dkdm-dit}"]),
+    "fewstep-teacher": ("fewstep", ["--student", "builtin:digits"]),
+}
+
+
+def run(out: Path, name: str, seed: int, threads: int) -> tuple[Path, float]:
+    """The run directory of ``name`` for ``seed``, started, resumed or reused; its wall time (0 if reused)."""
+    command, extra = RUNS[name]
+    d = out / f"{name}-s{seed}"
+    if (d / "dkdm_model.json").exists():
+        return d, 0.0
+    extra = [e.format(**{k: str(out / f"{k}-s{seed}") for k in RUNS}) for e in extra]
+    args = [sys.executable, "-m", "dkdm.cli", command, *extra, "--seed", str(seed), "--no-report", "--out", str(d)]
+    if d.exists():
+        args.append("--resume")
+    t0 = time.time()
+    subprocess.run(args, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    return d, time.time() - t0
+
+
+def stock(model, scheduler, steps: int, seed: int, num: int) -> torch.Tensor:
+    """``num`` samples of a diffusion model with a diffusers scheduler (its epsilon channels)."""
+    sched, g = scheduler(), torch.Generator().manual_seed(seed)
+    sched.set_timesteps(steps)
+    c = model.sample_shape[0]
+    x = torch.randn(num, *model.sample_shape, generator=g) * sched.init_noise_sigma
+    with torch.inference_mode():
+        for t in sched.timesteps:
+            x = sched.step(model(x, torch.full((num,), int(t)))[:, :c], t, x, generator=g).prev_sample
+    return x.clamp(-1, 1)
+
+
+def rows(out: Path, seed: int, num: int, threads: int) -> list[dict]:
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    from dkdm.formats import load_model
+    from dkdm.metrics.digits import digits_metrics
+
+    dirs, walls = {}, {}
+    for name in RUNS:
+        dirs[name], walls[name] = run(out, name, seed, threads)
+    teacher = load_model("builtin:digits").eval()
+    cfg = teacher.schedule.to_diffusers()
+    ddim = lambda: DDIMScheduler(**cfg, clip_sample=True)
+    dpm = lambda: DPMSolverMultistepScheduler(**cfg, thresholding=True, sample_max_value=1.0)
+    found = []
+
+    def add(label, sample, wall=None):
+        for k in KS:
+            m = digits_metrics(sample(k))
+            found.append({"model": label, "K": k, "seed": seed, "digits_fid": m["digits_fid"],
+                          "precision": m["precision"], "recall": m["recall"], "wall_s": wall})
+            print(json.dumps(found[-1]), flush=True)
+
+    add("teacher, DDIM", lambda k: stock(teacher, ddim, k, seed, num))
+    add("teacher, DPM-Solver++", lambda k: stock(teacher, dpm, k, seed, num))
+    for name in ("dkdm-unet", "dkdm-dit"):
+        student = load_model(dirs[name]).eval()
+        add(f"{name}, DPM-Solver++", lambda k: stock(student, dpm, k, seed, num), walls[name])
+    for name in ("fewstep-unet", "fewstep-dit", "fewstep-teacher"):
+        few = load_model(dirs[name]).eval()
+        add(name, lambda k: few.sample(num, k, torch.Generator().manual_seed(seed)).clamp(-1, 1), walls[name])
+    return found
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench-runs/fewstep")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--num", type=int, default=1437)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = []
+    for seed in a.seeds:
+        table += rows(out, seed, a.num, a.threads)
+    (out / "fewstep.json").write_text(json.dumps(table, indent=1))
+    print("| model | seed | " + " | ".join(f"K={k}" for k in KS) + " |")
+    print("|---|---|" + "---|" * len(KS))
+    for label in dict.fromkeys(r["model"] for r in table):
+        for seed in a.seeds:
+            cells = {r["K"]: r for r in table if r["model"] == label and r["seed"] == seed}
+            print(f"| {label} | {seed} | " + " | ".join(f"{cells[k]['digits_fid']:.2f}" for k in KS) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
