@@ -172,16 +172,19 @@ def toy_pair(tmp_path_factory):
     return d / "teacher", d / "student"
 
 
-def test_fewstep_run_writes_a_k_step_model_that_resumes_bit_identically_after_kill_9(tmp_path, toy_pair):
+def test_fewstep_run_writes_a_k_step_model_that_resumes_bit_identically_after_kill_9(tmp_path, toy_pair, capsys):
     teacher, student = toy_pair
     steps = 600
     assert main(_fewstep(teacher, student, tmp_path / "a", steps)) == 0
+    err = capsys.readouterr().err  # the distill run's pool is taken over: no teacher step is spent preparing one
+    assert "no preparation" in err and f"pool: taken over from {student}" in err
     saved = json.loads((tmp_path / "a" / "run.json").read_text())
     assert saved["command"] == "fewstep" and saved["sampler_steps"] == 2
     model = load_model(tmp_path / "a")
     assert model.sampler_steps == 2 and model.extra["sampler"]["grid"] == 20
     log = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["vb"] == 0 and log[-1]["mse"] < log[0]["mse"]  # the consistency distance falls
+    assert log[-1]["teacher_calls"] == steps * 32
     proc = spawn(_fewstep(teacher, student, tmp_path / "b", steps))
     wait_for_step(tmp_path / "b", 250, proc)
     proc.send_signal(signal.SIGKILL)

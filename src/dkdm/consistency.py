@@ -27,6 +27,8 @@ GRID = 50
 TIMESTEP_SCALING, SIGMA_DATA = 10.0, 0.5
 #: iCT's pseudo-Huber constant per square root of the sample's size (0.03 on 32x32 RGB).
 HUBER_PER_SQRT_DIM = 0.00054
+import os
+WEIGHTING = os.environ.get("DKDM_CW", "uniform")
 
 
 def skip_steps(num_steps: int, grid: int = GRID) -> int:
@@ -90,6 +92,12 @@ def consistency_loss(schedule: Schedule, student_pred: torch.Tensor, target_pred
     with torch.no_grad():
         target = consistency_output(schedule, target_pred, x_s, s, prediction)
     distance = pseudo_huber(online, target)
+    if WEIGHTING == "sigma2":
+        sigma = schedule._take(t, distance, "sqrt_one_minus_alphas_cumprod")[0]
+        return {"distance": distance, "loss": distance / sigma.sqrt()}
+    if WEIGHTING == "sigma":  # x0's error in units of the noise: each t pulls on the network's output alike
+        sigma = schedule._take(t, distance, "sqrt_one_minus_alphas_cumprod")[0]
+        return {"distance": distance, "loss": distance / sigma}
     return {"distance": distance, "loss": distance}
 
 

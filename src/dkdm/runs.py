@@ -419,7 +419,7 @@ def _train_config(s: dict, fixed_default: int | None = None, objective: str = "d
         mixed_precision=s["mixed_precision"], log_every=int(s["log_every"]), ckpt_every=int(s["ckpt_every"]),
         keep_checkpoints=int(s["keep_checkpoints"]), vlb_weight=float(s["vlb_weight"]),
         compile=bool(s["compile"]), channels_last=bool(s["channels_last"]), cuda_graphs=bool(s["cuda_graphs"]),
-        objective=objective,
+        objective=objective, denoiser_steps=int(s.get("denoiser_steps") or 0),
     )
     cfg.validate()
     if int(s["batch"]) < 1:
