@@ -41,7 +41,7 @@ def test_consistency_loss_matches_a_float64_hand_computation():
     v_student, v_target = torch.randn(n, 1, 4, 4, generator=g), torch.randn(n, 1, 4, 4, generator=g)
     t = torch.tensor([0, 1, 19, 500, 998, 999])
     s = (t - skip_steps(T)).clamp(min=0)
-    got = consistency_loss(sched, v_student, v_target, x_t, t, x_s, s, "v_prediction")["loss"]
+    terms = consistency_loss(sched, v_student, v_target, x_t, t, x_s, s, "v_prediction")
 
     def f(v, x, step):  # LCM's boundary condition on a v-prediction, by hand
         a = abar[step]
@@ -49,14 +49,16 @@ def test_consistency_loss_matches_a_float64_hand_computation():
         scaled = 10.0 * step
         return 0.25 / (scaled ** 2 + 0.25) * x + scaled / math.sqrt(scaled ** 2 + 0.25) * x0
 
-    want = []
+    distance = []
     for i in range(n):
         d = f(v_student[i].double().numpy(), x_t[i].double().numpy(), int(t[i])) - \
             f(v_target[i].double().numpy(), x_s[i].double().numpy(), int(s[i]))
         c = 0.00054 * math.sqrt(d.size)
-        want.append(math.sqrt((d ** 2).sum() + c * c) - c)
+        distance.append(math.sqrt((d ** 2).sum() + c * c) - c)
+    sigma = np.sqrt(1 - abar[t.numpy()])  # the loss weighs each t's distance by 1 / sigma_t
     assert skip_steps(T) == 20
-    np.testing.assert_allclose(got.numpy(), np.array(want), rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(terms["distance"].numpy(), np.array(distance), rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(terms["loss"].numpy(), np.array(distance) / sigma, rtol=2e-5, atol=1e-6)
     # at t = 0 the consistency function is the identity: the student's prediction has no say there
     c_skip, c_out = boundary_scalings(torch.tensor([0, 1]), x_t[:2])
     assert c_skip.flatten().tolist() == [1.0, pytest.approx(0.25 / 100.25, rel=1e-6)] and c_out.flatten()[0] == 0
@@ -191,3 +193,15 @@ def test_fewstep_run_writes_a_k_step_model_that_resumes_bit_identically_after_ki
     proc.wait()
     assert run_cli(_fewstep(teacher, student, tmp_path / "b", steps, "--resume")) == 0
     same(weights(tmp_path / "a"), weights(tmp_path / "b"))
+
+
+def test_fewstep_defaults_double_the_budget_and_take_a_fifth_of_the_rate():
+    from dkdm.defaults import distill_defaults, fewstep_defaults
+
+    d, f = distill_defaults(517_754, (1, 8, 8), 1000), fewstep_defaults(517_754, (1, 8, 8), 1000)
+    assert f["steps"].value == 2 * d["steps"].value == 2400
+    assert f["lr"].value == pytest.approx(d["lr"].value / 5) and f["warmup"].value == 200
+    assert {k: v.value for k, v in f.items() if k not in ("steps", "lr", "warmup")} == \
+        {k: v.value for k, v in d.items() if k not in ("steps", "lr", "warmup")}
+    given = fewstep_defaults(517_754, (1, 8, 8), 1000, {"steps": 20_000, "lr": 1e-3})
+    assert "steps" not in given and "lr" not in given and given["warmup"].value == 400

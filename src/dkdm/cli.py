@@ -217,9 +217,6 @@ def build_parser() -> argparse.ArgumentParser:
     fs.add_argument("--sampler-steps", type=int, help="K, the steps the student samples in by default (1..50)")
     fs.add_argument("--fewstep-prediction", choices=["v_prediction", "sample", "epsilon"],
                     help="what the few-step student's network predicts (v: well conditioned at every step)")
-    fs.add_argument("--denoiser-steps", type=int, metavar="N",
-                    help="first train the student as the teacher's denoiser (f regressed on the teacher's x0) for N "
-                         "steps, the start consistency distillation assumes")
     fs.add_argument("--consistency-grid", type=int, metavar="N",
                     help="the ODE's grid: consistency pairs T/N steps apart, and the timesteps K steps are taken "
                          "from (LCMScheduler's original_inference_steps; default min(50, T))")

@@ -27,8 +27,6 @@ GRID = 50
 TIMESTEP_SCALING, SIGMA_DATA = 10.0, 0.5
 #: iCT's pseudo-Huber constant per square root of the sample's size (0.03 on 32x32 RGB).
 HUBER_PER_SQRT_DIM = 0.00054
-import os
-WEIGHTING = os.environ.get("DKDM_CW", "uniform")
 
 
 def skip_steps(num_steps: int, grid: int = GRID) -> int:
@@ -86,19 +84,16 @@ def consistency_loss(schedule: Schedule, student_pred: torch.Tensor, target_pred
                      x_t: torch.Tensor, t: torch.Tensor, x_s: torch.Tensor, s: torch.Tensor,
                      prediction: str) -> dict[str, torch.Tensor]:
     """Per-sample terms: ``distance`` between f_theta(x_t, t) and the stop-gradient f(x_s, s), and
-    ``loss`` (the same). Predictions carry the sample's channels only (a learned variance's are
+    ``loss``, the distance divided by sigma_t = sqrt(1 - alpha_bar_t). Predictions carry the sample's channels only (a learned variance's are
     dropped by the caller)."""
     online = consistency_output(schedule, student_pred, x_t, t, prediction)
     with torch.no_grad():
         target = consistency_output(schedule, target_pred, x_s, s, prediction)
     distance = pseudo_huber(online, target)
-    if WEIGHTING == "sigma2":
-        sigma = schedule._take(t, distance, "sqrt_one_minus_alphas_cumprod")[0]
-        return {"distance": distance, "loss": distance / sigma.sqrt()}
-    if WEIGHTING == "sigma":  # x0's error in units of the noise: each t pulls on the network's output alike
-        sigma = schedule._take(t, distance, "sqrt_one_minus_alphas_cumprod")[0]
-        return {"distance": distance, "loss": distance / sigma}
-    return {"distance": distance, "loss": distance}
+    # x0's error in units of the noise: through v, x0 at a small t moves by only sigma_t per unit of the
+    # network's output, and every later step of the sampler inherits those t (docs/few-step.md)
+    sigma = schedule._take(t, distance, "sqrt_one_minus_alphas_cumprod")[0]
+    return {"distance": distance, "loss": distance / sigma}
 
 
 @torch.no_grad()

@@ -150,7 +150,7 @@ def _distillation(s: dict, progress: bool) -> dict | None:
     import torch
 
     from .costs import Estimate, check_pool_fits
-    from .defaults import PREP_STEPS, describe, distill_defaults, step_budget
+    from .defaults import PREP_STEPS, describe, distill_defaults, fewstep_defaults, step_budget
     from .formats import load_model
     from .model import DiffusionModel
     from .pool import (KnowledgePool, pool_memory_bytes, pool_size, preparation_batch, preparation_cost,
@@ -183,8 +183,9 @@ def _distillation(s: dict, progress: bool) -> dict | None:
     if s["batch"] is not None and int(s["batch"]) < 1:  # the rules divide by it
         raise DkdmError(f"--batch must be at least 1, got {s['batch']}")
     # what flags and --config leave open follows from the student and the problem
-    ruled = distill_defaults(count_parameters(student.net), teacher.sample_shape, teacher.schedule.num_steps,
-                             {k: s[k] for k in DISTILL_RULED})
+    rules = fewstep_defaults if few else distill_defaults
+    ruled = rules(count_parameters(student.net), teacher.sample_shape, teacher.schedule.num_steps,
+                  {k: s[k] for k in DISTILL_RULED})
     s.update({k: v.value for k, v in ruled.items()})
     cfg = _train_config(s, fixed_default=step_budget(teacher.schedule.num_steps, math.prod(teacher.sample_shape),
                                                      int(s["batch"])), objective="consistency" if few else "dkdm")
@@ -238,7 +239,12 @@ def _distillation(s: dict, progress: bool) -> dict | None:
         )
         if few:
             print(inherit_note, file=sys.stderr)
-        print("report: none (--no-report)" if s["no_report"] else report.describe(T), file=sys.stderr)
+        if few and not s["no_report"]:
+            print(f"report: {report.num:,} samples of the student at its {s['sampler_steps']} steps and of the teacher at "
+                  f"{report.steps or T} (the teacher's cached across runs: drawn once, most often by the distill run)",
+                  file=sys.stderr)
+        else:
+            print("report: none (--no-report)" if s["no_report"] else report.describe(T), file=sys.stderr)
 
     if s["dry_run"]:  # the plan, and no pool allocated, nothing written
         if acc.is_main_process:
@@ -419,7 +425,7 @@ def _train_config(s: dict, fixed_default: int | None = None, objective: str = "d
         mixed_precision=s["mixed_precision"], log_every=int(s["log_every"]), ckpt_every=int(s["ckpt_every"]),
         keep_checkpoints=int(s["keep_checkpoints"]), vlb_weight=float(s["vlb_weight"]),
         compile=bool(s["compile"]), channels_last=bool(s["channels_last"]), cuda_graphs=bool(s["cuda_graphs"]),
-        objective=objective, denoiser_steps=int(s.get("denoiser_steps") or 0),
+        objective=objective,
     )
     cfg.validate()
     if int(s["batch"]) < 1:

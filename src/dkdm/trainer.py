@@ -28,7 +28,7 @@ from .errors import DkdmError
 from .formats import save_model
 from .interrupts import Interrupted, catch_signals, restore_signals
 from .model import DiffusionModel
-from .consistency import consistency_loss, consistency_output, pseudo_huber, skip_steps, teacher_ode_step
+from .consistency import consistency_loss, skip_steps, teacher_ode_step
 from .objective import dkdm_loss
 from .progress import progress_bar
 from .settings import COMMON_DEFAULTS
@@ -99,7 +99,6 @@ class TrainConfig:
     channels_last: bool = False  # channels-last weights: faster convolutions on GPUs in reduced precision
     cuda_graphs: bool = False  # replay the student update (and a pool's teacher step) as CUDA graphs
     objective: str = "dkdm"  # "dkdm" (L*simple + lambda L*vlb), or "consistency" (a few-step student: consistency.py)
-    denoiser_steps: int = 0  # consistency: first regress f on the teacher's x0 for this many steps (a denoiser to start from)
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -263,11 +262,6 @@ class Trainer:
             return dkdm_loss(student.schedule, output, batch.x_t, batch.t, batch.target, student.prediction,
                              student.variance, self.cfg.vlb_weight)
         schedule, c = student.schedule, batch.x_t.shape[1]
-        if self.step < self.cfg.denoiser_steps:  # f as the teacher's denoiser first: the start consistency training assumes
-            f = consistency_output(schedule, output[:, :c], batch.x_t, batch.t, student.prediction)
-            target = torch.where((batch.t == 0).view(-1, *[1] * (f.dim() - 1)), batch.x_t, batch.target.x0)
-            distance = pseudo_huber(f, target)
-            return {"mse": distance, "vb": torch.zeros_like(distance), "loss": distance}
         s = (batch.t - skip_steps(schedule.num_steps, student.extra["sampler"]["grid"])).clamp_(min=0)
         x_s = teacher_ode_step(schedule, batch.target, batch.x_t, batch.t, s)
         y = batch.y if student.num_classes else None
