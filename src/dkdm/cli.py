@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(sa, False)
     sa.add_argument("--model", required=True, help="model directory")
     sa.add_argument("--num", type=int, default=1000, help="number of samples")
-    sa.add_argument("--steps", type=int, help="sampling steps (default: all diffusion steps)")
+    sa.add_argument("--steps", type=int, help="sampling steps (default: all diffusion steps; a few-step student: its K)")
     sa.add_argument("--batch", type=int, default=1024, help="samples drawn at once")
     sa.add_argument("--out", required=True, help="output file: .npz (arrays) or .png (image grid)")
 
@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--inception-weights", help="local Inception weights (torch-fidelity's pt_inception file): FID, IS, "
                                                 "precision and recall of RGB models against --reference")
     ev.add_argument("--num", type=int, help="number of samples (default: the metric's fixed count)")
-    ev.add_argument("--steps", type=int, help="sampling steps (default: all diffusion steps)")
+    ev.add_argument("--steps", type=int, help="sampling steps (default: all diffusion steps; a few-step student: its K)")
 
     _show_defaults(tr, {**COMMON_DEFAULTS, **TRAIN_DEFAULTS}, per_data=DATA_DEFAULTS)
     _show_defaults(di, {**COMMON_DEFAULTS, **DISTILL_DEFAULTS}, ruled=DISTILL_RULED)

@@ -148,7 +148,7 @@ def _evaluate_rgb(model_ref, reference, inception_weights, num, steps, seed, pro
                         "batch, arr_0 uint8 images, or statistics mu/sigma) or a folder of images")
     metric = reference_for(reference, inception_weights, device)
     num = num or default_num(metric)
-    sampling = steps or model.schedule.num_steps
+    sampling = steps or model.sampler_steps or model.schedule.num_steps
     against = (f"{reference} ({len(metric.reference):,} images, their features cached)" if len(metric.reference)
                else f"the statistics in {reference}")
     print(f"scoring {num:,} samples of {sampling} steps ({num * sampling:,} model sample-steps) against {against}",
