@@ -27,6 +27,8 @@ GRID = 50
 TIMESTEP_SCALING, SIGMA_DATA = 10.0, 0.5
 #: iCT's pseudo-Huber constant per square root of the sample's size (0.03 on 32x32 RGB).
 HUBER_PER_SQRT_DIM = 0.00054
+#: The loss divides each distance by sigma_t ** SIGMA_POWER (docs/few-step.md: 0.5, 1 and 2 measured).
+SIGMA_POWER = 1.0
 
 
 def skip_steps(num_steps: int, grid: int = GRID) -> int:
@@ -93,7 +95,7 @@ def consistency_loss(schedule: Schedule, student_pred: torch.Tensor, target_pred
     # x0's error in units of the noise: through v, x0 at a small t moves by only sigma_t per unit of the
     # network's output, and every later step of the sampler inherits those t (docs/few-step.md)
     sigma = schedule._take(t, distance, "sqrt_one_minus_alphas_cumprod")[0]
-    return {"distance": distance, "loss": distance / sigma}
+    return {"distance": distance, "loss": distance / sigma ** SIGMA_POWER}
 
 
 @torch.no_grad()
