@@ -93,13 +93,60 @@ def rows(out: Path, seed: int, num: int, threads: int) -> list[dict]:
     return found
 
 
+def markdown(table: list[dict]) -> str:
+    """digits-FID by model and K: the mean over seeds with the seeds' range, and precision / recall (means)."""
+    lines = ["| model | seeds | " + " | ".join(f"K={k}: FID (P / R)" for k in KS) + " |",
+             "|---|---|" + "---|" * len(KS)]
+    for label in dict.fromkeys(r["model"] for r in table):
+        rows = [r for r in table if r["model"] == label]
+        seeds = sorted({r["seed"] for r in rows})
+        cells = []
+        for k in KS:
+            at = [r for r in rows if r["K"] == k]
+            fid = [r["digits_fid"] for r in at]
+            mean = lambda key: sum(r[key] for r in at) / len(at)
+            spread = f" ({min(fid):.1f}-{max(fid):.1f})" if len(fid) > 1 else ""
+            cells.append(f"{mean('digits_fid'):.1f}{spread} ({mean('precision'):.2f} / {mean('recall'):.2f})")
+        lines.append(f"| {label} | {', '.join(map(str, seeds))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(table: list[dict], path: Path, teacher_fid: float) -> None:
+    """digits-FID, precision and recall against K (log scale), one line per model (mean over seeds)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(13, 3.8), layout="constrained")
+    axes = fig.subplots(1, 3)
+    for label in dict.fromkeys(r["model"] for r in table):
+        for ax, key in zip(axes, ("digits_fid", "precision", "recall")):
+            ys = [sum(r[key] for r in table if r["model"] == label and r["K"] == k) /
+                  max(1, sum(1 for r in table if r["model"] == label and r["K"] == k)) for k in KS]
+            ax.plot(KS, ys, marker="o", label=label)
+    axes[0].axhline(teacher_fid, color="gray", ls="--", label="teacher, 100 steps")
+    axes[0].set_yscale("log")
+    for ax, key in zip(axes, ("digits-FID", "precision", "recall")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sampling steps K")
+        ax.set_title(key)
+    axes[0].legend(fontsize=6)
+    fig.savefig(path, dpi=110)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench-runs/fewstep")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--num", type=int, default=1437)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--teacher-fid", type=float, default=10.84,
+                    help="the teacher's 100-step digits-FID drawn in the plot (the report's, mean of seeds 0-2)")
+    ap.add_argument("--render", metavar="JSON", help="only render a table JSON (docs/few-step.json) as markdown and a plot")
     a = ap.parse_args(argv)
+    if a.render:
+        table = json.loads(Path(a.render).read_text())
+        print(markdown(table))
+        plot(table, Path(a.render).with_suffix(".png"), a.teacher_fid)
+        return 0
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -107,12 +154,8 @@ def main(argv=None) -> int:
     for seed in a.seeds:
         table += rows(out, seed, a.num, a.threads)
     (out / "fewstep.json").write_text(json.dumps(table, indent=1))
-    print("| model | seed | " + " | ".join(f"K={k}" for k in KS) + " |")
-    print("|---|---|" + "---|" * len(KS))
-    for label in dict.fromkeys(r["model"] for r in table):
-        for seed in a.seeds:
-            cells = {r["K"]: r for r in table if r["model"] == label and r["seed"] == seed}
-            print(f"| {label} | {seed} | " + " | ".join(f"{cells[k]['digits_fid']:.2f}" for k in KS) + " |")
+    print(markdown(table))
+    plot(table, out / "fewstep.png", a.teacher_fid)
     return 0
 
 
