@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     fs.add_argument("--teacher-config", help="guided-diffusion flags (YAML/JSON) of an ADM checkpoint --teacher")
     fs.add_argument("--student", help="the student to start from: the run or model directory of `dkdm distill` (or any "
                                       "model of the teacher's sample shape and steps, e.g. the teacher itself)")
-    fs.add_argument("--sampler-steps", type=int, help="K, the steps the student samples in by default (1..50)")
+    fs.add_argument("--sampler-steps", type=int, help="K, the steps the saved student samples in (1..50; sample / evaluate --steps picks another)")
     fs.add_argument("--fewstep-prediction", choices=["v_prediction", "sample", "epsilon"],
                     help="what the few-step student's network predicts (v: well conditioned at every step)")
     fs.add_argument("--consistency-grid", type=int, metavar="N",
