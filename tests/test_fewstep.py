@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from dkdm.cli import main
-from dkdm.consistency import (boundary_scalings, consistency_loss, pseudo_huber, sampler_timesteps, skip_steps,
-                              teacher_ode_step)
+from dkdm.consistency import (boundary_scalings, consistency_loss, pseudo_huber, sampler_timesteps, sigma_power,
+                              skip_steps, teacher_ode_step)
 from dkdm.diffusion import Schedule
 from dkdm.formats import load_model, save_model
 from dkdm.model import DiffusionModel
@@ -41,7 +41,7 @@ def test_consistency_loss_matches_a_float64_hand_computation():
     v_student, v_target = torch.randn(n, 1, 4, 4, generator=g), torch.randn(n, 1, 4, 4, generator=g)
     t = torch.tensor([0, 1, 19, 500, 998, 999])
     s = (t - skip_steps(T)).clamp(min=0)
-    terms = consistency_loss(sched, v_student, v_target, x_t, t, x_s, s, "v_prediction")
+    terms = consistency_loss(sched, v_student, v_target, x_t, t, x_s, s, "v_prediction", power=1.5)
 
     def f(v, x, step):  # LCM's boundary condition on a v-prediction, by hand
         a = abar[step]
@@ -55,10 +55,11 @@ def test_consistency_loss_matches_a_float64_hand_computation():
             f(v_target[i].double().numpy(), x_s[i].double().numpy(), int(s[i]))
         c = 0.00054 * math.sqrt(d.size)
         distance.append(math.sqrt((d ** 2).sum() + c * c) - c)
-    sigma = np.sqrt(1 - abar[t.numpy()])  # the loss weighs each t's distance by 1 / sigma_t
+    sigma = np.sqrt(1 - abar[t.numpy()]) ** 1.5  # the loss weighs each t's distance by 1 / sigma_t^power
     assert skip_steps(T) == 20
     np.testing.assert_allclose(terms["distance"].numpy(), np.array(distance), rtol=2e-5, atol=1e-6)
     np.testing.assert_allclose(terms["loss"].numpy(), np.array(distance) / sigma, rtol=2e-5, atol=1e-6)
+    assert sigma_power(1) == 1 and sigma_power(2) == sigma_power(8) == 2
     # at t = 0 the consistency function is the identity: the student's prediction has no say there
     c_skip, c_out = boundary_scalings(torch.tensor([0, 1]), x_t[:2])
     assert c_skip.flatten().tolist() == [1.0, pytest.approx(0.25 / 100.25, rel=1e-6)] and c_out.flatten()[0] == 0

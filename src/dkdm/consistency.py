@@ -27,8 +27,14 @@ GRID = 50
 TIMESTEP_SCALING, SIGMA_DATA = 10.0, 0.5
 #: iCT's pseudo-Huber constant per square root of the sample's size (0.03 on 32x32 RGB).
 HUBER_PER_SQRT_DIM = 0.00054
-#: The loss divides each distance by sigma_t ** SIGMA_POWER (docs/few-step.md: 0.5, 1 and 2 measured).
-SIGMA_POWER = 1.0
+
+
+def sigma_power(steps: int) -> float:
+    """The exponent p of the loss weight 1 / sigma_t^p for a student that samples in ``steps`` steps:
+    1 for one step (its only timestep is T - 1), 2 for more, whose last steps sit at small t
+    (docs/few-step.md, digits seed 0, 1 / 2 / 4 / 8 steps: p = 1: 17.6 / 14.7 / 13.1 / 9.5,
+    p = 2: 24.8 / 14.2 / 11.7 / 8.4; the ddpm teacher, p = 1: 63 / 68 / 57 / 59, p = 2: 22.6 / 22.1 / 13.7 / 12.5)."""
+    return 1.0 if steps == 1 else 2.0
 
 
 def skip_steps(num_steps: int, grid: int = GRID) -> int:
@@ -84,9 +90,9 @@ def pseudo_huber(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def consistency_loss(schedule: Schedule, student_pred: torch.Tensor, target_pred: torch.Tensor,
                      x_t: torch.Tensor, t: torch.Tensor, x_s: torch.Tensor, s: torch.Tensor,
-                     prediction: str) -> dict[str, torch.Tensor]:
+                     prediction: str, power: float = 2.0) -> dict[str, torch.Tensor]:
     """Per-sample terms: ``distance`` between f_theta(x_t, t) and the stop-gradient f(x_s, s), and
-    ``loss``, the distance divided by sigma_t = sqrt(1 - alpha_bar_t). Predictions carry the sample's channels only (a learned variance's are
+    ``loss``, the distance divided by sigma_t^power, sigma_t = sqrt(1 - alpha_bar_t). Predictions carry the sample's channels only (a learned variance's are
     dropped by the caller)."""
     online = consistency_output(schedule, student_pred, x_t, t, prediction)
     with torch.no_grad():
@@ -95,7 +101,7 @@ def consistency_loss(schedule: Schedule, student_pred: torch.Tensor, target_pred
     # x0's error in units of the noise: through v, x0 at a small t moves by only sigma_t per unit of the
     # network's output, and every later step of the sampler inherits those t (docs/few-step.md)
     sigma = schedule._take(t, distance, "sqrt_one_minus_alphas_cumprod")[0]
-    return {"distance": distance, "loss": distance / sigma ** SIGMA_POWER}
+    return {"distance": distance, "loss": distance / sigma ** power}
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ from .errors import DkdmError
 from .formats import save_model
 from .interrupts import Interrupted, catch_signals, restore_signals
 from .model import DiffusionModel
-from .consistency import consistency_loss, skip_steps, teacher_ode_step
+from .consistency import consistency_loss, sigma_power, skip_steps, teacher_ode_step
 from .objective import dkdm_loss
 from .progress import progress_bar
 from .settings import COMMON_DEFAULTS
@@ -268,7 +268,7 @@ class Trainer:
         with torch.no_grad(), self._autocast():  # the target: the student itself under a stop-gradient
             target = self._forward(x_s, s) if y is None else self._forward(x_s, s, y)
         terms = consistency_loss(schedule, output[:, :c], target.float()[:, :c], batch.x_t, batch.t, x_s, s,
-                                 student.prediction)
+                                 student.prediction, sigma_power(student.sampler_steps))
         return {"mse": terms["distance"], "vb": torch.zeros_like(terms["distance"]), "loss": terms["loss"]}
 
     def _graph_inputs(self, batch) -> tuple:
