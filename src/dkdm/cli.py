@@ -134,6 +134,12 @@ def _version() -> str:
     return f"dkdm {__version__} (torch {v('torch')}, diffusers {v('diffusers')}, accelerate {v('accelerate')})"
 
 
+def _teacher_flags(p: argparse.ArgumentParser) -> None:
+    """--teacher and an ADM checkpoint's --teacher-config (distill and fewstep)."""
+    p.add_argument("--teacher", help=TEACHER_HELP)
+    p.add_argument("--teacher-config", help="guided-diffusion flags (YAML/JSON) of an ADM checkpoint --teacher")
+
+
 def _pool_flags(p: argparse.ArgumentParser) -> None:
     """The flags distill and fewstep share: the teacher's precision, the pool, held-out states and the report's reference."""
     p.add_argument("--teacher-dtype", choices=["float32", "bfloat16", "float16"],
@@ -194,8 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "problem (T, sample size), the same rules for every teacher; the run prints each "
                                     "with its reason.")
     _common(di, True)
-    di.add_argument("--teacher", help=TEACHER_HELP)
-    di.add_argument("--teacher-config", help="guided-diffusion flags (YAML/JSON) of an ADM checkpoint --teacher")
+    _teacher_flags(di)
     di.add_argument("--student", help="student architecture spec (default: the teacher's family at every width / "
                                       "sqrt(2), about half its parameters)")
     di.add_argument("--student-steps", type=int,
@@ -210,8 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "nothing but the teacher. Saved as a diffusers DDPMPipeline with an LCMScheduler "
                                     "(sample it with num_inference_steps=K); `dkdm sample` / `evaluate` use its K steps.")
     _common(fs, True)
-    fs.add_argument("--teacher", help=TEACHER_HELP)
-    fs.add_argument("--teacher-config", help="guided-diffusion flags (YAML/JSON) of an ADM checkpoint --teacher")
+    _teacher_flags(fs)
     fs.add_argument("--student", help="the student to start from: the run or model directory of `dkdm distill` (or any "
                                       "model of the teacher's sample shape and steps, e.g. the teacher itself)")
     fs.add_argument("--sampler-steps", type=int, help="K, the steps the saved student samples in (1..50; sample / evaluate --steps picks another)")

@@ -76,9 +76,7 @@ def teacher_ode_step(schedule: Schedule, target: Reverse, x_t: torch.Tensor, t: 
     """The teacher's DDIM step from t to s: its x0 (clamped where the teacher clamps) and the epsilon
     that x0 implies at (x_t, t), as guided-diffusion's ddim_sample takes it (diffusers' DDIMScheduler
     with use_clipped_model_output)."""
-    eps = schedule.eps_from_x0(x_t, t, target.x0)
-    a, sigma = schedule._take(s, x_t, "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod")
-    return a * target.x0 + sigma * eps
+    return schedule.q_sample(target.x0, s, schedule.eps_from_x0(x_t, t, target.x0))
 
 
 def pseudo_huber(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -90,10 +88,10 @@ def pseudo_huber(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def consistency_loss(schedule: Schedule, student_pred: torch.Tensor, target_pred: torch.Tensor,
                      x_t: torch.Tensor, t: torch.Tensor, x_s: torch.Tensor, s: torch.Tensor,
-                     prediction: str, power: float = 2.0) -> dict[str, torch.Tensor]:
+                     prediction: str, power: float) -> dict[str, torch.Tensor]:
     """Per-sample terms: ``distance`` between f_theta(x_t, t) and the stop-gradient f(x_s, s), and
-    ``loss``, the distance divided by sigma_t^power, sigma_t = sqrt(1 - alpha_bar_t). Predictions carry the sample's channels only (a learned variance's are
-    dropped by the caller)."""
+    ``loss``, the distance divided by sigma_t^power (``sigma_power``), sigma_t = sqrt(1 - alpha_bar_t).
+    Predictions carry the sample's channels only (a learned variance's are dropped by the caller)."""
     online = consistency_output(schedule, student_pred, x_t, t, prediction)
     with torch.no_grad():
         target = consistency_output(schedule, target_pred, x_s, s, prediction)
@@ -127,9 +125,8 @@ def sample(model, num: int, steps: int, generator=None, batch_size: int = 1024, 
             pred = model.output(x, t, y, guidance)[:, :c].float()
             x = consistency_output(model.schedule, pred, x, t, model.prediction, model.clip_x0)
             if i + 1 < len(times):
-                a, sigma = model.schedule._take(torch.full_like(t, times[i + 1]), x,
-                                                "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod")
-                x = a * x + sigma * torch.randn(x.shape, generator=generator, device=device)
+                noise = torch.randn(x.shape, generator=generator, device=device)
+                x = model.schedule.q_sample(x, torch.full_like(t, times[i + 1]), noise)
             if progress is not None:
                 progress.update(n)
         chunks.append(x.cpu())

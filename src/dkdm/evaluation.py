@@ -337,7 +337,7 @@ def write_report(out, student, reference, teacher=None, teacher_dir=None, seed: 
         rows["student vs teacher"] = {"teacher_fd": data_free_score(teacher, samples, stats), "num_samples": num,
                                       "sampling_steps": student_steps or student.schedule.num_steps, "seed": seed,
                                       **(heldout or {})}
-        _picture_pair(out, student, teacher, steps, seed, guidance, progress)
+        _picture_pair(out, student, teacher, steps, student_steps, seed, guidance, progress)
     elif samples is not None and samples.dim() == 4:
         from .images import save_grid
 
@@ -346,7 +346,7 @@ def write_report(out, student, reference, teacher=None, teacher_dir=None, seed: 
     return rows
 
 
-def _picture_pair(out: Path, student, teacher, steps, seed: int, guidance: float, progress: bool) -> None:
+def _picture_pair(out: Path, student, teacher, steps, student_steps, seed: int, guidance: float, progress: bool) -> None:
     """samples.png: teacher and student samples from the same noise (images side by side, 2-D points
     as two scatter plots); other data gets no picture."""
     shape = student.sample_shape
@@ -354,7 +354,7 @@ def _picture_pair(out: Path, student, teacher, steps, seed: int, guidance: float
         return
     n = PICTURE_PAIRS if len(shape) == 3 else 1000
     pair = [teacher.decode(_teacher_pictures(teacher, n, steps, seed, guidance, progress)),
-            student.decode(draw(student, n, student.sampler_steps or steps, seed, progress, desc="samples.png: student"))]
+            student.decode(draw(student, n, student_steps, seed, progress, desc="samples.png: student"))]
     if len(shape) == 3:
         from .images import save_side_by_side
 

@@ -253,34 +253,6 @@ class _Respaced(nn.Module):
         self.inner = net
         self.register_buffer("tmap", tmap, persistent=False)
 
-    @classmethod
-    def few_step_of(cls, model: "DiffusionModel", steps: int, prediction: str = "v_prediction",
-                    grid: int | None = None) -> "DiffusionModel":
-        """A consistency student that samples in ``steps`` steps, started from ``model``'s weights: the
-        same architecture with the sample's channels only (a learned variance's outputs dropped),
-        predicting ``prediction`` (v by default: its x0 stays well conditioned at the noisiest steps,
-        where x0 from epsilon multiplies the network's error by 1 / sqrt(alpha_bar), 2e4 at T - 1 of
-        a cosine schedule)."""
-        from .consistency import GRID
-        from .students import drop_variance_outputs
-
-        if model.spec is None:
-            raise DkdmError("a few-step student starts from a model dkdm can rebuild (a spec); this one was built "
-                            "from a custom nn.Module")
-        T = model.schedule.num_steps
-        grid = min(GRID, T) if grid is None else grid
-        if not 1 <= grid <= T:
-            raise DkdmError(f"--consistency-grid must be in 1..{T}, got {grid}")
-        if not 1 <= steps <= grid:
-            raise DkdmError(f"--sampler-steps must be in 1..{grid} for a model of {model.schedule.num_steps} diffusion "
-                            f"steps, got {steps}")
-        extra = {**model.extra, "sampler": {"kind": "consistency", "steps": int(steps), "grid": grid}}
-        few = cls.build(model.spec, model.sample_shape, model.schedule, variance="fixed_small", prediction=prediction,
-                        clip_x0=model.clip_x0, extra=extra, null_class=model.null_class, decoder=model.decoder)
-        state = {k: v.detach().float().cpu() for k, v in model.net.state_dict().items()}
-        few.net.load_state_dict(drop_variance_outputs(model.spec, state, few.net.state_dict()))
-        return few
-
     def forward(self, x, t, y=None):
         t = self.tmap.to(t.device)[t]
         return self.inner(x, t) if y is None else self.inner(x, t, y)

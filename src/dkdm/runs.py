@@ -117,11 +117,12 @@ def _few_step_student(s: dict, teacher):
 POOL_SETTINGS = ("pool", "batch", "rho", "pool_dtype", "guidance", "prep", "prep_steps")
 
 
-def _reusable_pool(s: dict, teacher_ref: str, acc) -> tuple[dict | None, str]:
-    """The pool a few-step run takes over from the DKDM run it starts from (``--student RUN``), so it
-    spends no teacher steps preparing one, and a line saying so; (None, why not) where the run's
-    teacher or pool settings differ or it kept no checkpoint."""
-    from .checkpoint import saved_pool
+def _reusable_pool(s: dict, teacher_ref: str, acc) -> tuple[Path | None, str]:
+    """The DKDM run (``--student RUN``) whose pool a few-step run takes over, so it spends no teacher
+    steps preparing one, and a line saying so; (None, why not) where the run's teacher or pool
+    settings differ or it kept no checkpoint. The pool itself is read when the run starts
+    (``checkpoint.saved_pool``), not for a dry run or a resumed one."""
+    from .checkpoint import list_checkpoints
 
     run = Path(s["student"]) / "run.json"
     if not run.is_file():
@@ -137,10 +138,9 @@ def _reusable_pool(s: dict, teacher_ref: str, acc) -> tuple[dict | None, str]:
         differ.append("processes")
     if differ:
         return None, f"preparing a pool (the run's {', '.join(differ)} differ from this one's)"
-    state = saved_pool(s["student"], acc.process_index)
-    if state is None:
+    if not list_checkpoints(Path(s["student"]) / "checkpoints"):
         return None, "preparing a pool (the run kept no checkpoint)"
-    return state, f"pool: taken over from {s['student']}'s last checkpoint (the same teacher and pool settings)"
+    return Path(s["student"]), f"pool: taken over from {s['student']}'s last checkpoint (the same teacher and pool settings)"
 
 
 def _distillation(s: dict, progress: bool) -> dict | None:
@@ -201,9 +201,7 @@ def _distillation(s: dict, progress: bool) -> dict | None:
     if not float(s["prep_ckpt_every"]) >= 0:
         raise DkdmError(f"--prep-ckpt-every must be >= 0 seconds, got {s['prep_ckpt_every']}")
     prep = preparation_cost(s["pool"], size, T, s["prep"], int(s["prep_steps"]))
-    inherited, inherit_note = _reusable_pool(s, teacher_ref, acc) if few else (None, "")
-    if inherited is not None:
-        prep = 0
+    inherit_from, inherit_note = _reusable_pool(s, teacher_ref, acc) if few else (None, "")
     check_pool_fits(mem, size, teacher.sample_shape, s, acc.device)
     # a few-step student's report costs little (K steps), its teacher's is most often cached by its distill run
     report = _report_size(s, reference, teacher, None if few else prep + cfg.steps * int(s["batch"]))
@@ -231,7 +229,7 @@ def _distillation(s: dict, progress: bool) -> dict | None:
                       file=sys.stderr)
         print(
             f"pool: {s['pool']}, {size} entries x {list(teacher.sample_shape)} {s['pool_dtype']} = {mem / 2**20:.1f} MiB; "
-            + (f"{s['prep']} preparation ~{prep:,} teacher sample-steps" if inherited is None else "no preparation")
+            + (f"{s['prep']} preparation ~{prep:,} teacher sample-steps" if inherit_from is None else "no preparation")
             + f"; training {'up to ' * (s['steps'] == 'auto')}"
             f"{cfg.steps:,} steps, {cfg.steps * int(s['batch']):,} teacher sample-forwards"
             + (f" (each of {n} processes: its own pool shard and batches)" if n > 1 else ""),
@@ -274,10 +272,15 @@ def _distillation(s: dict, progress: bool) -> dict | None:
             if state is not None:
                 print(f"resuming the pool preparation: {int(state['prep_done']):,} of {size:,} entries were prepared",
                       file=sys.stderr)
-        if inherited is not None and state is None:
-            pool.load_state_dict(inherited)
-            pool.teacher_calls = pool.prep_calls = 0  # this run's count starts here
-            return
+        if inherit_from is not None and state is None:
+            from .checkpoint import saved_pool
+
+            inherited = saved_pool(inherit_from, acc.process_index)
+            if inherited is not None:
+                pool.load_state_dict(inherited)
+                pool.teacher_calls = pool.prep_calls = 0  # this run's count starts here
+                return
+            print(f"{inherit_from}'s checkpoints are unreadable: preparing a pool", file=sys.stderr)
         estimate = Estimate(prep, cfg.steps * int(s["batch"]), acc.is_main_process)
         previous = catch_signals(stop)  # Ctrl-C: save after the chunk in flight, then stop
         try:
