@@ -153,10 +153,11 @@ def _pool_flags(p: argparse.ArgumentParser) -> None:
                     help="dtype the pool keeps its samples in (16-bit halves its memory)")
     p.add_argument("--prep-batch", type=int,
                     help="teacher batch size for pool preparation (default 1024 on a CPU, 8192 on a GPU)")
-    p.add_argument("--prep", choices=["auto", "exact", "sampled"],
-                    help="pool preparation: exact (teacher chains, N*T/2 steps), sampled (K-step x0, noised by q), "
-                         "or auto (the default: sampled where it is cheaper, K < T/2)")
-    p.add_argument("--prep-steps", type=int, help="K, the teacher sampling steps of --prep sampled (default 25, at most T)")
+    p.add_argument("--prep", choices=["auto", "exact", "sampled", "chains"],
+                    help="pool preparation: exact (each entry its own teacher chain, N*T/2 steps), sampled (a K-step "
+                         "x0 per entry, noised by q: N*K), chains (K-step chains' states noised forward by q, a chain "
+                         "per band of stops: about N), or auto (the default: chains where K < T/2, else exact)")
+    p.add_argument("--prep-steps", type=int, help="K, the teacher sampling steps of --prep sampled / chains (default 10, at most T)")
     p.add_argument("--prep-ckpt-every", type=float, metavar="SECONDS",
                     help="checkpoint the pool preparation every SECONDS (default 300; 0: after every --prep-batch "
                          "chunk), so that --resume continues an interrupted preparation")
