@@ -56,6 +56,12 @@ def test_digits_metrics_rank_real_above_broken_models():
     collapsed = digits_metrics(only_zeros)
     assert collapsed["missing_classes"] == list(range(1, 10))
     assert collapsed["digits_fid"] > 5 * real["digits_fid"] and collapsed["recall"] < 0.3
+    # the diversity figures see the collapse that precision does not
+    assert real["coverage"] > 0.8 and real["density"] > 0.7 and real["class_tv"] < 0.02
+    assert collapsed["coverage"] < 0.2 and collapsed["class_tv"] > 0.85
+    nine = digits_metrics(train[Digits("train").labels != 7])  # one mode dropped, the rest intact
+    assert nine["class_tv"] == pytest.approx(0.1, abs=0.02) and nine["missing_classes"] in ([], [7])
+    assert nine["coverage"] < real["coverage"] - 0.05 and nine["precision"] > 0.95 * real["precision"]
     noise = digits_metrics(torch.rand(500, 1, 8, 8) * 2 - 1)
     assert noise["digits_fid"] > 5 * real["digits_fid"]
     assert noise["precision"] < 0.5 * real["precision"] and noise["recall"] < 0.2

@@ -118,7 +118,8 @@ class Metric(NamedTuple):
 METRICS = {"toy2d": Metric(_toy2d, "sliced_w2"), "digits": Metric(_digits, "digits_fid")}
 HEADLINES = (*(m.headline for m in METRICS.values()), "fid")
 #: The columns of the report's table, in order (those no row has are left out).
-SUMMARY_KEYS = ("digits_fid", "fid", "sfid", "inception_score", "precision", "recall", "label_accuracy",
+SUMMARY_KEYS = ("digits_fid", "fid", "sfid", "inception_score", "precision", "recall", "density", "coverage",
+                "class_tv", "label_accuracy",
                 "sliced_w2", "teacher_fd", "heldout_mse")
 
 

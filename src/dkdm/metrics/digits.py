@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import DkdmError
 from . import cached
-from .features import frechet_distance, mean_cov, precision_recall
+from .features import density_coverage, frechet_distance, mean_cov, precision_recall
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "assets" / "digits_classifier.safetensors"
 FEATURE_DIM = 128
@@ -70,15 +70,20 @@ def reference_features(split: str = "test") -> torch.Tensor:
 
 
 def digits_metrics(images: torch.Tensor, split: str = "test", labels: torch.Tensor | None = None) -> dict:
-    """digits-FID, precision, recall and predicted-class histogram of ``images`` [N,1,8,8]; with
-    the ``labels`` a conditional model drew them for, the classifier's agreement with them."""
+    """digits-FID, precision, recall, density, coverage and the predicted-class histogram of ``images``
+    [N,1,8,8] with its total-variation distance from the uniform one (``class_tv``: 0 when every digit
+    is drawn equally often, 0.1 when one of ten is never drawn and the rest equally); with the
+    ``labels`` a conditional model drew them for, the classifier's agreement with them."""
     real = reference_features(split)
     fake, preds = embed(load_classifier(), images)
     fid = frechet_distance(*mean_cov(real), *mean_cov(fake))
     precision, recall = precision_recall(real, fake)
+    density, coverage = density_coverage(real, fake)
     hist = torch.bincount(preds, minlength=10)
-    out = {"digits_fid": fid, "precision": precision, "recall": recall,
-           "class_histogram": hist.tolist(), "missing_classes": [i for i in range(10) if hist[i] == 0]}
+    tv = 0.5 * (hist.double() / hist.sum() - 0.1).abs().sum()
+    out = {"digits_fid": fid, "precision": precision, "recall": recall, "density": density, "coverage": coverage,
+           "class_histogram": hist.tolist(), "class_tv": float(tv),
+           "missing_classes": [i for i in range(10) if hist[i] == 0]}
     if labels is not None:
         out["label_accuracy"] = (preds.cpu() == labels.cpu()).double().mean().item()
     return out

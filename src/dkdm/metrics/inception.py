@@ -1,4 +1,4 @@
-"""Inception metrics (FID, IS, precision, recall; sFID where the network gives spatial features)
+"""Inception metrics (FID, IS, precision, recall, density, coverage; sFID where the network gives spatial features)
 of RGB samples against a user's reference, in the feature space of torch-fidelity's Inception.
 
 torch-fidelity ports the TF Inception graph of 2015-12-05 that the ADM evaluator (and so the
@@ -20,7 +20,7 @@ import torch
 
 from ..errors import DkdmError
 from . import cache_dir
-from .features import frechet_distance, inception_score, mean_cov, precision_recall
+from .features import density_coverage, frechet_distance, inception_score, mean_cov, precision_recall
 from .references import RGBReference, extract, reference_features
 
 
@@ -151,5 +151,7 @@ class InceptionMetric:
             out["inception_score"] = inception_score(fake["logits"])
         if "features" in ref:  # 50,000 x 50,000 distances: on the network's device
             dev = getattr(self.extractor, "device", "cpu")
-            out["precision"], out["recall"] = precision_recall(ref["features"].to(dev), fake["pool"].to(dev), self.k)
+            real, pool = ref["features"].to(dev), fake["pool"].to(dev)
+            out["precision"], out["recall"] = precision_recall(real, pool, self.k)
+            out["density"], out["coverage"] = density_coverage(real, pool)
         return out
