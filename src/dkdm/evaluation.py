@@ -66,8 +66,8 @@ def report_size(reference, num: int | None, steps: int | None, num_steps: int, s
                 budget: int | None) -> ReportSize:
     """A distillation report's sample count and steps (student and teacher each draw them, and the
     picture pairs of samples.png): given, or the reference's defaults; where neither is
-    given and those would cost more sample-steps than ``budget`` (the run's own teacher
-    sample-steps) or ``REPORT_FLOOR``, fewer steps (``REPORT_STEPS``), then fewer samples (at
+    given and those would cost more sample-steps than ``budget`` (the run's own network passes
+    per sample: the teacher's and the student's updates) or ``REPORT_FLOOR``, fewer steps (``REPORT_STEPS``), then fewer samples (at
     least ``REPORT_MIN_NUM``), then fewer steps again (at least ``REPORT_MIN_STEPS``)."""
     n, s = eval_settings(reference, num, steps)
     models = 2  # the student and the teacher

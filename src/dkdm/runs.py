@@ -204,7 +204,10 @@ def _distillation(s: dict, progress: bool) -> dict | None:
     inherit_from, inherit_note = _reusable_pool(s, teacher_ref, acc) if few else (None, "")
     check_pool_fits(mem, size, teacher.sample_shape, s, acc.device)
     # a few-step student's report costs little (K steps), its teacher's is most often cached by its distill run
-    report = _report_size(s, reference, teacher, None if few else prep + cfg.steps * int(s["batch"]))
+    # the run's own cost in network passes per sample: the teacher's (preparation, one per trained sample)
+    # and the student's updates (forward and backward, about three forwards each)
+    run_cost = prep + cfg.steps * int(s["batch"]) * (1 + UPDATE_PASSES)
+    report = _report_size(s, reference, teacher, None if few else run_cost)
 
     def announce():
         """The student, the rules' settings and the pool's size and cost, before any is spent."""
@@ -338,9 +341,13 @@ def _distill_reference(s: dict, teacher, device):
     return data_name, data_name
 
 
+#: A student update's cost in forward passes of the student (forward, then a backward of about two).
+UPDATE_PASSES = 3
+
+
 def _report_size(s: dict, reference, teacher, run_cost: int):
     """The end-of-run report's samples and steps (``evaluation.report_size``): a quick try gets a
-    quick report, sized to the run's own teacher sample-steps where --eval-num / --eval-steps are
+    quick report, sized to the run's own network passes where --eval-num / --eval-steps are
     not given. An Inception reference the user supplies keeps its full size (its FID is only
     comparable at the count and steps the user asked for). Sized values go into the settings, so
     run.json says what the report drew."""
