@@ -1,10 +1,12 @@
 """Networks of any architecture, built from a short spec.
 
 A spec is ``type[:key=value,...]`` (lists joined with ``-``, e.g. ``unet:widths=32-64,attn=1``)
-or a mapping with a ``type`` key (a YAML block). Every network is wrapped to the one signature
-the rest of dkdm uses, ``net(x, t) -> tensor``, so the pool, objective and trainer never see
-which library built it. Any other ``torch.nn.Module`` with that signature works through the
-Python API.
+or a mapping with a ``type`` key (a YAML block). Two more forms bring networks dkdm does not
+build itself: ``package.module:Class[:key=value,...]`` (any ``nn.Module`` the user can import,
+constructed with ``sample_shape``, ``out_channels``, ``num_classes`` and the spec's values; see
+nets/imported.py) and a diffusers model config file ``config.json`` (its ``_class_name`` one of
+``DIFFUSERS_CLASSES``). Every network is wrapped to the one signature the rest of dkdm uses,
+``net(x, t) -> tensor``, so the pool, objective and trainer never see which library built it.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ SPEC_HELP = (
     "dit:patch=2,depth=4,width=128,heads=4,pos_grid=16; adm:num_channels=64,num_res_blocks=2,... (guided-diffusion "
     "flags); every type takes classes=K for K-class conditioning"
 )
-KINDS = (*DEFAULTS, "adm")
+KINDS = (*DEFAULTS, "adm", "import", "diffusers")
+#: diffusers model classes a ``--student config.json`` may name (fresh weights, dkdm's wrappers).
+DIFFUSERS_CLASSES = ("UNet2DModel", "DiTTransformer2DModel")
 
 
 def _value(text: str):
@@ -50,6 +54,72 @@ def _value(text: str):
     return text
 
 
+def _fields(rest: str, text: str) -> dict:
+    fields = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, val = item.partition("=")
+        if not eq or not key.strip():
+            raise DkdmError(f"cannot parse {item!r} in model spec {text!r}: expected key=value; specs look like {SPEC_HELP}")
+        fields[key.strip()] = _value(val.strip())
+    return fields
+
+
+def _is_import_path(text: str) -> bool:
+    """``package.module:Class...`` or ``module:Class...`` (a name before any key=value), not ``unet:...``."""
+    head, _, rest = text.partition(":")
+    first = rest.partition(":")[0].partition(",")[0]
+    return "." in head or (head.strip() not in KINDS and bool(first.strip()) and "=" not in first)
+
+
+def _import_spec(text: str) -> dict:
+    """``package.module:Class[:key=value,...]`` as a spec; ``classes=K`` is the ``num_classes`` argument."""
+    module, _, rest = text.partition(":")
+    name, _, rest = rest.partition(":")
+    if not name.strip().isidentifier():
+        raise DkdmError(f"model spec {text!r} looks like an import path: write package.module:Class[:key=value,...]")
+    kwargs = _fields(rest, text)
+    classes = kwargs.pop("classes", 0)
+    return {"type": "import", "target": f"{module.strip()}:{name.strip()}", "classes": classes, "kwargs": kwargs}
+
+
+def _diffusers_spec(path: str) -> dict:
+    """A diffusers model config file as a spec: its fields, in and out channels and size set by the data."""
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise DkdmError(f"student config {path} does not exist")
+    try:
+        config = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DkdmError(f"student config {path} is not a JSON file ({e.__class__.__name__}: {e})")
+    if not isinstance(config, dict):
+        raise DkdmError(f"student config {path} must be a JSON object (a diffusers model's config.json)")
+    return {"type": "diffusers", "config": config, "classes": 0}
+
+
+def _checked_external(spec: dict) -> dict:
+    """An ``import`` or ``diffusers`` spec mapping, validated (nothing is imported yet)."""
+    kind = spec["type"]
+    extra = set(spec) - {"type", "classes", "target", "kwargs"} if kind == "import" else set(spec) - {"type", "classes", "config"}
+    classes = spec.get("classes", 0)
+    if extra or not isinstance(classes, int) or isinstance(classes, bool) or classes < 0:
+        raise DkdmError(f"a {kind} spec takes {'target, kwargs' if kind == 'import' else 'config'} and classes "
+                        f"(a non-negative integer); got {', '.join(sorted(map(str, spec)))}")
+    if kind == "import":
+        target, kwargs = spec.get("target"), spec.get("kwargs") or {}
+        if not isinstance(target, str) or target.count(":") != 1 or not isinstance(kwargs, dict):
+            raise DkdmError(f"an import spec's target is package.module:Class and its kwargs a mapping, got {target!r}")
+        return {"type": "import", "target": target, "classes": classes, "kwargs": dict(kwargs)}
+    config = spec.get("config")
+    name = config.get("_class_name") if isinstance(config, dict) else None
+    if name not in DIFFUSERS_CLASSES:
+        raise DkdmError(f"a student config must be a diffusers model config whose _class_name is one of "
+                        f"{', '.join(DIFFUSERS_CLASSES)}; got {name!r}")
+    return {"type": "diffusers", "config": dict(config), "classes": classes}
+
+
 def parse_spec(spec) -> dict:
     """A full spec (type plus every field) from a string or mapping; DkdmError if it is bad."""
     if isinstance(spec, str):
@@ -61,18 +131,13 @@ def parse_spec(spec) -> dict:
                 spec = yaml.safe_load(text)
             except yaml.YAMLError as e:
                 raise DkdmError(f"model spec {text!r} is not valid YAML ({e.__class__.__name__})")
+        elif text.endswith(".json"):
+            spec = _diffusers_spec(text)
+        elif _is_import_path(text):
+            spec = _import_spec(text)
         else:
             kind, _, rest = text.partition(":")
-            fields = {}
-            for item in filter(None, rest.split(",")):
-                key, eq, val = item.partition("=")
-                if not eq or not key.strip():
-                    raise DkdmError(
-                        f"cannot parse {item!r} in model spec {text!r}: expected key=value; "
-                        f"specs look like {SPEC_HELP}"
-                    )
-                fields[key.strip()] = _value(val.strip())
-            spec = {"type": kind.strip(), **fields}
+            spec = {"type": kind.strip(), **_fields(rest, text)}
     if not isinstance(spec, dict) or "type" not in spec:
         raise DkdmError(f"model spec must name a type; specs look like {SPEC_HELP}")
     kind = spec["type"]
@@ -82,6 +147,8 @@ def parse_spec(spec) -> dict:
         from .nets.adm import parse_flags
 
         return {"type": "adm", **parse_flags(spec)}
+    if kind in ("import", "diffusers"):
+        return _checked_external(spec)
     unknown = set(spec) - set(DEFAULTS[kind]) - {"type"}
     if unknown:
         raise DkdmError(
@@ -114,6 +181,10 @@ def build_net(spec, sample_shape, out_channels: int) -> nn.Module:
     s = parse_spec(spec)
     shape = tuple(sample_shape)
     kind = s["type"]
+    if kind == "import":
+        from .nets.imported import build_imported
+
+        return build_imported(s["target"], shape, out_channels, int(s["classes"]), s["kwargs"])
     if kind == "mlp":
         if len(shape) != 1:
             raise DkdmError(f"an mlp takes vector data, but the data has shape {list(shape)}; use unet or dit")
@@ -121,6 +192,8 @@ def build_net(spec, sample_shape, out_channels: int) -> nn.Module:
     if len(shape) != 3 or shape[1] != shape[2]:
         raise DkdmError(f"a {kind} takes square images (C,H,W), but the data has shape {list(shape)}; use mlp")
     c, h, _ = shape
+    if kind == "diffusers":
+        return _diffusers_net(s, c, h, out_channels)
     if kind == "unet":
         from diffusers import UNet2DModel
 
@@ -167,6 +240,25 @@ def build_net(spec, sample_shape, out_channels: int) -> nn.Module:
         stretch_positions(dit, int(s["pos_grid"]))
         return DiTNet(dit)
     raise DkdmError(f"unknown model type {kind!r}")
+
+
+def _diffusers_net(s: dict, c: int, h: int, out_channels: int) -> nn.Module:
+    """A fresh diffusers model from a config file's fields; the data sets its channels and size."""
+    import diffusers
+
+    config = {k: v for k, v in s["config"].items() if not k.startswith("_")}
+    config.update(in_channels=c, out_channels=out_channels, sample_size=h)
+    name, classes = s["config"]["_class_name"], int(s["classes"])
+    try:
+        if name == "UNet2DModel":
+            config["num_class_embeds"] = classes or None
+            return UNetNet(diffusers.UNet2DModel.from_config(config))
+        config["num_embeds_ada_norm"] = classes or 1
+        dit = diffusers.DiTTransformer2DModel.from_config(config)
+    except (TypeError, ValueError, AttributeError) as e:
+        raise DkdmError(f"the {name} config does not build on {c}x{h}x{h} data ({e.__class__.__name__}: {e})")
+    init_dit(dit)
+    return DiTNet(dit)
 
 
 def num_classes(spec: dict | None) -> int:
@@ -295,6 +387,13 @@ def format_spec(spec: dict) -> str:
     """A spec as the one-line ``type:key=value`` text that parses back to it (fields at their
     defaults left out)."""
     spec = parse_spec(spec)
+    if spec["type"] == "import":
+        fields = {**spec["kwargs"], **({"classes": spec["classes"]} if spec["classes"] else {})}
+        return spec["target"] + "".join(f":{k}={v}" if i == 0 else f",{k}={v}" for i, (k, v) in enumerate(fields.items()))
+    if spec["type"] == "diffusers":
+        import json
+
+        return json.dumps(spec, sort_keys=True)  # YAML-readable: parse_spec takes it back
     if spec["type"] == "adm":
         from .nets.adm import FLAG_DEFAULTS
 

@@ -101,6 +101,10 @@ def load_dir(directory, device="cpu", role: str = "model", net: nn.Module | None
         shape = cfg["sample_shape"]
         if net is None and cfg["spec"] is None:
             raise DkdmError(f"{d} holds a model built from a custom nn.Module; load it with load_model(dir, net=...)")
+        if net is None and isinstance(cfg["spec"], dict) and cfg["spec"].get("type") == "import":
+            from ..nets.imported import check_trusted
+
+            check_trusted(str(cfg["spec"].get("target")), d)
         if net is None:
             model = DiffusionModel.build(
                 saved_spec(cfg["spec"]), shape, schedule, variance=cfg["variance"], prediction=cfg["prediction"],
