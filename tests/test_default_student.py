@@ -81,6 +81,14 @@ def test_dit_narrows_heads_and_width_by_sqrt2():
     assert 0.4 < _ratio(teacher, spec) < 0.6
 
 
+def test_uvit_teacher_gets_a_uvit_student_of_about_half_its_parameters():
+    # 6 heads of 64 -> 4 heads; 384 / sqrt(2) = 271.5 -> 272 (a multiple of 4 heads); depth and patch kept
+    teacher = DiffusionModel.build("uvit:patch=2,depth=5,width=384,heads=6", (4, 16, 16), Schedule.named("cosine", 10))
+    spec = default_student_spec(teacher)
+    assert spec["type"] == "uvit" and (spec["width"], spec["heads"], spec["depth"], spec["patch"]) == (272, 4, 5, 2)
+    assert 0.4 < _ratio(teacher, spec) < 0.6
+
+
 def test_custom_module_teacher_gets_the_smallest_default_of_its_data():
     class Net(torch.nn.Module):
         def forward(self, x, t):

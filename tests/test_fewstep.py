@@ -127,7 +127,7 @@ def test_a_few_step_student_samples_the_same_in_plain_diffusers(digits_few):
 
 
 @pytest.mark.parametrize("spec", ["unet:widths=8-16,layers=1,groups=4", "dit:width=32,heads=2,depth=1,patch=2",
-                                  "mlp:width=16,depth=1", "adm:num_channels=32,num_res_blocks=1,channel_mult=1-2,attention_resolutions=4,num_head_channels=16"])
+                                  "uvit:width=32,heads=2,depth=3,patch=2", "mlp:width=16,depth=1", "adm:num_channels=32,num_res_blocks=1,channel_mult=1-2,attention_resolutions=4,num_head_channels=16"])
 def test_dropping_the_variance_outputs_keeps_the_prediction(spec):
     shape = (8,) if spec.startswith("mlp") else (2, 8, 8)
     torch.manual_seed(0)

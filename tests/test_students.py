@@ -14,6 +14,8 @@ from dkdm.students import count_parameters, parse_spec
     ("mlp:width=32,depth=2", (2,)),
     ("unet:widths=16-32,layers=1,attn=1,groups=8", (1, 8, 8)),
     ("dit:patch=2,depth=2,width=32,heads=2", (3, 8, 8)),
+    ("uvit:patch=2,depth=3,width=32,heads=2", (3, 8, 8)),
+    ("uvit:patch=4,depth=3,width=32,heads=2", (1, 8, 8)),
 ])
 @pytest.mark.parametrize("variance,factor", [("learned_range", 2), ("fixed_small", 1)])
 def test_students_output_the_right_channels(spec, shape, variance, factor):
@@ -23,6 +25,31 @@ def test_students_output_the_right_channels(spec, shape, variance, factor):
     assert out.shape == (3, shape[0] * factor, *shape[1:])
     step = m.reverse(x, torch.tensor([0, 10, 49]))
     assert step.mean.shape == x.shape and torch.isfinite(step.log_variance).all()
+
+
+def test_uvit_has_long_skips_tokens_for_time_and_class_and_writes_each_patch_from_its_token():
+    from dkdm.students import build_net
+
+    net = build_net("uvit:patch=2,depth=5,width=32,heads=2,classes=3", (1, 8, 8), 2)
+    assert len(net.inner) == len(net.outer) == 2 and all(b.skip is not None for b in net.outer)
+    assert net.pos.shape == (1, 2 + 16, 32)  # time and class tokens, then 4 x 4 patches
+    torch.manual_seed(0)
+    for p in net.parameters():
+        p.data.normal_(0, 0.1)
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 900]), torch.tensor([0, 2])
+    out = net(x, t, y)
+    assert out.shape == (2, 2, 8, 8)
+    # the class and the time reach the output through their tokens
+    assert not torch.allclose(out, net(x, t, torch.tensor([1, 1])))
+    assert not torch.allclose(out, net(x, torch.tensor([500, 500]), y))
+    # the decoder row of (patch position, channel) lands at that patch's pixel
+    h = torch.zeros(2, 18, 32)
+    with torch.no_grad():
+        net.decoder.weight.zero_()
+        net.decoder.bias.zero_()
+        net.decoder.bias[1 * 2 + 1] = 1.0  # position (0, 1) in the patch, channel 1
+    out = net(x, t, y)
+    assert out[:, 1].sum() == 2 * 16 and out[0, 1, 0, 1] == 1 and out[0, 1, 0, 0] == 0 and out[:, 0].abs().sum() == 0
 
 
 def test_spec_fields_reach_the_network():

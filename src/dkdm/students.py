@@ -20,11 +20,13 @@ from .nets.adm import ADMNet, ADMUNet, channel_plan
 from .nets.dit import DiTNet, init_dit, stretch_positions
 from .nets.mlp import MLPNet
 from .nets.unet import UNetNet
+from .nets.uvit import UViTNet
 
 DEFAULTS = {
     "mlp": {"width": 256, "depth": 4, "temb": 64, "classes": 0},
     "unet": {"widths": [32, 64], "layers": 1, "attn": [], "groups": 8, "classes": 0},
     "dit": {"patch": 2, "depth": 4, "width": 128, "heads": 4, "pos_grid": 16, "classes": 0},
+    "uvit": {"patch": 2, "depth": 7, "width": 128, "heads": 4, "classes": 0},
 }
 #: Fields that may be 0 (classes=0: unconditional; pos_grid=0: diffusers' own positions).
 MAY_BE_ZERO = {"classes", "pos_grid"}
@@ -33,7 +35,7 @@ MAY_BE_ZERO = {"classes", "pos_grid"}
 LEGACY = {"dit": {"pos_grid": 0}}
 SPEC_HELP = (
     "TYPE or TYPE:key=value,...: mlp:width=256,depth=4; unet:widths=32-64,layers=1,attn=1,groups=8; "
-    "dit:patch=2,depth=4,width=128,heads=4,pos_grid=16; adm:num_channels=64,num_res_blocks=2,... (guided-diffusion "
+    "dit:patch=2,depth=4,width=128,heads=4,pos_grid=16; uvit:patch=2,depth=7,width=128,heads=4; adm:num_channels=64,num_res_blocks=2,... (guided-diffusion "
     "flags); every type takes classes=K for K-class conditioning"
 )
 KINDS = (*DEFAULTS, "adm", "import", "diffusers")
@@ -223,6 +225,13 @@ def build_net(spec, sample_shape, out_channels: int) -> nn.Module:
             raise DkdmError(f"an adm model outputs {c} or {2 * c} channels, not {out_channels}")
         flags["learn_sigma"] = out_channels == 2 * c
         return ADMNet(ADMUNet(parse_flags(flags)))
+    if kind == "uvit":
+        width, heads, patch = int(s["width"]), int(s["heads"]), int(s["patch"])
+        if width % heads:
+            raise DkdmError(f"uvit width {width} must be divisible by heads {heads}")
+        if h % patch:
+            raise DkdmError(f"uvit patch {patch} must divide the image size {h}")
+        return UViTNet(c, out_channels, h, patch, width, int(s["depth"]), heads, int(s["classes"]))
     if kind == "dit":
         from diffusers import DiTTransformer2DModel
 
@@ -330,9 +339,15 @@ def _half_adm(flags: dict) -> dict:
     return {**flags, "num_channels": half}
 
 
+def _half_uvit(spec: dict, classes: int) -> dict:
+    # fewer heads at about the teacher's head size, the same depth and patch
+    heads = max(1, round(int(spec["heads"]) * WIDTH_SCALE))
+    return {**spec, "width": _narrower(int(spec["width"]), heads), "heads": heads, "classes": classes}
+
+
 def default_student_spec(teacher) -> dict:
     """The student dkdm distills into when none is named: the teacher's family (adm, unet, dit,
-    mlp) at about half its parameters (every width / sqrt(2), same depth), conditioned on the
+    uvit, mlp) at about half its parameters (every width / sqrt(2), same depth), conditioned on the
     teacher's classes.
 
     A diffusers UNet2DModel teacher gets a dkdm ``unet`` (its levels, res-blocks and attention
@@ -353,6 +368,8 @@ def default_student_spec(teacher) -> dict:
         return parse_spec(_half_unet(spec["widths"], spec["layers"], spec["attn"], spec["groups"], classes))
     if spec is not None and spec["type"] == "dit":
         return parse_spec(_half_dit(spec["width"], spec["heads"], spec["depth"], spec["patch"], classes))
+    if spec is not None and spec["type"] == "uvit":
+        return parse_spec(_half_uvit(spec, classes))
     if isinstance(net, UNetNet):
         c = net.unet.config
         attn = [i for i, name in enumerate(c.down_block_types) if "Attn" in name]
@@ -425,7 +442,7 @@ def drop_variance_outputs(spec: dict, state: dict, fresh: dict) -> dict:
         if source.shape[0] != 2 * target.shape[0] or source.shape[1:] != target.shape[1:]:
             raise DkdmError(f"cannot drop the variance outputs of {key}: shape {list(source.shape)} against "
                             f"{list(target.shape)}")
-        if spec["type"] == "dit":  # rows ordered (patch position, channel)
+        if spec["type"] in ("dit", "uvit"):  # rows ordered (patch position, channel)
             positions = int(spec["patch"]) ** 2
             rows = source.reshape(positions, 2, -1, *source.shape[1:])[:, 0]
             out[key] = rows.reshape(target.shape).clone()
