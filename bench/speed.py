@@ -61,6 +61,9 @@ SCALES = {
 TINY = {"batch": 2, "teacher": {**CIFAR10_TEACHER, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,2"},
         "students": {"adm": "adm:num_channels=32,num_res_blocks=1,channel_mult=1-2,attention_resolutions=16",
                      "unet": "unet:widths=32-32,layers=1,attn=1,groups=8", "dit": "dit:patch=8,depth=1,width=32,heads=2"}}
+FLOPS_TABLE = ("| date | device | scale | student | settings | teacher fwd GFLOP/sample | student fwd GFLOP/sample | "
+               "student update GFLOP/sample | teacher MFU (measured matmul) | update MFU (measured matmul) | "
+               "teacher MFU (vendor dense bf16) | update MFU (vendor dense bf16) |")
 TABLE = ("| date | device | scale | teacher | student | B | settings | (b) teacher step ms | (u) student update ms | "
          "(c) DKDM step ms | (c)/((b)+(u)) | (a) data step ms | (c)/((a)+(b)) | samples/s | teacher TFLOP/s "
          "(% of matmul) | peak MiB | prep exact / sampled /s |")
@@ -149,6 +152,35 @@ def _forward_flops(teacher, batch, device) -> float:
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         teacher(x, t, y)
     return float(counter.get_total_flops())
+
+
+def _student_flops(student, batch, device) -> tuple[float, float]:
+    """FLOPs of the student's forward and of its update (forward + backward of a loss on the output)
+    on a batch, counted by FlopCounterMode (matmuls and convolutions; elementwise ops count 0)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(batch, *student.sample_shape, device=device)
+    t = torch.full((batch,), student.schedule.num_steps // 2, device=device)
+    y = student.labels_for(batch, None, device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        student(x, t, y)
+    forward = float(counter.get_total_flops())
+    with FlopCounterMode(display=False) as counter:
+        student(x, t, y).square().mean().backward()
+    student.zero_grad(set_to_none=True)
+    return forward, float(counter.get_total_flops())
+
+
+#: Vendors' dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, by a substring of the device name.
+VENDOR_BF16_PEAK = {"H200": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0,
+                    "L40S": 362.0, "L4": 121.0, "A10": 125.0}
+
+
+def _vendor_peak(device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in VENDOR_BF16_PEAK.items() if k in name), None)
 
 
 def _matmul_rate(device) -> tuple[str, float]:
@@ -263,7 +295,8 @@ def measure(args, report) -> None:
         return clock.steps_ms(marks)
 
     common = {"teacher_params": teacher_params, "machine": _machine(device), "matmul_dtype": matmul_dtype,
-              "matmul_tflops": matmul_tflops, "prep": None}
+              "matmul_tflops": matmul_tflops, "prep": None, "vendor_tflops": _vendor_peak(device),
+              "teacher_flops": flops / args.batch}
     if args.scale == "digits":  # (d) preparation throughput, exact and sampled
         rates = []
         for prep in ("exact", "sampled"):
@@ -290,7 +323,9 @@ def measure(args, report) -> None:
                 def make(source):
                     torch.manual_seed(0)
                     student = DiffusionModel.build(spec, teacher.sample_shape, teacher.schedule, clip_x0=teacher.clip_x0)
-                    built.append(count_parameters(student.net))
+                    if not built:
+                        built.append(count_parameters(student.net))
+                        built.extend(f / args.batch for f in _student_flops(student.to(device), args.batch, device))
                     cfg = TrainConfig(steps=1, lr=1e-4, ema_decay=0.9999, ckpt_every=10 ** 9,
                                       mixed_precision=args.mixed_precision, compile=args.compile,
                                       channels_last=args.channels_last, cuda_graphs=args.cuda_graphs)
@@ -315,7 +350,9 @@ def measure(args, report) -> None:
                     "teacher_ms": ms["b"], "update_ms": ms["u"], "dkdm_ms": ms["c"], "data_ms": ms["a"],
                     "teacher_tflops": flops / (ms["b"] / 1000) / 1e12,
                     "ratio": ms["c"] / (ms["b"] + ms["u"]), "ratio_data": ms["c"] / (ms["a"] + ms["b"]),
-                    "samples_per_s": 1000 * args.batch / ms["c"], "peak_mib": _peak_mib(device)})
+                    "samples_per_s": 1000 * args.batch / ms["c"], "peak_mib": _peak_mib(device),
+                    "student_flops": built[1], "update_flops": built[2],
+                    "update_tflops": built[2] * args.batch / (ms["u"] / 1000) / 1e12})
 
 
 def main(argv=None) -> int:
@@ -365,6 +402,13 @@ def main(argv=None) -> int:
               f"(c)/((a)+(b)) = {r['ratio_data']:.3f} | {r['samples_per_s']:,.0f} samples/s | teacher "
               f"{r['teacher_tflops']:.3f} TFLOP/s = {share:.1%} of {r['matmul_tflops']:.1f} ({r['matmul_dtype']} matmul) | "
               f"peak {r['peak_mib']:.0f} MiB | {r['machine']}", flush=True)
+        peak = r["vendor_tflops"]
+        vendor = (lambda rate: f" = {rate / peak:.1%} of the vendor's {peak:.0f} dense bf16") if peak else (lambda rate: "")
+        print(f"(f) FLOPs per sample: teacher forward {r['teacher_flops'] / 1e9:.3f} G, student forward "
+              f"{r['student_flops'] / 1e9:.3f} G, student update {r['update_flops'] / 1e9:.3f} G | teacher "
+              f"{r['teacher_tflops']:.3f} TFLOP/s = {share:.1%} of measured matmul{vendor(r['teacher_tflops'])} | student "
+              f"update {r['update_tflops']:.3f} TFLOP/s = {r['update_tflops'] / r['matmul_tflops']:.1%} of measured "
+              f"matmul{vendor(r['update_tflops'])}", flush=True)
         if r["prep"]:
             print(f"(d) preparation: exact {r['prep'][0]:,.0f} teacher sample-steps/s, sampled {r['prep'][1]:,.0f}/s",
                   flush=True)
@@ -377,6 +421,11 @@ def main(argv=None) -> int:
                f"{r['ratio_data']:.3f} | {r['samples_per_s']:,.0f} | {r['teacher_tflops']:.3f} ({share:.1%}) | "
                f"{r['peak_mib']:.0f} | {prep} |")
         add_row(HERE / "RESULTS.md", TABLE, row, "## Per-step cost by scale (`bench/speed.py`, issue 14)")
+        of_peak = [f"{rate / peak:.1%}" if peak else "-" for rate in (r["teacher_tflops"], r["update_tflops"])]
+        flops_row = (f"| {time.strftime('%Y-%m-%d')} | {r['machine']} | {args.scale} | {r['student']} | {_settings(args)} | "
+                     f"{r['teacher_flops'] / 1e9:.3f} | {r['student_flops'] / 1e9:.3f} | {r['update_flops'] / 1e9:.3f} | "
+                     f"{share:.1%} | {r['update_tflops'] / r['matmul_tflops']:.1%} | {of_peak[0]} | {of_peak[1]} |")
+        add_row(HERE / "RESULTS.md", FLOPS_TABLE, flops_row, "## FLOPs per sample and MFU (`bench/speed.py`, issue 29)")
 
     measure(args, report)
     return 0

@@ -78,10 +78,29 @@ def test_scales_are_the_layouts_they_name():
 def test_speed_runs_a_scale_end_to_end_at_toy_size(capsys):
     assert speed.main(["--scale", "cifar10", "--tiny", "--students", "adm,dit", "--steps", "1", "--warmup", "1",
                        "--rounds", "1", "--device", "cpu", "--no-record"]) == 0
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[cifar10")]
+    out = capsys.readouterr().out.splitlines()
+    lines = [line for line in out if line.startswith("[cifar10")]
     assert [line.split(" | ")[1].split()[0] for line in lines] == ["adm", "dit"]
     for line in lines:
         assert "(c)/((b)+(u)) = " in line and "samples/s" in line and "TFLOP/s" in line
+    flops = [line for line in out if line.startswith("(f) FLOPs per sample")]
+    assert len(flops) == 2 and all("student update" in line and "of measured matmul" in line for line in flops)
+
+
+def test_flop_counts_match_the_closed_form_of_an_mlp():
+    # every Linear costs 2 * in * out per sample forward; the update's backward twice that (the weights'
+    # and the inputs' gradients), less the inputs' gradients of the two layers reading x and the
+    # sinusoidal time embedding, which need none
+    from dkdm.diffusion import Schedule
+    from dkdm.model import DiffusionModel
+
+    model = DiffusionModel.build("mlp:width=16,depth=2", (4,), Schedule.named("linear", 20))
+    linears = [m for m in model.net.modules() if isinstance(m, torch.nn.Linear)]
+    forward = sum(2 * m.in_features * m.out_features for m in linears)
+    got_forward, got_update = speed._student_flops(model, 8, torch.device("cpu"))
+    assert got_forward / 8 == forward
+    no_input_grad = sum(2 * m.in_features * m.out_features for m in (model.net.inp, model.net.time[0]))
+    assert got_update / 8 - forward == 2 * forward - no_input_grad
 
 
 def test_rows_go_to_the_end_of_their_table(tmp_path):

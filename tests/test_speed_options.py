@@ -24,12 +24,15 @@ def _run(out, steps, compile=False, channels_last=False, resume=False, compile_t
     if channels_last:
         teacher.net.to(memory_format=torch.channels_last)
     if compile_teacher:
-        teacher.net = torch.compile(teacher.net)
+        from dkdm.compiling import compile_regions
+
+        compile_regions(teacher.net)
     pool = KnowledgePool(teacher, 8, "dynamic", rho=0.2, seed=0, preparation="sampled", prep_steps=5)
     pool.prepare()
     cfg = TrainConfig(steps=steps, lr=1e-3, log_every=1, ckpt_every=2, keep_checkpoints=5, compile=compile,
                       channels_last=channels_last)
     trainer = Trainer(student, pool, cfg, out, progress=False)
+    assert trainer._regions == (9 if compile else 0)  # 2 down, 4 up, 2 middle res-blocks, the middle attention
     if resume:
         trainer.resume()
     trainer.train()

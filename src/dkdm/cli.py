@@ -71,8 +71,9 @@ def _common(p: argparse.ArgumentParser, training: bool) -> None:
     p.add_argument("--keep-checkpoints", type=int, help="checkpoints kept (the oldest are deleted)")
     p.add_argument("--vlb-weight", type=float, help="lambda on L*vlb (default 1: the authors' code)")
     p.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile the networks (the student; in distill also the teacher); the first steps are "
-                        "slow while it compiles")
+                   help="torch.compile the networks by regions (each repeated block in place; the student, in distill "
+                        "also the teacher); the first step is slow while it compiles, and says how long; compiled "
+                        "kernels are cached under $DKDM_CACHE/inductor for the next run of the same shapes")
     p.add_argument("--channels-last", action="store_true", default=None,
                    help="channels-last weights for convolutional networks (PyTorch advises it for convolutions on GPUs in "
                         "reduced precision; measure with bench/speed.py)")

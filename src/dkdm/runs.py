@@ -168,7 +168,9 @@ def _distillation(s: dict, progress: bool) -> dict | None:
     if s["channels_last"]:
         teacher.net.to(memory_format=torch.channels_last)
     if s["compile"]:
-        teacher.net = torch.compile(teacher.net)
+        from .compiling import compile_regions
+
+        compile_regions(teacher.net)
     reference, data_name = _distill_reference(s, teacher, acc.device)
     teacher_ref = teacher_reference(s["teacher"])
     if s["student_steps"] is not None:

@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import signal
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from accelerate.utils import AutocastKwargs
 
 from .checkpoint import checkpoint_size, list_checkpoints, resume_run, save_run
 from .devices import adamw, make_accelerator
+from .compiling import compile_regions, keep_compile_cache
 from .diffusion import Reverse, TrainingBatch
 from .ema import EMA
 from .errors import DkdmError
@@ -166,10 +168,10 @@ class Trainer:
         opt = adamw(student.net.parameters(), config.lr, config.weight_decay, self.accelerator.device, config.cuda_graphs)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(config.warmup, config.lr_decay, config.steps))
         self.net, self.opt, self.lr_sched = self.accelerator.prepare(student.net, opt, sched)
-        # the compiled forward shares the prepared module's weights; saving and the EMA keep using
-        # self.net, so state-dict keys stay those of the plain network
-        self._forward = torch.compile(self.net) if config.compile else self.net
         self._plain_net = self.accelerator.unwrap_model(self.net)
+        # compiled in place by regions (compiling.py): state-dict keys stay those of the plain network
+        self._regions = compile_regions(self._plain_net) if config.compile else 0
+        self._forward = self.net
         self._params = list(self.net.parameters())
         self.ema = EMA(self._plain_net, config.ema_decay)
         device = self.accelerator.device
@@ -351,6 +353,9 @@ class Trainer:
                     )
                 self.lr_sched.step()
                 self.step += 1
+                if self._regions and self.step == n0 + 1 and acc.is_main_process:
+                    print(f"compile: the first step took {time.time() - t0:.1f} s ({self._regions} regions of the student "
+                          f"compiled; kernels cached in {keep_compile_cache()})", file=sys.stderr, flush=True)
                 self.ema.update(self._plain_net, self.step)
                 finished = self._after_step() if self.callbacks else False
                 bar.update(1)
