@@ -45,6 +45,7 @@ CASES = [
     ("spec syntax", ["train", "--model", "mlp:width", "--out", "NEW"], "expected key=value"),
     ("spec field", ["train", "--model", "unet:widths=32-x", "--out", "NEW"], "must be a list of integers"),
     ("learning rate", ["train", "--lr", "-1", "--out", "NEW"], "--lr must be > 0"),
+    ("objective weights", ["train", "--simple-weight", "0", "--vlb-weight", "0", "--out", "NEW"], "not both 0"),
     ("steps", ["train", "--steps", "0", "--out", "NEW"], "--steps must be at least 1"),
     ("ema", ["train", "--ema", "1.5", "--out", "NEW"], "--ema must be in [0, 1)"),
     ("teacher missing", [*D, "--teacher", "ROOT/nope", "--out", "NEW"], "does not exist"),

@@ -33,6 +33,24 @@ def test_kl_sends_no_gradient_into_epsilon_channels(adm_reference):
     assert g_mse[:, 3:].abs().max() == 0 and g_mse[:, :3].abs().max() > 0
 
 
+def test_ablation_switches_weight_the_terms_and_route_the_kls_gradient(adm_reference):
+    r = adm_reference
+    s = Schedule.named("cosine", 1000)
+    step = _teacher_step(r, s)
+    out = r["student_output"].clone().requires_grad_(True)
+    base = dkdm_loss(s, out, r["x"], r["t"], step)
+    weighted = dkdm_loss(s, out, r["x"], r["t"], step, vlb_weight=10.0, simple_weight=0.5)
+    torch.testing.assert_close(weighted["loss"], 0.5 * base["mse"] + 10.0 * base["vb"])
+    # without the stop-gradient the KL also pulls on the mean (epsilon) channels: the VLB term alone
+    # then trains the whole output, as in improved-DDPM's L_vlb
+    free = dkdm_loss(s, out, r["x"], r["t"], step, simple_weight=0.0, vlb_mean_grad=True)
+    torch.testing.assert_close(free["vb"], base["vb"])  # same value, another gradient
+    (g,) = torch.autograd.grad(free["loss"].sum(), out)
+    assert g[:, :3].abs().max() > 0 and g[:, 3:].abs().max() > 0
+    (g_vb,) = torch.autograd.grad(base["vb"].sum(), out)
+    assert g_vb[:, :3].abs().max() == 0
+
+
 def test_fixed_variance_student_drops_kl_and_fixed_teacher_is_the_target():
     s = Schedule.named("cosine", 100)
     torch.manual_seed(0)

@@ -70,6 +70,11 @@ def _common(p: argparse.ArgumentParser, training: bool) -> None:
     p.add_argument("--ckpt-every", type=int, help="checkpoint every K steps")
     p.add_argument("--keep-checkpoints", type=int, help="checkpoints kept (the oldest are deleted)")
     p.add_argument("--vlb-weight", type=float, help="lambda on L*vlb (default 1: the authors' code)")
+    p.add_argument("--simple-weight", type=float, help="weight of L*simple (default 1; 0 with --vlb-mean-grad: the "
+                                                        "VLB term alone, an ablation)")
+    p.add_argument("--vlb-mean-grad", action="store_true", default=None,
+                   help="let L*vlb's gradient reach the student's mean (the method holds it with a stop-gradient; "
+                        "an ablation)")
     p.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the networks by regions (each repeated block in place; the student, in distill "
                         "also the teacher); the first step is slow while it compiles, and says how long; compiled "

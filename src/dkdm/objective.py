@@ -25,19 +25,24 @@ def dkdm_loss(
     prediction: str = "epsilon",
     variance: str = "learned_range",
     vlb_weight: float = DEFAULT_VLB_WEIGHT,
+    simple_weight: float = 1.0,
+    vlb_mean_grad: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Per-sample loss terms ``mse``, ``vb`` and ``loss`` for a student's raw output.
+    """Per-sample loss terms ``mse``, ``vb`` and ``loss`` (``simple_weight * mse + vlb_weight * vb``)
+    for a student's raw output.
 
     The KL sees the student's mean through a stop-gradient, so it trains only the variance
-    channels; a fixed-variance student has no KL term. The student's mean is not clamped.
+    channels (``vlb_mean_grad`` lifts it: the ablation of docs/questions.md); a fixed-variance
+    student has no KL term. The student's mean is not clamped.
     """
     if variance == "learned_range":
         pred, v = student_output.chunk(2, dim=1)
-        frozen = torch.cat([pred.detach(), v], dim=1)
+        frozen = torch.cat([pred if vlb_mean_grad else pred.detach(), v], dim=1)
         vb = kl_bits(target, schedule.reverse(frozen, x_t, t, prediction, variance))
     else:
         pred = student_output
         vb = torch.zeros(x_t.shape[0], dtype=student_output.dtype, device=x_t.device)
     student_eps = pred if prediction == "epsilon" else schedule.eps_and_x0(pred, x_t, t, prediction)[0]
     mse = (target.eps.to(student_eps.dtype) - student_eps).pow(2).flatten(1).mean(1)
-    return {"mse": mse, "vb": vb, "loss": torch.add(mse, vb, alpha=vlb_weight)}
+    simple = mse if simple_weight == 1.0 else simple_weight * mse
+    return {"mse": mse, "vb": vb, "loss": torch.add(simple, vb, alpha=vlb_weight)}

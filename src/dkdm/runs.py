@@ -436,6 +436,7 @@ def _train_config(s: dict, fixed_default: int | None = None, objective: str = "d
         ema_decay=float(s["ema"]), grad_clip=float(s["grad_clip"]), warmup=int(s["warmup"]), lr_decay=s["lr_decay"],
         mixed_precision=s["mixed_precision"], log_every=int(s["log_every"]), ckpt_every=int(s["ckpt_every"]),
         keep_checkpoints=int(s["keep_checkpoints"]), vlb_weight=float(s["vlb_weight"]),
+        simple_weight=float(s["simple_weight"]), vlb_mean_grad=bool(s["vlb_mean_grad"]),
         compile=bool(s["compile"]), channels_last=bool(s["channels_last"]), cuda_graphs=bool(s["cuda_graphs"]),
         objective=objective,
     )

@@ -26,7 +26,7 @@ DISTILL_RULED = {"steps": None, "batch": None, "lr": None, "ema": None, "grad_cl
 COMMON_DEFAULTS = {
     "seed": 0, "steps": 2000, "batch": 128, "lr": 1e-4, "weight_decay": 0.0, "ema": 0.9999,
     "grad_clip": 1.0, "warmup": 0, "lr_decay": "constant", "mixed_precision": "no", "log_every": 50, "ckpt_every": 500,
-    "keep_checkpoints": 2, "vlb_weight": 1.0, "no_report": False,
+    "keep_checkpoints": 2, "vlb_weight": 1.0, "simple_weight": 1.0, "vlb_mean_grad": False, "no_report": False,
     "eval_num": None, "eval_steps": None, "compile": False, "channels_last": False, "cuda_graphs": False,
     "eval_every": None, "monitor_num": 1000, "monitor_steps": None, "patience": None, "max_steps": None,
     "report_to": None, "push_to_hub": None,

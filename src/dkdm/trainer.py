@@ -97,6 +97,8 @@ class TrainConfig:
     ckpt_every: int = _D["ckpt_every"]
     keep_checkpoints: int = _D["keep_checkpoints"]
     vlb_weight: float = _D["vlb_weight"]
+    simple_weight: float = _D["simple_weight"]  # weight of L*simple (0: the VLB term alone)
+    vlb_mean_grad: bool = _D["vlb_mean_grad"]  # the KL's gradient reaches the student's mean (no stop-gradient)
     compile: bool = False  # torch.compile the student's forward (the backward follows)
     channels_last: bool = False  # channels-last weights: faster convolutions on GPUs in reduced precision
     cuda_graphs: bool = False  # replay the student update (and a pool's teacher step) as CUDA graphs
@@ -105,6 +107,9 @@ class TrainConfig:
     def validate(self) -> None:
         if self.steps < 1:
             raise DkdmError(f"--steps must be at least 1, got {self.steps}")
+        if self.simple_weight < 0 or self.vlb_weight < 0 or self.simple_weight == self.vlb_weight == 0:
+            raise DkdmError(f"--simple-weight and --vlb-weight must be >= 0 and not both 0, got "
+                            f"{self.simple_weight:g} and {self.vlb_weight:g}")
         if not self.lr > 0:
             raise DkdmError(f"--lr must be > 0, got {self.lr}")
         if not 0 <= self.ema_decay < 1:
@@ -262,7 +267,7 @@ class Trainer:
         student = self.student
         if self.cfg.objective == "dkdm":
             return dkdm_loss(student.schedule, output, batch.x_t, batch.t, batch.target, student.prediction,
-                             student.variance, self.cfg.vlb_weight)
+                             student.variance, self.cfg.vlb_weight, self.cfg.simple_weight, self.cfg.vlb_mean_grad)
         schedule, c = student.schedule, batch.x_t.shape[1]
         s = (batch.t - skip_steps(schedule.num_steps, student.extra["sampler"]["grid"])).clamp_(min=0)
         x_s = teacher_ode_step(schedule, batch.target, batch.x_t, batch.t, s)
@@ -369,7 +374,7 @@ class Trainer:
                     mse, vb = sum(r[0] for r in q) / total, sum(r[1] for r in q) / total
                     rate = (self.step - n0) / max(time.time() - t0, 1e-9)
                     last = {
-                        "step": self.step, "loss": mse + cfg.vlb_weight * vb, "mse": mse,
+                        "step": self.step, "loss": cfg.simple_weight * mse + cfg.vlb_weight * vb, "mse": mse,
                         "vb": vb, "lr": float(self.lr_sched.get_last_lr()[0]),
                         **{f"mse_q{i}": r[0] / max(r[2], 1.0) for i, r in enumerate(q)},
                         **{f"vb_q{i}": r[1] / max(r[2], 1.0) for i, r in enumerate(q)},
