@@ -1,0 +1,149 @@
+"""The paper's open questions at digits scale (docs/questions.md): one resumable runner.
+
+Each question is a set of rows; each row is a `dkdm distill` command (every setting by the rules,
+plus the row's flags) run once per seed, scored by the run's own report (digits-FID, precision,
+recall, density, coverage and class_tv of 1,437 samples at 100 steps, and the teacher's, for the
+ratio). A finished run directory is reused and a stopped one resumed, so rerunning completes a
+grid; `--jobs N` runs N at once (one thread each: on 2 cores two jobs beat one job of two threads).
+
+    python bench/quality/questions.py --question objective --seeds 0 1 2 --out bench-runs/questions
+    python bench/quality/questions.py --question families --seeds 0 1 2 --jobs 2
+    python bench/quality/questions.py --render docs/questions.json     # tables and plots only
+
+Questions:
+  objective: the DKDM loss ablated (a learned-variance student): L*simple alone (lambda 0), the VLB
+      term alone (its gradient reaching the mean, else it trains nothing but the variance), lambda
+      in 0.01 / 0.1 / 1 (default) / 10, and lambda 1 without the stop-gradient on the mean.
+  families: the default UNet student against a DiT, a U-ViT and a network named only by its import
+      path (bench/quality/example_net.py), each at about the default student's size, no other flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+KEYS = ("digits_fid", "precision", "recall", "density", "coverage", "class_tv")
+QUESTIONS = {
+    "objective": {
+        "lambda 1 (default)": [],
+        "L*simple alone (lambda 0)": ["--vlb-weight", "0"],
+        "VLB alone (no stop-gradient)": ["--simple-weight", "0", "--vlb-mean-grad"],
+        "lambda 0.01": ["--vlb-weight", "0.01"],
+        "lambda 0.1": ["--vlb-weight", "0.1"],
+        "lambda 10": ["--vlb-weight", "10"],
+        "lambda 1, no stop-gradient": ["--vlb-mean-grad"],
+    },
+    "families": {
+        "unet (default, 518k)": [],
+        "dit (826k)": ["--student", "dit:width=96,heads=3"],
+        "uvit (517k)": ["--student", "uvit:width=72,heads=3,depth=7"],
+        "ConvMixer by import path (554k)": ["--student", "example_net:ConvMixer:width=160,depth=8"],
+    },
+}
+
+
+def _slug(row: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in row.lower()).strip("-")
+
+
+def run(out: Path, question: str, row: str, seed: int) -> dict:
+    """One row's run for ``seed`` (started, resumed or reused); its report's numbers and wall time."""
+    d = out / question / f"{_slug(row)}-s{seed}"
+    if not (d / "metrics.json").exists():
+        args = [sys.executable, "-m", "dkdm.cli", "distill", *QUESTIONS[question][row], "--seed", str(seed),
+                "--no-progress", "--out", str(d)] + (["--resume"] if d.exists() else [])
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        t0 = time.time()
+        subprocess.run(args, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        (d / "wall_s.txt").write_text(f"{time.time() - t0:.0f}\n")
+    m = json.loads((d / "metrics.json").read_text())
+    wall = d / "wall_s.txt"
+    return {"question": question, "row": row, "seed": seed, "teacher_fid": m["teacher"]["digits_fid"],
+            **{k: m["student"].get(k) for k in KEYS}, "wall_s": float(wall.read_text()) if wall.exists() else None}
+
+
+def _mean_sd(values) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3g}"
+    return f"{statistics.mean(values):.3g} ± {statistics.stdev(values):.2g}"
+
+
+def markdown(results: list[dict], question: str) -> str:
+    rows = [r for r in results if r["question"] == question]
+    lines = ["| row | seeds | digits-FID | / teacher | precision | recall | density | coverage | class_tv |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in dict.fromkeys(r["row"] for r in rows):
+        rs = [r for r in rows if r["row"] == row]
+        cells = [_mean_sd([r[k] for r in rs]) for k in KEYS]
+        ratio = _mean_sd([r["digits_fid"] / r["teacher_fid"] for r in rs])
+        lines.append(f"| {row} | {', '.join(str(r['seed']) for r in rs)} | {cells[0]} | {ratio} | "
+                     + " | ".join(cells[1:]) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], question: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results if r["question"] == question]
+    names = list(dict.fromkeys(r["row"] for r in rows))
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.2))
+    for i, name in enumerate(names):
+        ratios = [r["digits_fid"] / r["teacher_fid"] for r in rows if r["row"] == name]
+        ax.scatter(ratios, [i] * len(ratios), color="C0")
+        ax.plot([statistics.mean(ratios)] * 2, [i - 0.3, i + 0.3], color="C1")
+    ax.set_yticks(range(len(names)), names)
+    ax.axvline(1.0, color="grey", lw=0.5)
+    ax.set_xlabel("student digits-FID / teacher's (each seed; bar: mean)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--question", choices=list(QUESTIONS), action="append")
+    ap.add_argument("--rows", nargs="+", help="only these rows (their names as in QUESTIONS)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--jobs", type=int, default=2, help="runs at once, one thread each")
+    ap.add_argument("--out", default="bench-runs/questions")
+    ap.add_argument("--render", metavar="JSON", help="only render a results JSON (docs/questions.json)")
+    a = ap.parse_args(argv)
+    if a.render:
+        results = json.loads(Path(a.render).read_text())
+        for q in dict.fromkeys(r["question"] for r in results):
+            print(f"## {q}\n\n{markdown(results, q)}\n")
+            plot(results, q, Path(a.render).with_name(f"questions-{q}.png"))
+        return 0
+    out = Path(a.out)
+    todo = [(q, row, seed) for q in (a.question or list(QUESTIONS)) for row in QUESTIONS[q]
+            if not a.rows or row in a.rows for seed in a.seeds]
+    with ThreadPoolExecutor(a.jobs) as pool:
+        results = list(pool.map(lambda job: run(out, *job), todo))
+    store = out / "questions.json"
+    kept = json.loads(store.read_text()) if store.exists() else []
+    done = {(r["question"], r["row"], r["seed"]) for r in results}
+    merged = [r for r in kept if (r["question"], r["row"], r["seed"]) not in done] + results
+    store.write_text(json.dumps(merged, indent=1))
+    for q in dict.fromkeys(r["question"] for r in results):
+        print(f"## {q}\n\n{markdown(merged, q)}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
