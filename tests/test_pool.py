@@ -40,7 +40,7 @@ class PointMassEps(torch.nn.Module):
         return x / self.s[t][:, None]
 
 
-@pytest.mark.parametrize("preparation", ["exact", "sampled", "chains"])
+@pytest.mark.parametrize("preparation", ["exact", "sampled", "shared"])
 def test_prepared_entries_follow_the_teachers_marginal_at_their_step(preparation):
     from dkdm.diffusion import Schedule
     from dkdm.model import DiffusionModel
@@ -112,19 +112,19 @@ class ClassPointEps(torch.nn.Module):
 
 
 @pytest.mark.parametrize("T,K", [(50, 5), (1000, 10)])
-def test_chains_preparation_costs_about_one_teacher_step_per_entry(T, K):
+def test_shared_preparation_costs_about_one_teacher_step_per_entry(T, K):
     teacher = tiny_teacher(T)
     teacher.net = CountingNet(teacher.net)
-    pool = KnowledgePool(teacher, batch_size=64, kind="dynamic", rho=0.2, seed=0, preparation="chains", prep_steps=K)
+    pool = KnowledgePool(teacher, batch_size=64, kind="dynamic", rho=0.2, seed=0, preparation="shared", prep_steps=K)
     pool.prepare(chunk=100)
     assert pool.prep_calls == teacher.net.samples
-    # (K - 1) steps per chain, a chain per entry of the fullest band: N plus the bands' spread
-    assert pool.size <= pool.prep_calls <= 1.25 * pool.size < pool.size * K
-    assert pool.prep_calls <= preparation_cost("dynamic", pool.size, T, "chains", K) * 1.1
+    # K steps per x0, an x0 per entry of the fullest of the K - 1 bands: N * K / (K - 1) plus the spread
+    assert pool.size * K / (K - 1) <= pool.prep_calls <= 1.2 * pool.size * K / (K - 1) < pool.size * K
+    assert pool.prep_calls <= preparation_cost("dynamic", pool.size, T, "shared", K) * 1.1
     assert pool.s.min() >= 1 and pool.s.max() <= T - 1 and pool.prepared
 
 
-def test_chains_give_each_entry_its_chains_label_and_state():
+def test_shared_preparation_gives_each_entry_its_samples_label_and_state():
     # data: a point mass at the label (0, 1 or 2); an entry near t = 0 must sit at its own label,
     # and the labels stay uniform over the classes
     from dkdm.diffusion import Schedule
@@ -133,21 +133,21 @@ def test_chains_give_each_entry_its_chains_label_and_state():
     T = 100
     sched = Schedule.named("linear", T)
     teacher = DiffusionModel(ClassPointEps(sched), sched, (1,), variance="fixed_small", num_classes=3)
-    pool = KnowledgePool(teacher, batch_size=100, kind="dynamic", rho=1.0, seed=0, preparation="chains", prep_steps=10)
+    pool = KnowledgePool(teacher, batch_size=100, kind="dynamic", rho=1.0, seed=0, preparation="shared", prep_steps=10)
     pool.prepare(chunk=200)
     t = pool.s - 1
     low = t < 20
     abar = sched.alphas_cumprod[t[low]].float()
     resid = (pool.x[low, 0] - abar.sqrt() * pool.y[low].float()) / (1 - abar).sqrt()
     assert resid.mean().abs() < 0.1 and resid.std() == pytest.approx(1, rel=0.1)
-    # about 9 entries share a chain and its label: the fractions' spread is 3x a free draw's (0.014)
+    # about 9 entries share an x0 and its label: the fractions' spread is 3x a free draw's (0.014)
     counts = torch.bincount(pool.y, minlength=3).double()
     assert (counts / counts.sum() - 1 / 3).abs().max() < 0.06
 
 
-@pytest.mark.parametrize("T,K,chosen", [(50, 5, "chains"), (50, 25, "exact"), (50, 30, "exact"), (1000, 25, "chains")])
-def test_auto_preparation_is_chains_for_few_steps_else_exact(T, K, chosen):
-    # chains cost about N at any K, but share each chain among ~K entries of nearby stops as K nears T
+@pytest.mark.parametrize("T,K,chosen", [(50, 5, "shared"), (50, 25, "exact"), (50, 30, "exact"), (1000, 25, "shared")])
+def test_auto_preparation_is_shared_for_few_steps_else_exact(T, K, chosen):
+    # shared costs about N at any K, but shares each x0 among entries of ever nearer stops as K nears T
     teacher = tiny_teacher(T)
     pool = KnowledgePool(teacher, batch_size=8, kind="dynamic", rho=0.2, seed=0, prep_steps=K)  # default: auto
     assert pool.preparation == chosen == pool.describe()["preparation"]

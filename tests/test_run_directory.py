@@ -37,7 +37,7 @@ def preparation_done(out) -> int:
     return max(done, default=0)
 
 
-@pytest.mark.parametrize("method", ["exact", "sampled", "chains"])
+@pytest.mark.parametrize("method", ["exact", "sampled", "shared"])
 def test_resumed_preparation_is_the_uninterrupted_pool(teacher, method):
     t = load_model(teacher)
 
@@ -46,7 +46,7 @@ def test_resumed_preparation_is_the_uninterrupted_pool(teacher, method):
 
     whole, states = pool(), []
     whole.prepare(chunk=100, on_chunk=lambda s: states.append({k: v.clone() for k, v in s.items()}))
-    per_chunk = 100 * 4 if method == "chains" else 100  # chains: a chunk is 100 chains of K - 1 = 4 bands
+    per_chunk = 100 * 4 if method == "shared" else 100  # shared: a chunk is ~100 x0 for K - 1 = 4 bands
     assert [int(s["prep_done"]) for s in states] == list(range(per_chunk, whole.size, per_chunk))
     prepared = {k: v.clone() for k, v in whole.state_dict().items()}
     batch = whole.next_batch().x_t

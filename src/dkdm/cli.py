@@ -159,11 +159,11 @@ def _pool_flags(p: argparse.ArgumentParser) -> None:
                     help="dtype the pool keeps its samples in (16-bit halves its memory)")
     p.add_argument("--prep-batch", type=int,
                     help="teacher batch size for pool preparation (default 1024 on a CPU, 8192 on a GPU)")
-    p.add_argument("--prep", choices=["auto", "exact", "sampled", "chains"],
+    p.add_argument("--prep", choices=["auto", "exact", "sampled", "shared"],
                     help="pool preparation: exact (each entry its own teacher chain, N*T/2 steps), sampled (a K-step "
-                         "x0 per entry, noised by q: N*K), chains (K-step chains' states noised forward by q, a chain "
-                         "per band of stops: about N), or auto (the default: chains where K < T/2, else exact)")
-    p.add_argument("--prep-steps", type=int, help="K, the teacher sampling steps of --prep sampled / chains (default 10, at most T)")
+                         "x0 per entry, noised by q: N*K), shared (each K-step x0 noised by q to one stop in each of "
+                         "K-1 bands: about N*K/(K-1)), or auto (the default: shared where K < T/2, else exact)")
+    p.add_argument("--prep-steps", type=int, help="K, the teacher sampling steps of --prep sampled / shared (default 10, at most T)")
     p.add_argument("--prep-ckpt-every", type=float, metavar="SECONDS",
                     help="checkpoint the pool preparation every SECONDS (default 300; 0: after every --prep-batch "
                          "chunk), so that --resume continues an interrupted preparation")

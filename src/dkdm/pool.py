@@ -22,7 +22,7 @@ from .diffusion import TrainingBatch, reverse_sample
 from .errors import DkdmError
 
 KINDS = ("iterative", "shuffled", "dynamic")
-PREPARATIONS = ("auto", "exact", "sampled", "chains")
+PREPARATIONS = ("auto", "exact", "sampled", "shared")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -63,17 +63,18 @@ def _without_autotuning():
 
 
 def resolve_preparation(method: str, num_steps: int, prep_steps: int) -> str:
-    """``auto`` is chains preparation for few steps (K < T/2), else exact.
+    """``auto`` is shared preparation for few steps (K < T/2), else exact.
 
-    Chains cost about one teacher step per entry at any K, but ~N/(K-1) chains serve N entries, so
-    as K nears T nearby stops share a chain; below T/2 they give students like sampled preparation's
-    at about a K-th of its cost (docs/defaults.md), and sampled gave the same as exact (docs/results.md).
+    Shared preparation costs about one teacher step per entry at any K, but N / (K - 1) samples
+    serve N entries, so as K nears T nearby stops share a sample; below T/2 it gave students like
+    sampled preparation's at about a K-th of its cost (docs/defaults.md), and sampled gave the same
+    as exact (docs/results.md).
     """
     if method not in PREPARATIONS:
         raise DkdmError(f"unknown pool preparation {method!r}; choose one of {', '.join(PREPARATIONS)}")
     if method != "auto":
         return method
-    return "chains" if 2 * prep_steps < num_steps else "exact"
+    return "shared" if 2 * prep_steps < num_steps else "exact"
 
 
 def preparation_batch(chunk: int | None, device) -> int:
@@ -87,24 +88,25 @@ def preparation_batch(chunk: int | None, device) -> int:
     return chunk
 
 
-def chain_times(num_steps: int, prep_steps: int) -> torch.Tensor:
-    """The model times a K-step respaced teacher chain passes through (ascending, the first 0)."""
-    return torch.as_tensor(np.unique(np.round(np.linspace(0, num_steps - 1, prep_steps)).astype(np.int64)))
+def _bands(num_steps: int, prep_steps: int) -> int:
+    """How many bands of stops shared preparation splits [1, T-1] into: the intervals between the
+    distinct times of a K-step respaced sampler."""
+    return len(np.unique(np.round(np.linspace(0, num_steps - 1, prep_steps)))) - 1
 
 
 def preparation_cost(kind: str, size: int, num_steps: int, method: str = "exact", prep_steps: int = 25) -> int:
     """Teacher sample-steps to prepare the pool: N * T/2 (exact, expected), N * K (sampled), or for
-    chains about N: (K-1) steps for each of the ~N/(K-1) chains a band of stops needs, plus the
-    spread of the bands' counts (an estimate for CPU chunks; larger chunks spread less)."""
+    shared about N * K / (K - 1): K steps for each of the ~N / (K - 1) samples a band of stops needs,
+    plus the spread of the bands' counts (an estimate for CPU chunks; larger chunks spread less)."""
     if kind == "iterative":
         return 0
     method = resolve_preparation(method, num_steps, prep_steps)
     if method == "sampled":
         return size * prep_steps
-    if method == "chains":
-        bands = len(chain_times(num_steps, prep_steps)) - 1
+    if method == "shared":
+        bands = _bands(num_steps, prep_steps)
         per_band = min(size, 1024 * bands) / bands
-        return math.ceil(size * (1 + math.sqrt(2 * math.log(max(bands, 2)) / per_band)))
+        return math.ceil(size * prep_steps / bands * (1 + math.sqrt(2 * math.log(max(bands, 2)) / per_band)))
     return size * num_steps // 2
 
 
@@ -211,13 +213,13 @@ class KnowledgePool:
             self._prep_done = 0
         if progress is not None and self.prep_calls:
             progress.update(self.prep_calls)
-        entries = chunk * (len(chain_times(T, self.prep_steps)) - 1) if self.preparation == "chains" else chunk
+        entries = chunk * _bands(T, self.prep_steps) if self.preparation == "shared" else chunk
         for start in range(self._prep_done, self.size, entries):
             end = min(start + entries, self.size)
             if self.preparation == "sampled":
                 self._prepare_sampled(start, end, progress)
-            elif self.preparation == "chains":
-                self._prepare_chains(start, end, progress)
+            elif self.preparation == "shared":
+                self._prepare_shared(start, end, progress)
             else:
                 self._prepare_exact(start, end, progress)
             self._prep_done = end
@@ -257,51 +259,33 @@ class KnowledgePool:
         t = self.s[start:end] - 1
         self.x[start:end] = self.teacher.schedule.q_sample(x0, t, self._noise(x0.shape)).to(self.x.dtype)
 
-    def _prepare_chains(self, start: int, end: int, progress) -> None:
-        """Cheapest preparation: the states of K-step respaced teacher chains, each noised forward
-        by q to the stops of its band.
+    def _prepare_shared(self, start: int, end: int, progress) -> None:
+        """Sampled preparation at about one teacher step per entry: each K-step x0 serves K - 1 entries.
 
-        A K-step chain passes through model times u_0 = 0 < u_1 < ... (``chain_times``); the state
-        before its step at u_i follows the teacher's marginal at u_i (up to the respacing), and
-        q(x_t | x_u) carries it exactly to any t >= u. An entry stopping at t takes the state at the
-        largest u_i <= t of one chain; each chain serves one entry of every band [u_i, u_i+1), so M
-        chains (the most entries any band holds) cost M * (K - 1) steps: about N for N entries,
-        where sampled preparation spends N * K. A band sees as many distinct chains as it has
-        entries, as with sampled preparation; entries of different bands share chains.
-        A class-conditional entry takes its chain's label.
+        The stops are split into the K - 1 bands between the K-step sampler's times; each x0 is
+        noised by q to one entry of every band, so a band holds as many distinct x0 as entries (as
+        with sampled preparation, where every entry has its own) and M x0 (the most entries any
+        band holds) cost M * K steps: about N * K / (K - 1) for N entries instead of N * K.
+        (Noising the chain's own intermediate states forward instead gave students 7-16% worse on
+        digits, docs/defaults.md.) A class-conditional entry takes its x0's label.
         """
         sched, tmap = self.schedule.respace(self.prep_steps)
         tmap = tmap.to(self.device)
         t = self.s[start:end] - 1
-        band = torch.searchsorted(tmap, t, right=True) - 1  # the largest u_i <= t (u_0 = 0 <= t)
+        band = (torch.searchsorted(tmap, t, right=True) - 1).clamp_(max=len(tmap) - 2)
         order = torch.argsort(band * len(t) + torch.arange(len(t), device=self.device))  # by band, stable
-        counts = torch.bincount(band, minlength=len(tmap))
+        counts = torch.bincount(band, minlength=len(tmap) - 1)
         first = torch.cumsum(counts, 0) - counts
         rank = torch.empty_like(band)
         rank[order] = torch.arange(len(t), device=self.device) - first[band[order]]
-        chains = int(counts.max())
-        y = None if self.y is None else self._labels(chains)
-        x = self._noise((chains, *self.teacher.sample_shape))
-        out = self.x[start:end]
-        for i in range(len(tmap) - 1, -1, -1):
-            here = (band == i).nonzero().squeeze(1)
-            if len(here):
-                u, tt = tmap[i], t[here]
-                keep = (self.schedule.alphas_cumprod[tt.cpu()] / self.schedule.alphas_cumprod[int(u)]).to(self.device)
-                keep = keep.view(-1, *[1] * (x.dim() - 1))
-                xs = x[rank[here]]
-                out[here] = (keep.sqrt() * xs + (1 - keep).sqrt() * self._noise(xs.shape)).to(self.x.dtype)
-                if y is not None:
-                    self.y[start:end][here] = y[rank[here]]
-            if i == 0 or not bool((band < i).any()):
-                break
-            ti = torch.full((chains,), i, device=self.device, dtype=torch.long)
-            with torch.inference_mode():
-                step = self.teacher.reverse(x, ti, schedule=sched, t_model=tmap[ti], y=y, guidance=self.guidance)
-            x = reverse_sample(step, ti, self._noise(x.shape))
-            self.prep_calls += chains
-            if progress is not None:
-                progress.update(chains)
+        n = int(counts.max())
+        labels = None if self.y is None else self._labels(n)
+        x0 = self.teacher.sample(n, self.prep_steps, self.generator, batch_size=n, progress=progress, labels=labels,
+                                 guidance=self.guidance).to(self.device)
+        self.prep_calls += n * self.prep_steps
+        self.x[start:end] = self.schedule.q_sample(x0[rank], t, self._noise((len(t), *x0.shape[1:]))).to(self.x.dtype)
+        if labels is not None:
+            self.y[start:end] = labels[rank].to(self.y.dtype)
 
     def preparation_state(self) -> dict[str, torch.Tensor]:
         """What a preparation stopped after a chunk resumes from (see ``prepare``)."""
@@ -366,7 +350,7 @@ class KnowledgePool:
     def describe(self) -> dict:
         d = {"source": "pool", "pool": self.kind, "rho": self.rho, "batch": self.batch_size,
              "size": self.size, "dtype": self.dtype, "preparation": self.preparation}
-        if self.preparation in ("sampled", "chains"):
+        if self.preparation in ("sampled", "shared"):
             d["prep_steps"] = self.prep_steps
         if self.num_classes:
             d["classes"] = self.num_classes
