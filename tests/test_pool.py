@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dkdm.errors import DkdmError
-from dkdm.pool import KnowledgePool, pool_memory_bytes, pool_size, preparation_cost
+from dkdm.pool import KnowledgePool, pool_memory_bytes, pool_size, preparation_cost, resolve_preparation
 from helpers import CountingNet, tiny_teacher
 
 
@@ -145,9 +145,8 @@ def test_shared_preparation_gives_each_entry_its_samples_label_and_state():
     assert (counts / counts.sum() - 1 / 3).abs().max() < 0.06
 
 
-@pytest.mark.parametrize("T,K,chosen", [(50, 5, "shared"), (50, 25, "exact"), (50, 30, "exact"), (1000, 25, "shared")])
-def test_auto_preparation_is_shared_for_few_steps_else_exact(T, K, chosen):
-    # shared costs about N at any K, but shares each x0 among entries of ever nearer stops as K nears T
+@pytest.mark.parametrize("T,K,chosen", [(50, 5, "sampled"), (50, 25, "exact"), (50, 30, "exact"), (1000, 25, "sampled")])
+def test_auto_preparation_is_sampled_for_few_steps_else_exact(T, K, chosen):
     teacher = tiny_teacher(T)
     pool = KnowledgePool(teacher, batch_size=8, kind="dynamic", rho=0.2, seed=0, prep_steps=K)  # default: auto
     assert pool.preparation == chosen == pool.describe()["preparation"]
@@ -158,6 +157,14 @@ def test_auto_preparation_is_shared_for_few_steps_else_exact(T, K, chosen):
         pool.prepare()
         assert pool.prep_calls == teacher.net.samples
         assert abs(pool.prep_calls - auto) < 0.25 * auto
+
+
+@pytest.mark.parametrize("train_forwards,chosen", [(10 ** 6, "sampled"), (5_000, "shared")])
+def test_auto_shares_samples_only_where_sampled_preparation_would_cost_more_than_training(train_forwards, chosen):
+    # 1,280 entries x K = 10: 12,800 teacher steps against the training's teacher forwards
+    assert resolve_preparation("auto", 1000, 10, 1280, train_forwards) == chosen
+    assert resolve_preparation("auto", 1000, 600, 1280, 5_000) == "exact"
+    assert resolve_preparation("sampled", 1000, 10, 1280, 5_000) == "sampled"
 
 
 def test_bad_preparation_settings_are_refused():

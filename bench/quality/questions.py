@@ -16,6 +16,9 @@ Questions:
       in 0.01 / 0.1 / 1 (default) / 10, and lambda 1 without the stop-gradient on the mean.
   families: the default UNet student against a DiT, a U-ViT and a network named only by its import
       path (bench/quality/example_net.py), each at about the default student's size, no other flag.
+  diversity: the default DKDM student beside the same network trained on the real digits with the
+      same budget and optimizer (`dkdm train`): do density, coverage and the class histogram see a
+      difference that FID does not?
 """
 
 from __future__ import annotations
@@ -48,6 +51,12 @@ QUESTIONS = {
         "uvit (517k)": ["--student", "uvit:width=72,heads=3,depth=7"],
         "ConvMixer by import path (554k)": ["--student", "example_net:ConvMixer:width=160,depth=8"],
     },
+    "diversity": {
+        "DKDM (default)": [],
+        "data-based, same network and budget": ["train", "--data", "digits", "--model", "unet:widths=24-48,layers=2",
+                                                "--steps", "1200", "--batch", "128", "--lr", "1e-3", "--warmup", "200",
+                                                "--lr-decay", "cosine", "--grad-clip", "1", "--ema", "0.9999"],
+    },
 }
 
 
@@ -59,7 +68,9 @@ def run(out: Path, question: str, row: str, seed: int) -> dict:
     """One row's run for ``seed`` (started, resumed or reused); its report's numbers and wall time."""
     d = out / question / f"{_slug(row)}-s{seed}"
     if not (d / "metrics.json").exists():
-        args = [sys.executable, "-m", "dkdm.cli", "distill", *QUESTIONS[question][row], "--seed", str(seed),
+        flags = QUESTIONS[question][row]
+        command = [] if flags[:1] == ["train"] else ["distill"]  # a row is distill's flags, or a train command
+        args = [sys.executable, "-m", "dkdm.cli", *command, *flags, "--seed", str(seed),
                 "--no-progress", "--out", str(d)] + (["--resume"] if d.exists() else [])
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         t0 = time.time()
@@ -67,8 +78,10 @@ def run(out: Path, question: str, row: str, seed: int) -> dict:
         (d / "wall_s.txt").write_text(f"{time.time() - t0:.0f}\n")
     m = json.loads((d / "metrics.json").read_text())
     wall = d / "wall_s.txt"
-    return {"question": question, "row": row, "seed": seed, "teacher_fid": m["teacher"]["digits_fid"],
-            **{k: m["student"].get(k) for k in KEYS}, "wall_s": float(wall.read_text()) if wall.exists() else None}
+    teacher = m.get("teacher", {}).get("digits_fid")  # a data-based row has none
+    return {"question": question, "row": row, "seed": seed, "teacher_fid": teacher,
+            **{k: m.get("student", m.get("model", {})).get(k) for k in KEYS},
+            "wall_s": float(wall.read_text()) if wall.exists() else None}
 
 
 def _mean_sd(values) -> str:
@@ -87,7 +100,7 @@ def markdown(results: list[dict], question: str) -> str:
     for row in dict.fromkeys(r["row"] for r in rows):
         rs = [r for r in rows if r["row"] == row]
         cells = [_mean_sd([r[k] for r in rs]) for k in KEYS]
-        ratio = _mean_sd([r["digits_fid"] / r["teacher_fid"] for r in rs])
+        ratio = _mean_sd([r["digits_fid"] / r["teacher_fid"] if r["teacher_fid"] else None for r in rs])
         lines.append(f"| {row} | {', '.join(str(r['seed']) for r in rs)} | {cells[0]} | {ratio} | "
                      + " | ".join(cells[1:]) + " |")
     return "\n".join(lines)
@@ -103,7 +116,9 @@ def plot(results: list[dict], question: str, path: Path) -> None:
     names = list(dict.fromkeys(r["row"] for r in rows))
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.2))
     for i, name in enumerate(names):
-        ratios = [r["digits_fid"] / r["teacher_fid"] for r in rows if r["row"] == name]
+        ratios = [r["digits_fid"] / r["teacher_fid"] for r in rows if r["row"] == name and r["teacher_fid"]]
+        if not ratios:
+            continue
         ax.scatter(ratios, [i] * len(ratios), color="C0")
         ax.plot([statistics.mean(ratios)] * 2, [i - 0.3, i + 0.3], color="C1")
     ax.set_yticks(range(len(names)), names)

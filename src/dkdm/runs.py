@@ -117,6 +117,14 @@ def _few_step_student(s: dict, teacher):
 POOL_SETTINGS = ("pool", "batch", "rho", "pool_dtype", "guidance", "prep", "prep_steps")
 
 
+def _saved_setting(run_dir, key: str, default):
+    """``key`` of a run directory's run.json, or ``default`` where it has none (or no readable run.json)."""
+    try:
+        return json.loads((Path(run_dir) / "run.json").read_text()).get(key, default)
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return default
+
+
 def _reusable_pool(s: dict, teacher_ref: str, acc) -> tuple[Path | None, str]:
     """The DKDM run (``--student RUN``) whose pool a few-step run takes over, so it spends no teacher
     steps preparing one, and a line saying so; (None, why not) where the run's teacher or pool
@@ -198,7 +206,9 @@ def _distillation(s: dict, progress: bool) -> dict | None:
     if s["prep_steps"] is None:  # PREP_STEPS sampling steps, or all of a shorter process
         s["prep_steps"] = min(PREP_STEPS, T)
     mem = pool_memory_bytes(size, teacher.sample_shape, s["pool_dtype"])
-    s["prep"] = resolve_preparation(s["prep"], T, int(s["prep_steps"]))
+    if few and s["prep"] == "auto":  # as the distill run resolved it, so that its pool can be taken over
+        s["prep"] = _saved_setting(s["student"], "prep", "auto")
+    s["prep"] = resolve_preparation(s["prep"], T, int(s["prep_steps"]), size, cfg.steps * int(s["batch"]))
     prep_batch = preparation_batch(None if s["prep_batch"] is None else int(s["prep_batch"]), acc.device)
     if not float(s["prep_ckpt_every"]) >= 0:
         raise DkdmError(f"--prep-ckpt-every must be >= 0 seconds, got {s['prep_ckpt_every']}")
