@@ -28,7 +28,10 @@ def test_a_network_named_by_its_import_path_distils_saves_and_loads_back(tmp_pat
     teacher = make("dkdm-unet", tmp_path / "t")
     out = tmp_path / "run"
     assert main(["distill", *teacher, "--student", "custom_nets:TinyConvNet:width=12", "--out", str(out), *FAST]) == 0
-    # loading imports the module only where the user names it
+    # loading imports the module only where the user names it (a fresh process: nothing built yet)
+    from dkdm.nets import imported
+
+    monkeypatch.setattr(imported, "_BUILT", set())
     with pytest.raises(DkdmError, match="DKDM_TRUST_IMPORT=custom_nets:TinyConvNet"):
         load_model(out)
     monkeypatch.setenv("DKDM_TRUST_IMPORT", "custom_nets:TinyConvNet")
@@ -40,6 +43,15 @@ def test_a_network_named_by_its_import_path_distils_saves_and_loads_back(tmp_pat
     assert all(torch.equal(saved[k], v) for k, v in model.net.state_dict().items())
     x, t = torch.randn(3, 3, 8, 8), torch.tensor([1, 7, 19])
     assert torch.isfinite(model(x, t)).all()
+
+
+def test_a_run_of_an_imported_network_reports_and_resumes_without_naming_it_again(tmp_path):
+    # the run's own report loads the student back: the class the user named is trusted in that process
+    teacher = make("dkdm-unet", tmp_path / "t")
+    out = tmp_path / "run"
+    with_report = [a for a in FAST if a != "--no-report"] + ["--eval-num", "8", "--eval-steps", "2"]
+    assert main(["distill", *teacher, "--student", "custom_nets:TinyConvNet", "--out", str(out), *with_report]) == 0
+    assert (out / "metrics.json").exists() and (out / "samples.png").exists()
 
 
 def test_an_imported_network_of_a_conditional_teacher_gets_the_labels(tmp_path):

@@ -17,6 +17,9 @@ from torch import nn
 from ..errors import DkdmError
 
 TRUST_ENV = "DKDM_TRUST_IMPORT"
+#: Import paths this process built a network from on the user's word (a --student spec, or a run it
+#: resumes): its own report and checkpoints load them back without asking again.
+_BUILT: set[str] = set()
 
 
 def import_class(target: str) -> type:
@@ -50,12 +53,13 @@ def build_imported(target: str, sample_shape: tuple, out_channels: int, num_clas
     except TypeError as e:
         raise DkdmError(f"{target}(sample_shape=..., out_channels=..., num_classes=..., "
                         f"{', '.join(f'{k}=...' for k in kwargs)}) failed: {e}")
+    _BUILT.add(target)
     return ImportedNet(net, num_classes > 0)
 
 
 def check_trusted(target: str, where) -> None:
     """Refuse to import ``target`` for a model read from ``where`` unless the user named it."""
-    trusted = {t.strip() for t in os.environ.get(TRUST_ENV, "").split(",") if t.strip()}
+    trusted = {t.strip() for t in os.environ.get(TRUST_ENV, "").split(",") if t.strip()} | _BUILT
     if target not in trusted and target.partition(":")[0] not in trusted:
         raise DkdmError(f"{where} holds a network of {target}, which loading imports (runs its code); to allow it, "
                         f"set {TRUST_ENV}={target}")
