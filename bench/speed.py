@@ -61,6 +61,8 @@ SCALES = {
 TINY = {"batch": 2, "teacher": {**CIFAR10_TEACHER, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,2"},
         "students": {"adm": "adm:num_channels=32,num_res_blocks=1,channel_mult=1-2,attention_resolutions=16",
                      "unet": "unet:widths=32-32,layers=1,attn=1,groups=8", "dit": "dit:patch=8,depth=1,width=32,heads=2"}}
+#: The default student of the bundled digits teacher (students.default_student_spec; tests/test_bench.py checks it).
+DIGITS_STUDENT = "unet:widths=24-48,layers=2"
 FLOPS_TABLE = ("| date | device | scale | student | settings | teacher fwd GFLOP/sample | student fwd GFLOP/sample | "
                "student update GFLOP/sample | teacher MFU (measured matmul) | update MFU (measured matmul) | "
                "teacher MFU (vendor dense bf16) | update MFU (vendor dense bf16) |")
@@ -383,7 +385,7 @@ def main(argv=None) -> int:
         ap.error("--cuda-graphs needs --device cuda")
     args.rounds = args.rounds or (1 if args.device == "cuda" else 3)
     if args.scale == "digits":
-        args.student_specs = [("student", args.student or "unet:widths=24-48,layers=1,groups=8")]
+        args.student_specs = [("student", args.student or DIGITS_STUDENT)]
         args.batch = args.batch or 64
     else:
         specs = (TINY if args.tiny else SCALES[args.scale])["students"]

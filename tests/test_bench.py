@@ -87,6 +87,13 @@ def test_speed_runs_a_scale_end_to_end_at_toy_size(capsys):
     assert len(flops) == 2 and all("student update" in line and "of measured matmul" in line for line in flops)
 
 
+def test_the_digits_row_measures_the_default_student():
+    from dkdm.formats import load_model
+    from dkdm.students import default_student_spec, format_spec
+
+    assert format_spec(default_student_spec(load_model("builtin:digits"))) == speed.DIGITS_STUDENT
+
+
 def test_flop_counts_match_the_closed_form_of_an_mlp():
     # every Linear costs 2 * in * out per sample forward; the update's backward twice that (the weights'
     # and the inputs' gradients), less the inputs' gradients of the two layers reading x and the
