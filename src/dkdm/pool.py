@@ -272,11 +272,10 @@ class KnowledgePool:
         noised by q to one entry of every band, so a band holds as many distinct x0 as entries (as
         with sampled preparation, where every entry has its own) and M x0 (the most entries any
         band holds) cost M * K steps: about N * K / (K - 1) for N entries instead of N * K.
-        (Noising the chain's own intermediate states forward instead gave students 7-16% worse on
+        (Noising the chain's own intermediate states forward instead gave students 9-16% worse on
         digits, docs/defaults.md.) A class-conditional entry takes its x0's label.
         """
-        sched, tmap = self.schedule.respace(self.prep_steps)
-        tmap = tmap.to(self.device)
+        tmap = self.schedule.respace(self.prep_steps)[1].to(self.device)
         t = self.s[start:end] - 1
         band = (torch.searchsorted(tmap, t, right=True) - 1).clamp_(max=len(tmap) - 2)
         order = torch.argsort(band * len(t) + torch.arange(len(t), device=self.device))  # by band, stable
