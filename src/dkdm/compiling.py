@@ -31,8 +31,9 @@ def _region_types() -> tuple[type, ...]:
 
 def keep_compile_cache() -> Path:
     """Point inductor's on-disk cache at dkdm's cache directory unless the user set one; where it is."""
-    root = Path(os.environ.get("DKDM_CACHE", Path.home() / ".cache" / "dkdm"))
-    return Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor")))
+    from .metrics import cache_dir
+
+    return Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor")))
 
 
 def compile_regions(net: nn.Module, mode: str | None = None) -> int:

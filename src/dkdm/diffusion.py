@@ -30,6 +30,11 @@ def _alpha_bar_betas(num_steps: int, alpha_bar, max_beta: float = 0.999) -> np.n
     return np.asarray(betas, dtype=np.float64)
 
 
+def respaced_times(num_steps: int, steps: int) -> np.ndarray:
+    """The model times an even respacing of ``num_steps`` into ``steps`` keeps (ascending, from 0)."""
+    return np.unique(np.round(np.linspace(0, num_steps - 1, steps)).astype(np.int64))
+
+
 def make_betas(
     name: str, num_steps: int, beta_start: float | None = None, beta_end: float | None = None
 ) -> np.ndarray:
@@ -210,7 +215,7 @@ class Schedule:
         """
         if not 2 <= num_steps <= self.num_steps:
             raise ValueError(f"sampling steps must be in 2..{self.num_steps}, got {num_steps}")
-        keep = np.unique(np.round(np.linspace(0, self.num_steps - 1, num_steps)).astype(np.int64))
+        keep = respaced_times(self.num_steps, num_steps)
         abar = self.alphas_cumprod.numpy()[keep]
         prev = np.concatenate([[1.0], abar[:-1]])
         betas = 1.0 - abar / prev

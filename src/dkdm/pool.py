@@ -15,10 +15,9 @@ from __future__ import annotations
 import contextlib
 import math
 
-import numpy as np
 import torch
 
-from .diffusion import TrainingBatch, reverse_sample
+from .diffusion import TrainingBatch, respaced_times, reverse_sample
 from .errors import DkdmError
 
 KINDS = ("iterative", "shuffled", "dynamic")
@@ -97,7 +96,7 @@ def preparation_batch(chunk: int | None, device) -> int:
 def _bands(num_steps: int, prep_steps: int) -> int:
     """How many bands of stops shared preparation splits [1, T-1] into: the intervals between the
     distinct times of a K-step respaced sampler."""
-    return len(np.unique(np.round(np.linspace(0, num_steps - 1, prep_steps)))) - 1
+    return len(respaced_times(num_steps, prep_steps)) - 1
 
 
 def preparation_cost(kind: str, size: int, num_steps: int, method: str = "exact", prep_steps: int = 25) -> int:
@@ -278,7 +277,7 @@ class KnowledgePool:
         tmap = self.schedule.respace(self.prep_steps)[1].to(self.device)
         t = self.s[start:end] - 1
         band = (torch.searchsorted(tmap, t, right=True) - 1).clamp_(max=len(tmap) - 2)
-        order = torch.argsort(band * len(t) + torch.arange(len(t), device=self.device))  # by band, stable
+        order = torch.sort(band, stable=True).indices
         counts = torch.bincount(band, minlength=len(tmap) - 1)
         first = torch.cumsum(counts, 0) - counts
         rank = torch.empty_like(band)

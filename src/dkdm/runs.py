@@ -117,12 +117,18 @@ def _few_step_student(s: dict, teacher):
 POOL_SETTINGS = ("pool", "batch", "rho", "pool_dtype", "guidance", "prep", "prep_steps")
 
 
+def _run_json(run_dir) -> dict | None:
+    """A run directory's run.json, or None where it has none or it is unreadable."""
+    try:
+        saved = json.loads((Path(run_dir) / "run.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
 def _saved_setting(run_dir, key: str, default):
     """``key`` of a run directory's run.json, or ``default`` where it has none (or no readable run.json)."""
-    try:
-        return json.loads((Path(run_dir) / "run.json").read_text()).get(key, default)
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return default
+    return (_run_json(run_dir) or {}).get(key, default)
 
 
 def _reusable_pool(s: dict, teacher_ref: str, acc) -> tuple[Path | None, str]:
@@ -135,9 +141,8 @@ def _reusable_pool(s: dict, teacher_ref: str, acc) -> tuple[Path | None, str]:
     run = Path(s["student"]) / "run.json"
     if not run.is_file():
         return None, "preparing a pool (--student is a model directory, not a distill run)"
-    try:
-        saved = json.loads(run.read_text())
-    except (OSError, json.JSONDecodeError):
+    saved = _run_json(run.parent)
+    if saved is None:
         return None, f"preparing a pool ({run} is unreadable)"
     differ = [k for k in POOL_SETTINGS if str(saved.get(k)) != str(s.get(k))]
     if saved.get("teacher") is None or teacher_reference(saved["teacher"]) != teacher_ref:

@@ -226,20 +226,12 @@ def build_net(spec, sample_shape, out_channels: int) -> nn.Module:
         flags["learn_sigma"] = out_channels == 2 * c
         return ADMNet(ADMUNet(parse_flags(flags)))
     if kind == "uvit":
-        width, heads, patch = int(s["width"]), int(s["heads"]), int(s["patch"])
-        if width % heads:
-            raise DkdmError(f"uvit width {width} must be divisible by heads {heads}")
-        if h % patch:
-            raise DkdmError(f"uvit patch {patch} must divide the image size {h}")
+        width, heads, patch = _checked_tokens(s, h)
         return UViTNet(c, out_channels, h, patch, width, int(s["depth"]), heads, int(s["classes"]))
     if kind == "dit":
         from diffusers import DiTTransformer2DModel
 
-        width, heads, patch = int(s["width"]), int(s["heads"]), int(s["patch"])
-        if width % heads:
-            raise DkdmError(f"dit width {width} must be divisible by heads {heads}")
-        if h % patch:
-            raise DkdmError(f"dit patch {patch} must divide the image size {h}")
+        width, heads, patch = _checked_tokens(s, h)
         dit = DiTTransformer2DModel(
             num_attention_heads=heads, attention_head_dim=width // heads, in_channels=c,
             out_channels=out_channels, num_layers=int(s["depth"]), sample_size=h, patch_size=patch,
@@ -249,6 +241,16 @@ def build_net(spec, sample_shape, out_channels: int) -> nn.Module:
         stretch_positions(dit, int(s["pos_grid"]))
         return DiTNet(dit)
     raise DkdmError(f"unknown model type {kind!r}")
+
+
+def _checked_tokens(s: dict, h: int) -> tuple[int, int, int]:
+    """A transformer spec's (dit, uvit) width, heads and patch, checked against each other and the image size."""
+    width, heads, patch = int(s["width"]), int(s["heads"]), int(s["patch"])
+    if width % heads:
+        raise DkdmError(f"{s['type']} width {width} must be divisible by heads {heads}")
+    if h % patch:
+        raise DkdmError(f"{s['type']} patch {patch} must divide the image size {h}")
+    return width, heads, patch
 
 
 def _diffusers_net(s: dict, c: int, h: int, out_channels: int) -> nn.Module:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -23,7 +24,7 @@ from accelerate.utils import AutocastKwargs
 
 from .checkpoint import checkpoint_size, list_checkpoints, resume_run, save_run
 from .devices import adamw, make_accelerator
-from .compiling import compile_regions, keep_compile_cache
+from .compiling import compile_regions
 from .diffusion import Reverse, TrainingBatch
 from .ema import EMA
 from .errors import DkdmError
@@ -176,7 +177,6 @@ class Trainer:
         self._plain_net = self.accelerator.unwrap_model(self.net)
         # compiled in place by regions (compiling.py): state-dict keys stay those of the plain network
         self._regions = compile_regions(self._plain_net) if config.compile else 0
-        self._forward = self.net
         self._params = list(self.net.parameters())
         self.ema = EMA(self._plain_net, config.ema_decay)
         device = self.accelerator.device
@@ -241,7 +241,7 @@ class Trainer:
         self.net.train()
         with self._autocast():
             y = batch.y if student.num_classes else None  # an unconditional student learns the marginal
-            output = self._forward(batch.x_t, batch.t) if y is None else self._forward(batch.x_t, batch.t, y)
+            output = self.net(batch.x_t, batch.t) if y is None else self.net(batch.x_t, batch.t, y)
         terms = self._terms(output.float(), batch)
         loss = terms["loss"].mean()
         self.opt.zero_grad(set_to_none=True)
@@ -273,7 +273,7 @@ class Trainer:
         x_s = teacher_ode_step(schedule, batch.target, batch.x_t, batch.t, s)
         y = batch.y if student.num_classes else None
         with torch.no_grad(), self._autocast():  # the target: the student itself under a stop-gradient
-            target = self._forward(x_s, s) if y is None else self._forward(x_s, s, y)
+            target = self.net(x_s, s) if y is None else self.net(x_s, s, y)
         terms = consistency_loss(schedule, output[:, :c], target.float()[:, :c], batch.x_t, batch.t, x_s, s,
                                  student.prediction, sigma_power(student.sampler_steps))
         return {"mse": terms["distance"], "vb": torch.zeros_like(terms["distance"]), "loss": terms["loss"]}
@@ -360,7 +360,8 @@ class Trainer:
                 self.step += 1
                 if self._regions and self.step == n0 + 1 and acc.is_main_process:
                     print(f"compile: the first step took {time.time() - t0:.1f} s ({self._regions} regions of the student "
-                          f"compiled; kernels cached in {keep_compile_cache()})", file=sys.stderr, flush=True)
+                          f"compiled; kernels cached in {os.environ['TORCHINDUCTOR_CACHE_DIR']})", file=sys.stderr,
+                          flush=True)
                 self.ema.update(self._plain_net, self.step)
                 finished = self._after_step() if self.callbacks else False
                 bar.update(1)
