@@ -134,3 +134,44 @@ def test_a_teacher_without_a_data_set_gets_a_hint_about_reference(tmp_path, caps
     assert "--reference NAME" not in capsys.readouterr().err
     assert main(["distill", *tt.make("dkdm-unet", tmp_path), *common, "--out", str(tmp_path / "c")]) == 0  # 3x8x8
     assert "--reference NAME" not in capsys.readouterr().err
+
+
+def test_families_without_a_convolutional_down_sampling_path_get_more_steps_and_a_larger_rate():
+    """docs/questions.md: at the UNet's budget a DiT, a U-ViT and a ConvMixer scored 3.4x, 17x and 2.7x
+    the UNet student; they get 2.5x the budget and up to 3x the rate, tapering to the UNet's rule."""
+    from dkdm.defaults import CONV_FAMILIES
+
+    assert set(CONV_FAMILIES) == {"unet", "adm", "mlp"}
+    for family in ("dit", "uvit", "import"):
+        assert step_budget(1000, 64, 128, family) == 3000 and step_budget(1000, 64, 64, family) == 6000
+        assert learning_rate(826_000, family) == pytest.approx(3e-3)  # the digits DiT's measured rate
+        assert learning_rate(3_000_000, family) == pytest.approx(1e-3)  # 3e-3 x 1M / 3M
+        for params in (9_000_000, 35_000_000, 675_000_000):  # from ~9M: the UNet's rule
+            assert learning_rate(params, family) == learning_rate(params)
+        d = distill_defaults(826_000, (1, 8, 8), 1000, family=family)
+        assert (d["steps"].value, d["lr"].value, d["warmup"].value) == (3000, pytest.approx(3e-3), 200)
+        assert f"family {family}" in d["steps"].why and f"family {family}" in d["lr"].why
+    for family in CONV_FAMILIES:
+        d = distill_defaults(826_000, (1, 8, 8), 1000, family=family)
+        assert (d["steps"].value, d["lr"].value) == (1200, 1e-3) and "family" not in d["steps"].why + d["lr"].why
+    assert step_budget(1000, 3 * 256 * 256, 128, "dit") == 400_000  # the bounds hold
+
+
+def test_family_of_names_the_rule_each_student_gets(tmp_path):
+    from dkdm.students import family_of, parse_spec
+
+    assert [family_of(parse_spec(t)) for t in ("unet", "dit", "uvit", "mlp", "adm:num_channels=32")] == \
+        ["unet", "dit", "uvit", "mlp", "adm"]
+    assert family_of(parse_spec("example_net:ConvMixer:width=8")) == "import"
+    for name, family in (("UNet2DModel", "unet"), ("DiTTransformer2DModel", "dit")):
+        config = tmp_path / f"{name}.json"
+        config.write_text(json.dumps({"_class_name": name}))
+        assert family_of(parse_spec(str(config))) == family
+
+
+def test_a_dit_student_is_distilled_at_its_familys_budget_and_rate(tmp_path, capsys):
+    out = tmp_path / "dit"
+    assert main(["distill", "--student", "dit:width=32,heads=2,depth=1", "--dry-run", "--no-progress",
+                 "--out", str(out)]) == 0
+    line = next(l for l in capsys.readouterr().err.splitlines() if l.startswith("defaults: "))
+    assert "steps 3,000 (6 training samples" in line and "family dit" in line and "lr 0.003 (" in line

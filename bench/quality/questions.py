@@ -15,7 +15,8 @@ Questions:
       term alone (its gradient reaching the mean, else it trains nothing but the variance), lambda
       in 0.01 / 0.1 / 1 (default) / 10, and lambda 1 without the stop-gradient on the mean.
   families: the default UNet student against a DiT, a U-ViT and a network named only by its import
-      path (bench/quality/example_net.py), each at about the default student's size, no other flag.
+      path (bench/quality/example_net.py), each at about the default student's size, no other flag
+      (the family rule: 2.5x the UNet's budget, 3x its lr); and each at the UNet's budget and lr.
   diversity: the default DKDM student beside the same network trained on the real digits with the
       same budget and optimizer (`dkdm train`): do density, coverage and the class histogram see a
       difference that FID does not?
@@ -35,6 +36,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 KEYS = ("digits_fid", "precision", "recall", "density", "coverage", "class_tv")
+DIT, UVIT = "--student=dit:width=96,heads=3", "--student=uvit:width=72,heads=3,depth=7"
+CONVMIXER = "--student=example_net:ConvMixer:width=160,depth=8"
+UNET_RULE = ["--steps", "1200", "--lr", "1e-3"]
 QUESTIONS = {
     "objective": {
         "lambda 1 (default)": [],
@@ -47,9 +51,15 @@ QUESTIONS = {
     },
     "families": {
         "unet (default, 518k)": [],
-        "dit (826k)": ["--student", "dit:width=96,heads=3"],
-        "uvit (517k)": ["--student", "uvit:width=72,heads=3,depth=7"],
-        "ConvMixer by import path (554k)": ["--student", "example_net:ConvMixer:width=160,depth=8"],
+        "dit (826k)": [DIT],
+        "uvit (517k)": [UVIT],
+        "ConvMixer by import path (554k)": [CONVMIXER],
+        # before the family rule (defaults.CONV_FAMILIES): every family at the UNet's budget and rate
+        "dit (826k), a UNet's budget and lr": [DIT, *UNET_RULE],
+        "uvit (517k), a UNet's budget and lr": [UVIT, *UNET_RULE],
+        "ConvMixer (554k), a UNet's budget and lr": [CONVMIXER, *UNET_RULE],
+        "dit (826k), a UNet's budget, lr 3e-3": [DIT, "--steps", "1200", "--lr", "3e-3"],
+        "uvit (517k), a UNet's budget, lr 3e-3": [UVIT, "--steps", "1200", "--lr", "3e-3"],
     },
     "diversity": {
         "DKDM (default)": [],

@@ -168,7 +168,7 @@ def _distillation(s: dict, progress: bool) -> dict | None:
     from .model import DiffusionModel
     from .pool import (KnowledgePool, pool_memory_bytes, pool_size, preparation_batch, preparation_cost,
                        resolve_preparation)
-    from .students import count_parameters, format_spec
+    from .students import count_parameters, family_of, format_spec
     from .devices import make_accelerator
     from .trainer import Trainer
 
@@ -199,11 +199,12 @@ def _distillation(s: dict, progress: bool) -> dict | None:
         raise DkdmError(f"--batch must be at least 1, got {s['batch']}")
     # what flags and --config leave open follows from the student and the problem
     rules = fewstep_defaults if few else distill_defaults
+    family = family_of(student.spec)
     ruled = rules(count_parameters(student.net), teacher.sample_shape, teacher.schedule.num_steps,
-                  {k: s[k] for k in DISTILL_RULED})
+                  {k: s[k] for k in DISTILL_RULED}, family)
     s.update({k: v.value for k, v in ruled.items()})
     cfg = _train_config(s, fixed_default=step_budget(teacher.schedule.num_steps, math.prod(teacher.sample_shape),
-                                                     int(s["batch"])), objective="consistency" if few else "dkdm")
+                                                     int(s["batch"]), family), objective="consistency" if few else "dkdm")
     watch = _monitor_config(s)
     size = pool_size(s["pool"], float(s["rho"]), teacher.schedule.num_steps, int(s["batch"]))
     out = _check_out(s)

@@ -122,6 +122,14 @@ def _checked_external(spec: dict) -> dict:
     return {"type": "diffusers", "config": dict(config), "classes": classes}
 
 
+def family_of(spec: dict) -> str:
+    """A parsed spec's family, for the rules in ``defaults``: its type (unet, adm, dit, uvit, mlp,
+    import); a diffusers config file's as the class it names (UNet2DModel: unet, DiT...: dit)."""
+    if spec["type"] == "diffusers":
+        return "unet" if spec["config"].get("_class_name") == "UNet2DModel" else "dit"
+    return spec["type"]
+
+
 def parse_spec(spec) -> dict:
     """A full spec (type plus every field) from a string or mapping; DkdmError if it is bad."""
     if isinstance(spec, str):
