@@ -74,11 +74,16 @@ def distill(config=None, progress: bool = True, **settings) -> dict | None:
     the teacher, the defaults from the student and the problem, per-rank seeds and pool shards, the
     teacher's dtype / layout / compilation, the preparation, the lock, resume and the report).
     Settings as its flags (``teacher=...``, ``student=...``, ``steps=...``; ``config``: a YAML file
-    of them). Returns a dict with the keys of ``RESULT`` on the main process, None on the
-    others."""
+    of them). ``teacher`` may also be a ``DiffusionModel`` and ``student`` a ``DiffusionModel`` or an
+    ``nn.Module`` called as ``net(x, t[, y])`` (``objects.py``; the teacher is frozen and moved to the
+    run's device in place). Returns a dict with the keys of ``RESULT`` on the main process, None on
+    the others."""
+    from .objects import take_objects
+
+    settings, objects = take_objects(settings)
     config, settings = _saved("distill", config, settings)
     s = merge([COMMON_DEFAULTS, DISTILL_DEFAULTS, DISTILL_RULED, RUN_DIRECTORY], config, settings)
-    return _distillation(s, progress)
+    return _distillation(s, progress, objects)
 
 
 def fewstep(config=None, progress: bool = True, **settings) -> dict | None:
@@ -156,16 +161,60 @@ def _reusable_pool(s: dict, teacher_ref: str, acc) -> tuple[Path | None, str]:
     return Path(s["student"]), f"pool: taken over from {s['student']}'s last checkpoint (the same teacher and pool settings)"
 
 
-def _distillation(s: dict, progress: bool) -> dict | None:
-    """A distillation from merged settings: DKDM (``distill``), or consistency (``fewstep``)."""
+def _teacher(s: dict, device, given=None):
+    """The run's teacher (``given``, else loaded from ``s["teacher"]``), frozen, at the run's
+    inference dtype, memory layout and compilation."""
+    import torch
+
+    from .formats import load_model
+    from .objects import is_object_reference
+
+    if given is not None:
+        teacher = given.to(device)
+    elif is_object_reference(s["teacher"]):
+        raise DkdmError(f"this run's teacher was a Python object ({s['teacher']}): resume it from Python with the same "
+                        f"teacher, dkdm.distill(teacher=model, out={str(s['out'])!r}, resume=True)")
+    else:
+        teacher = load_model(s["teacher"], device=device, role="teacher", config=s["teacher_config"])
+    teacher.requires_grad_(False)
+    teacher.set_inference_dtype(s["teacher_dtype"])
+    if s["channels_last"]:
+        teacher.net.to(memory_format=torch.channels_last)
+    if s["compile"]:
+        from .compiling import compile_regions
+
+        compile_regions(teacher.net)
+    return teacher
+
+
+def _student(s: dict, teacher, data_name, teacher_ref: str, given=None):
+    """The run's fresh student: a few-step one from ``s["student"]``'s DKDM student (fewstep), the
+    object ``given``, or the spec ``s["student"]`` names (default: the teacher's family at half width)."""
+    from .model import DiffusionModel
+    from .objects import is_object_reference, student_from_object
+
+    if s.get("sampler_steps") is not None:
+        return _few_step_student(s, teacher)
+    if given is not None:
+        student = student_from_object(given, teacher)
+        student.extra.update({"data": data_name, "teacher": teacher_ref})
+        return student
+    if is_object_reference(s["student"]):
+        raise DkdmError(f"this run's student was a Python object ({s['student']}): resume it from Python with a "
+                        f"network of the same class, dkdm.distill(..., student=net, out={str(s['out'])!r}, resume=True)")
+    return DiffusionModel.student_of(teacher, s["student"], variance=s["variance"],
+                                     extra={"data": data_name, "teacher": teacher_ref})
+
+
+def _distillation(s: dict, progress: bool, objects: dict | None = None) -> dict | None:
+    """A distillation from merged settings: DKDM (``distill``), or consistency (``fewstep``);
+    ``objects``: a teacher or student given as an object (``objects.take_objects``)."""
     import math
 
     import torch
 
     from .costs import Estimate, check_pool_fits
     from .defaults import PREP_STEPS, describe, distill_defaults, fewstep_defaults, step_budget
-    from .formats import load_model
-    from .model import DiffusionModel
     from .pool import (KnowledgePool, pool_memory_bytes, pool_size, preparation_batch, preparation_cost,
                        resolve_preparation)
     from .students import count_parameters, family_of, format_spec
@@ -175,26 +224,15 @@ def _distillation(s: dict, progress: bool) -> dict | None:
     few = s.get("sampler_steps") is not None
     s["out"] = s["out"] or _default_out("fewstep" if few else "distill")
     acc = make_accelerator(s["mixed_precision"], *_trackers(s))
-    teacher = load_model(s["teacher"], device=acc.device, role="teacher", config=s["teacher_config"])
-    teacher.requires_grad_(False)
-    teacher.set_inference_dtype(s["teacher_dtype"])
-    if s["channels_last"]:
-        teacher.net.to(memory_format=torch.channels_last)
-    if s["compile"]:
-        from .compiling import compile_regions
-
-        compile_regions(teacher.net)
+    objects = objects or {}
+    teacher = _teacher(s, acc.device, objects.get("teacher"))
     reference, data_name = _distill_reference(s, teacher, acc.device)
     teacher_ref = teacher_reference(s["teacher"])
     if s["student_steps"] is not None:
         # the pool runs the teacher on the student's steps, so every batch is a step the student takes
         teacher = teacher.respaced(int(s["student_steps"]))
     torch.manual_seed(int(s["seed"]))
-    if few:
-        student = _few_step_student(s, teacher)
-    else:
-        student = DiffusionModel.student_of(teacher, s["student"], variance=s["variance"],
-                                            extra={"data": data_name, "teacher": teacher_ref})
+    student = _student(s, teacher, data_name, teacher_ref, objects.get("student"))
     if s["batch"] is not None and int(s["batch"]) < 1:  # the rules divide by it
         raise DkdmError(f"--batch must be at least 1, got {s['batch']}")
     # what flags and --config leave open follows from the student and the problem
@@ -235,7 +273,8 @@ def _distillation(s: dict, progress: bool) -> dict | None:
                   f"parameters (teacher: {count_parameters(teacher.net):,}), consistency distillation to sample in "
                   f"{s['sampler_steps']} steps (predicting {student.prediction})", file=sys.stderr)
         else:
-            print(f"student: {format_spec(student.spec)}, {count_parameters(student.net):,} parameters (teacher: "
+            name = s["student"] if student.spec is None else format_spec(student.spec)
+            print(f"student: {name}, {count_parameters(student.net):,} parameters (teacher: "
                   f"{count_parameters(teacher.net):,}){'' if s['student'] else '; --student SPEC picks another'}",
                   file=sys.stderr)
         if ruled:
@@ -520,7 +559,10 @@ def _run_locked(trainer, s: dict, out: Path, progress: bool, prepare=None, teach
 
     from .checkpoint import drop_preparation, has_preparation, list_checkpoints
     from .evaluation import write_report
+    import copy
+
     from .formats import load_model, resolve_model_dir
+    from .objects import is_object_reference
     from .runlock import check_free_space
 
     acc = trainer.accelerator
@@ -579,10 +621,11 @@ def _run_locked(trainer, s: dict, out: Path, progress: bool, prepare=None, teach
         print(f"stopped at step {trainer.step}: {trainer.stop_reason}", file=sys.stderr)
     reference = reference if reference is not None else trainer.student.extra.get("data")
     if (reference or teacher is not None) and not s.get("no_report"):
-        model = load_model(out, device=acc.device)
+        custom = trainer.student.spec is None  # a network given as an object: load its weights into a copy
+        model = load_model(out, device=acc.device, net=copy.deepcopy(trainer.student.net) if custom else None)
         heldout = {k: v for k, v in monitor.last.items() if k.startswith("heldout_")} if monitor else None
-        rows = write_report(out, model, reference, teacher=teacher, teacher_dir=s.get("teacher") and
-                            resolve_model_dir(s["teacher"]), seed=int(s["seed"]), progress=progress,
+        teacher_dir = None if is_object_reference(s.get("teacher")) else s.get("teacher") and resolve_model_dir(s["teacher"])
+        rows = write_report(out, model, reference, teacher=teacher, teacher_dir=teacher_dir, seed=int(s["seed"]), progress=progress,
                             num=s["eval_num"], steps=s["eval_steps"], guidance=float(s.get("guidance") or 1.0),
                             heldout=heldout)
         result["report"] = rows
@@ -613,5 +656,9 @@ def teacher_reference(teacher) -> str:
     """How a run records its teacher: builtin names and Hub ids as given, paths made absolute."""
     from .formats.pipelines import looks_like_hub_id
 
+    from .objects import is_object_reference
+
     text = str(teacher)
-    return text if text.startswith("builtin:") or looks_like_hub_id(text) else str(Path(text).resolve())
+    if text.startswith("builtin:") or looks_like_hub_id(text) or is_object_reference(text):
+        return text
+    return str(Path(text).resolve())

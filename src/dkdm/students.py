@@ -124,7 +124,10 @@ def _checked_external(spec: dict) -> dict:
 
 def family_of(spec: dict) -> str:
     """A parsed spec's family, for the rules in ``defaults``: its type (unet, adm, dit, uvit, mlp,
-    import); a diffusers config file's as the class it names (UNet2DModel: unet, DiT...: dit)."""
+    import); a diffusers config file's as the class it names (UNet2DModel: unet, DiT...: dit); a
+    network given as an object (no spec): custom."""
+    if spec is None:
+        return "custom"
     if spec["type"] == "diffusers":
         return "unet" if spec["config"].get("_class_name") == "UNet2DModel" else "dit"
     return spec["type"]

@@ -113,7 +113,9 @@ def load_dir(directory, device="cpu", role: str = "model", net: nn.Module | None
             )
         else:
             model = DiffusionModel(net, schedule, shape, cfg["prediction"], cfg["variance"], cfg["clip_x0"],
-                                   num_classes=cfg.get("num_classes", 0), null_class=cfg.get("null_class"))
+                                   extra={k: v for k, v in cfg.items() if k not in _CORE},
+                                   num_classes=cfg.get("num_classes", 0), null_class=cfg.get("null_class"),
+                                   decoder=decoder_of(d))
     except (KeyError, TypeError, ValueError) as e:
         raise DkdmError(f"{d / MODEL_JSON} is malformed ({e.__class__.__name__}: {e})")
     state = read_weights(d, role)

@@ -91,7 +91,7 @@ def model_card(directory, repo_id: str | None = None, teacher_parameters: int | 
                   f"training data.", ""]
     else:
         lines += ["A diffusion model trained with dkdm.", ""]
-    spec = config.get("spec", {})
+    spec = config.get("spec") or {"type": "custom nn.Module"}
     facts = [f"- architecture: `{spec.get('type', '?')}` " + ", ".join(f"{k}={v}" for k, v in spec.items() if k != "type"),
              f"- samples: {shape}, {config.get('schedule', {}).get('num_steps', '?')} diffusion steps, predicts "
              f"{config.get('prediction', '?')}, variance {config.get('variance', '?')}"]
