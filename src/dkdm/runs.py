@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import DkdmError
 from .settings import (COMMON_DEFAULTS, DATA_DEFAULTS, DISTILL_DEFAULTS, DISTILL_RULED, FEWSTEP_DEFAULTS, RUN_DIRECTORY,
@@ -206,25 +208,63 @@ def _student(s: dict, teacher, data_name, teacher_ref: str, given=None):
                                      extra={"data": data_name, "teacher": teacher_ref})
 
 
+@dataclass
+class _Plan:
+    """What a distillation decided before it spends anything: the models, the settings the rules
+    gave (``ruled``, also written into the settings), the loop's and monitor's configs, the pool's
+    size, memory and preparation cost, the pool a few-step run takes over, and the report's size."""
+    few: bool
+    acc: Any
+    teacher: Any
+    student: Any
+    teacher_ref: str
+    reference: Any
+    ruled: dict
+    cfg: Any
+    watch: Any
+    out: Path
+    size: int
+    mem: int
+    prep: int
+    prep_batch: int
+    inherit_from: Path | None
+    inherit_note: str
+    report: Any
+
+
 def _distillation(s: dict, progress: bool, objects: dict | None = None) -> dict | None:
     """A distillation from merged settings: DKDM (``distill``), or consistency (``fewstep``);
-    ``objects``: a teacher or student given as an object (``objects.take_objects``)."""
-    import math
+    ``objects``: a teacher or student given as an object (``objects.take_objects``). The named
+    steps: plan (models, settings, pool), announce, prepare the pool, train, report (``_run``)."""
+    from .pool import KnowledgePool
+    from .trainer import Trainer
 
+    plan = _plan(s, objects or {})
+    acc, teacher = plan.acc, plan.teacher
+    if s["dry_run"]:  # the plan, and no pool allocated, nothing written
+        if acc.is_main_process:
+            _announce(plan, s)
+            print("dry run: stopped before preparing the pool", file=sys.stderr)
+        return {"out": plan.out, "last": None, "stop_reason": "dry run", "report": None}
+    pool = KnowledgePool(teacher, int(s["batch"]), s["pool"], float(s["rho"]), s["pool_dtype"],
+                         seed=_rank_seed(s, acc), device=acc.device, preparation=s["prep"], prep_steps=int(s["prep_steps"]),
+                         guidance=float(s["guidance"]))
+    info = {"student": plan.student.describe(), "source": pool.describe(), "teacher": plan.teacher_ref}
+    trainer = Trainer(plan.student, pool, plan.cfg, plan.out, info, progress=progress, accelerator=acc)
+    monitor = _monitor(plan.watch, trainer, teacher, pool, plan.reference, float(s["guidance"]), progress=progress)
+    return _run(trainer, s, plan.out, progress, lambda resume: _prepare(plan, s, pool, info, resume, progress),
+                teacher=teacher, monitor=monitor, reference=plan.reference)
+
+
+def _plan(s: dict, objects: dict) -> _Plan:
+    """Load the teacher, choose the student, decide the settings and plan the pool and the report."""
     import torch
 
-    from .costs import Estimate, check_pool_fits
-    from .defaults import PREP_STEPS, describe, distill_defaults, fewstep_defaults, step_budget
-    from .pool import (KnowledgePool, pool_memory_bytes, pool_size, preparation_batch, preparation_cost,
-                       resolve_preparation)
-    from .students import count_parameters, family_of, format_spec
     from .devices import make_accelerator
-    from .trainer import Trainer
 
     few = s.get("sampler_steps") is not None
     s["out"] = s["out"] or _default_out("fewstep" if few else "distill")
     acc = make_accelerator(s["mixed_precision"], *_trackers(s))
-    objects = objects or {}
     teacher = _teacher(s, acc.device, objects.get("teacher"))
     reference, data_name = _distill_reference(s, teacher, acc.device)
     teacher_ref = teacher_reference(s["teacher"])
@@ -233,19 +273,47 @@ def _distillation(s: dict, progress: bool, objects: dict | None = None) -> dict 
         teacher = teacher.respaced(int(s["student_steps"]))
     torch.manual_seed(int(s["seed"]))
     student = _student(s, teacher, data_name, teacher_ref, objects.get("student"))
+    ruled, cfg = _decide_settings(s, teacher, student, few)
+    watch = _monitor_config(s)
+    size, mem, prep, prep_batch = _plan_pool(s, teacher, cfg, acc, few)
+    inherit_from, inherit_note = _reusable_pool(s, teacher_ref, acc) if few else (None, "")
+    # a few-step student's report costs little (K steps), its teacher's is most often cached by its distill run;
+    # the run's own cost in network passes per sample: the teacher's (preparation, one per trained sample)
+    # and the student's updates (forward and backward, about three forwards each)
+    run_cost = prep + cfg.steps * int(s["batch"]) * (1 + UPDATE_PASSES)
+    report = _report_size(s, reference, teacher, None if few else run_cost)
+    return _Plan(few, acc, teacher, student, teacher_ref, reference, ruled, cfg, watch, Path(s["out"]), size, mem,
+                 prep, prep_batch, inherit_from, inherit_note, report)
+
+
+def _decide_settings(s: dict, teacher, student, few: bool):
+    """What flags and --config leave open, from the student and the problem (``defaults``), written
+    into ``s``; the settings the rules gave and the loop's config."""
+    import math
+
+    from .defaults import distill_defaults, fewstep_defaults, step_budget
+    from .students import count_parameters, family_of
+
     if s["batch"] is not None and int(s["batch"]) < 1:  # the rules divide by it
         raise DkdmError(f"--batch must be at least 1, got {s['batch']}")
-    # what flags and --config leave open follows from the student and the problem
     rules = fewstep_defaults if few else distill_defaults
     family = family_of(student.spec)
     ruled = rules(count_parameters(student.net), teacher.sample_shape, teacher.schedule.num_steps,
                   {k: s[k] for k in DISTILL_RULED}, family)
     s.update({k: v.value for k, v in ruled.items()})
-    cfg = _train_config(s, fixed_default=step_budget(teacher.schedule.num_steps, math.prod(teacher.sample_shape),
-                                                     int(s["batch"]), family), objective="consistency" if few else "dkdm")
-    watch = _monitor_config(s)
+    budget = step_budget(teacher.schedule.num_steps, math.prod(teacher.sample_shape), int(s["batch"]), family)
+    return ruled, _train_config(s, fixed_default=budget, objective="consistency" if few else "dkdm")
+
+
+def _plan_pool(s: dict, teacher, cfg, acc, few: bool) -> tuple[int, int, int, int]:
+    """The pool's entries, bytes, preparation cost (teacher sample-steps) and preparation batch;
+    the preparation (``--prep auto``) and its steps resolved into ``s``; the run directory checked."""
+    from .costs import check_pool_fits
+    from .defaults import PREP_STEPS
+    from .pool import pool_memory_bytes, pool_size, preparation_batch, preparation_cost, resolve_preparation
+
     size = pool_size(s["pool"], float(s["rho"]), teacher.schedule.num_steps, int(s["batch"]))
-    out = _check_out(s)
+    _check_out(s)
     T = teacher.schedule.num_steps
     if s["prep_steps"] is None:  # PREP_STEPS sampling steps, or all of a shorter process
         s["prep_steps"] = min(PREP_STEPS, T)
@@ -257,104 +325,96 @@ def _distillation(s: dict, progress: bool, objects: dict | None = None) -> dict 
     if not float(s["prep_ckpt_every"]) >= 0:
         raise DkdmError(f"--prep-ckpt-every must be >= 0 seconds, got {s['prep_ckpt_every']}")
     prep = preparation_cost(s["pool"], size, T, s["prep"], int(s["prep_steps"]))
-    inherit_from, inherit_note = _reusable_pool(s, teacher_ref, acc) if few else (None, "")
     check_pool_fits(mem, size, teacher.sample_shape, s, acc.device)
-    # a few-step student's report costs little (K steps), its teacher's is most often cached by its distill run
-    # the run's own cost in network passes per sample: the teacher's (preparation, one per trained sample)
-    # and the student's updates (forward and backward, about three forwards each)
-    run_cost = prep + cfg.steps * int(s["batch"]) * (1 + UPDATE_PASSES)
-    report = _report_size(s, reference, teacher, None if few else run_cost)
+    return size, mem, prep, prep_batch
 
-    def announce():
-        """The student, the rules' settings and the pool's size and cost, before any is spent."""
-        n = acc.num_processes
-        if few:
-            print(f"few-step student: {format_spec(student.spec)} from {s['student']}, {count_parameters(student.net):,} "
-                  f"parameters (teacher: {count_parameters(teacher.net):,}), consistency distillation to sample in "
-                  f"{s['sampler_steps']} steps (predicting {student.prediction})", file=sys.stderr)
-        else:
-            name = s["student"] if student.spec is None else format_spec(student.spec)
-            print(f"student: {name}, {count_parameters(student.net):,} parameters (teacher: "
-                  f"{count_parameters(teacher.net):,}){'' if s['student'] else '; --student SPEC picks another'}",
+
+def _announce(plan: _Plan, s: dict) -> None:
+    """The student, the rules' settings, the pool's size and cost and the report's, before any is spent."""
+    from .defaults import describe
+
+    teacher, T, n = plan.teacher, plan.teacher.schedule.num_steps, plan.acc.num_processes
+    print(_student_line(plan, s), file=sys.stderr)
+    if plan.ruled:
+        print(f"defaults: {describe(plan.ruled)}", file=sys.stderr)
+    if plan.reference is None and teacher.decoder is None:
+        from .data import builtin_names_of_shape
+
+        names = builtin_names_of_shape(teacher.sample_shape)
+        if names:
+            print(f"the teacher records no data set, so the report has the data-free score only; its samples "
+                  f"have the shape of {' / '.join(names)}: --reference NAME adds that data set's metrics",
                   file=sys.stderr)
-        if ruled:
-            print(f"defaults: {describe(ruled)}", file=sys.stderr)
-        if reference is None and teacher.decoder is None:
-            from .data import builtin_names_of_shape
+    print(
+        f"pool: {s['pool']}, {plan.size} entries x {list(teacher.sample_shape)} {s['pool_dtype']} = "
+        f"{plan.mem / 2**20:.1f} MiB; "
+        + (f"{s['prep']} preparation ~{plan.prep:,} teacher sample-steps" if plan.inherit_from is None else "no preparation")
+        + f"; training {'up to ' * (s['steps'] == 'auto')}"
+        f"{plan.cfg.steps:,} steps, {plan.cfg.steps * int(s['batch']):,} teacher sample-forwards"
+        + (f" (each of {n} processes: its own pool shard and batches)" if n > 1 else ""),
+        file=sys.stderr,
+    )
+    if plan.few:
+        print(plan.inherit_note, file=sys.stderr)
+    if plan.few and not s["no_report"]:
+        print(f"report: {plan.report.num:,} samples of the student at its {s['sampler_steps']} steps and of the teacher "
+              f"at {plan.report.steps or T} (the teacher's cached across runs: drawn once, most often by the distill run)",
+              file=sys.stderr)
+    else:
+        print("report: none (--no-report)" if s["no_report"] else plan.report.describe(T), file=sys.stderr)
 
-            names = builtin_names_of_shape(teacher.sample_shape)
-            if names:
-                print(f"the teacher records no data set, so the report has the data-free score only; its samples "
-                      f"have the shape of {' / '.join(names)}: --reference NAME adds that data set's metrics",
-                      file=sys.stderr)
-        print(
-            f"pool: {s['pool']}, {size} entries x {list(teacher.sample_shape)} {s['pool_dtype']} = {mem / 2**20:.1f} MiB; "
-            + (f"{s['prep']} preparation ~{prep:,} teacher sample-steps" if inherit_from is None else "no preparation")
-            + f"; training {'up to ' * (s['steps'] == 'auto')}"
-            f"{cfg.steps:,} steps, {cfg.steps * int(s['batch']):,} teacher sample-forwards"
-            + (f" (each of {n} processes: its own pool shard and batches)" if n > 1 else ""),
-            file=sys.stderr,
-        )
-        if few:
-            print(inherit_note, file=sys.stderr)
-        if few and not s["no_report"]:
-            print(f"report: {report.num:,} samples of the student at its {s['sampler_steps']} steps and of the teacher at "
-                  f"{report.steps or T} (the teacher's cached across runs: drawn once, most often by the distill run)",
+
+def _student_line(plan: _Plan, s: dict) -> str:
+    from .students import count_parameters, format_spec
+
+    student, params = plan.student, f"{count_parameters(plan.student.net):,}"
+    teacher = f"{count_parameters(plan.teacher.net):,}"
+    if plan.few:
+        return (f"few-step student: {format_spec(student.spec)} from {s['student']}, {params} parameters (teacher: "
+                f"{teacher}), consistency distillation to sample in {s['sampler_steps']} steps (predicting "
+                f"{student.prediction})")
+    name = s["student"] if student.spec is None else format_spec(student.spec)
+    return f"student: {name}, {params} parameters (teacher: {teacher}){'' if s['student'] else '; --student SPEC picks another'}"
+
+
+def _prepare(plan: _Plan, s: dict, pool, info: dict, resume: bool, progress: bool) -> None:
+    """A new run, or one stopped while preparing: announce it, prepare (or finish preparing) the pool,
+    or take over the pool of the distill run a few-step run starts from."""
+    from .checkpoint import PreparationCheckpoints
+    from .costs import Estimate
+    from .interrupts import catch_signals, restore_signals
+    from .progress import progress_bar
+
+    acc = plan.acc
+    stop: list = []
+    saver = PreparationCheckpoints(plan.out, acc.process_index, {**info, "seed": s["seed"], "processes": acc.num_processes},
+                                   every_s=float(s["prep_ckpt_every"]), stop=stop)
+    state = saver.latest(warn=lambda m: print(m, file=sys.stderr)) if resume else None
+    if acc.is_main_process:
+        _announce(plan, s)
+        if state is not None:
+            print(f"resuming the pool preparation: {int(state['prep_done']):,} of {plan.size:,} entries were prepared",
                   file=sys.stderr)
-        else:
-            print("report: none (--no-report)" if s["no_report"] else report.describe(T), file=sys.stderr)
+    if plan.inherit_from is not None and state is None:
+        from .checkpoint import saved_pool
 
-    if s["dry_run"]:  # the plan, and no pool allocated, nothing written
-        if acc.is_main_process:
-            announce()
-            print("dry run: stopped before preparing the pool", file=sys.stderr)
-        return {"out": out, "last": None, "stop_reason": "dry run", "report": None}
-
-    pool = KnowledgePool(teacher, int(s["batch"]), s["pool"], float(s["rho"]), s["pool_dtype"],
-                         seed=_rank_seed(s, acc), device=acc.device, preparation=s["prep"], prep_steps=int(s["prep_steps"]),
-                         guidance=float(s["guidance"]))
-    info = {"student": student.describe(), "source": pool.describe(), "teacher": teacher_ref}
-    trainer = Trainer(student, pool, cfg, out, info, progress=progress, accelerator=acc)
-
-    def prepare(resume: bool):
-        """A new run, or one stopped while preparing: announce it, prepare (or finish preparing) the pool."""
-        from .checkpoint import PreparationCheckpoints
-        from .interrupts import catch_signals, restore_signals
-        from .progress import progress_bar
-
-        n = acc.num_processes
-        stop: list = []
-        saver = PreparationCheckpoints(out, acc.process_index, {**info, "seed": s["seed"], "processes": n},
-                                       every_s=float(s["prep_ckpt_every"]), stop=stop)
-        state = saver.latest(warn=lambda m: print(m, file=sys.stderr)) if resume else None
-        if acc.is_main_process:
-            announce()
-            if state is not None:
-                print(f"resuming the pool preparation: {int(state['prep_done']):,} of {size:,} entries were prepared",
-                      file=sys.stderr)
-        if inherit_from is not None and state is None:
-            from .checkpoint import saved_pool
-
-            inherited = saved_pool(inherit_from, acc.process_index)
-            if inherited is not None:
-                pool.load_state_dict(inherited)
-                pool.teacher_calls = pool.prep_calls = 0  # this run's count starts here
-                return
-            print(f"{inherit_from}'s checkpoints are unreadable: preparing a pool", file=sys.stderr)
-        estimate = Estimate(prep, cfg.steps * int(s["batch"]), acc.is_main_process)
-        previous = catch_signals(stop)  # Ctrl-C: save after the chunk in flight, then stop
-        try:
-            with progress_bar(prep, "pool", unit="teacher sample-step", unit_scale=True,
-                              disable=not progress or prep == 0 or not acc.is_main_process) as bar:
-                pool.prepare(chunk=prep_batch, progress=bar, resume=state,
-                             on_chunk=lambda st: (estimate(pool.prep_calls), saver(st)))
-            if stop:  # the signal came in the last chunk: keep the whole pool
-                saver.interrupt(pool.preparation_state())
-        finally:
-            restore_signals(previous)
-
-    monitor = _monitor(watch, trainer, teacher, pool, reference, float(s["guidance"]), progress=progress)
-    return _run(trainer, s, out, progress, prepare, teacher=teacher, monitor=monitor, reference=reference)
+        inherited = saved_pool(plan.inherit_from, acc.process_index)
+        if inherited is not None:
+            pool.load_state_dict(inherited)
+            pool.teacher_calls = pool.prep_calls = 0  # this run's count starts here
+            return
+        print(f"{plan.inherit_from}'s checkpoints are unreadable: preparing a pool", file=sys.stderr)
+    estimate = Estimate(plan.prep, plan.cfg.steps * int(s["batch"]), acc.is_main_process)
+    previous = catch_signals(stop)  # Ctrl-C: save after the chunk in flight, then stop
+    try:
+        with progress_bar(plan.prep, "pool", unit="teacher sample-step", unit_scale=True,
+                          disable=not progress or plan.prep == 0 or not acc.is_main_process) as bar:
+            pool.prepare(chunk=plan.prep_batch, progress=bar, resume=state,
+                         on_chunk=lambda st: (estimate(pool.prep_calls), saver(st)))
+        if stop:  # the signal came in the last chunk: keep the whole pool
+            saver.interrupt(pool.preparation_state())
+    finally:
+        restore_signals(previous)
 
 
 def _saved(command: str, config, settings: dict):
