@@ -615,51 +615,16 @@ def _run(trainer, s: dict, out: Path, progress: bool, prepare=None, teacher=None
 def _run_locked(trainer, s: dict, out: Path, progress: bool, prepare=None, teacher=None, monitor=None, reference=None) -> None:
     """Resume or start (optionally preparing the pool first, then checkpointing it), train, report
     (against ``reference``, default: the data set the student records)."""
-    import torch
-
-    from .checkpoint import drop_preparation, has_preparation, list_checkpoints
-    from .evaluation import write_report
-    import copy
-
-    from .formats import load_model, resolve_model_dir
-    from .objects import is_object_reference
-    from .runlock import check_free_space
-
     acc = trainer.accelerator
-    main = acc.is_main_process
     acc.wait_for_everyone()  # every process has checked --out before the main one writes into it
-    if monitor is not None and main:
+    if monitor is not None and acc.is_main_process:
         print(monitor.cost(), file=sys.stderr)
+    from .checkpoint import list_checkpoints
+
     if s.get("resume") and list_checkpoints(trainer.ckpt_dir):
-        step = trainer.resume()
-        if main:
-            _write_settings(out, s, acc.num_processes)  # with what a resumed run may change (e.g. --steps)
-            drop_preparation(out)  # left by a run killed between its first checkpoint and dropping it
-            print(f"resuming {out} from step {step}", file=sys.stderr)
-            if monitor is not None and monitor.setup(resume=True):
-                trainer.cfg.steps = step  # the rule had already stopped the run at its last checkpoint
+        _resume(trainer, s, out, monitor)
     else:
-        if prepare is not None:
-            check_free_space(out, 2 * trainer.checkpoint_bytes(), "the pool's preparation and first checkpoints")
-        if main:  # before the preparation, so that a run stopped while preparing resumes from its settings
-            if s.get("resume") and not has_preparation(out):
-                print(f"{out} was stopped before it saved anything: starting it afresh with its settings",
-                      file=sys.stderr)
-            _write_settings(out, s, acc.num_processes)
-        if prepare is not None:
-            try:
-                prepare(bool(s.get("resume")))
-            except DkdmError:  # a refused run leaves nothing behind (an interrupted one its settings)
-                if main and not s.get("resume") and not has_preparation(out):
-                    (out / "run.json").unlink(missing_ok=True)
-                raise
-        if main and monitor is not None:
-            monitor.setup()
-        torch.manual_seed(int(s["seed"]) + 1)
-        acc.wait_for_everyone()
-        trainer.save()
-        if main:  # the first checkpoint holds the prepared pool
-            drop_preparation(out)
+        _start(trainer, s, out, prepare, monitor)
     if monitor is not None:
         trainer.callbacks.append(monitor)
     from .tracking import finish, start
@@ -669,10 +634,67 @@ def _run_locked(trainer, s: dict, out: Path, progress: bool, prepare=None, teach
         last = trainer.train()
     finally:
         finish(acc)
-    if not main:
+    if not acc.is_main_process:
         return None
+    return _finish(trainer, s, out, last, progress, teacher, monitor, reference)
+
+
+def _resume(trainer, s: dict, out: Path, monitor) -> None:
+    """A stopped run back at its last checkpoint, with what a resumed run may change saved."""
+    from .checkpoint import drop_preparation
+
+    acc = trainer.accelerator
+    step = trainer.resume()
+    if acc.is_main_process:
+        _write_settings(out, s, acc.num_processes)  # with what a resumed run may change (e.g. --steps)
+        drop_preparation(out)  # left by a run killed between its first checkpoint and dropping it
+        print(f"resuming {out} from step {step}", file=sys.stderr)
+        if monitor is not None and monitor.setup(resume=True):
+            trainer.cfg.steps = step  # the rule had already stopped the run at its last checkpoint
+
+
+def _start(trainer, s: dict, out: Path, prepare, monitor) -> None:
+    """A new run (or one stopped before its first checkpoint): its settings saved, the pool prepared,
+    the first checkpoint written (it holds the prepared pool)."""
+    import torch
+
+    from .checkpoint import drop_preparation, has_preparation
+    from .runlock import check_free_space
+
+    acc = trainer.accelerator
+    main = acc.is_main_process
+    if prepare is not None:
+        check_free_space(out, 2 * trainer.checkpoint_bytes(), "the pool's preparation and first checkpoints")
+    if main:  # before the preparation, so that a run stopped while preparing resumes from its settings
+        if s.get("resume") and not has_preparation(out):
+            print(f"{out} was stopped before it saved anything: starting it afresh with its settings", file=sys.stderr)
+        _write_settings(out, s, acc.num_processes)
+    if prepare is not None:
+        try:
+            prepare(bool(s.get("resume")))
+        except DkdmError:  # a refused run leaves nothing behind (an interrupted one its settings)
+            if main and not s.get("resume") and not has_preparation(out):
+                (out / "run.json").unlink(missing_ok=True)
+            raise
+    if main and monitor is not None:
+        monitor.setup()
+    torch.manual_seed(int(s["seed"]) + 1)
+    acc.wait_for_everyone()
+    trainer.save()
+    if main:  # the first checkpoint holds the prepared pool
+        drop_preparation(out)
+
+
+def _finish(trainer, s: dict, out: Path, last, progress: bool, teacher, monitor, reference) -> dict:
+    """After training, on the main process: the curves, the report, the model card, the push."""
+    import copy
+
+    from .evaluation import write_report
+    from .formats import load_model, resolve_model_dir
     from .formats.hub import push, write_model_card
     from .monitor import plot_run
+    from .objects import is_object_reference
+    from .students import count_parameters
 
     result = {"out": out, "last": last, "stop_reason": trainer.stop_reason, "report": None}
     if monitor is not None or not s.get("no_report"):  # the curves, the last line included (dkdm report redraws)
@@ -682,15 +704,13 @@ def _run_locked(trainer, s: dict, out: Path, progress: bool, prepare=None, teach
     reference = reference if reference is not None else trainer.student.extra.get("data")
     if (reference or teacher is not None) and not s.get("no_report"):
         custom = trainer.student.spec is None  # a network given as an object: load its weights into a copy
-        model = load_model(out, device=acc.device, net=copy.deepcopy(trainer.student.net) if custom else None)
+        model = load_model(out, device=trainer.accelerator.device,
+                           net=copy.deepcopy(trainer.student.net) if custom else None)
         heldout = {k: v for k, v in monitor.last.items() if k.startswith("heldout_")} if monitor else None
         teacher_dir = None if is_object_reference(s.get("teacher")) else s.get("teacher") and resolve_model_dir(s["teacher"])
-        rows = write_report(out, model, reference, teacher=teacher, teacher_dir=teacher_dir, seed=int(s["seed"]), progress=progress,
-                            num=s["eval_num"], steps=s["eval_steps"], guidance=float(s.get("guidance") or 1.0),
-                            heldout=heldout)
-        result["report"] = rows
-    from .students import count_parameters
-
+        result["report"] = write_report(out, model, reference, teacher=teacher, teacher_dir=teacher_dir,
+                                        seed=int(s["seed"]), progress=progress, num=s["eval_num"],
+                                        steps=s["eval_steps"], guidance=float(s.get("guidance") or 1.0), heldout=heldout)
     write_model_card(out, count_parameters(teacher.net) if teacher is not None else None)
     written = [f for f in ("metrics.json", "samples.png", "training.png", "stop.json", "README.md") if (out / f).exists()]
     print(f"run directory: {out} ({', '.join(written)})", file=sys.stderr)
