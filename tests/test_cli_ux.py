@@ -166,14 +166,14 @@ def test_the_cost_is_estimated_after_the_first_chunks_and_a_long_preparation_sai
     assert "warning: preparing the pool takes about" in err
 
 
-def test_the_readme_teacher_from_a_plain_module_and_betas_runs(tmp_path, monkeypatch):
+def test_the_python_api_page_teacher_from_a_plain_module_and_betas_runs(tmp_path, monkeypatch):
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "Schedule(betas)" in b)
+    page = (Path(__file__).resolve().parents[1] / "docs" / "python-api.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", page, re.S) if "Schedule(betas)" in b)
     monkeypatch.chdir(tmp_path)
     scope = {"__name__": "readme_example"}
-    exec(compile(block, "README.md", "exec"), scope)
+    exec(compile(block, "docs/python-api.md", "exec"), scope)
     assert scope["teacher"].schedule.num_steps == 1000 and scope["pool"].prepared
     assert (tmp_path / "runs" / "custom" / "model.safetensors").is_file()

@@ -13,6 +13,8 @@ import json
 import os
 import sys
 
+from .choices import (CONVERT_FORMATS, DTYPES, FEWSTEP_PREDICTIONS, LR_DECAYS, MIXED_PRECISIONS, POOL_KINDS,
+                      PREDICTIONS, PREPARATIONS, SCHEDULES, VARIANCES)
 from .errors import DkdmError
 from .peers import PeerLost
 
@@ -62,9 +64,9 @@ def _common(p: argparse.ArgumentParser, training: bool) -> None:
     p.add_argument("--ema", type=float, help="EMA decay of the saved weights")
     p.add_argument("--grad-clip", type=float, help="gradient-norm clip (0: off)")
     p.add_argument("--warmup", type=int, help="learning-rate warm-up steps")
-    p.add_argument("--lr-decay", choices=["constant", "cosine"],
+    p.add_argument("--lr-decay", choices=LR_DECAYS,
                    help="after the warm-up: constant, or cosine to 0 at the last step (in 100 constant stages)")
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"],
+    p.add_argument("--mixed-precision", choices=MIXED_PRECISIONS,
                    help="autocast the student's update (fp16 needs a CUDA device)")
     p.add_argument("--log-every", type=int, help="write a log.jsonl line every N steps")
     p.add_argument("--ckpt-every", type=int, help="checkpoint every K steps")
@@ -148,18 +150,18 @@ def _teacher_flags(p: argparse.ArgumentParser) -> None:
 
 def _pool_flags(p: argparse.ArgumentParser) -> None:
     """The flags distill and fewstep share: the teacher's precision, the pool, held-out states and the report's reference."""
-    p.add_argument("--teacher-dtype", choices=["float32", "bfloat16", "float16"],
+    p.add_argument("--teacher-dtype", choices=DTYPES,
                     help="run the teacher's network in reduced precision (faster on GPUs; targets change slightly)")
     p.add_argument("--guidance", type=float,
                     help="classifier-free guidance scale of a class-conditional teacher's targets (1: none)")
-    p.add_argument("--pool", choices=["iterative", "shuffled", "dynamic"],
+    p.add_argument("--pool", choices=POOL_KINDS,
                     help="the pool of partially denoised samples (dynamic: the paper's dynamic iterative distillation)")
     p.add_argument("--rho", type=float, help="dynamic pool size in batches per diffusion step (paper: 0.4)")
-    p.add_argument("--pool-dtype", choices=["float32", "float16", "bfloat16"],
+    p.add_argument("--pool-dtype", choices=DTYPES,
                     help="dtype the pool keeps its samples in (16-bit halves its memory)")
     p.add_argument("--prep-batch", type=int,
                     help="teacher batch size for pool preparation (default 1024 on a CPU, 8192 on a GPU)")
-    p.add_argument("--prep", choices=["auto", "exact", "sampled", "shared"],
+    p.add_argument("--prep", choices=PREPARATIONS,
                     help="pool preparation: exact (each entry its own teacher chain, N*T/2 steps), sampled (a K-step "
                          "x0 per entry, noised by q: N*K), shared (each K-step x0 noised by q to one stop in each of "
                          "K-1 bands: about N*K/(K-1)), or auto (the default: shared where K < T/2, else exact)")
@@ -195,11 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="data-limited baseline: keep this percentage of --data, fill up with --synthetic samples")
     tr.add_argument("--synthetic", help="sample set (from `dkdm synth`) that fills up a --real-fraction set")
     tr.add_argument("--model", help="architecture spec, e.g. mlp:width=128,depth=3")
-    tr.add_argument("--schedule", choices=["linear", "cosine", "scaled_linear"], help="noise schedule")
+    tr.add_argument("--schedule", choices=SCHEDULES, help="noise schedule")
     tr.add_argument("--diffusion-steps", type=int, help="T, the number of diffusion steps")
-    tr.add_argument("--variance", choices=["learned_range", "fixed_small", "fixed_large"],
+    tr.add_argument("--variance", choices=VARIANCES,
                     help="reverse-process variance (learned_range trains it with L*vlb)")
-    tr.add_argument("--prediction", choices=["epsilon", "v_prediction", "sample"], help="what the network predicts")
+    tr.add_argument("--prediction", choices=PREDICTIONS, help="what the network predicts")
 
     di = sub.add_parser("distill", help="data-free distillation of a teacher into a student (DKDM)",
                         description="Data-free distillation (DKDM). --batch, --steps, --lr, --warmup, --ema and "
@@ -212,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "sqrt(2), about half its parameters)")
     di.add_argument("--student-steps", type=int,
                     help="the student's diffusion steps: an even respacing of the teacher's (default: the same)")
-    di.add_argument("--variance", choices=["learned_range", "fixed_small", "fixed_large"],
+    di.add_argument("--variance", choices=VARIANCES,
                     help="student variance (learned_range trains it with L*vlb)")
     _pool_flags(di)
 
@@ -226,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     fs.add_argument("--student", help="the student to start from: the run or model directory of `dkdm distill` (or any "
                                       "model of the teacher's sample shape and steps, e.g. the teacher itself)")
     fs.add_argument("--sampler-steps", type=int, help="K, the steps the saved student samples in (1..50; sample / evaluate --steps picks another)")
-    fs.add_argument("--fewstep-prediction", choices=["v_prediction", "sample", "epsilon"],
+    fs.add_argument("--fewstep-prediction", choices=FEWSTEP_PREDICTIONS,
                     help="what the few-step student's network predicts (v: well conditioned at every step)")
     fs.add_argument("--consistency-grid", type=int, metavar="N",
                     help="the ODE's grid: consistency pairs T/N steps apart, and the timesteps K steps are taken "
@@ -246,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--checkpoint", required=True, help="guided-diffusion state dict (.pt loaded weights-only, or .safetensors)")
     co.add_argument("--config", required=True, help="its guided-diffusion flags, YAML or JSON")
     co.add_argument("--out", required=True, help="model directory to create")
-    co.add_argument("--format", choices=["dkdm", "diffusers"], default="dkdm",
+    co.add_argument("--format", choices=CONVERT_FORMATS, default="dkdm",
                     help="dkdm: the ADM network as is; diffusers: a DDPMPipeline with an equivalent UNet2DModel")
 
     sa = sub.add_parser("sample", help="draw samples from a model directory")

@@ -17,9 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-PREDICTIONS = ("epsilon", "v_prediction", "sample")
-VARIANCES = ("fixed_small", "fixed_large", "learned_range")
-SCHEDULES = ("linear", "cosine", "scaled_linear")
+from .choices import PREDICTIONS, SCHEDULES, VARIANCES
 
 
 def _alpha_bar_betas(num_steps: int, alpha_bar, max_beta: float = 0.999) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The DKDM objective: L = L*simple + lambda * L*vlb (METHOD.md, "The DKDM objective").
+"""The DKDM objective: L = L*simple + lambda * L*vlb (the DKDM paper, arXiv 2409.03550).
 
 One loss serves data-free and data-based training alike: the target reverse step is the
 teacher's (distillation) or the true forward posterior (ordinary training, improved-DDPM's hybrid

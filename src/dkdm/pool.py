@@ -1,4 +1,5 @@
-"""Knowledge extraction: the teacher's own reverse process as the data source (METHOD.md).
+"""Knowledge extraction: the teacher's own reverse process as the data source (the
+paper's dynamic iterative distillation, arXiv 2409.03550).
 
 Pool entries are (x, s) with s the 1-based step of the papers: x is x_s, s = T_steps is pure
 noise, s = 0 a finished sample. The teacher's step from x_s is conditioned on model index s - 1.
@@ -18,10 +19,9 @@ import math
 import torch
 
 from .diffusion import TrainingBatch, respaced_times, reverse_sample
+from .choices import POOL_KINDS as KINDS, PREPARATIONS
 from .errors import DkdmError
 
-KINDS = ("iterative", "shuffled", "dynamic")
-PREPARATIONS = ("auto", "exact", "sampled", "shared")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

@@ -27,6 +27,7 @@ from .devices import adamw, make_accelerator
 from .compiling import compile_regions
 from .diffusion import Reverse, TrainingBatch
 from .ema import EMA
+from .choices import LR_DECAYS
 from .errors import DkdmError
 from .formats import save_model
 from .interrupts import Interrupted, catch_signals, restore_signals
@@ -59,7 +60,6 @@ def _first_nonfinite(batch, output) -> str:
 
 
 _D = COMMON_DEFAULTS
-LR_DECAYS = ("constant", "cosine")
 OBJECTIVES = ("dkdm", "consistency")
 DECAY_STAGES = 100  # a decaying learning rate changes this many times a run (a CUDA graph is captured per value)
 
