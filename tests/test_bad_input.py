@@ -90,6 +90,10 @@ CASES = [
     ("max-steps without auto", [*D, "--max-steps", "5", "--out", "NEW"], "goes with --steps auto"),
     ("steps auto without a teacher", ["train", "--steps", "auto", "--out", "NEW"], "needs a teacher"),
     ("negative preparation checkpoints", [*D, "--prep-ckpt-every", "-1", "--out", "NEW"], "must be >= 0 seconds"),
+    ("fewstep without a student", ["fewstep", "--teacher", "T", "--sampler-steps", "2", "--no-progress", "--out", "NEW"],
+     "--student is required"),
+    ("report of a directory that holds no run", ["report", "NOTMODEL"], "is not a run directory"),
+    ("push to a malformed repo id", ["push", "RUN", "not-a-repo"], "must look like USER/NAME"),
 ]
 
 
@@ -126,5 +130,11 @@ def test_mistake_is_one_clear_line_and_exit_2(env, tmp_path, capsys, name, args,
     assert json.loads(open(f"{env['RUN']}/run.json").read()) == run  # an existing run is untouched
 
 
-def test_catalogue_is_long_enough():
-    assert len(CASES) >= 35
+def test_the_catalogue_reaches_every_command_that_takes_user_input():
+    """Every command is refused somewhere in the catalogue, so a command whose input checks broke
+    would show here; and no two cases are the same mistake."""
+    from dkdm.cli import COMMANDS
+
+    refused = {argv[0] for _, argv, _ in CASES if argv and argv[0] in COMMANDS}
+    assert refused == set(COMMANDS), f"no bad-input case for {sorted(set(COMMANDS) - refused)}"
+    assert len({tuple(argv) for _, argv, _ in CASES}) == len(CASES)

@@ -23,10 +23,22 @@ def test_bundled_teacher_is_the_kind_of_model_the_paper_distils():
 def test_bundled_teacher_samples_through_plain_diffusers():
     from diffusers import DDPMPipeline
 
+    from dkdm.metrics.digits import load_classifier
+
     pipe = DDPMPipeline.from_pretrained(TEACHER)
-    images = pipe(batch_size=4, num_inference_steps=20, output_type="np",
+    images = pipe(batch_size=32, num_inference_steps=20, output_type="np",
                   generator=torch.Generator().manual_seed(0)).images
-    assert images.shape == (4, 8, 8, 1) and images.std() > 0.1
+    assert images.shape == (32, 8, 8, 1)
+    # digits, not noise: the shipped classifier is sure of most of them, and of none of 32 noise images
+    classifier = load_classifier()
+
+    def confidence(x):
+        with torch.no_grad():
+            return classifier(torch.as_tensor(x).permute(0, 3, 1, 2).float() * 2 - 1).softmax(-1).amax(-1)
+
+    noise = torch.rand(32, 8, 8, 1, generator=torch.Generator().manual_seed(1)).numpy()
+    assert (confidence(images) > 0.9).float().mean() >= 0.75
+    assert (confidence(noise) > 0.9).float().mean() <= 0.25
 
 
 @pytest.mark.slow

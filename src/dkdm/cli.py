@@ -164,7 +164,8 @@ def _pool_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prep", choices=PREPARATIONS,
                     help="pool preparation: exact (each entry its own teacher chain, N*T/2 steps), sampled (a K-step "
                          "x0 per entry, noised by q: N*K), shared (each K-step x0 noised by q to one stop in each of "
-                         "K-1 bands: about N*K/(K-1)), or auto (the default: shared where K < T/2, else exact)")
+                         "K-1 bands: about N*K/(K-1)), or auto: exact where K >= T/2, shared where sampled "
+                         "preparation would cost more teacher steps than the training, else sampled")
     p.add_argument("--prep-steps", type=int, help="K, the teacher sampling steps of --prep sampled / shared (default 10, at most T)")
     p.add_argument("--prep-ckpt-every", type=float, metavar="SECONDS",
                     help="checkpoint the pool preparation every SECONDS (default 300; 0: after every --prep-batch "
