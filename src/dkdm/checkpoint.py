@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -262,32 +261,19 @@ def drop_preparation(out) -> None:
     shutil.rmtree(Path(out) / PREPARATION, ignore_errors=True)
 
 
-# a trainer's state as a checkpoint ----------------------------------------------------------
-def checkpoint_size(trainer) -> int:
-    """About the size of one checkpoint: weights, EMA and two Adam moments, and the source's state."""
-    weights = sum(p.numel() * 4 for p in trainer._params)
-    return 4 * weights + sum(t.nbytes for t in trainer.source.state_dict().values() if torch.is_tensor(t))
-
+# a trainer's state (Trainer.state_dict) as a checkpoint, every rank's shard beside it ---------
 def save_run(trainer) -> Path:
     """Checkpoint: the shared state from the main process, every rank's source (pool shard) and RNG."""
     acc = trainer.accelerator
-    own = {**flatten("source", trainer.source.state_dict()), **flatten("rng", rng_state())}
+    own = trainer.rank_state_dict()
     if not acc.is_main_process:
         write_rank_shard(trainer.ckpt_dir, trainer.step, acc.process_index, own)
         acc.wait_for_everyone()
         acc.wait_for_everyone()
         return trainer.ckpt_dir
-    net = acc.unwrap_model(trainer.net)
-    opt_tensors, opt_meta = optimizer_to_flat(trainer.opt.state_dict())
-    tensors = {
-        **flatten("student", net.state_dict()),
-        **flatten("ema", trainer.ema.shadow),
-        **flatten("optim", opt_tensors),
-        **own,
-    }
+    shared, meta = trainer.state_dict()
+    tensors = {**shared, **own}
     check_free_space(trainer.ckpt_dir, sum(t.nbytes for t in tensors.values()), f"the checkpoint of step {trainer.step}")
-    meta = {"optimizer": opt_meta, "lr_scheduler": trainer.lr_sched.state_dict(),
-            "config": asdict(trainer.cfg), "run": trainer.run_info, "world_size": acc.num_processes}
     acc.wait_for_everyone()  # every rank's shard is written into the temporary directory
     path = save_checkpoint(trainer.ckpt_dir, trainer.step, tensors, meta, trainer.cfg.keep_checkpoints,
                            shards=[f"rank{r}" for r in range(1, acc.num_processes)])
@@ -315,13 +301,7 @@ def resume_run(trainer) -> int:
                 f"--resume: the {key} settings differ from the run in {trainer.out} "
                 f"(saved {saved[key]}, now {trainer.run_info[key]}); resume with the same settings"
             )
-    trainer._plain_net.load_state_dict(unflatten("student", tensors))
-    trainer.ema.load_state_dict(unflatten("ema", tensors))
-    trainer.opt.load_state_dict(optimizer_from_flat(unflatten("optim", tensors), meta["optimizer"]))
-    trainer.lr_sched.load_state_dict(meta["lr_scheduler"])
-    trainer.source.load_state_dict(unflatten("source", tensors))
-    set_rng_state(unflatten("rng", tensors))
-    trainer.step = int(meta["step"])
+    trainer.load_state_dict(tensors, meta)
     _truncate_log(trainer, trainer.step)
     return trainer.step
 

@@ -15,14 +15,15 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import AutocastKwargs
 
-from .checkpoint import checkpoint_size, list_checkpoints, resume_run, save_run
+from .checkpoint import (flatten, list_checkpoints, optimizer_from_flat, optimizer_to_flat, resume_run, rng_state,
+                         save_run, set_rng_state, unflatten)
 from .devices import adamw, make_accelerator
 from .compiling import compile_regions
 from .diffusion import Reverse, TrainingBatch
@@ -197,9 +198,35 @@ class Trainer:
                 source.use_cuda_graphs()
         self.log_path = self.out / "log.jsonl"
 
-    # checkpoints (what they hold and how: checkpoint.py) --------------------------------------
+    # the trainer's state (the file format and the ranks' shards: checkpoint.py) ---------------
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """What every process shares, as flat tensors and JSON metadata: the student's weights, the
+        EMA, the optimizer's moments, the learning-rate schedule, the config and the run's info."""
+        opt_tensors, opt_meta = optimizer_to_flat(self.opt.state_dict())
+        tensors = {**flatten("student", self._plain_net.state_dict()), **flatten("ema", self.ema.shadow),
+                   **flatten("optim", opt_tensors)}
+        meta = {"optimizer": opt_meta, "lr_scheduler": self.lr_sched.state_dict(), "config": asdict(self.cfg),
+                "run": self.run_info, "world_size": self.accelerator.num_processes}
+        return tensors, meta
+
+    def rank_state_dict(self) -> dict[str, torch.Tensor]:
+        """What each process keeps for itself: its source's state (its pool shard) and its RNGs."""
+        return {**flatten("source", self.source.state_dict()), **flatten("rng", rng_state())}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Put a saved state back (the shared part and this process's own); the step from ``meta``."""
+        self._plain_net.load_state_dict(unflatten("student", tensors))
+        self.ema.load_state_dict(unflatten("ema", tensors))
+        self.opt.load_state_dict(optimizer_from_flat(unflatten("optim", tensors), meta["optimizer"]))
+        self.lr_sched.load_state_dict(meta["lr_scheduler"])
+        self.source.load_state_dict(unflatten("source", tensors))
+        set_rng_state(unflatten("rng", tensors))
+        self.step = int(meta["step"])
+
     def checkpoint_bytes(self) -> int:
-        return checkpoint_size(self)
+        """About the size of one checkpoint: weights, EMA and two Adam moments, and the source's state."""
+        weights = sum(p.numel() * 4 for p in self._params)
+        return 4 * weights + sum(t.nbytes for t in self.source.state_dict().values() if torch.is_tensor(t))
 
     def save(self) -> Path:
         return save_run(self)
