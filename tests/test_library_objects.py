@@ -11,7 +11,7 @@ from custom_nets import TinyConvNet
 from dkdm.cli import main
 from dkdm.errors import DkdmError
 from dkdm.formats import load_model
-from dkdm.objects import weights_digest
+from dkdm.metrics.teacher_fd import weights_fingerprint
 from tiny_teachers import load, make
 
 FAST = {"batch": 4, "rho": 0.5, "warmup": 1, "progress": False}
@@ -19,7 +19,7 @@ FAST = {"batch": 4, "rho": 0.5, "warmup": 1, "progress": False}
 
 def test_a_teacher_model_and_a_student_network_distil_report_and_resume_from_python(tmp_path):
     teacher = load(make("dkdm-unet", tmp_path / "t"))
-    digest = weights_digest(teacher.net)
+    digest = weights_fingerprint(teacher.net)
     net = TinyConvNet((3, 8, 8), 6, 0, width=12)
     out = tmp_path / "run"
     result = dkdm.distill(teacher=teacher, student=net, out=str(out), steps=4, eval_num=8, eval_steps=2, **FAST)

@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import DkdmError
+from .layout import CHECKPOINTS
 from .runlock import check_free_space
 
 PREFIX = "step_"
@@ -177,7 +178,7 @@ def latest_good_checkpoint(root, warn=None) -> tuple[Path, dict[str, torch.Tenso
 def saved_pool(run_dir, rank: int = 0) -> dict[str, torch.Tensor] | None:
     """The pool state (process ``rank``'s shard) of the newest good checkpoint of the run in
     ``run_dir``, or None where it has none."""
-    found = latest_good_checkpoint(Path(run_dir) / "checkpoints")
+    found = latest_good_checkpoint(Path(run_dir) / CHECKPOINTS)
     if found is None:
         return None
     path, tensors, _ = found

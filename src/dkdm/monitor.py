@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from .diffusion import Reverse, TrainingBatch
 from .errors import DkdmError
+from .layout import LOG_FILE
 from .evaluation import HEADLINES
 from .model import DiffusionModel
 from .objective import dkdm_loss
@@ -206,7 +207,7 @@ class Monitor:
             self.rule.floors["teacher_fd"] = self.floor
         stopped = None
         if resume:
-            for rec in read_log(self.out / "log.jsonl"):
+            for rec in read_log(self.out / LOG_FILE):
                 if rec.get("kind") == "eval":
                     self.last = rec
                     stopped = self.rule.update(rec["step"], rec) if self.rule else None
@@ -266,7 +267,7 @@ class Monitor:
         record, images = self.evaluate(want_images=tracked)
         record = {"step": step, "kind": "eval", **record, "eval_s": round(time.time() - t0, 3)}
         self.last = record
-        with open(self.out / "log.jsonl", "a") as f:
+        with open(self.out / LOG_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
         if tracked:
             from .tracking import log_record, log_samples
@@ -338,7 +339,7 @@ def plot_run(out, stop_step: int | None = None) -> Path | None:
     from .plots import plot_log
 
     out = Path(out)
-    records = read_log(out / "log.jsonl") if (out / "log.jsonl").is_file() else []
+    records = read_log(out / LOG_FILE) if (out / LOG_FILE).is_file() else []
     if not records:
         return None
     if stop_step is None and (out / STOP_FILE).is_file():
@@ -350,7 +351,9 @@ def plot_run(out, stop_step: int | None = None) -> Path | None:
 def _copy_net(net: torch.nn.Module) -> torch.nn.Module:
     import copy
 
-    return copy.deepcopy(getattr(net, "_orig_mod", net))
+    from .students import unwrap
+
+    return copy.deepcopy(unwrap(net)[0])
 
 
 def read_log(path: Path) -> list[dict]:

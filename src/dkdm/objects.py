@@ -10,12 +10,11 @@ resumes from Python, given the same objects again.
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 from torch import nn
 
 from .errors import DkdmError
+from .metrics.teacher_fd import weights_fingerprint
 from .model import DiffusionModel
 
 #: How run.json records a teacher or student given as an object.
@@ -24,16 +23,6 @@ OBJECT_PREFIX = "python:"
 
 def is_object_reference(value) -> bool:
     return isinstance(value, str) and value.startswith(OBJECT_PREFIX)
-
-
-def weights_digest(net: nn.Module) -> str:
-    """The first 12 hex digits of a SHA-256 over a network's state (names, shapes, float32 values)."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(net.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(tuple(tensor.shape)).encode())
-        h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:12]
 
 
 def take_objects(settings: dict) -> tuple[dict, dict]:
@@ -47,7 +36,7 @@ def take_objects(settings: dict) -> tuple[dict, dict]:
                             "dkdm.DiffusionModel(net, Schedule.named('linear', 1000), (3, 32, 32), ...)) or a "
                             f"reference (a path, Hub id or builtin:NAME), not a bare {type(teacher).__name__}")
         objects["teacher"] = teacher
-        settings["teacher"] = f"{OBJECT_PREFIX}{type(teacher.net).__name__}@{weights_digest(teacher.net)}"
+        settings["teacher"] = f"{OBJECT_PREFIX}{type(teacher.net).__name__}@{weights_fingerprint(teacher.net)}"
     student = settings.get("student")
     if isinstance(student, nn.Module):
         objects["student"] = student

@@ -21,6 +21,7 @@ import torch
 from .diffusion import TrainingBatch, respaced_times, reverse_sample
 from .choices import POOL_KINDS as KINDS, PREPARATIONS
 from .errors import DkdmError
+from .settings import checked_batch
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -29,8 +30,7 @@ def pool_size(kind: str, rho: float, num_steps: int, batch_size: int) -> int:
     """Number of pool entries, validated; DkdmError for impossible settings."""
     if kind not in KINDS:
         raise DkdmError(f"unknown pool kind {kind!r}; choose one of {', '.join(KINDS)}")
-    if batch_size < 1:
-        raise DkdmError(f"--batch must be at least 1, got {batch_size}")
+    checked_batch(batch_size)
     if kind != "dynamic":
         return batch_size
     if not rho > 0:

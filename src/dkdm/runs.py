@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DkdmError
+from .layout import CHECKPOINTS, RUN_JSON
 from .settings import (COMMON_DEFAULTS, DATA_DEFAULTS, DISTILL_DEFAULTS, DISTILL_RULED, FEWSTEP_DEFAULTS, RUN_DIRECTORY,
-                       TRAIN_DEFAULTS, command_of, merge, read_config, resumed)
+                       TRAIN_DEFAULTS, checked_batch, command_of, merge, read_config, resumed)
 
 #: What a finished run returns: its directory, the last log record (loss terms, lr, step rate),
 #: why it stopped early (``--steps auto``, else None) and the report's rows (None without one).
@@ -127,7 +128,7 @@ POOL_SETTINGS = ("pool", "batch", "rho", "pool_dtype", "guidance", "prep", "prep
 def _run_json(run_dir) -> dict | None:
     """A run directory's run.json, or None where it has none or it is unreadable."""
     try:
-        saved = json.loads((Path(run_dir) / "run.json").read_text())
+        saved = json.loads((Path(run_dir) / RUN_JSON).read_text())
     except (OSError, json.JSONDecodeError):
         return None
     return saved if isinstance(saved, dict) else None
@@ -145,7 +146,7 @@ def _reusable_pool(s: dict, teacher_ref: str, acc) -> tuple[Path | None, str]:
     (``checkpoint.saved_pool``), not for a dry run or a resumed one."""
     from .checkpoint import list_checkpoints
 
-    run = Path(s["student"]) / "run.json"
+    run = Path(s["student"]) / RUN_JSON
     if not run.is_file():
         return None, "preparing a pool (--student is a model directory, not a distill run)"
     saved = _run_json(run.parent)
@@ -158,7 +159,7 @@ def _reusable_pool(s: dict, teacher_ref: str, acc) -> tuple[Path | None, str]:
         differ.append("processes")
     if differ:
         return None, f"preparing a pool (the run's {', '.join(differ)} differ from this one's)"
-    if not list_checkpoints(Path(s["student"]) / "checkpoints"):
+    if not list_checkpoints(Path(s["student"]) / CHECKPOINTS):
         return None, "preparing a pool (the run kept no checkpoint)"
     return Path(s["student"]), f"pool: taken over from {s['student']}'s last checkpoint (the same teacher and pool settings)"
 
@@ -294,8 +295,8 @@ def _decide_settings(s: dict, teacher, student, few: bool):
     from .defaults import distill_defaults, fewstep_defaults, step_budget
     from .students import count_parameters, family_of
 
-    if s["batch"] is not None and int(s["batch"]) < 1:  # the rules divide by it
-        raise DkdmError(f"--batch must be at least 1, got {s['batch']}")
+    if s["batch"] is not None:  # the rules divide by it
+        checked_batch(s["batch"])
     rules = fewstep_defaults if few else distill_defaults
     family = family_of(student.spec)
     ruled = rules(count_parameters(student.net), teacher.sample_shape, teacher.schedule.num_steps,
@@ -422,7 +423,7 @@ def _saved(command: str, config, settings: dict):
     settings (RUN/run.json), the saved ones with what may change (``settings.resumed``), so a
     stopped run continues with no flag but --out and --resume."""
     asked = {**(read_config(config) if config else {}), **{k: v for k, v in settings.items() if v is not None}}
-    path = Path(asked["out"]) / "run.json" if asked.get("resume") and asked.get("out") else None
+    path = Path(asked["out"]) / RUN_JSON if asked.get("resume") and asked.get("out") else None
     if path is None or not path.is_file():
         return config, settings
     try:
@@ -507,7 +508,7 @@ def _check_out(s: dict) -> Path:
     from .runlock import LOCK
 
     others = sorted(p.name for p in out.iterdir() if p.name != LOCK) if out.is_dir() else []
-    is_run = (out / "run.json").is_file() or bool(list_checkpoints(out / "checkpoints")) or has_preparation(out)
+    is_run = (out / RUN_JSON).is_file() or bool(list_checkpoints(out / CHECKPOINTS)) or has_preparation(out)
     if s.get("resume"):
         if not out.exists():
             raise DkdmError(f"--resume: {out} has no checkpoint to resume from (it does not exist); drop --resume to "
@@ -556,8 +557,7 @@ def _train_config(s: dict, fixed_default: int | None = None, objective: str = "d
         objective=objective,
     )
     cfg.validate()
-    if int(s["batch"]) < 1:
-        raise DkdmError(f"--batch must be at least 1, got {s['batch']}")
+    checked_batch(s["batch"])
     return cfg
 
 
@@ -674,7 +674,7 @@ def _start(trainer, s: dict, out: Path, prepare, monitor) -> None:
             prepare(bool(s.get("resume")))
         except DkdmError:  # a refused run leaves nothing behind (an interrupted one its settings)
             if main and not s.get("resume") and not has_preparation(out):
-                (out / "run.json").unlink(missing_ok=True)
+                (out / RUN_JSON).unlink(missing_ok=True)
             raise
     if main and monitor is not None:
         monitor.setup()
@@ -722,7 +722,7 @@ def _finish(trainer, s: dict, out: Path, last, progress: bool, teacher, monitor,
 def _write_settings(out: Path, s: dict, processes: int) -> None:
     """RUN/run.json: the settings (every rule applied), which command ran them and on how many processes."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "run.json").write_text(json.dumps({**s, "command": command_of(s), "processes": processes}, indent=1,
+    (out / RUN_JSON).write_text(json.dumps({**s, "command": command_of(s), "processes": processes}, indent=1,
                                              default=str))
 
 

@@ -49,6 +49,13 @@ RESUMABLE = {"steps", "max_steps", "patience", "log_every", "ckpt_every", "keep_
              "cuda_graphs", "report_to", "push_to_hub"}
 
 
+def checked_batch(batch) -> int:
+    """``--batch`` as an int, DkdmError unless it is at least 1 (the rules and the pool divide by it)."""
+    if int(batch) < 1:
+        raise DkdmError(f"--batch must be at least 1, got {batch}")
+    return int(batch)
+
+
 def read_config(path) -> dict:
     """A YAML mapping of settings, keys with dashes or underscores."""
     import yaml

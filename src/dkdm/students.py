@@ -297,13 +297,16 @@ def count_parameters(net: nn.Module) -> int:
 
 
 # default students ----------------------------------------------------------------------------
-def _unwrapped(net: nn.Module) -> nn.Module:
-    """The network behind torch.compile and respaced views (which wrap it in ``_orig_mod`` / ``inner``)."""
+def unwrap(net: nn.Module, t: int = 0) -> tuple[nn.Module, int]:
+    """The network behind dkdm's wrappers (torch.compile's ``_orig_mod``, a respaced view's ``inner``
+    with its timestep map ``tmap``) and the timestep ``t`` of the outer network as the inner one's."""
     while True:
-        inner = getattr(net, "_orig_mod", None) or getattr(net, "inner", None)
-        if not isinstance(inner, nn.Module):
-            return net
-        net = inner
+        if isinstance(getattr(net, "_orig_mod", None), nn.Module):
+            net = net._orig_mod
+        elif isinstance(getattr(net, "inner", None), nn.Module) and hasattr(net, "tmap"):
+            net, t = net.inner, int(net.tmap[t])
+        else:
+            return net, t
 
 
 #: Width factor of the default student: 1/sqrt(2) of every width, about half the teacher's parameters
@@ -370,7 +373,7 @@ def default_student_spec(teacher) -> dict:
     """
     classes = int(teacher.num_classes or 0)
     spec = teacher.spec
-    net = _unwrapped(teacher.net)
+    net, _ = unwrap(teacher.net)
     if spec is not None and spec["type"] == "adm":
         out = _half_adm({k: v for k, v in spec.items() if k != "type"})
         out.update(class_cond=bool(classes), **({"num_classes": classes} if classes else {}))

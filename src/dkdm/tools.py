@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 
 from .errors import DkdmError
+from .layout import LOG_FILE, MODEL_JSON
 from .runs import teacher_reference
+from .settings import checked_batch
 
 
 def synth(out, teacher="builtin:digits", num: int | None = None, steps: int = 100, batch: int = 1024, seed: int = 0,
@@ -32,8 +34,7 @@ def synth(out, teacher="builtin:digits", num: int | None = None, steps: int = 10
         if ref is None or not hasattr(ref, "images"):
             raise DkdmError("the teacher does not record an image data set whose size to match; pass --num N")
         num = len(ref.images)
-    if batch < 1:
-        raise DkdmError(f"--batch must be at least 1, got {batch}")
+    checked_batch(batch)
     seed = seed or 0
     t0 = time.time()
     x = draw(model, num, steps, seed, progress, batch_size=batch)
@@ -182,9 +183,9 @@ def report(directory) -> list[Path]:
     from .monitor import plot_run
 
     d = Path(directory)
-    if not (d / "log.jsonl").is_file() and not (d / "dkdm_model.json").is_file():
+    if not (d / LOG_FILE).is_file() and not (d / MODEL_JSON).is_file():
         raise DkdmError(f"{d} is not a run directory (no log.jsonl or dkdm_model.json)")
     written = [p for p in [plot_run(d)] if p is not None]
-    if (d / "dkdm_model.json").is_file() and not (d / CARD).is_file():
+    if (d / MODEL_JSON).is_file() and not (d / CARD).is_file():
         written.append(write_model_card(d))
     return written

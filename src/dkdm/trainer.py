@@ -30,6 +30,7 @@ from .diffusion import Reverse, TrainingBatch
 from .ema import EMA
 from .choices import LR_DECAYS
 from .errors import DkdmError
+from .layout import CHECKPOINTS, LOG_FILE
 from .formats import save_model
 from .interrupts import Interrupted, catch_signals, restore_signals
 from .model import DiffusionModel
@@ -160,7 +161,7 @@ class Trainer:
         self.progress = progress
         self.accelerator = accelerator or make_accelerator(config.mixed_precision)
         self.step = 0
-        self.ckpt_dir = self.out / "checkpoints"
+        self.ckpt_dir = self.out / CHECKPOINTS
         self._roll = None
         if self.accelerator.num_processes > 1:
             with self._peer_failures():
@@ -196,7 +197,7 @@ class Trainer:
             self._graph = GraphedStep(self._graphed_update)
             if hasattr(source, "use_cuda_graphs"):
                 source.use_cuda_graphs()
-        self.log_path = self.out / "log.jsonl"
+        self.log_path = self.out / LOG_FILE
 
     # the trainer's state (the file format and the ranks' shards: checkpoint.py) ---------------
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:

@@ -17,14 +17,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..diffusion import Schedule
+from ..layout import MODEL_JSON, WEIGHTS
 from ..errors import DkdmError
 from ..model import DiffusionModel
 from ..nets.dit import has_diffusers_positions
 from ..students import saved_spec
 from .pipelines import write_ddpm_pipeline, write_dit_pipeline
 
-MODEL_JSON = "dkdm_model.json"
-WEIGHTS = "model.safetensors"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 #: Teachers shipped inside the package, named ``builtin:NAME`` on the command line.
 BUILTIN_TEACHERS = {"digits": ASSETS / "digits_teacher"}

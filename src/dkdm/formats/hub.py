@@ -11,6 +11,7 @@ import json
 import math
 from pathlib import Path
 
+from ..layout import MODEL_JSON, RUN_JSON, WEIGHTS
 from ..errors import DkdmError
 
 CARD = "README.md"
@@ -31,7 +32,7 @@ def _parameters(d: Path) -> int | None:
     from safetensors import safe_open
 
     files = sorted(d.glob("unet/*.safetensors")) or sorted(d.glob("transformer/*.safetensors")) or \
-        sorted(d.glob("model.safetensors"))
+        sorted(d.glob(WEIGHTS))
     if not files:
         return None
     total = 0
@@ -70,7 +71,7 @@ def _metric_rows(metrics: dict) -> list[str]:
 def model_card(directory, repo_id: str | None = None, teacher_parameters: int | None = None) -> str:
     """The card of a model directory (a string): YAML front matter the Hub reads, then the facts."""
     d = Path(directory)
-    run, config, metrics = _read(d / "run.json"), _read(d / "dkdm_model.json"), _read(d / "metrics.json")
+    run, config, metrics = _read(d / RUN_JSON), _read(d / MODEL_JSON), _read(d / "metrics.json")
     pipeline = _read(d / "model_index.json").get("_class_name")
     teacher = run.get("teacher") or config.get("extra", {}).get("teacher")
     from .pipelines import looks_like_hub_id
@@ -145,7 +146,7 @@ def push(directory, repo_id: str, private: bool = False, token: str | None = Non
     """Upload a model directory (its card first written where it has none) to the Hub repo
     ``repo_id``; returns the repo's URL. ``api``: a stand-in for ``huggingface_hub.HfApi`` (tests)."""
     d = Path(directory)
-    if not (d / "dkdm_model.json").is_file() and not (d / "model_index.json").is_file():
+    if not (d / MODEL_JSON).is_file() and not (d / "model_index.json").is_file():
         raise DkdmError(f"{d} is not a model directory (no dkdm_model.json or model_index.json): push the --out of a run")
     check_repo_id(repo_id)
     if not (d / CARD).is_file():

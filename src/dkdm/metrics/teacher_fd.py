@@ -21,28 +21,18 @@ import hashlib
 import torch
 from torch import nn
 
+from ..students import unwrap
+
 #: Where features are taken: t = round(T_FRACTION * (T - 1)) of the teacher's schedule.
 T_FRACTION = 0.1
 NOISE_SEED = 12345  # the fixed noise that takes samples to that t (the same for every set)
-
-
-def _unwrap(net: nn.Module, t: int) -> tuple[nn.Module, int]:
-    """The network behind dkdm's wrappers (torch.compile's, a respaced view's) and the timestep it
-    is called with; hooks go on the plain network, so a compiled teacher is never recompiled."""
-    while True:
-        if hasattr(net, "_orig_mod"):
-            net = net._orig_mod
-        elif hasattr(net, "inner") and hasattr(net, "tmap"):
-            net, t = net.inner, int(net.tmap[t])
-        else:
-            return net, t
 
 
 def default_layer(net: nn.Module) -> str | None:
     """The name of the feature module of a known architecture (None: choose by shape)."""
     from ..nets.mlp import MLPNet
 
-    inner, _ = _unwrap(net, 0)
+    inner, _ = unwrap(net, 0)
     names = dict(inner.named_modules())
     for name in ("unet.mid_block", "adm.middle_block"):
         if name in names:
@@ -71,7 +61,7 @@ class TeacherFeatures:
         self.teacher = teacher
         T = teacher.schedule.num_steps
         self.t = int(round(t_fraction * (T - 1)))
-        self.net, self.t_net = _unwrap(teacher.net, self.t)
+        self.net, self.t_net = unwrap(teacher.net, self.t)
         self.layer = layer or default_layer(teacher.net)
         modules = dict(self.net.named_modules())
         if self.layer is not None and self.layer not in modules:
