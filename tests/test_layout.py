@@ -64,6 +64,18 @@ def test_only_the_command_line_and_the_package_use_the_run_rules_and_nothing_imp
     assert not cli, f"cli.py does more than parse and call: it imports {sorted(cli)}"
 
 
+
+def test_the_run_rules_layer_from_the_run_directory_up_to_runs():
+    """rundir (the directory's rules) < runloop (a locked run) < distillation (plan and pool) < runs;
+    nothing outside the run rules imports them."""
+    order = ["dkdm.rundir", "dkdm.runloop", "dkdm.distillation", "dkdm.runs"]
+    for i, name in enumerate(order):
+        assert not set(order[i + 1:]) & MODULES[name], f"{name} imports a run rule above it"
+    for name, imports in MODULES.items():
+        if name not in (*order, "dkdm", "dkdm.cli", "dkdm.tools"):
+            assert not set(order) & imports, f"{name} imports the run rules"
+
+
 def test_every_module_has_a_docstring_saying_its_job():
     for path in PACKAGE.rglob("*.py"):
         tree = ast.parse(path.read_text())

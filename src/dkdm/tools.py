@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .errors import DkdmError
 from .layout import LOG_FILE, MODEL_JSON
-from .runs import teacher_reference
+from .rundir import teacher_reference
 from .settings import checked_batch
 
 
