@@ -42,9 +42,10 @@ MODULES = {_module(p): _imports(p) for p in PACKAGE.rglob("*.py")}
     ("dkdm.objective", {"dkdm.errors", "dkdm.choices", "dkdm.layout", "dkdm.diffusion"}),
     ("dkdm.consistency", {"dkdm.errors", "dkdm.choices", "dkdm.layout", "dkdm.diffusion"}),  # the few-step objective and sampler: math too
     ("dkdm.settings", {"dkdm.errors", "dkdm.choices", "dkdm.layout"}),
-    ("dkdm.students", {"dkdm.errors", "dkdm.choices", "dkdm.layout", "dkdm.nets"}),
-    ("dkdm.model", {"dkdm.errors", "dkdm.choices", "dkdm.layout", "dkdm.diffusion", "dkdm.consistency", "dkdm.nets", "dkdm.students"}),
-    ("dkdm.formats", {"dkdm.errors", "dkdm.choices", "dkdm.layout", "dkdm.diffusion", "dkdm.consistency", "dkdm.nets", "dkdm.students", "dkdm.model",
+    ("dkdm.specs", {"dkdm.errors", "dkdm.choices", "dkdm.layout", "dkdm.nets"}),
+    ("dkdm.students", {"dkdm.errors", "dkdm.choices", "dkdm.layout", "dkdm.nets", "dkdm.specs"}),
+    ("dkdm.model", {"dkdm.errors", "dkdm.choices", "dkdm.layout", "dkdm.diffusion", "dkdm.consistency", "dkdm.nets", "dkdm.specs", "dkdm.students"}),
+    ("dkdm.formats", {"dkdm.errors", "dkdm.choices", "dkdm.layout", "dkdm.diffusion", "dkdm.consistency", "dkdm.nets", "dkdm.specs", "dkdm.students", "dkdm.model",
                       "dkdm.formats", "dkdm.settings"}),
 ])
 def test_lower_layers_import_nothing_above_them(layer, allowed):
