@@ -85,7 +85,7 @@ def test_every_python_block_in_the_readme_compiles():
 
 
 def test_the_command_lines_choices_are_the_packages_own():
-    from dkdm import choices, pool, trainer
+    from dkdm import choices, pool, train_config
     from dkdm.diffusion import VARIANCES
 
     subs = _subparsers(build_parser())
@@ -96,5 +96,5 @@ def test_the_command_lines_choices_are_the_packages_own():
     assert choices_of("distill", "--pool") == choices.POOL_KINDS == pool.KINDS
     assert choices_of("distill", "--prep") == choices.PREPARATIONS == pool.PREPARATIONS
     assert choices_of("distill", "--variance") == choices.VARIANCES == VARIANCES
-    assert choices_of("train", "--lr-decay") == choices.LR_DECAYS == trainer.LR_DECAYS
+    assert choices_of("train", "--lr-decay") == choices.LR_DECAYS == train_config.LR_DECAYS
     assert choices_of("distill", "--pool-dtype") == choices.DTYPES == tuple(pool.DTYPES)

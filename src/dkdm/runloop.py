@@ -33,7 +33,7 @@ def rank_seed(s: dict, acc) -> int:
 def train_config(s: dict, fixed_default: int | None = None, objective: str = "dkdm"):
     """The loop's settings; ``--steps auto`` trains up to --max-steps (default 4x ``fixed_default``)
     and evaluates every --eval-every steps (default: a 20th of the fixed default budget)."""
-    from .trainer import TrainConfig
+    from .train_config import TrainConfig
 
     if s["steps"] == "auto":
         if fixed_default is None:

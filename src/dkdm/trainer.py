@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import signal
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -28,8 +27,8 @@ from .devices import adamw, make_accelerator
 from .compiling import compile_regions
 from .diffusion import Reverse, TrainingBatch
 from .ema import EMA
-from .choices import LR_DECAYS
 from .errors import DkdmError
+from .train_config import TrainConfig, lr_factor  # noqa: F401 (TrainConfig: re-exported with the loop)
 from .layout import CHECKPOINTS, LOG_FILE
 from .formats import save_model
 from .interrupts import Interrupted, catch_signals, restore_signals
@@ -37,7 +36,6 @@ from .model import DiffusionModel
 from .consistency import consistency_loss, sigma_power, skip_steps, teacher_ode_step
 from .objective import dkdm_loss
 from .progress import progress_bar
-from .settings import COMMON_DEFAULTS
 from .tracking import log_record
 from .peers import PeerLost, describe_loss, is_peer_failure, roll_call
 from .runlock import check_free_space
@@ -61,70 +59,24 @@ def _first_nonfinite(batch, output) -> str:
     return "the loss alone is not finite (overflow)"
 
 
-_D = COMMON_DEFAULTS
-OBJECTIVES = ("dkdm", "consistency")
-DECAY_STAGES = 100  # a decaying learning rate changes this many times a run (a CUDA graph is captured per value)
-
-
-def lr_factor(warmup: int, decay: str, steps: int):
-    """The learning rate's factor at step s: a linear warm-up over ``warmup`` steps, then constant,
-    or a cosine from 1 to 0 at step ``steps``, held constant over each of ``DECAY_STAGES`` stages
-    (on a GPU, each value is captured once as a CUDA graph and replayed)."""
-    warm = max(1, warmup)
-
-    def factor(s: int) -> float:
-        f = min(1.0, (s + 1) / warm)
-        if decay == "cosine" and steps > warm:
-            stage = min(DECAY_STAGES, int(DECAY_STAGES * max(0, s - warm) / (steps - warm)))
-            f *= 0.5 * (1 + math.cos(math.pi * stage / DECAY_STAGES))
-        return f
-
-    return factor
-
-
-@dataclass
-class TrainConfig:
-    """The loop's settings, defaulting to the command line's (``settings.COMMON_DEFAULTS``). A
-    distillation's steps, batch, lr, warm-up, EMA and clipping follow from the student and the
-    problem instead (``defaults.distill_defaults``); ``dkdm.distill`` applies those rules."""
-
-    steps: int = _D["steps"]
-    lr: float = _D["lr"]
-    weight_decay: float = _D["weight_decay"]
-    ema_decay: float = _D["ema"]
-    grad_clip: float = _D["grad_clip"]
-    warmup: int = _D["warmup"]
-    lr_decay: str = _D["lr_decay"]  # after the warm-up: "constant", or "cosine" to 0 at the last step
-    mixed_precision: str = _D["mixed_precision"]
-    log_every: int = _D["log_every"]
-    ckpt_every: int = _D["ckpt_every"]
-    keep_checkpoints: int = _D["keep_checkpoints"]
-    vlb_weight: float = _D["vlb_weight"]
-    simple_weight: float = _D["simple_weight"]  # weight of L*simple (0: the VLB term alone)
-    vlb_mean_grad: bool = _D["vlb_mean_grad"]  # the KL's gradient reaches the student's mean (no stop-gradient)
-    compile: bool = False  # torch.compile the student's forward (the backward follows)
-    channels_last: bool = False  # channels-last weights: faster convolutions on GPUs in reduced precision
-    cuda_graphs: bool = False  # replay the student update (and a pool's teacher step) as CUDA graphs
-    objective: str = "dkdm"  # "dkdm" (L*simple + lambda L*vlb), or "consistency" (a few-step student: consistency.py)
-
-    def validate(self) -> None:
-        if self.steps < 1:
-            raise DkdmError(f"--steps must be at least 1, got {self.steps}")
-        if self.simple_weight < 0 or self.vlb_weight < 0 or self.simple_weight == self.vlb_weight == 0:
-            raise DkdmError(f"--simple-weight and --vlb-weight must be >= 0 and not both 0, got "
-                            f"{self.simple_weight:g} and {self.vlb_weight:g}")
-        if not self.lr > 0:
-            raise DkdmError(f"--lr must be > 0, got {self.lr}")
-        if not 0 <= self.ema_decay < 1:
-            raise DkdmError(f"--ema must be in [0, 1), got {self.ema_decay}")
-        if self.ckpt_every < 1 or self.log_every < 1:
-            raise DkdmError("--ckpt-every and --log-every must be at least 1")
-        if self.objective not in OBJECTIVES:
-            raise DkdmError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
-        if self.lr_decay not in LR_DECAYS:
-            raise DkdmError(f"--lr-decay must be one of {', '.join(LR_DECAYS)}, got {self.lr_decay!r}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise DkdmError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+def _check_fits(student: DiffusionModel, source) -> None:
+    """DkdmError where the student's schedule or classes are not those its batches come with."""
+    source_schedule = getattr(source, "schedule", None)
+    if source_schedule is not None and not (
+        source_schedule.num_steps == student.schedule.num_steps
+        and torch.allclose(source_schedule.betas, student.schedule.betas, rtol=1e-9, atol=1e-12)
+    ):
+        raise DkdmError(
+            f"the student's schedule ({student.schedule.num_steps} steps) is not the one its batches come from "
+            f"({source_schedule.num_steps} steps): give the student the teacher's schedule, or view the teacher "
+            f"on the student's respacing (teacher.respaced(n), --student-steps n)"
+        )
+    source_classes = getattr(source, "num_classes", 0)
+    if student.num_classes and student.num_classes != source_classes:
+        raise DkdmError(
+            f"the student conditions on {student.num_classes} classes but its batches carry "
+            f"{source_classes or 'no'} class labels; match the teacher's classes or build an unconditional student"
+        )
 
 
 class Trainer:
@@ -137,22 +89,7 @@ class Trainer:
         a non-empty string it returns stops the run there (checkpoint and model written) and
         becomes ``self.stop_reason``."""
         config.validate()
-        source_schedule = getattr(source, "schedule", None)
-        if source_schedule is not None and not (
-            source_schedule.num_steps == student.schedule.num_steps
-            and torch.allclose(source_schedule.betas, student.schedule.betas, rtol=1e-9, atol=1e-12)
-        ):
-            raise DkdmError(
-                f"the student's schedule ({student.schedule.num_steps} steps) is not the one its batches come from "
-                f"({source_schedule.num_steps} steps): give the student the teacher's schedule, or view the teacher "
-                f"on the student's respacing (teacher.respaced(n), --student-steps n)"
-            )
-        source_classes = getattr(source, "num_classes", 0)
-        if student.num_classes and student.num_classes != source_classes:
-            raise DkdmError(
-                f"the student conditions on {student.num_classes} classes but its batches carry "
-                f"{source_classes or 'no'} class labels; match the teacher's classes or build an unconditional student"
-            )
+        _check_fits(student, source)
         self.student = student
         self.source = source
         self.cfg = config
@@ -181,15 +118,7 @@ class Trainer:
         self._regions = compile_regions(self._plain_net) if config.compile else 0
         self._params = list(self.net.parameters())
         self.ema = EMA(self._plain_net, config.ema_decay)
-        device = self.accelerator.device
-        # per-step bookkeeping kept on the device, allocated once (a captured update writes into them):
-        # (mse, vb, count) x quarter of t, summed until the next log line; and the finiteness record
-        # [all steps finite since the last check (0/1), finite steps since then]
-        self._sums = torch.zeros(4, 3, dtype=torch.float64, device=device)
-        self._finite = torch.tensor([1, 0], dtype=torch.long, device=device)
-        self._quarter = torch.arange(student.schedule.num_steps, device=device) * 4 // student.schedule.num_steps
-        self._ones: dict[int, torch.Tensor] = {}
-        self._check_every: int | None = None
+        self._bookkeeping()
         self._graph = None
         if config.cuda_graphs:
             from .cudagraphs import GraphedStep
@@ -198,6 +127,17 @@ class Trainer:
             if hasattr(source, "use_cuda_graphs"):
                 source.use_cuda_graphs()
         self.log_path = self.out / LOG_FILE
+
+    def _bookkeeping(self) -> None:
+        """Per-step records kept on the device, allocated once (a captured update writes into them):
+        (mse, vb, count) x quarter of t, summed until the next log line; and the finiteness record
+        [all steps finite since the last check (0/1), finite steps since then]."""
+        device, T = self.accelerator.device, self.student.schedule.num_steps
+        self._sums = torch.zeros(4, 3, dtype=torch.float64, device=device)
+        self._finite = torch.tensor([1, 0], dtype=torch.long, device=device)
+        self._quarter = torch.arange(T, device=device) * 4 // T
+        self._ones: dict[int, torch.Tensor] = {}
+        self._check_every: int | None = None
 
     # the trainer's state (the file format and the ranks' shards: checkpoint.py) ---------------
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
@@ -366,7 +306,7 @@ class Trainer:
                            f"at step {self.step}; {resume}") from e
 
     def _run(self, stop: list[int]) -> dict:
-        cfg, student = self.cfg, self.student
+        cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         self._sums.zero_()
         self._reset_finite()
@@ -394,37 +334,11 @@ class Trainer:
                 finished = self._after_step() if self.callbacks else False
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps or finished:
-                    sums = self._sums
-                    if acc.num_processes > 1:
-                        sums = acc.reduce(sums, reduction="sum")
-                        self._check_ranks_in_sync()
-                    q = sums.tolist()  # one read of the device per log line: [quarter][mse, vb, count]
-                    total = max(sum(r[2] for r in q), 1.0)
-                    mse, vb = sum(r[0] for r in q) / total, sum(r[1] for r in q) / total
-                    rate = (self.step - n0) / max(time.time() - t0, 1e-9)
-                    last = {
-                        "step": self.step, "loss": cfg.simple_weight * mse + cfg.vlb_weight * vb, "mse": mse,
-                        "vb": vb, "lr": float(self.lr_sched.get_last_lr()[0]),
-                        **{f"mse_q{i}": r[0] / max(r[2], 1.0) for i, r in enumerate(q)},
-                        **{f"vb_q{i}": r[1] / max(r[2], 1.0) for i, r in enumerate(q)},
-                        "steps_per_s": rate,
-                        "samples_per_s": rate * len(batch.t) * acc.num_processes,
-                        **({"teacher_calls": self.source.teacher_calls} if hasattr(self.source, "teacher_calls") else {}),
-                        **({"processes": acc.num_processes, "ranks_in_sync": True} if acc.num_processes > 1 else {}),
-                    }
-                    if acc.is_main_process:
-                        self._log(last)
+                    last = self._log_line(len(batch.t), (self.step - n0) / max(time.time() - t0, 1e-9))
                     bar.set_postfix(loss=f"{last['loss']:.4f}")
-                    self._sums.zero_()
                 saved = self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or finished
                 if check_every > 1 and (saved or stop or self.step % check_every == 0):
-                    finite, good = self._finite.tolist()
-                    if not finite:
-                        raise TrainingDiverged(
-                            f"loss became non-finite at step {checked_at + good + 1} (checked at step {self.step}); "
-                            f"{self._diverged_advice()} (--log-every 1 checks every step and names the tensor)"
-                        )
-                    self._reset_finite()
+                    self._check_finite(checked_at)
                     checked_at = self.step
                 if saved:
                     self.save()
@@ -440,9 +354,46 @@ class Trainer:
         if acc.is_main_process:
             # the weights, and their copy in a diffusers pipeline where the student has one
             check_free_space(self.out, 2 * sum(t.nbytes for t in self.ema.shadow.values()), "the final model")
-            save_model(student, self.out, {k: v for k, v in self.ema.shadow.items()})
+            save_model(self.student, self.out, {k: v for k, v in self.ema.shadow.items()})
         acc.wait_for_everyone()
         return last
+
+    def _log_line(self, batch_size: int, rate: float) -> dict:
+        """The log record of the steps since the last one (loss terms overall and by quarter of t,
+        summed on the device and read once), written to log.jsonl by the main process."""
+        acc, cfg = self.accelerator, self.cfg
+        sums = self._sums
+        if acc.num_processes > 1:
+            sums = acc.reduce(sums, reduction="sum")
+            self._check_ranks_in_sync()
+        q = sums.tolist()  # one read of the device per log line: [quarter][mse, vb, count]
+        total = max(sum(r[2] for r in q), 1.0)
+        mse, vb = sum(r[0] for r in q) / total, sum(r[1] for r in q) / total
+        record = {
+            "step": self.step, "loss": cfg.simple_weight * mse + cfg.vlb_weight * vb, "mse": mse,
+            "vb": vb, "lr": float(self.lr_sched.get_last_lr()[0]),
+            **{f"mse_q{i}": r[0] / max(r[2], 1.0) for i, r in enumerate(q)},
+            **{f"vb_q{i}": r[1] / max(r[2], 1.0) for i, r in enumerate(q)},
+            "steps_per_s": rate,
+            "samples_per_s": rate * batch_size * acc.num_processes,
+            **({"teacher_calls": self.source.teacher_calls} if hasattr(self.source, "teacher_calls") else {}),
+            **({"processes": acc.num_processes, "ranks_in_sync": True} if acc.num_processes > 1 else {}),
+        }
+        if acc.is_main_process:
+            self._log(record)
+        self._sums.zero_()
+        return record
+
+    def _check_finite(self, checked_at: int) -> None:
+        """TrainingDiverged where a step since ``checked_at`` had a non-finite loss (read from the
+        device's record only here, so the loop never waits on it in between)."""
+        finite, good = self._finite.tolist()
+        if not finite:
+            raise TrainingDiverged(
+                f"loss became non-finite at step {checked_at + good + 1} (checked at step {self.step}); "
+                f"{self._diverged_advice()} (--log-every 1 checks every step and names the tensor)"
+            )
+        self._reset_finite()
 
     def _step(self, batch):
         """The update on ``batch``: plain, or replayed as a CUDA graph (keyed on the learning rates,
