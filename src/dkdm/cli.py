@@ -71,6 +71,11 @@ def _common(p: argparse.ArgumentParser, training: bool) -> None:
     p.add_argument("--log-every", type=int, help="write a log.jsonl line every N steps")
     p.add_argument("--ckpt-every", type=int, help="checkpoint every K steps")
     p.add_argument("--keep-checkpoints", type=int, help="checkpoints kept (the oldest are deleted)")
+    _objective_and_speed_flags(p)
+    _report_and_watch_flags(p)
+
+
+def _objective_and_speed_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vlb-weight", type=float, help="lambda on L*vlb (default 1: the authors' code)")
     p.add_argument("--simple-weight", type=float, help="weight of L*simple (default 1; 0 with --vlb-mean-grad: the "
                                                         "VLB term alone, an ablation)")
@@ -87,6 +92,9 @@ def _common(p: argparse.ArgumentParser, training: bool) -> None:
     p.add_argument("--cuda-graphs", action="store_true", default=None,
                    help="replay each student update (in distill also the pool's teacher step) as a CUDA graph: one "
                         "launch instead of hundreds (needs a CUDA device; not with --compile, fp16 or several processes)")
+
+
+def _report_and_watch_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-report", action="store_true", default=None,
                    help="skip the final samples / metrics report and training.png (the model card is written)")
     p.add_argument("--eval-num", type=int, help="samples for the final report (default: per data set)")
@@ -191,6 +199,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=_version())
     sub = ap.add_subparsers(dest="command", required=True)
 
+    tr, di, fs = _train_parser(sub), _distill_parser(sub), _fewstep_parser(sub)
+    tools = _tool_parsers(sub)
+    _show_defaults(tr, {**COMMON_DEFAULTS, **TRAIN_DEFAULTS}, per_data=DATA_DEFAULTS)
+    _show_defaults(di, {**COMMON_DEFAULTS, **DISTILL_DEFAULTS}, ruled=DISTILL_RULED)
+    _show_defaults(fs, {**COMMON_DEFAULTS, **DISTILL_DEFAULTS, **FEWSTEP_DEFAULTS}, ruled=DISTILL_RULED)
+    for p in tools:
+        _show_defaults(p, {"seed": 0})
+    return ap
+
+
+def _train_parser(sub) -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="ordinary data-based training (teachers and baselines)")
     _common(tr, True)
     tr.add_argument("--data", help="built-in data set (toy2d, digits) or a sample set written by `dkdm synth`")
@@ -203,7 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--variance", choices=VARIANCES,
                     help="reverse-process variance (learned_range trains it with L*vlb)")
     tr.add_argument("--prediction", choices=PREDICTIONS, help="what the network predicts")
+    return tr
 
+
+def _distill_parser(sub) -> argparse.ArgumentParser:
     di = sub.add_parser("distill", help="data-free distillation of a teacher into a student (DKDM)",
                         description="Data-free distillation (DKDM). --batch, --steps, --lr, --warmup, --ema and "
                                     "--grad-clip not given (by flag or --config) follow from the student's size and the "
@@ -218,7 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--variance", choices=VARIANCES,
                     help="student variance (learned_range trains it with L*vlb)")
     _pool_flags(di)
+    return di
 
+
+def _fewstep_parser(sub) -> argparse.ArgumentParser:
     fs = sub.add_parser("fewstep", help="make a distilled student a K-step sampler (consistency distillation, data-free)",
                         description="The second stage: a student of any architecture (the --out of `dkdm distill`) "
                                     "becomes a K-step sampler by consistency distillation on the teacher's pool, reading "
@@ -235,7 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the ODE's grid: consistency pairs T/N steps apart, and the timesteps K steps are taken "
                          "from (LCMScheduler's original_inference_steps; default min(50, T))")
     _pool_flags(fs)
+    return fs
 
+
+def _tool_parsers(sub) -> list[argparse.ArgumentParser]:
+    """synth, convert, sample, push, report and evaluate: the tools around a run."""
     sy = sub.add_parser("synth", help="sample a synthetic data set from a teacher (the data-free baseline's data)")
     _common(sy, False)
     sy.add_argument("--teacher", default="builtin:digits", help=TEACHER_HELP)
@@ -278,13 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "precision and recall of RGB models against --reference")
     ev.add_argument("--num", type=int, help="number of samples (default: the metric's fixed count)")
     ev.add_argument("--steps", type=int, help="sampling steps (default: all diffusion steps; a few-step student: its K)")
-
-    _show_defaults(tr, {**COMMON_DEFAULTS, **TRAIN_DEFAULTS}, per_data=DATA_DEFAULTS)
-    _show_defaults(di, {**COMMON_DEFAULTS, **DISTILL_DEFAULTS}, ruled=DISTILL_RULED)
-    _show_defaults(fs, {**COMMON_DEFAULTS, **DISTILL_DEFAULTS, **FEWSTEP_DEFAULTS}, ruled=DISTILL_RULED)
-    for p in (sy, co, sa, ev, pu, rp):
-        _show_defaults(p, {"seed": 0})
-    return ap
+    return [sy, co, sa, ev, pu, rp]
 
 
 def _steps(text: str):
