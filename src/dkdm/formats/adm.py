@@ -139,6 +139,35 @@ def _diffusers_sequence(unet) -> list[nn.Module]:
 def to_diffusers(f: dict, net: ADMUNet):
     """The same network as a diffusers ``UNet2DModel`` (weights copied), or DkdmError where diffusers
     cannot express the ADM config (per-level head counts, legacy attention order with several heads)."""
+    unet = _diffusers_unet(f)
+    ours, theirs = _adm_sequence(net), _diffusers_sequence(unet)
+    if len(ours) != len(theirs):
+        raise DkdmError(f"cannot map this ADM config onto UNet2DModel ({len(ours)} vs {len(theirs)} blocks)")
+    state = {}
+
+    def put(prefix, module):
+        for k, v in module.state_dict().items():
+            state[f"{prefix}.{k}"] = v
+
+    names = {id(m): n for n, m in unet.named_modules()}
+    for a, d in zip(ours, theirs):
+        _map_block(a, d, names[id(d)], state, put)
+    put("conv_in", net.input_blocks[0][0])
+    put("time_embedding.linear_1", net.time_embed[0])
+    put("time_embedding.linear_2", net.time_embed[2])
+    put("conv_norm_out", net.out[0])
+    put("conv_out", net.out[2])
+    if net.num_classes:
+        put("class_embedding", net.label_emb)
+    missing = set(unet.state_dict()) - set(state)
+    if missing:
+        raise DkdmError(f"cannot map this ADM config onto UNet2DModel: {sorted(missing)[0]} has no ADM counterpart")
+    unet.load_state_dict(state)
+    return unet.eval()
+
+
+def _diffusers_unet(f: dict):
+    """A fresh UNet2DModel of the ADM flags ``f``'s architecture, or DkdmError where it has none."""
     from diffusers import UNet2DModel
 
     mult, attn_ds = channel_plan(f)
@@ -154,16 +183,12 @@ def to_diffusers(f: dict, net: ADMUNet):
     if int(f["num_heads_upsample"]) not in (-1, int(f["num_heads"])):
         raise DkdmError("ADM num_heads_upsample differs from num_heads: not expressible in UNet2DModel")
     updown = bool(f["resblock_updown"])
-    levels = range(len(mult))
-    attn = [2 ** i in attn_ds for i in levels]
-    if not updown:
-        down = ["AttnDownBlock2D" if a else "DownBlock2D" for a in attn]
-        up = ["AttnUpBlock2D" if a else "UpBlock2D" for a in attn][::-1]
-    else:
-        down = ["AttnDownBlock2D" if a else "ResnetDownsampleBlock2D" for a in attn]
-        up = ["AttnUpBlock2D" if a else "ResnetUpsampleBlock2D" for a in attn][::-1]
+    attn = [2 ** i in attn_ds for i in range(len(mult))]
+    plain_down, plain_up = ("ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D") if updown else ("DownBlock2D", "UpBlock2D")
+    down = ["AttnDownBlock2D" if a else plain_down for a in attn]
+    up = ["AttnUpBlock2D" if a else plain_up for a in attn][::-1]
     c = int(f["in_channels"])
-    unet = UNet2DModel(
+    return UNet2DModel(
         sample_size=int(f["image_size"]), in_channels=c, out_channels=c * (2 if f["learn_sigma"] else 1),
         block_out_channels=[mc * int(m) for m in mult], layers_per_block=nrb, down_block_types=down,
         up_block_types=up, downsample_type="resnet" if updown else "conv", upsample_type="resnet" if updown else "conv",
@@ -172,53 +197,33 @@ def to_diffusers(f: dict, net: ADMUNet):
         freq_shift=0, dropout=float(f["dropout"]), num_class_embeds=int(f["num_classes"]) if f["class_cond"] else None,
         num_train_timesteps=int(f["diffusion_steps"]),
     )
-    ours, theirs = _adm_sequence(net), _diffusers_sequence(unet)
-    if len(ours) != len(theirs):
-        raise DkdmError(f"cannot map this ADM config onto UNet2DModel ({len(ours)} vs {len(theirs)} blocks)")
-    state = {}
 
-    def put(prefix, module):
-        for k, v in module.state_dict().items():
-            state[f"{prefix}.{k}"] = v
 
-    names = {id(m): n for n, m in unet.named_modules()}
-    for a, d in zip(ours, theirs):
-        p = names[id(d)]
-        if isinstance(a, ResBlock):
-            if type(d).__name__ != "ResnetBlock2D":
-                raise DkdmError(f"cannot map ADM blocks onto UNet2DModel at {p}")
-            for src, dst in (("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("emb_layers.1", "time_emb_proj"),
-                             ("out_layers.0", "norm2"), ("out_layers.3", "conv2"), ("skip_connection", "conv_shortcut")):
-                mod = a.get_submodule(src)
-                if list(mod.state_dict()):
-                    put(f"{p}.{dst}", mod)
-        elif isinstance(a, AttentionBlock):
-            ch = a.qkv.weight.shape[1]
-            w, b = a.qkv.weight[:, :, 0], a.qkv.bias
-            if not a.new_order:  # legacy: heads outermost, then q/k/v
-                n = a.heads
-                w = w.reshape(n, 3, ch // n, ch).transpose(0, 1).reshape(3 * ch, ch)
-                b = b.reshape(n, 3, ch // n).transpose(0, 1).reshape(3 * ch)
-            for i, name in enumerate(("to_q", "to_k", "to_v")):
-                state[f"{p}.{name}.weight"] = w[i * ch:(i + 1) * ch]
-                state[f"{p}.{name}.bias"] = b[i * ch:(i + 1) * ch]
-            put(f"{p}.group_norm", a.norm)
-            state[f"{p}.to_out.0.weight"] = a.proj_out.weight[:, :, 0]
-            state[f"{p}.to_out.0.bias"] = a.proj_out.bias
-        elif a.use_conv:
-            put(f"{p}.conv", a.conv if a.up else a.op)
-    put("conv_in", net.input_blocks[0][0])
-    put("time_embedding.linear_1", net.time_embed[0])
-    put("time_embedding.linear_2", net.time_embed[2])
-    put("conv_norm_out", net.out[0])
-    put("conv_out", net.out[2])
-    if net.num_classes:
-        put("class_embedding", net.label_emb)
-    missing = set(unet.state_dict()) - set(state)
-    if missing:
-        raise DkdmError(f"cannot map this ADM config onto UNet2DModel: {sorted(missing)[0]} has no ADM counterpart")
-    unet.load_state_dict(state)
-    return unet.eval()
+def _map_block(a, d, p: str, state: dict, put) -> None:
+    """ADM block ``a``'s weights under the names of its diffusers counterpart ``d`` (at path ``p``)."""
+    if isinstance(a, ResBlock):
+        if type(d).__name__ != "ResnetBlock2D":
+            raise DkdmError(f"cannot map ADM blocks onto UNet2DModel at {p}")
+        for src, dst in (("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("emb_layers.1", "time_emb_proj"),
+                         ("out_layers.0", "norm2"), ("out_layers.3", "conv2"), ("skip_connection", "conv_shortcut")):
+            mod = a.get_submodule(src)
+            if list(mod.state_dict()):
+                put(f"{p}.{dst}", mod)
+    elif isinstance(a, AttentionBlock):
+        ch = a.qkv.weight.shape[1]
+        w, b = a.qkv.weight[:, :, 0], a.qkv.bias
+        if not a.new_order:  # legacy: heads outermost, then q/k/v
+            n = a.heads
+            w = w.reshape(n, 3, ch // n, ch).transpose(0, 1).reshape(3 * ch, ch)
+            b = b.reshape(n, 3, ch // n).transpose(0, 1).reshape(3 * ch)
+        for i, name in enumerate(("to_q", "to_k", "to_v")):
+            state[f"{p}.{name}.weight"] = w[i * ch:(i + 1) * ch]
+            state[f"{p}.{name}.bias"] = b[i * ch:(i + 1) * ch]
+        put(f"{p}.group_norm", a.norm)
+        state[f"{p}.to_out.0.weight"] = a.proj_out.weight[:, :, 0]
+        state[f"{p}.to_out.0.bias"] = a.proj_out.bias
+    elif a.use_conv:
+        put(f"{p}.conv", a.conv if a.up else a.op)
 
 
 def load_checkpoint_file(path, config, device="cpu", role: str = "teacher") -> DiffusionModel:
