@@ -41,6 +41,7 @@ MODULES = {_module(p): _imports(p) for p in PACKAGE.rglob("*.py")}
     ("dkdm.nets", {"dkdm.errors", "dkdm.choices", "dkdm.layout", "dkdm.nets"}),
     ("dkdm.objective", {"dkdm.errors", "dkdm.choices", "dkdm.layout", "dkdm.diffusion"}),
     ("dkdm.consistency", {"dkdm.errors", "dkdm.choices", "dkdm.layout", "dkdm.diffusion"}),  # the few-step objective and sampler: math too
+    ("dkdm.flags", {"dkdm.errors", "dkdm.choices", "dkdm.layout", "dkdm.settings"}),
     ("dkdm.settings", {"dkdm.errors", "dkdm.choices", "dkdm.layout"}),
     ("dkdm.specs", {"dkdm.errors", "dkdm.choices", "dkdm.layout", "dkdm.nets"}),
     ("dkdm.students", {"dkdm.errors", "dkdm.choices", "dkdm.layout", "dkdm.nets", "dkdm.specs"}),
@@ -60,7 +61,7 @@ def test_only_the_command_line_and_the_package_use_the_run_rules_and_nothing_imp
         assert "dkdm.cli" not in imports, name
         if name not in ("dkdm", "dkdm.cli", "dkdm.runs", "dkdm.tools"):
             assert not {"dkdm.runs", "dkdm.tools"} & imports, f"{name} imports the run rules"
-    cli = MODULES["dkdm.cli"] - {"dkdm", "dkdm.choices", "dkdm.layout", "dkdm.errors", "dkdm.peers", "dkdm.runs", "dkdm.settings", "dkdm.tools",
+    cli = MODULES["dkdm.cli"] - {"dkdm", "dkdm.flags", "dkdm.choices", "dkdm.layout", "dkdm.errors", "dkdm.peers", "dkdm.runs", "dkdm.settings", "dkdm.tools",
                                  "dkdm.evaluation"}
     assert not cli, f"cli.py does more than parse and call: it imports {sorted(cli)}"
 
