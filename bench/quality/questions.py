@@ -84,7 +84,12 @@ def run(out: Path, question: str, row: str, seed: int) -> dict:
                 "--no-progress", "--out", str(d)] + (["--resume"] if d.exists() else [])
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         t0 = time.time()
-        subprocess.run(args, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        d.parent.mkdir(parents=True, exist_ok=True)
+        with open(d.with_name(d.name + ".log"), "a") as log:  # stderr kept: why a run failed
+            done = subprocess.run(args, env=env, stdout=subprocess.DEVNULL, stderr=log)
+        if done.returncode != 0:  # reported, and the grid goes on (rerunning resumes it)
+            print(f"{d}: exit {done.returncode}, see {d.name}.log", file=sys.stderr)
+            return None
         (d / "wall_s.txt").write_text(f"{time.time() - t0:.0f}\n")
     m = json.loads((d / "metrics.json").read_text())
     wall = d / "wall_s.txt"
@@ -159,7 +164,7 @@ def main(argv=None) -> int:
     todo = [(q, row, seed) for q in (a.question or list(QUESTIONS)) for row in QUESTIONS[q]
             if not a.rows or row in a.rows for seed in a.seeds]
     with ThreadPoolExecutor(a.jobs) as pool:
-        results = list(pool.map(lambda job: run(out, *job), todo))
+        results = [r for r in pool.map(lambda job: run(out, *job), todo) if r is not None]
     store = out / "questions.json"
     kept = json.loads(store.read_text()) if store.exists() else []
     done = {(r["question"], r["row"], r["seed"]) for r in results}
