@@ -178,7 +178,7 @@ def test_dynamic_draws_distinct_entries_and_writes_back():
     pool = KnowledgePool(tiny_teacher(), batch_size=16, kind="dynamic", rho=1.0, seed=1)
     pool.prepare()
     for _ in range(20):
-        idx = pool._draw()
+        idx = pool.pool_kind.draw(pool)
         assert len(idx) == 16 and len(set(idx.tolist())) == 16
     before = pool.s.clone()
     batch = pool.next_batch()

@@ -4,7 +4,9 @@ paper's dynamic iterative distillation, arXiv 2409.03550).
 Pool entries are (x, s) with s the 1-based step of the papers: x is x_s, s = T_steps is pure
 noise, s = 0 a finished sample. The teacher's step from x_s is conditioned on model index s - 1.
 
-Three kinds share one interface (``next_batch``, ``state_dict``, ``load_state_dict``):
+``KnowledgePool`` (``next_batch``, ``state_dict``, ``load_state_dict``) holds the entries; what
+differs between the kinds is one class each (``PoolKind``: size, where entries start, which are
+drawn), registered in ``KINDS``:
 - ``iterative``: B trajectories in lock-step, every batch at one t;
 - ``shuffled``: B entries at independent t, all advanced each iteration;
 - ``dynamic``: round(rho*T)*B entries, B drawn at random each iteration (the paper's method).
@@ -19,29 +21,77 @@ import math
 import torch
 
 from .diffusion import TrainingBatch, respaced_times, reverse_sample
-from .choices import POOL_KINDS as KINDS, PREPARATIONS
+from .choices import POOL_KINDS, PREPARATIONS
 from .errors import DkdmError
 from .settings import checked_batch
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+class PoolKind:
+    """What a pool kind decides: how many entries it holds, where they start (nothing to prepare
+    where all start at noise; else at stops spread uniformly over 1..T-1, prepared by the pool's
+    preparation), which a batch draws. By default: B entries, every one drawn each batch.
+    A new kind is a subclass here, registered in ``KINDS``, its name in ``choices.POOL_KINDS``."""
+
+    name = ""
+    starts_at_noise = False  # True: every entry starts at T (nothing to prepare)
+
+    def size(self, rho: float, num_steps: int, batch_size: int) -> int:
+        return batch_size
+
+    def draw(self, pool: "KnowledgePool") -> torch.Tensor:
+        return torch.arange(pool.size, device=pool.device)
+
+
+class Shuffled(PoolKind):
+    """B entries at independent t, all advanced each iteration."""
+
+    name = "shuffled"
+
+
+class Iterative(PoolKind):
+    """B trajectories in lock-step from noise, every batch at one t: no preparation."""
+
+    name = "iterative"
+    starts_at_noise = True
+
+
+class Dynamic(PoolKind):
+    """The paper's dynamic iterative distillation: round(rho*T)*B entries, B drawn at random each step."""
+
+    name = "dynamic"
+
+    def size(self, rho: float, num_steps: int, batch_size: int) -> int:
+        if not rho > 0:
+            raise DkdmError(f"--rho must be > 0, got {rho}")
+        blocks = round(rho * num_steps)
+        if blocks < 1:
+            raise DkdmError(
+                f"--rho {rho} with {num_steps} diffusion steps gives a pool of round(rho*T)={blocks} "
+                f"batches, smaller than one batch of {batch_size}; use --rho >= {0.5 / num_steps:g}"
+            )
+        return blocks * batch_size
+
+    def draw(self, pool: "KnowledgePool") -> torch.Tensor:
+        return torch.randperm(pool.size, generator=pool.generator, device=pool.device)[: pool.batch_size]
+
+
+#: Every pool kind by name (the command line's choices are choices.POOL_KINDS, the same names).
+KINDS = {kind.name: kind() for kind in (Iterative, Shuffled, Dynamic)}
+
+
+def pool_kind(name: str) -> PoolKind:
+    if name not in KINDS:
+        raise DkdmError(f"unknown pool kind {name!r}; choose one of {', '.join(POOL_KINDS)}")
+    return KINDS[name]
+
+
 def pool_size(kind: str, rho: float, num_steps: int, batch_size: int) -> int:
     """Number of pool entries, validated; DkdmError for impossible settings."""
-    if kind not in KINDS:
-        raise DkdmError(f"unknown pool kind {kind!r}; choose one of {', '.join(KINDS)}")
+    kind = pool_kind(kind)
     checked_batch(batch_size)
-    if kind != "dynamic":
-        return batch_size
-    if not rho > 0:
-        raise DkdmError(f"--rho must be > 0, got {rho}")
-    blocks = round(rho * num_steps)
-    if blocks < 1:
-        raise DkdmError(
-            f"--rho {rho} with {num_steps} diffusion steps gives a pool of round(rho*T)={blocks} "
-            f"batches, smaller than one batch of {batch_size}; use --rho >= {0.5 / num_steps:g}"
-        )
-    return blocks * batch_size
+    return kind.size(rho, num_steps, batch_size)
 
 
 def pool_memory_bytes(size: int, sample_shape, dtype: str) -> int:
@@ -103,7 +153,7 @@ def preparation_cost(kind: str, size: int, num_steps: int, method: str = "exact"
     """Teacher sample-steps to prepare the pool: N * T/2 (exact, expected), N * K (sampled), or for
     shared about N * K / (K - 1): K steps for each of the ~N / (K - 1) samples a band of stops needs,
     plus the spread of the bands' counts (an estimate for CPU chunks; larger chunks spread less)."""
-    if kind == "iterative":
+    if pool_kind(kind).starts_at_noise:
         return 0
     method = resolve_preparation(method, num_steps, prep_steps)
     if method == "sampled":
@@ -141,6 +191,7 @@ class KnowledgePool:
         self.guidance = guidance
         self.teacher = teacher
         self.kind = kind
+        self.pool_kind = pool_kind(kind)
         self.rho = rho
         self.batch_size = batch_size
         self.num_steps = teacher.schedule.num_steps
@@ -210,7 +261,7 @@ class KnowledgePool:
             self.x.copy_(self._noise(self.x.shape))
             if self.y is not None:
                 self.y.copy_(self._labels(self.size))
-            if self.kind == "iterative":
+            if self.pool_kind.starts_at_noise:
                 self.s.fill_(T)
                 self.prepared = True
                 return
@@ -309,16 +360,11 @@ class KnowledgePool:
                 f"(try --teacher-dtype float32)"
             )
 
-    def _draw(self) -> torch.Tensor:
-        if self.kind == "dynamic":
-            return torch.randperm(self.size, generator=self.generator, device=self.device)[: self.batch_size]
-        return torch.arange(self.size, device=self.device)
-
     @torch.no_grad()
     def next_batch(self) -> TrainingBatch:
         if not self.prepared:
             raise RuntimeError("prepare() the pool (or load its state) before drawing batches")
-        idx = self._draw()
+        idx = self.pool_kind.draw(self)
         s = self.s[idx]
         x = self.x[idx].float()
         y = None if self.y is None else self.y[idx]
