@@ -117,3 +117,28 @@ def test_rows_go_to_the_end_of_their_table(tmp_path):
     speed.add_row(path, "| c |", "| 5 |", "## new table")
     assert path.read_text() == ("# Benchmark results\n\n| a | b |\n|---|---|\n| 1 | 2 |\n| 3 | 4 |\n\ntext after\n"
                                 "\n## new table\n\n| c |\n|---|\n| 5 |\n")
+
+
+def test_every_command_of_the_questions_runner_parses_and_names_what_it_builds(tmp_path):
+    """bench/quality/questions.py's grids (issue 28): each run's and each input's command is one the
+    command line takes, every teacher and synthetic set a row names is built first, once, and a
+    question's rows are distinct runs."""
+    sys.path.insert(0, str(BENCH / "quality"))
+    import questions
+
+    from dkdm.flags import build_parser
+
+    todo = [(q, row, seed) for q in questions.QUESTIONS for row in questions.QUESTIONS[q] for seed in (0, 1, 2)]
+    inputs = questions.inputs_of(tmp_path, todo)
+    runs = [questions.command_of(tmp_path, *job) for job in todo]
+    parser = build_parser()
+    for cmd in inputs + runs:
+        assert cmd[1:3] == ["-m", "dkdm.cli"]
+        parser.parse_args(cmd[3:])
+    built = {cmd[-1] for cmd in inputs}
+    assert len(built) == len(inputs) == len(questions.TEACHERS) + 3 * 3  # 3 teachers, 3 set sizes x 3 seeds
+    named = {arg for cmd in runs for arg in cmd if arg.startswith(str(tmp_path / "teachers"))
+             or arg.startswith(str(tmp_path / "synthetic"))}
+    assert named == built
+    assert len({cmd[-1] for cmd in runs}) == len(runs)
+    assert len(questions.QUESTIONS["rho"]) == 4 * 5 and len(questions.QUESTIONS["ceiling"]) == 9

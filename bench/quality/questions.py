@@ -20,6 +20,15 @@ Questions:
   diversity: the default DKDM student beside the same network trained on the real digits with the
       same budget and optimizer (`dkdm train`): do density, coverage and the class histogram see a
       difference that FID does not?
+  rho: the pool's size against the teacher: digits UNet teachers of about 0.23M, 0.92M (the bundled
+      one) and 3.7M parameters, and the bundled architecture stopped early (1,500 steps: a weaker
+      teacher), each distilled into its default student at rho 0.05 / 0.1 / 0.2 / 0.4 / 0.8.
+  ceiling: DKDM at 1x / 2x / 4x the default budget, the same network trained on the real digits at
+      the same budgets, and the data-free baseline (`dkdm synth` then `dkdm train`) on synthetic sets
+      of 1x / 4x / 16x the real training set's 1,437 images, at the 4x budget.
+
+Rows may name a teacher the runner trains first (``@teacher:NAME``, TEACHERS) and a synthetic set it
+samples first (``@synthetic:N``, N per seed); `--dry-run` prints every command without running one.
 """
 
 from __future__ import annotations
@@ -70,18 +79,74 @@ QUESTIONS = {
 }
 
 
+#: Teachers a row may name as @teacher:NAME, trained once by `dkdm train --data digits` (seed 0).
+TEACHERS = {"small": ("unet:widths=16-32,layers=2", 12000), "large": ("unet:widths=64-128,layers=2", 12000),
+            "early": ("unet:widths=32-64,layers=2", 1500)}
+RHOS = (0.05, 0.1, 0.2, 0.4, 0.8)
+RHO_TEACHERS = {"0.23M": "@teacher:small", "0.92M (bundled)": "builtin:digits", "3.7M": "@teacher:large",
+                "0.92M at 1,500 steps (weaker)": "@teacher:early"}
+QUESTIONS["rho"] = {f"teacher {name}, rho {rho:g}": ["--teacher", ref, "--rho", f"{rho:g}"]
+                    for name, ref in RHO_TEACHERS.items() for rho in RHOS}
+DATA_BASED = QUESTIONS["diversity"]["data-based, same network and budget"]
+QUESTIONS["ceiling"] = {
+    **{f"DKDM, {k}x budget": [] if k == 1 else ["--steps", str(1200 * k)] for k in (1, 2, 4)},
+    **{f"data-based, {k}x budget": [*DATA_BASED[:DATA_BASED.index("--steps")], "--steps", str(1200 * k),
+                                     *DATA_BASED[DATA_BASED.index("--steps") + 2:]] for k in (1, 2, 4)},
+    **{f"data-free baseline, synthetic {k}x, 4x budget": ["train", "--data", f"@synthetic:{1437 * k}",
+                                                          *DATA_BASED[3:DATA_BASED.index("--steps")], "--steps", "4800",
+                                                          *DATA_BASED[DATA_BASED.index("--steps") + 2:]]
+       for k in (1, 4, 16)},
+}
+
+
 def _slug(row: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in row.lower()).strip("-")
+
+
+def _resolved(out: Path, flag: str, seed: int) -> str:
+    """A row's @teacher:NAME / @synthetic:N as the directory the runner builds it in."""
+    if flag.startswith("@teacher:"):
+        return str(out / "teachers" / flag.split(":", 1)[1])
+    if flag.startswith("@synthetic:"):
+        return str(out / "synthetic" / f"{flag.split(':', 1)[1]}-s{seed}")
+    return flag
+
+
+def command_of(out: Path, question: str, row: str, seed: int) -> list[str]:
+    """The dkdm command of one row's run (a row is distill's flags, or a train command)."""
+    flags = [_resolved(out, f, seed) for f in QUESTIONS[question][row]]
+    command = [] if flags[:1] == ["train"] else ["distill"]
+    d = out / question / f"{_slug(row)}-s{seed}"
+    return [sys.executable, "-m", "dkdm.cli", *command, *flags, "--seed", str(seed), "--no-progress", "--out", str(d)]
+
+
+def inputs_of(out: Path, todo) -> list[list[str]]:
+    """The commands that build what the rows of ``todo`` name: teachers, then synthetic sets (the
+    default teacher's samples, 100 steps each); those already built are left out."""
+    commands = []
+    for q, row, seed in todo:
+        for flag in QUESTIONS[q][row]:
+            target = Path(_resolved(out, flag, seed))
+            if flag.startswith("@teacher:"):
+                spec, steps = TEACHERS[flag.split(":", 1)[1]]
+                cmd = [sys.executable, "-m", "dkdm.cli", "train", "--data", "digits", "--model", spec, "--steps",
+                       str(steps), "--seed", "0", "--no-progress", "--no-report", "--out", str(target)]
+            elif flag.startswith("@synthetic:"):
+                cmd = [sys.executable, "-m", "dkdm.cli", "synth", "--teacher", "builtin:digits", "--num",
+                       flag.split(":", 1)[1], "--steps", "100", "--seed", str(seed), "--no-progress", "--out", str(target)]
+            else:
+                continue
+            if not (target / "dkdm_model.json").exists() and not (target / "dataset.json").exists() \
+                    and cmd not in commands:
+                commands.append(cmd)
+    return commands
 
 
 def run(out: Path, question: str, row: str, seed: int) -> dict:
     """One row's run for ``seed`` (started, resumed or reused); its report's numbers and wall time."""
     d = out / question / f"{_slug(row)}-s{seed}"
     if not (d / "metrics.json").exists():
-        flags = QUESTIONS[question][row]
-        command = [] if flags[:1] == ["train"] else ["distill"]  # a row is distill's flags, or a train command
-        args = [sys.executable, "-m", "dkdm.cli", *command, *flags, "--seed", str(seed),
-                "--no-progress", "--out", str(d)] + (["--resume"] if d.exists() else [])
+        args = command_of(out, question, row, seed) + (["--resume"] if d.exists() else [])
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         t0 = time.time()
         d.parent.mkdir(parents=True, exist_ok=True)
@@ -153,6 +218,7 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=2, help="runs at once, one thread each")
     ap.add_argument("--out", default="bench-runs/questions")
     ap.add_argument("--render", metavar="JSON", help="only render a results JSON (docs/questions.json)")
+    ap.add_argument("--dry-run", action="store_true", help="print the commands (inputs first) and run none")
     a = ap.parse_args(argv)
     if a.render:
         results = json.loads(Path(a.render).read_text())
@@ -163,6 +229,16 @@ def main(argv=None) -> int:
     out = Path(a.out)
     todo = [(q, row, seed) for q in (a.question or list(QUESTIONS)) for row in QUESTIONS[q]
             if not a.rows or row in a.rows for seed in a.seeds]
+    inputs = inputs_of(out, todo)
+    if a.dry_run:
+        for cmd in inputs + [command_of(out, *job) for job in todo]:
+            print(" ".join(cmd[2:]))
+        return 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    with ThreadPoolExecutor(a.jobs) as pool:  # teachers and sets first, each once (a resumed train continues)
+        list(pool.map(lambda cmd: subprocess.run(cmd + (["--resume"] if Path(cmd[-1]).exists() and "train" in cmd
+                                                        else []), check=True, env=env,
+                                                 stdout=subprocess.DEVNULL), inputs))
     with ThreadPoolExecutor(a.jobs) as pool:
         results = [r for r in pool.map(lambda job: run(out, *job), todo) if r is not None]
     store = out / "questions.json"
