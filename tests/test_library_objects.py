@@ -59,3 +59,18 @@ def test_a_fixed_variance_network_a_model_and_bad_objects(tmp_path, capsys):
     with pytest.raises(DkdmError, match="failed on a sample of the teacher's shape"):
         dkdm.distill(teacher=teacher, student=TinyConvNet((1, 8, 8), 2, 0), out=str(tmp_path / "c"), steps=1, **FAST)
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_a_teacher_object_scored_against_a_data_set_is_cached_by_its_weights(tmp_path, monkeypatch):
+    """The bundled teacher given as an object, with --reference digits: its report rows are cached
+    by its weights (it has no directory), and the second run reads them back."""
+    monkeypatch.setenv("DKDM_CACHE", str(tmp_path / "cache"))
+    teacher = load_model("builtin:digits")
+    common = dict(student="unet:widths=8-16,layers=1,groups=4", steps=2, rho=0.01, prep_steps=2, eval_num=16,
+                  eval_steps=2, reference="digits", progress=False)
+    first = dkdm.distill(teacher=teacher, out=str(tmp_path / "a"), **common)
+    cached = list((tmp_path / "cache").glob("eval-*.json"))
+    assert len(cached) == 1 and "digits_fid" in first["report"]["teacher"]
+    second = dkdm.distill(teacher=load_model("builtin:digits"), out=str(tmp_path / "b"), **common)
+    assert second["report"]["teacher"] == first["report"]["teacher"]
+    assert list((tmp_path / "cache").glob("eval-*.json")) == cached

@@ -268,8 +268,11 @@ def evaluate_model(model, model_dir, reference, num=None, steps=None, seed: int 
     if cache:
         from .metrics import cache_dir
 
-        key = _settings_key(settings)
-        path = cache_dir() / f"eval-{_weights_key(Path(model_dir))}-{key}.json"
+        from .metrics.teacher_fd import weights_fingerprint
+
+        key = _settings_key(settings)  # a model given as an object has no directory: its weights name it
+        weights = _weights_key(Path(model_dir)) if model_dir is not None else weights_fingerprint(model.net)
+        path = cache_dir() / f"eval-{weights}-{key}.json"
         if path.exists():
             try:
                 return json.loads(path.read_text()), None
