@@ -98,3 +98,16 @@ def test_the_command_lines_choices_are_the_packages_own():
     assert choices_of("distill", "--variance") == choices.VARIANCES == VARIANCES
     assert choices_of("train", "--lr-decay") == choices.LR_DECAYS == train_config.LR_DECAYS
     assert choices_of("distill", "--pool-dtype") == choices.DTYPES == tuple(pool.DTYPES)
+
+
+@pytest.mark.parametrize("path", [README, *PAGES], ids=lambda p: p.name)
+def test_the_choices_the_docs_list_for_a_flag_are_its_choices(path):
+    """`--flag {a,b,c}` in the docs names exactly the choices the command line takes."""
+    choices = {}
+    for sub in _subparsers(build_parser()).values():
+        for action in sub._actions:
+            if action.choices:
+                choices.update({o: set(action.choices) for o in action.option_strings})
+    text = " ".join(path.read_text().split())
+    for flag, listed in re.findall(r"`(--[a-z-]+) \{([^}]+)\}`", text):
+        assert set(listed.split(",")) == choices[flag], f"{path.name}: {flag} lists {{{listed}}}, the CLI takes {choices[flag]}"
