@@ -85,7 +85,7 @@ def test_every_python_block_in_the_readme_compiles():
 
 
 def test_the_command_lines_choices_are_the_packages_own():
-    from dkdm import choices, pool, train_config
+    from dkdm import choices, pool, preparation, train_config
     from dkdm.diffusion import VARIANCES
 
     subs = _subparsers(build_parser())
@@ -94,7 +94,7 @@ def test_the_command_lines_choices_are_the_packages_own():
         return tuple(next(a for a in subs[command]._actions if flag in a.option_strings).choices)
 
     assert choices_of("distill", "--pool") == choices.POOL_KINDS and set(pool.KINDS) == set(choices.POOL_KINDS)
-    assert choices_of("distill", "--prep") == choices.PREPARATIONS == pool.PREPARATIONS
+    assert choices_of("distill", "--prep") == choices.PREPARATIONS == preparation.PREPARATIONS
     assert choices_of("distill", "--variance") == choices.VARIANCES == VARIANCES
     assert choices_of("train", "--lr-decay") == choices.LR_DECAYS == train_config.LR_DECAYS
     assert choices_of("distill", "--pool-dtype") == choices.DTYPES == tuple(pool.DTYPES)

@@ -5,7 +5,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dkdm.errors import DkdmError
-from dkdm.pool import KnowledgePool, pool_memory_bytes, pool_size, preparation_cost, resolve_preparation
+from dkdm.pool import KnowledgePool, pool_memory_bytes, pool_size, preparation_cost
+from dkdm.preparation import resolve_preparation
 from helpers import CountingNet, tiny_teacher
 
 

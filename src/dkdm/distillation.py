@@ -185,7 +185,8 @@ def _plan_pool(s: dict, teacher, cfg, acc, few: bool) -> tuple[int, int, int, in
     the preparation (``--prep auto``) and its steps resolved into ``s``; the run directory checked."""
     from .costs import check_pool_fits
     from .defaults import PREP_STEPS
-    from .pool import pool_memory_bytes, pool_size, preparation_batch, preparation_cost, resolve_preparation
+    from .pool import pool_memory_bytes, pool_size, preparation_cost
+    from .preparation import preparation_batch, resolve_preparation
 
     size = pool_size(s["pool"], float(s["rho"]), teacher.schedule.num_steps, int(s["batch"]))
     check_out(s)
