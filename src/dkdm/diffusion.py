@@ -97,6 +97,18 @@ class TrainingBatch:
     meta: dict = field(default_factory=dict)
     y: torch.Tensor | None = None  # class labels of a class-conditional model
 
+    def first_nonfinite(self, output: torch.Tensor) -> str:
+        """Which tensor of a step on this batch went NaN/inf first, in the order data flows: the
+        input, the teacher's target, the student's ``output``."""
+        target = self.target
+        for name, tensor in (("the input x_t (for a pool: the teacher's previous step)", self.x_t),
+                             ("the teacher's epsilon", target.eps), ("the teacher's mean", target.mean),
+                             ("the teacher's log-variance", target.log_variance), ("the student's output", output)):
+            bad = ~torch.isfinite(tensor.flatten(1)).all(1)
+            if bool(bad.any()):
+                return f"{name} is not finite at t={self.t[bad][:4].tolist()}"
+        return "the loss alone is not finite (overflow)"
+
 
 class Schedule:
     """A discrete DDPM noise schedule and every quantity derived from it."""

@@ -6,3 +6,9 @@ class DkdmError(Exception):
     """A problem with what the user asked for (a path, a spec, a number), not a bug in dkdm."""
 
     exit_code = 2
+
+
+class TrainingDiverged(DkdmError):
+    """The loss became NaN or inf; the run stopped and its last good checkpoint is kept."""
+
+    exit_code = 3

@@ -9,6 +9,7 @@ survivors name the rank they lost, in the one line the command prints.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -75,3 +76,35 @@ def describe_loss(error: BaseException, roll: list[tuple[str, int]] | None, me: 
             hosts = ", ".join(f"rank {r} on {roll[r][0]}" for r in unknown)
             return f"a process on another host stopped ({hosts}: see their logs; {reason})"
     return f"another process of this run stopped ({reason})"
+
+
+@contextlib.contextmanager
+def peer_failures(accelerator, roll, step, ckpt_dir):
+    """A collective broken by a lost process becomes ``PeerLost``: which rank, at which step
+    (``step()``), and the checkpoint in ``ckpt_dir`` to resume from."""
+    from .checkpoint import list_checkpoints
+
+    try:
+        yield
+    except RuntimeError as e:
+        if accelerator.num_processes == 1 or not is_peer_failure(e):
+            raise
+        saved = list_checkpoints(ckpt_dir)
+        resume = (f"--resume continues from {saved[-1]} (same number of processes)" if saved else
+                  "no checkpoint was written yet: --resume starts the run again from its first step")
+        raise PeerLost(f"{describe_loss(e, roll, accelerator.process_index)}; rank {accelerator.process_index} "
+                       f"stopped at step {step()}; {resume}") from e
+
+
+def check_in_sync(accelerator, net, step: int) -> None:
+    """All processes must hold the same network; a cheap fingerprint of its weights is compared."""
+    import torch
+
+    with torch.no_grad():
+        flat = torch.cat([p.detach().double().flatten() for p in net.parameters()])
+        weights = torch.linspace(1, 2, len(flat), dtype=torch.float64, device=flat.device)
+        fp = torch.stack([flat.sum(), (flat * weights).sum()]).reshape(1, 2)
+    every = accelerator.gather(fp)
+    if not torch.equal(every, fp.expand_as(every)):
+        raise DkdmError(f"processes hold different student weights at step {step}; "
+                        f"the distributed run is out of sync (stopped)")

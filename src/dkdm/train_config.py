@@ -79,3 +79,13 @@ class TrainConfig:
             raise DkdmError(f"--lr-decay must be one of {', '.join(LR_DECAYS)}, got {self.lr_decay!r}")
         if self.mixed_precision not in MIXED_PRECISIONS:
             raise DkdmError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISIONS)}, got {self.mixed_precision!r}")
+
+    def check_cuda_graphs(self, device_type: str, processes: int) -> None:
+        """DkdmError where --cuda-graphs cannot run: no CUDA device, fp16, several processes, --compile."""
+        why = ("needs a CUDA device, and this machine has none (drop the flag)" if device_type != "cuda" else
+               "cannot replay --mixed-precision fp16 (its loss scaler reads the device every step); use bf16"
+               if self.mixed_precision == "fp16" else
+               "runs one process; drop it under torchrun / accelerate launch" if processes > 1 else
+               "and --compile are alternatives; choose one" if self.compile else None)
+        if why:
+            raise DkdmError(f"--cuda-graphs {why}")

@@ -7,7 +7,6 @@ come from accelerate.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -21,13 +20,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import AutocastKwargs
 
-from .checkpoint import (flatten, list_checkpoints, optimizer_from_flat, optimizer_to_flat, resume_run, rng_state,
+from .checkpoint import (flatten, optimizer_from_flat, optimizer_to_flat, resume_run, rng_state,
                          save_run, set_rng_state, unflatten)
 from .devices import adamw, make_accelerator
 from .compiling import compile_regions
 from .diffusion import Reverse, TrainingBatch
 from .ema import EMA
-from .errors import DkdmError
+from .errors import DkdmError, TrainingDiverged
 from .train_config import TrainConfig, lr_factor  # noqa: F401 (TrainConfig: re-exported with the loop)
 from .layout import CHECKPOINTS, LOG_FILE
 from .formats import save_model
@@ -37,26 +36,8 @@ from .consistency import consistency_loss, sigma_power, skip_steps, teacher_ode_
 from .objective import dkdm_loss
 from .progress import progress_bar
 from .tracking import log_record
-from .peers import PeerLost, describe_loss, is_peer_failure, roll_call
+from .peers import PeerLost, check_in_sync, peer_failures, roll_call
 from .runlock import check_free_space
-
-
-class TrainingDiverged(DkdmError):
-    """The loss became NaN or inf; the run stopped and its last good checkpoint is kept."""
-
-    exit_code = 3
-
-
-def _first_nonfinite(batch, output) -> str:
-    """Which tensor of a step went NaN/inf first, in the order data flows: input, teacher, student."""
-    target = batch.target
-    for name, tensor in (("the input x_t (for a pool: the teacher's previous step)", batch.x_t), ("the teacher's epsilon", target.eps),
-                         ("the teacher's mean", target.mean), ("the teacher's log-variance", target.log_variance),
-                         ("the student's output", output)):
-        bad = ~torch.isfinite(tensor.flatten(1)).all(1)
-        if bool(bad.any()):
-            return f"{name} is not finite at t={batch.t[bad][:4].tolist()}"
-    return "the loss alone is not finite (overflow)"
 
 
 def _check_fits(student: DiffusionModel, source) -> None:
@@ -106,7 +87,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.stop_reason: str | None = None
         if config.cuda_graphs:
-            self._check_cuda_graphs()
+            config.check_cuda_graphs(self.accelerator.device.type, self.accelerator.num_processes)
         if config.channels_last:
             student.net.to(memory_format=torch.channels_last)
         student.net.to(self.accelerator.device)
@@ -190,16 +171,6 @@ class Trainer:
     @check_every.setter
     def check_every(self, steps: int) -> None:
         self._check_every = steps
-
-    def _check_cuda_graphs(self) -> None:
-        acc, cfg = self.accelerator, self.cfg
-        why = ("needs a CUDA device, and this machine has none (drop the flag)" if acc.device.type != "cuda" else
-               "cannot replay --mixed-precision fp16 (its loss scaler reads the device every step); use bf16"
-               if cfg.mixed_precision == "fp16" else
-               "runs one process; drop it under torchrun / accelerate launch" if acc.num_processes > 1 else
-               "and --compile are alternatives; choose one" if cfg.compile else None)
-        if why:
-            raise DkdmError(f"--cuda-graphs {why}")
 
     def _update(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step of the student on ``batch``, with its loss statistics and finiteness
@@ -290,20 +261,8 @@ class Trainer:
             if not lost:
                 restore_signals(previous)
 
-    @contextlib.contextmanager
     def _peer_failures(self):
-        """A collective broken by a lost process becomes ``PeerLost``: which rank, and the checkpoint to resume."""
-        try:
-            yield
-        except RuntimeError as e:
-            acc = self.accelerator
-            if acc.num_processes == 1 or not is_peer_failure(e):
-                raise
-            saved = list_checkpoints(self.ckpt_dir)
-            resume = (f"--resume continues from {saved[-1]} (same number of processes)" if saved else
-                      "no checkpoint was written yet: --resume starts the run again from its first step")
-            raise PeerLost(f"{describe_loss(e, self._roll, acc.process_index)}; rank {acc.process_index} stopped "
-                           f"at step {self.step}; {resume}") from e
+        return peer_failures(self.accelerator, self._roll, lambda: self.step, self.ckpt_dir)
 
     def _run(self, stop: list[int]) -> dict:
         cfg = self.cfg
@@ -321,7 +280,7 @@ class Trainer:
                 loss, output = self._step(batch)
                 if check_every == 1 and not torch.isfinite(loss):
                     raise TrainingDiverged(
-                        f"loss became {loss.item()} at step {self.step + 1}: {_first_nonfinite(batch, output)}; "
+                        f"loss became {loss.item()} at step {self.step + 1}: {batch.first_nonfinite(output)}; "
                         f"{self._diverged_advice()}"
                     )
                 self.lr_sched.step()
@@ -429,13 +388,4 @@ class Trainer:
         return bool(finished)
 
     def _check_ranks_in_sync(self) -> None:
-        """All processes must hold the same student; a cheap fingerprint of the weights is compared."""
-        net = self.accelerator.unwrap_model(self.net)
-        with torch.no_grad():
-            flat = torch.cat([p.detach().double().flatten() for p in net.parameters()])
-            weights = torch.linspace(1, 2, len(flat), dtype=torch.float64, device=flat.device)
-            fp = torch.stack([flat.sum(), (flat * weights).sum()]).reshape(1, 2)
-        every = self.accelerator.gather(fp)
-        if not torch.equal(every, fp.expand_as(every)):
-            raise DkdmError(f"processes hold different student weights at step {self.step}; "
-                            f"the distributed run is out of sync (stopped)")
+        check_in_sync(self.accelerator, self.accelerator.unwrap_model(self.net), self.step)
