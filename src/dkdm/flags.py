@@ -219,16 +219,22 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     return tr
 
 
+def _distillation_parser(sub, name: str, help: str, description: str, student: str) -> argparse.ArgumentParser:
+    """distill and fewstep: the training flags, the teacher's, the student's and the pool's."""
+    p = sub.add_parser(name, help=help, description=description)
+    _common(p, True)
+    _teacher_flags(p)
+    p.add_argument("--student", help=student)
+    return p
+
+
 def _distill_parser(sub) -> argparse.ArgumentParser:
-    di = sub.add_parser("distill", help="data-free distillation of a teacher into a student (DKDM)",
-                        description="Data-free distillation (DKDM). --batch, --steps, --lr, --warmup, --ema and "
-                                    "--grad-clip not given (by flag or --config) follow from the student's size and the "
-                                    "problem (T, sample size), the same rules for every teacher; the run prints each "
-                                    "with its reason.")
-    _common(di, True)
-    _teacher_flags(di)
-    di.add_argument("--student", help="student architecture spec (default: the teacher's family at every width / "
-                                      "sqrt(2), about half its parameters)")
+    di = _distillation_parser(
+        sub, "distill", "data-free distillation of a teacher into a student (DKDM)",
+        "Data-free distillation (DKDM). --batch, --steps, --lr, --warmup, --ema and --grad-clip not given (by flag or "
+        "--config) follow from the student's size and the problem (T, sample size), the same rules for every "
+        "teacher; the run prints each with its reason.",
+        "student architecture spec (default: the teacher's family at every width / sqrt(2), about half its parameters)")
     di.add_argument("--student-steps", type=int,
                     help="the student's diffusion steps: an even respacing of the teacher's (default: the same)")
     di.add_argument("--variance", choices=VARIANCES,
@@ -238,15 +244,14 @@ def _distill_parser(sub) -> argparse.ArgumentParser:
 
 
 def _fewstep_parser(sub) -> argparse.ArgumentParser:
-    fs = sub.add_parser("fewstep", help="make a distilled student a K-step sampler (consistency distillation, data-free)",
-                        description="The second stage: a student of any architecture (the --out of `dkdm distill`) "
-                                    "becomes a K-step sampler by consistency distillation on the teacher's pool, reading "
-                                    "nothing but the teacher. Saved as a diffusers DDPMPipeline with an LCMScheduler "
-                                    "(sample it with num_inference_steps=K); `dkdm sample` / `evaluate` use its K steps.")
-    _common(fs, True)
-    _teacher_flags(fs)
-    fs.add_argument("--student", help="the student to start from: the run or model directory of `dkdm distill` (or any "
-                                      "model of the teacher's sample shape and steps, e.g. the teacher itself)")
+    fs = _distillation_parser(
+        sub, "fewstep", "make a distilled student a K-step sampler (consistency distillation, data-free)",
+        "The second stage: a student of any architecture (the --out of `dkdm distill`) becomes a K-step sampler by "
+        "consistency distillation on the teacher's pool, reading nothing but the teacher. Saved as a diffusers "
+        "DDPMPipeline with an LCMScheduler (sample it with num_inference_steps=K); `dkdm sample` / `evaluate` use "
+        "its K steps.",
+        "the student to start from: the run or model directory of `dkdm distill` (or any model of the teacher's "
+        "sample shape and steps, e.g. the teacher itself)")
     fs.add_argument("--sampler-steps", type=int, help="K, the steps the saved student samples in (1..50; sample / evaluate --steps picks another)")
     fs.add_argument("--fewstep-prediction", choices=FEWSTEP_PREDICTIONS,
                     help="what the few-step student's network predicts (v: well conditioned at every step)")
