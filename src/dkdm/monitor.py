@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from .diffusion import Reverse, TrainingBatch
 from .errors import DkdmError
+from .tracking import append_log, read_log  # noqa: F401 (read_log: the log's reader, for the plots)
 from .layout import LOG_FILE
 from .evaluation import HEADLINES
 from .model import DiffusionModel
@@ -267,12 +268,10 @@ class Monitor:
         record, images = self.evaluate(want_images=tracked)
         record = {"step": step, "kind": "eval", **record, "eval_s": round(time.time() - t0, 3)}
         self.last = record
-        with open(self.out / LOG_FILE, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_log(self.accelerator if tracked else None, self.out / LOG_FILE, record)
         if tracked:
-            from .tracking import log_record, log_samples
+            from .tracking import log_samples
 
-            log_record(self.accelerator, record)
             log_samples(self.accelerator, images, step)
         reason = self.rule.update(step, record) if self.rule else None
         if self.rule and reason is None and step >= self.last_step:
@@ -354,16 +353,3 @@ def _copy_net(net: torch.nn.Module) -> torch.nn.Module:
     from .students import unwrap
 
     return copy.deepcopy(unwrap(net)[0])
-
-
-def read_log(path: Path) -> list[dict]:
-    """The records of a log.jsonl (a line cut short by a kill is skipped)."""
-    if not Path(path).exists():
-        return []
-    out = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out

@@ -8,7 +8,9 @@ one is a one-line error before the run starts, with the command that installs it
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 from .errors import DkdmError
 
@@ -74,3 +76,24 @@ def finish(accelerator) -> None:
     for tracker in accelerator.trackers:
         tracker.finish()
     accelerator.trackers = []
+
+
+def append_log(accelerator, path, record: dict) -> None:
+    """One record appended to a run's log.jsonl (one JSON object a line) and sent to the trackers."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if accelerator is not None:
+        log_record(accelerator, record)
+
+
+def read_log(path) -> list[dict]:
+    """The records of a log.jsonl (a line cut short by a kill is skipped)."""
+    if not Path(path).exists():
+        return []
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out

@@ -7,7 +7,6 @@ come from accelerate.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -35,7 +34,7 @@ from .model import DiffusionModel
 from .consistency import consistency_loss, sigma_power, skip_steps, teacher_ode_step
 from .objective import dkdm_loss
 from .progress import progress_bar
-from .tracking import log_record
+from .tracking import append_log
 from .peers import PeerLost, check_in_sync, peer_failures, roll_call
 from .runlock import check_free_space
 
@@ -238,9 +237,7 @@ class Trainer:
                 f"teacher or pool, a non-finite student: lower --lr or enable --grad-clip")
 
     def _log(self, record: dict) -> None:
-        with open(self.log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        log_record(self.accelerator, record)
+        append_log(self.accelerator, self.log_path, record)
 
     def train(self) -> dict:
         """Run to ``config.steps``; returns the last logged record. Saves the EMA model at the end.
