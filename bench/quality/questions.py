@@ -174,14 +174,20 @@ def _mean_sd(values) -> str:
 
 
 def markdown(results: list[dict], question: str) -> str:
+    """The question's table: mean ± sd over seeds; families add each row's digits-FID over the first
+    row's (the UNet student) at the same seed, mean ± sd over the seeds both have (the 1.5x target)."""
     rows = [r for r in results if r["question"] == question]
-    lines = ["| row | seeds | digits-FID | / teacher | precision | recall | density | coverage | class_tv |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for row in dict.fromkeys(r["row"] for r in rows):
+    names = list(dict.fromkeys(r["row"] for r in rows))
+    first = {r["seed"]: r["digits_fid"] for r in rows if names and r["row"] == names[0]}
+    extra = question == "families"
+    lines = ["| row | seeds | digits-FID |" + (" / unet |" if extra else "") + " / teacher | precision | recall | "
+             "density | coverage | class_tv |", "|---" * (9 + extra) + "|"]
+    for row in names:
         rs = [r for r in rows if r["row"] == row]
         cells = [_mean_sd([r[k] for r in rs]) for k in KEYS]
         ratio = _mean_sd([r["digits_fid"] / r["teacher_fid"] if r["teacher_fid"] else None for r in rs])
-        lines.append(f"| {row} | {', '.join(str(r['seed']) for r in rs)} | {cells[0]} | {ratio} | "
+        unet = f" {_mean_sd([r['digits_fid'] / first[r['seed']] for r in rs if r['seed'] in first])} |" if extra else ""
+        lines.append(f"| {row} | {', '.join(str(r['seed']) for r in rs)} | {cells[0]} |{unet} {ratio} | "
                      + " | ".join(cells[1:]) + " |")
     return "\n".join(lines)
 
