@@ -198,3 +198,41 @@ def test_a_small_dit_learns_digits(tmp_path):
             eps, t = torch.randn(x0.shape, generator=g), torch.full((len(x0),), step)
             errors.append(((m.eval()(sched.q_sample(x0, t, eps), t)[:, :1] - eps) ** 2).mean().item())
     assert sum(errors) / len(errors) < 0.32
+
+
+def test_a_family_registered_in_nets_builds_distils_and_gets_a_default_student(tmp_path, monkeypatch):
+    """docs/extending.md's student family: a Family in nets.FAMILIES (its defaults, builder and
+    half-width rule) is all parse_spec, build_net, the default student and distill need."""
+    import torch
+    from torch import nn
+
+    from dkdm import nets, specs, students
+    from dkdm.cli import main
+    from dkdm.nets.family import Family, narrower
+
+    class Tiny(nn.Module):
+        def __init__(self, c, out, width):
+            super().__init__()
+            self.inp, self.out = nn.Conv2d(c, width, 3, padding=1), nn.Conv2d(width, out, 3, padding=1)
+            self.temb = nn.Embedding(1000, width)
+
+        def forward(self, x, t, y=None):
+            return self.out(torch.nn.functional.silu(self.inp(x) + self.temb(t)[:, :, None, None]))
+
+    family = Family("tiny", {"width": 16, "classes": 0}, lambda s, c, h, out: Tiny(c, out, int(s["width"])),
+                    lambda spec, classes: {**spec, "width": narrower(int(spec["width"]), 4), "classes": classes})
+    monkeypatch.setitem(nets.FAMILIES, "tiny", family)
+    monkeypatch.setitem(specs.DEFAULTS, "tiny", family.defaults)
+    monkeypatch.setattr(specs, "KINDS", (*specs.KINDS, "tiny"))
+    spec = specs.parse_spec("tiny:width=12")
+    assert spec == {"type": "tiny", "width": 12, "classes": 0} and specs.family_of(spec) == "tiny"
+    assert students.build_net(spec, (3, 8, 8), 6)(torch.randn(2, 3, 8, 8), torch.tensor([1, 2])).shape == (2, 6, 8, 8)
+    teacher = tmp_path / "teacher"
+    assert main(["train", "--data", "digits", "--model", "tiny:width=16", "--steps", "2", "--no-progress",
+                 "--no-report", "--out", str(teacher)]) == 0
+    from dkdm.formats import load_model
+
+    assert students.default_student_spec(load_model(teacher)) == {"type": "tiny", "width": 12, "classes": 0}
+    assert main(["distill", "--teacher", str(teacher), "--steps", "2", "--batch", "4", "--rho", "0.01", "--prep-steps",
+                 "2", "--no-progress", "--no-report", "--out", str(tmp_path / "student")]) == 0
+    assert load_model(tmp_path / "student").spec == {"type": "tiny", "width": 12, "classes": 0}

@@ -12,14 +12,10 @@ nets/imported.py) and a diffusers model config file ``config.json`` (its ``_clas
 from __future__ import annotations
 
 from .errors import DkdmError
+from .nets import FAMILIES
 
 
-DEFAULTS = {
-    "mlp": {"width": 256, "depth": 4, "temb": 64, "classes": 0},
-    "unet": {"widths": [32, 64], "layers": 1, "attn": [], "groups": 8, "classes": 0},
-    "dit": {"patch": 2, "depth": 4, "width": 128, "heads": 4, "pos_grid": 16, "classes": 0},
-    "uvit": {"patch": 2, "depth": 7, "width": 128, "heads": 4, "classes": 0},
-}
+DEFAULTS = {name: family.defaults for name, family in FAMILIES.items()}
 
 
 #: Fields that may be 0 (classes=0: unconditional; pos_grid=0: diffusers' own positions).

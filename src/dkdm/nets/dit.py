@@ -3,8 +3,12 @@ DiT's own initialisation and a position table spread over small patch grids."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+
+from .family import WIDTH_SCALE, Family, checked_tokens, narrower
 
 
 class DiTNet(nn.Module):
@@ -79,3 +83,36 @@ def stretch_positions(dit, pos_grid: int) -> None:
 def has_diffusers_positions(dit) -> bool:
     """Whether a DiT numbers its patches as DiTTransformer2DModel does (a DiTPipeline can hold it)."""
     return dit.pos_embed.base_size == dit.pos_embed.height
+
+
+def build(s: dict, c: int, h: int, out_channels: int) -> nn.Module:
+    from diffusers import DiTTransformer2DModel
+
+    width, heads, patch = checked_tokens(s, h)
+    dit = DiTTransformer2DModel(
+        num_attention_heads=heads, attention_head_dim=width // heads, in_channels=c,
+        out_channels=out_channels, num_layers=int(s["depth"]), sample_size=h, patch_size=patch,
+        num_embeds_ada_norm=int(s["classes"]) or 1,
+    )
+    init_dit(dit)
+    stretch_positions(dit, int(s["pos_grid"]))
+    return DiTNet(dit)
+
+
+def _half(width: int, heads: int, depth: int, patch: int, classes: int) -> dict:
+    # fewer heads at about the teacher's head size; DiT's sin-cos position embedding needs width % 4 == 0
+    heads = max(1, round(heads * WIDTH_SCALE))
+    step = heads * 4 // math.gcd(heads, 4)
+    return {"type": "dit", "patch": patch, "depth": depth, "width": narrower(width, step), "heads": heads,
+            "classes": classes}
+
+
+def _half_of_net(net: DiTNet, classes: int) -> dict:
+    c = net.dit.config
+    return _half(c.num_attention_heads * c.attention_head_dim, c.num_attention_heads, c.num_layers, c.patch_size,
+                 classes)
+
+
+FAMILY = Family("dit", {"patch": 2, "depth": 4, "width": 128, "heads": 4, "pos_grid": 16, "classes": 0}, build,
+                lambda spec, classes: _half(spec["width"], spec["heads"], spec["depth"], spec["patch"], classes),
+                DiTNet, _half_of_net, patch_ordered=True)

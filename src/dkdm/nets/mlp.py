@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .embedding import timestep_embedding
+from .family import Family, narrower
 
 
 class MLPNet(nn.Module):
@@ -31,3 +32,12 @@ class MLPNet(nn.Module):
         for block in self.blocks:
             h = h + block(h)
         return self.out(h)
+
+
+def build(s: dict, c: int, dim: int, out_channels: int) -> nn.Module:
+    return MLPNet(dim, out_channels, int(s["width"]), int(s["depth"]), int(s["temb"]), int(s["classes"]))
+
+
+FAMILY = Family("mlp", {"width": 256, "depth": 4, "temb": 64, "classes": 0}, build,
+                lambda spec, classes: {**spec, "width": narrower(int(spec["width"]), 8), "classes": classes},
+                images=False)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .embedding import timestep_embedding
+from .family import WIDTH_SCALE, Family, checked_tokens, narrower
 
 
 class _Block(nn.Module):
@@ -76,3 +77,18 @@ class UViTNet(nn.Module):
         out = self.decoder(self.norm(h))[:, self.extras:]  # [b, grid^2, p * p * C]
         g, p, c = self.grid, self.patch, self.out_channels
         return out.view(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, g * p, g * p)
+
+
+def build(s: dict, c: int, h: int, out_channels: int) -> nn.Module:
+    width, heads, patch = checked_tokens(s, h)
+    return UViTNet(c, out_channels, h, patch, width, int(s["depth"]), heads, int(s["classes"]))
+
+
+def _half(spec: dict, classes: int) -> dict:
+    # fewer heads at about the teacher's head size, the same depth and patch
+    heads = max(1, round(int(spec["heads"]) * WIDTH_SCALE))
+    return {**spec, "width": narrower(int(spec["width"]), heads), "heads": heads, "classes": classes}
+
+
+FAMILY = Family("uvit", {"patch": 2, "depth": 7, "width": 128, "heads": 4, "classes": 0}, build, _half,
+                patch_ordered=True)
