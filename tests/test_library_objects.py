@@ -74,3 +74,16 @@ def test_a_teacher_object_scored_against_a_data_set_is_cached_by_its_weights(tmp
     second = dkdm.distill(teacher=load_model("builtin:digits"), out=str(tmp_path / "b"), **common)
     assert second["report"]["teacher"] == first["report"]["teacher"]
     assert list((tmp_path / "cache").glob("eval-*.json")) == cached
+
+
+def test_fewstep_takes_a_teacher_object_and_its_distill_runs_pool(tmp_path, capsys):
+    teacher = load(make("dkdm-unet", tmp_path / "t"))
+    run = tmp_path / "d"
+    dkdm.distill(teacher=teacher, student="unet:widths=8-16,layers=1,groups=4", out=str(run), steps=2, no_report=True,
+                 **FAST)
+    capsys.readouterr()
+    result = dkdm.fewstep(teacher=teacher, student=str(run), sampler_steps=2, out=str(tmp_path / "f"), steps=2,
+                          no_report=True, **FAST)
+    assert result["last"]["step"] == 2 and "taken over from" in capsys.readouterr().err
+    with pytest.raises(DkdmError, match="not a network object"):
+        dkdm.fewstep(teacher=teacher, student=TinyConvNet((3, 8, 8), 3, 0), sampler_steps=2, out=str(tmp_path / "g"))

@@ -95,7 +95,13 @@ def fewstep(config=None, progress: bool = True, **settings) -> dict | None:
     """The second stage (``dkdm fewstep``): a DKDM student (``student``: its run or model directory, of
     any architecture) made a K-step sampler (``sampler_steps``) by consistency distillation on the
     teacher's pool (``consistency.py``), with every rule of ``distill`` (defaults, lock, resume,
-    report). Returns what ``distill`` returns."""
+    report). ``teacher`` may be a ``DiffusionModel`` as in ``distill``. Returns what ``distill`` returns."""
+    from .objects import take_objects
+
+    settings, objects = take_objects(settings)
+    if "student" in objects:
+        raise DkdmError("fewstep's student is the run or model directory of a distillation (student=\"runs/d\"), "
+                        "not a network object")
     config, settings = _saved("fewstep", config, settings)
     s = merge([COMMON_DEFAULTS, DISTILL_DEFAULTS, DISTILL_RULED, FEWSTEP_DEFAULTS, RUN_DIRECTORY], config, settings)
     if not s["student"]:
@@ -106,7 +112,7 @@ def fewstep(config=None, progress: bool = True, **settings) -> dict | None:
                         "a few-step student is scored by its report: give fewstep a number of --steps")
     if int(s["sampler_steps"]) < 1:
         raise DkdmError(f"--sampler-steps must be at least 1, got {s['sampler_steps']}")
-    return distillation(s, progress)
+    return distillation(s, progress, objects)
 
 
 def _saved(command: str, config, settings: dict):
