@@ -46,11 +46,7 @@ run() {  # run LIMIT COMMAND...: at most LIMIT seconds, and never past the budge
     cp bench/RESULTS.md "$OUT/RESULTS.md"
 }
 
-if ls .whl/*.whl >/dev/null 2>&1; then
-    timeout 60 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+source bench/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 timeout 60 python3 -c "import torch, diffusers, accelerate, dkdm.trainer; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'accelerate', accelerate.__version__, torch.cuda.get_device_name())" || exit 1
 

@@ -14,11 +14,7 @@ OUT=${OUT:-/tmp/dkdm-gpu}
 LIMIT=${LIMIT:-420}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_cross.log") 2>&1
-if ls .whl/*.whl >/dev/null 2>&1; then
-    timeout 60 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+source bench/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 timeout -k 5 "$LIMIT" python3 bench/quality/dit.py --root "$OUT/q" --dit-teacher .gpu/dit-teacher \
     --out "$OUT/cross-architecture.md" --workers "${WORKERS:-10}" ${EXTRA:-} --only "$@"

@@ -19,11 +19,7 @@ shift
 SEEDS=${*:-0 1 2}
 mkdir -p "$OUT/q"
 exec > >(tee -a "$OUT/gpu_questions.log") 2>&1
-if ls .whl/*.whl >/dev/null 2>&1; then
-    timeout 60 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+source bench/gpu_env.sh
 [ -f .gpu/questions.tgz ] && tar xzf .gpu/questions.tgz -C "$OUT/q"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 timeout -k 5 "$LIMIT" python3 bench/quality/questions.py --question "$QUESTION" --seeds $SEEDS \

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from .diffusion import Reverse, TrainingBatch
 from .errors import DkdmError
-from .tracking import append_log, read_log  # noqa: F401 (read_log: the log's reader, for the plots)
+from .tracking import append_log, read_log
 from .layout import LOG_FILE
 from .evaluation import HEADLINES
 from .model import DiffusionModel

@@ -144,21 +144,13 @@ def to_diffusers(f: dict, net: ADMUNet):
     if len(ours) != len(theirs):
         raise DkdmError(f"cannot map this ADM config onto UNet2DModel ({len(ours)} vs {len(theirs)} blocks)")
     state = {}
-
-    def put(prefix, module):
-        for k, v in module.state_dict().items():
-            state[f"{prefix}.{k}"] = v
-
     names = {id(m): n for n, m in unet.named_modules()}
     for a, d in zip(ours, theirs):
-        _map_block(a, d, names[id(d)], state, put)
-    put("conv_in", net.input_blocks[0][0])
-    put("time_embedding.linear_1", net.time_embed[0])
-    put("time_embedding.linear_2", net.time_embed[2])
-    put("conv_norm_out", net.out[0])
-    put("conv_out", net.out[2])
-    if net.num_classes:
-        put("class_embedding", net.label_emb)
+        _map_block(a, d, names[id(d)], state)
+    for prefix, module in (("conv_in", net.input_blocks[0][0]), ("time_embedding.linear_1", net.time_embed[0]),
+                           ("time_embedding.linear_2", net.time_embed[2]), ("conv_norm_out", net.out[0]),
+                           ("conv_out", net.out[2]), *((("class_embedding", net.label_emb),) if net.num_classes else ())):
+        _put(state, prefix, module)
     missing = set(unet.state_dict()) - set(state)
     if missing:
         raise DkdmError(f"cannot map this ADM config onto UNet2DModel: {sorted(missing)[0]} has no ADM counterpart")
@@ -199,7 +191,12 @@ def _diffusers_unet(f: dict):
     )
 
 
-def _map_block(a, d, p: str, state: dict, put) -> None:
+def _put(state: dict, prefix: str, module: nn.Module) -> None:
+    for k, v in module.state_dict().items():
+        state[f"{prefix}.{k}"] = v
+
+
+def _map_block(a, d, p: str, state: dict) -> None:
     """ADM block ``a``'s weights under the names of its diffusers counterpart ``d`` (at path ``p``)."""
     if isinstance(a, ResBlock):
         if type(d).__name__ != "ResnetBlock2D":
@@ -208,7 +205,7 @@ def _map_block(a, d, p: str, state: dict, put) -> None:
                          ("out_layers.0", "norm2"), ("out_layers.3", "conv2"), ("skip_connection", "conv_shortcut")):
             mod = a.get_submodule(src)
             if list(mod.state_dict()):
-                put(f"{p}.{dst}", mod)
+                _put(state, f"{p}.{dst}", mod)
     elif isinstance(a, AttentionBlock):
         ch = a.qkv.weight.shape[1]
         w, b = a.qkv.weight[:, :, 0], a.qkv.bias
@@ -219,11 +216,11 @@ def _map_block(a, d, p: str, state: dict, put) -> None:
         for i, name in enumerate(("to_q", "to_k", "to_v")):
             state[f"{p}.{name}.weight"] = w[i * ch:(i + 1) * ch]
             state[f"{p}.{name}.bias"] = b[i * ch:(i + 1) * ch]
-        put(f"{p}.group_norm", a.norm)
+        _put(state, f"{p}.group_norm", a.norm)
         state[f"{p}.to_out.0.weight"] = a.proj_out.weight[:, :, 0]
         state[f"{p}.to_out.0.bias"] = a.proj_out.bias
     elif a.use_conv:
-        put(f"{p}.conv", a.conv if a.up else a.op)
+        _put(state, f"{p}.conv", a.conv if a.up else a.op)
 
 
 def load_checkpoint_file(path, config, device="cpu", role: str = "teacher") -> DiffusionModel:
