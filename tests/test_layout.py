@@ -41,6 +41,7 @@ MODULES = {_module(p): _imports(p) for p in PACKAGE.rglob("*.py")}
     ("dkdm.nets", {"dkdm.errors", "dkdm.choices", "dkdm.layout", "dkdm.nets"}),
     ("dkdm.objective", {"dkdm.errors", "dkdm.choices", "dkdm.layout", "dkdm.diffusion"}),
     ("dkdm.consistency", {"dkdm.errors", "dkdm.choices", "dkdm.layout", "dkdm.diffusion"}),  # the few-step objective and sampler: math too
+    ("dkdm.matching", {"dkdm.errors", "dkdm.choices", "dkdm.layout", "dkdm.diffusion", "dkdm.consistency"}),
     ("dkdm.flags", {"dkdm.errors", "dkdm.choices", "dkdm.layout", "dkdm.settings"}),
     ("dkdm.settings", {"dkdm.errors", "dkdm.choices", "dkdm.layout"}),
     ("dkdm.specs", {"dkdm.errors", "dkdm.choices", "dkdm.layout", "dkdm.nets"}),

@@ -10,6 +10,9 @@ PREDICTIONS = ("epsilon", "v_prediction", "sample")
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
 #: A few-step student's prediction (consistency.py): v first, its default.
 FEWSTEP_PREDICTIONS = ("v_prediction", "sample", "epsilon")
+#: How ``dkdm fewstep`` trains: consistency distillation on the pool (consistency.py), or distribution
+#: matching with a fake score (matching.py).
+FEWSTEP_OBJECTIVES = ("consistency", "matching")
 #: Knowledge pools (pool.py) and how a pool's entries are prepared.
 POOL_KINDS = ("iterative", "shuffled", "dynamic")
 PREPARATIONS = ("auto", "exact", "sampled", "shared")

@@ -126,12 +126,20 @@ def describe(settings: dict[str, Setting]) -> str:
 FEWSTEP_STEPS_FACTOR, FEWSTEP_LR_FACTOR = 2, 0.2
 
 
+#: ``--fewstep-objective matching`` (docs/few-step.md): half distill's budget, a tenth of its lr, a
+#: 100-step warm-up. Digits seed 0, one step: digits-FID 16.1 / 12.3 at 300 / 600 steps (lr 1e-4).
+MATCHING_STEPS_FACTOR, MATCHING_LR_FACTOR, MATCHING_WARMUP = 0.5, 0.1, 100
+
+
 def fewstep_defaults(student_params: int, sample_shape, num_steps: int, given: dict | None = None,
-                     family: str = "unet") -> dict[str, Setting]:
-    """``distill_defaults`` for a few-step run: twice the step budget (and its warm-up), a fifth of the
-    learning rate; the rest as distill's."""
+                     family: str = "unet", objective: str = "consistency") -> dict[str, Setting]:
+    """``distill_defaults`` for a few-step run: for consistency twice the step budget (and its warm-up),
+    a fifth of the learning rate; for distribution matching half the budget, a tenth of the lr; the
+    rest as distill's."""
     given = {k: v for k, v in (given or {}).items() if v is not None}
     out = distill_defaults(student_params, sample_shape, num_steps, given, family)
+    if objective == "matching":
+        return _matching_defaults(out, given)
     if "steps" in out:
         budget = FEWSTEP_STEPS_FACTOR * out["steps"].value
         out["steps"] = Setting(budget, f"twice distill's budget ({out['steps'].why}): consistency from T-1 to 0 is "
@@ -141,4 +149,21 @@ def fewstep_defaults(student_params: int, sample_shape, num_steps: int, given: d
     if "lr" in out:
         out["lr"] = Setting(FEWSTEP_LR_FACTOR * out["lr"].value,
                             f"a fifth of distill's rule ({out['lr'].why}): the student's own outputs are its targets")
+    return out
+
+
+def _matching_defaults(out: dict[str, Setting], given: dict) -> dict[str, Setting]:
+    """distill's rules scaled for a distribution-matching generator (``MATCHING_*``); no pool, so no rho."""
+    out.pop("rho", None)
+    if "steps" in out:
+        budget = max(1, int(MATCHING_STEPS_FACTOR * out["steps"].value))
+        out["steps"] = Setting(budget, f"half distill's budget ({out['steps'].why}): the generator starts as a denoiser "
+                                       f"and the teacher judges whole samples")
+    if "warmup" in out:
+        steps = out["steps"].value if "steps" in out else given.get("steps")
+        steps = int(steps) if isinstance(steps, int) or str(steps).isdigit() else MATCHING_WARMUP
+        out["warmup"] = Setting(min(MATCHING_WARMUP, steps), "the fake score follows the generator's first moves")
+    if "lr" in out:
+        out["lr"] = Setting(MATCHING_LR_FACTOR * out["lr"].value,
+                            f"a tenth of distill's rule ({out['lr'].why}): each step moves whole samples")
     return out

@@ -93,7 +93,7 @@ class TrainingBatch:
 
     x_t: torch.Tensor
     t: torch.Tensor
-    target: Reverse
+    target: Reverse | None  # None for a source whose loss calls the teacher itself (matching.py)
     meta: dict = field(default_factory=dict)
     y: torch.Tensor | None = None  # class labels of a class-conditional model
 
@@ -101,9 +101,10 @@ class TrainingBatch:
         """Which tensor of a step on this batch went NaN/inf first, in the order data flows: the
         input, the teacher's target, the student's ``output``."""
         target = self.target
-        for name, tensor in (("the input x_t (for a pool: the teacher's previous step)", self.x_t),
-                             ("the teacher's epsilon", target.eps), ("the teacher's mean", target.mean),
-                             ("the teacher's log-variance", target.log_variance), ("the student's output", output)):
+        targets = () if target is None else (("the teacher's epsilon", target.eps), ("the teacher's mean", target.mean),
+                                             ("the teacher's log-variance", target.log_variance))
+        for name, tensor in (("the input x_t (for a pool: the teacher's previous step)", self.x_t), *targets,
+                             ("the student's output", output)):
             bad = ~torch.isfinite(tensor.flatten(1)).all(1)
             if bool(bad.any()):
                 return f"{name} is not finite at t={self.t[bad][:4].tolist()}"

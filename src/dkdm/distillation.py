@@ -30,6 +30,7 @@ class _Plan:
     gave (``ruled``, also written into the settings), the loop's and monitor's configs, the pool's
     size, memory and preparation cost, the pool a few-step run takes over, and the report's size."""
     few: bool
+    matching: bool
     acc: Any
     teacher: Any
     student: Any
@@ -62,6 +63,8 @@ def distillation(s: dict, progress: bool, objects: dict | None = None) -> dict |
             _announce(plan, s)
             print("dry run: stopped before preparing the pool", file=sys.stderr)
         return {"out": plan.out, "last": None, "stop_reason": "dry run", "report": None}
+    if plan.matching:  # no pool: the generator's own samples, judged by the teacher and a fake score
+        return _matching(plan, s, progress)
     pool = KnowledgePool(teacher, int(s["batch"]), s["pool"], float(s["rho"]), s["pool_dtype"],
                          seed=rank_seed(s, acc), device=acc.device, preparation=s["prep"], prep_steps=int(s["prep_steps"]),
                          guidance=float(s["guidance"]))
@@ -70,6 +73,29 @@ def distillation(s: dict, progress: bool, objects: dict | None = None) -> dict |
     monitor = make_monitor(plan.watch, trainer, teacher, pool, plan.reference, float(s["guidance"]), progress=progress)
     return run(trainer, s, plan.out, progress, lambda resume: _prepare(plan, s, pool, info, resume, progress),
                 teacher=teacher, monitor=monitor, reference=plan.reference)
+
+
+def _matching(plan: "_Plan", s: dict, progress: bool) -> dict | None:
+    """A few-step run by distribution matching: the fake score a second copy of the DKDM student,
+    the generator's inputs its own (``matching.MatchingSource``); nothing to prepare."""
+    import torch
+
+    from .formats import load_model
+    from .matching import MatchingSource
+    from .trainer import Trainer
+
+    acc = plan.acc
+    torch.manual_seed(rank_seed(s, acc))
+    fake = load_model(s["student"], role="student").float()
+    source = MatchingSource(plan.student, plan.teacher, fake, int(s["batch"]), plan.cfg.lr, device=acc.device)
+    info = {"student": plan.student.describe(), "source": source.describe(), "teacher": plan.teacher_ref}
+    trainer = Trainer(plan.student, source, plan.cfg, plan.out, info, progress=progress, accelerator=acc)
+
+    def announce(resume: bool) -> None:
+        if acc.is_main_process:
+            _announce(plan, s)
+
+    return run(trainer, s, plan.out, progress, announce, teacher=plan.teacher, reference=plan.reference)
 
 
 def _plan(s: dict, objects: dict) -> _Plan:
@@ -91,14 +117,19 @@ def _plan(s: dict, objects: dict) -> _Plan:
     student = _student(s, teacher, data_name, teacher_ref, objects.get("student"))
     ruled, cfg = _decide_settings(s, teacher, student, few)
     watch = monitor_config(s)
-    size, mem, prep, prep_batch = _plan_pool(s, teacher, cfg, acc, few)
-    inherit_from, inherit_note = _reusable_pool(s, teacher_ref, acc) if few else (None, "")
+    matching = few and s["fewstep_objective"] == "matching"
+    if matching:  # no pool: the generator draws its own samples
+        check_out(s)
+        size, mem, prep, prep_batch, inherit_from, inherit_note = 0, 0, 0, 0, None, ""
+    else:
+        size, mem, prep, prep_batch = _plan_pool(s, teacher, cfg, acc, few)
+        inherit_from, inherit_note = _reusable_pool(s, teacher_ref, acc) if few else (None, "")
     # a few-step student's report costs little (K steps), its teacher's is most often cached by its distill run;
     # the run's own cost in network passes per sample: the teacher's (preparation, one per trained sample)
     # and the student's updates (forward and backward, about three forwards each)
     run_cost = prep + cfg.steps * int(s["batch"]) * (1 + UPDATE_PASSES)
     report = _report_size(s, reference, teacher, None if few else run_cost)
-    return _Plan(few, acc, teacher, student, teacher_ref, reference, ruled, cfg, watch, Path(s["out"]), size, mem,
+    return _Plan(few, matching, acc, teacher, student, teacher_ref, reference, ruled, cfg, watch, Path(s["out"]), size, mem,
                  prep, prep_batch, inherit_from, inherit_note, report)
 
 
@@ -157,8 +188,28 @@ def _few_step_student(s: dict, teacher):
         raise DkdmError(f"--student {s['student']} models samples of shape {list(start.sample_shape)} over "
                         f"{start.schedule.num_steps} steps, the teacher {list(teacher.sample_shape)} over "
                         f"{teacher.schedule.num_steps}: start from a student of this teacher")
+    if s["fewstep_objective"] == "matching":
+        return _generator(s, start, teacher)
     grid = None if s["consistency_grid"] is None else int(s["consistency_grid"])
     return DiffusionModel.few_step_of(start, int(s["sampler_steps"]), s["fewstep_prediction"], grid)
+
+
+def _generator(s: dict, start, teacher):
+    """The DKDM student ``start`` as a distribution-matching generator of ``s["sampler_steps"]`` steps."""
+    from .matching import generator_schedule
+    from .model import DiffusionModel
+
+    if s["consistency_grid"] is not None or s["fewstep_prediction"] != "v_prediction":
+        raise DkdmError("--consistency-grid and --fewstep-prediction belong to --fewstep-objective consistency; "
+                        "a matching generator predicts epsilon on its own timesteps")
+    if start.num_classes or teacher.num_classes:
+        raise DkdmError("--fewstep-objective matching makes unconditional generators; for a class-conditional "
+                        "teacher use --fewstep-objective consistency")
+    schedule = generator_schedule(teacher.schedule)
+    if not 1 <= int(s["sampler_steps"]) <= schedule.num_steps:
+        raise DkdmError(f"--sampler-steps must be in 1..{schedule.num_steps}, got {s['sampler_steps']}")
+    return DiffusionModel.few_step_of(start, int(s["sampler_steps"]), "epsilon", schedule.num_steps, schedule,
+                                      "matching")
 
 
 def _decide_settings(s: dict, teacher, student, few: bool):
@@ -173,11 +224,13 @@ def _decide_settings(s: dict, teacher, student, few: bool):
         checked_batch(s["batch"])
     rules = fewstep_defaults if few else distill_defaults
     family = family_of(student.spec)
+    objective = s["fewstep_objective"] if few else "dkdm"
+    extra = {"objective": objective} if few else {}
     ruled = rules(count_parameters(student.net), teacher.sample_shape, teacher.schedule.num_steps,
-                  {k: s[k] for k in DISTILL_RULED}, family)
+                  {k: s[k] for k in DISTILL_RULED}, family, **extra)
     s.update({k: v.value for k, v in ruled.items()})
     budget = step_budget(teacher.schedule.num_steps, math.prod(teacher.sample_shape), int(s["batch"]), family)
-    return ruled, train_config(s, fixed_default=budget, objective="consistency" if few else "dkdm")
+    return ruled, train_config(s, fixed_default=budget, objective=objective)
 
 
 def _plan_pool(s: dict, teacher, cfg, acc, few: bool) -> tuple[int, int, int, int]:
@@ -275,7 +328,7 @@ def _announce(plan: _Plan, s: dict) -> None:
     """The student, the rules' settings, the pool's size and cost and the report's, before any is spent."""
     from .defaults import describe
 
-    teacher, T, n = plan.teacher, plan.teacher.schedule.num_steps, plan.acc.num_processes
+    teacher, T = plan.teacher, plan.teacher.schedule.num_steps
     print(_student_line(plan, s), file=sys.stderr)
     if plan.ruled:
         print(f"defaults: {describe(plan.ruled)}", file=sys.stderr)
@@ -287,16 +340,13 @@ def _announce(plan: _Plan, s: dict) -> None:
             print(f"the teacher records no data set, so the report has the data-free score only; its samples "
                   f"have the shape of {' / '.join(names)}: --reference NAME adds that data set's metrics",
                   file=sys.stderr)
-    print(
-        f"pool: {s['pool']}, {plan.size} entries x {list(teacher.sample_shape)} {s['pool_dtype']} = "
-        f"{plan.mem / 2**20:.1f} MiB; "
-        + (f"{s['prep']} preparation ~{plan.prep:,} teacher sample-steps" if plan.inherit_from is None else "no preparation")
-        + f"; training {'up to ' * (s['steps'] == 'auto')}"
-        f"{plan.cfg.steps:,} steps, {plan.cfg.steps * int(s['batch']):,} teacher sample-forwards"
-        + (f" (each of {n} processes: its own pool shard and batches)" if n > 1 else ""),
-        file=sys.stderr,
-    )
-    if plan.few:
+    if plan.matching:
+        print(f"no pool: the generator's own samples at its timesteps {plan.student.extra['sampler']['grid'] - 1} "
+              f"and below, each judged by one teacher and one fake-score forward; training {plan.cfg.steps:,} steps, "
+              f"{plan.cfg.steps * int(s['batch']):,} teacher sample-forwards", file=sys.stderr)
+    else:
+        _announce_pool(plan, s)
+    if plan.few and not plan.matching:
         print(plan.inherit_note, file=sys.stderr)
     if plan.few and not s["no_report"]:
         print(f"report: {plan.report.num:,} samples of the student at its {s['sampler_steps']} steps and of the teacher "
@@ -306,15 +356,30 @@ def _announce(plan: _Plan, s: dict) -> None:
         print("report: none (--no-report)" if s["no_report"] else plan.report.describe(T), file=sys.stderr)
 
 
+def _announce_pool(plan: _Plan, s: dict) -> None:
+    teacher, n = plan.teacher, plan.acc.num_processes
+    print(
+        f"pool: {s['pool']}, {plan.size} entries x {list(teacher.sample_shape)} {s['pool_dtype']} = "
+        f"{plan.mem / 2**20:.1f} MiB; "
+        + (f"{s['prep']} preparation ~{plan.prep:,} teacher sample-steps" if plan.inherit_from is None else "no preparation")
+        + f"; training {'up to ' * (s['steps'] == 'auto')}"
+        f"{plan.cfg.steps:,} steps, {plan.cfg.steps * int(s['batch']):,} teacher sample-forwards"
+        + (f" (each of {n} processes: its own pool shard and batches)" if n > 1 else ""),
+        file=sys.stderr,
+    )
+
+
 def _student_line(plan: _Plan, s: dict) -> str:
     from .students import count_parameters, format_spec
 
     student, params = plan.student, f"{count_parameters(plan.student.net):,}"
     teacher = f"{count_parameters(plan.teacher.net):,}"
     if plan.few:
+        how = ("distribution matching (a fake score from the same student; predicting epsilon from t = "
+               f"{student.schedule.num_steps - 1})" if plan.matching else
+               f"consistency distillation (predicting {student.prediction})")
         return (f"few-step student: {format_spec(student.spec)} from {s['student']}, {params} parameters (teacher: "
-                f"{teacher}), consistency distillation to sample in {s['sampler_steps']} steps (predicting "
-                f"{student.prediction})")
+                f"{teacher}), {how} to sample in {s['sampler_steps']} step{'s' * (int(s['sampler_steps']) != 1)}")
     name = s["student"] if student.spec is None else format_spec(student.spec)
     return f"student: {name}, {params} parameters (teacher: {teacher}){'' if s['student'] else '; --student SPEC picks another'}"
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .choices import (CONVERT_FORMATS, DTYPES, FEWSTEP_PREDICTIONS, LR_DECAYS, MIXED_PRECISIONS, POOL_KINDS,
+from .choices import (CONVERT_FORMATS, DTYPES, FEWSTEP_OBJECTIVES, FEWSTEP_PREDICTIONS, LR_DECAYS, MIXED_PRECISIONS, POOL_KINDS,
                       PREDICTIONS, PREPARATIONS, SCHEDULES, VARIANCES)
 
 
@@ -253,6 +253,9 @@ def _fewstep_parser(sub) -> argparse.ArgumentParser:
         "the student to start from: the run or model directory of `dkdm distill` (or any model of the teacher's "
         "sample shape and steps, e.g. the teacher itself)")
     fs.add_argument("--sampler-steps", type=int, help="K, the steps the saved student samples in (1..50; sample / evaluate --steps picks another)")
+    fs.add_argument("--fewstep-objective", choices=FEWSTEP_OBJECTIVES,
+                    help="consistency distillation on the teacher's pool, or distribution matching (the student as a "
+                         "generator from t*, judged by the teacher and a fake score: docs/few-step.md)")
     fs.add_argument("--fewstep-prediction", choices=FEWSTEP_PREDICTIONS,
                     help="what the few-step student's network predicts (v: well conditioned at every step)")
     fs.add_argument("--consistency-grid", type=int, metavar="N",

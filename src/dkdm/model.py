@@ -69,27 +69,31 @@ class DiffusionModel(nn.Module):
 
     @classmethod
     def few_step_of(cls, model: "DiffusionModel", steps: int, prediction: str = "v_prediction",
-                    grid: int | None = None) -> "DiffusionModel":
+                    grid: int | None = None, schedule: Schedule | None = None,
+                    objective: str = "consistency") -> "DiffusionModel":
         """A consistency student that samples in ``steps`` steps, started from ``model``'s weights: the
         same architecture with the sample's channels only (a learned variance's outputs dropped),
         predicting ``prediction`` (v by default: its x0 stays well conditioned at the noisiest steps,
         where x0 from epsilon multiplies the network's error by 1 / sqrt(alpha_bar), 2e4 at T - 1 of
-        a cosine schedule)."""
+        a cosine schedule). ``schedule``: another than the model's (a matching generator's, cut at
+        its first timestep: matching.py); ``objective``: how it is trained, recorded for its card."""
         from .consistency import GRID
         from .students import drop_variance_outputs
 
         if model.spec is None:
             raise DkdmError("a few-step student starts from a model dkdm can rebuild (a spec); this one was built "
                             "from a custom nn.Module")
-        T = model.schedule.num_steps
+        schedule = schedule or model.schedule
+        T = schedule.num_steps
         grid = min(GRID, T) if grid is None else grid
         if not 1 <= grid <= T:
             raise DkdmError(f"--consistency-grid must be in 1..{T}, got {grid}")
         if not 1 <= steps <= grid:
             raise DkdmError(f"--sampler-steps must be in 1..{grid} (the --consistency-grid the K timesteps come from), "
                             f"got {steps}")
-        extra = {**model.extra, "sampler": {"kind": "consistency", "steps": int(steps), "grid": grid}}
-        few = cls.build(model.spec, model.sample_shape, model.schedule, variance="fixed_small", prediction=prediction,
+        extra = {**model.extra, "sampler": {"kind": "consistency", "steps": int(steps), "grid": grid,
+                                            "objective": objective}}
+        few = cls.build(model.spec, model.sample_shape, schedule, variance="fixed_small", prediction=prediction,
                         clip_x0=model.clip_x0, extra=extra, null_class=model.null_class, decoder=model.decoder)
         state = {k: v.detach().float().cpu() for k, v in model.net.state_dict().items()}
         few.net.load_state_dict(drop_variance_outputs(model.spec, state, few.net.state_dict()))

@@ -16,7 +16,7 @@ from .settings import COMMON_DEFAULTS
 
 
 _D = COMMON_DEFAULTS
-OBJECTIVES = ("dkdm", "consistency")
+OBJECTIVES = ("dkdm", "consistency", "matching")
 DECAY_STAGES = 100  # a decaying learning rate changes this many times a run (a CUDA graph is captured per value)
 
 
@@ -59,7 +59,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the student's forward (the backward follows)
     channels_last: bool = False  # channels-last weights: faster convolutions on GPUs in reduced precision
     cuda_graphs: bool = False  # replay the student update (and a pool's teacher step) as CUDA graphs
-    objective: str = "dkdm"  # "dkdm" (L*simple + lambda L*vlb), or "consistency" (a few-step student: consistency.py)
+    objective: str = "dkdm"  # "dkdm" (L*simple + lambda L*vlb); a few-step student's "consistency" or "matching"
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -86,6 +86,7 @@ class TrainConfig:
                "cannot replay --mixed-precision fp16 (its loss scaler reads the device every step); use bf16"
                if self.mixed_precision == "fp16" else
                "runs one process; drop it under torchrun / accelerate launch" if processes > 1 else
+               "does not capture distribution matching (two networks step); drop it" if self.objective == "matching" else
                "and --compile are alternatives; choose one" if self.compile else None)
         if why:
             raise DkdmError(f"--cuda-graphs {why}")

@@ -32,6 +32,7 @@ from .formats import save_model
 from .interrupts import Interrupted, catch_signals, restore_signals
 from .model import DiffusionModel
 from .consistency import consistency_loss, sigma_power, skip_steps, teacher_ode_step
+from .matching import generator_x0, matching_loss
 from .objective import dkdm_loss
 from .progress import progress_bar
 from .tracking import append_log
@@ -187,6 +188,8 @@ class Trainer:
         if cfg.grad_clip > 0:  # torch's foreach norm and scaling: no host sync
             self.accelerator.clip_grad_norm_(self._params, cfg.grad_clip)
         self.opt.step()
+        if cfg.objective == "matching":  # the fake score follows the generator's new samples
+            self.source.after_update(terms["samples"])
         with torch.no_grad():
             n = len(batch.t)
             ones = self._ones.get(n)
@@ -201,11 +204,18 @@ class Trainer:
 
     def _terms(self, output, batch) -> dict[str, torch.Tensor]:
         """The objective's per-sample ``loss`` and the two terms the log keeps (``mse``, ``vb``): the
-        DKDM objective's, or for a consistency student its distance to the target (as ``mse``, ``vb`` 0)."""
+        DKDM objective's; for a consistency student its distance to the target (as ``mse``, ``vb`` 0);
+        for a matching generator the mean square of its gradient (as ``mse``, ``vb`` 0)."""
         student = self.student
         if self.cfg.objective == "dkdm":
             return dkdm_loss(student.schedule, output, batch.x_t, batch.t, batch.target, student.prediction,
                              student.variance, self.cfg.vlb_weight, self.cfg.simple_weight, self.cfg.vlb_mean_grad)
+        if self.cfg.objective == "matching":
+            x_g = generator_x0(student.schedule, output[:, :batch.x_t.shape[1]], batch.x_t, batch.t)
+            grad = self.source.gradient(x_g.detach())
+            square = grad.pow(2).flatten(1).mean(1)
+            return {"mse": square, "vb": torch.zeros_like(square), "loss": matching_loss(x_g, grad),
+                    "samples": x_g.detach()}
         schedule, c = student.schedule, batch.x_t.shape[1]
         s = (batch.t - skip_steps(schedule.num_steps, student.extra["sampler"]["grid"])).clamp_(min=0)
         x_s = teacher_ode_step(schedule, batch.target, batch.x_t, batch.t, s)

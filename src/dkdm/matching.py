@@ -1,0 +1,142 @@
+"""Few-step students by distribution matching: a generator, a fake score, the teacher's score, no data.
+
+The DKDM student becomes a K-step generator G: read as a denoiser, it maps pure noise z taken as
+the state at t* (the step whose noise-to-signal ratio sqrt((1 - alpha_bar) / alpha_bar) is
+``SIGMA_INIT``, where SiD and DMD2 start their generators) to x0, and for K > 1 re-noises that x0 to
+the next of its K timesteps and denoises again. It is saved as a consistency-form student on the
+teacher's schedule cut at t* (grid t* + 1), so that ``consistency.sample`` and diffusers'
+``LCMScheduler`` draw it unchanged.
+
+Training (DMD without its regression and GAN terms, with DMD2's backward simulation): a batch is G's
+own input at one of its K steps (``MatchingSource``); G's output x_g is noised to x_t at
+t ~ U[2%, 98%] of T, and its gradient is g = (x0_fake - x0_teacher) / mean |x_g - x0_teacher| per
+sample, the KL between G's distribution and the teacher's pushed down through both scores. The fake
+score, a second copy of the DKDM student, follows G's distribution with the denoising loss on G's
+samples, one update per G update. Each G step costs one teacher forward per sample and no pool.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .consistency import consistency_output, sampler_timesteps
+from .diffusion import Schedule, TrainingBatch
+
+#: The generator's first timestep: noise-to-signal ratio 2.5 (alpha_bar 0.138; t = 756 of the cosine
+#: 1000-step schedule, 440 of DDPM's linear one).
+SIGMA_INIT = 2.5
+#: The teacher's and the fake score's x0 are compared at t drawn from this fraction of T (DMD's range).
+T_RANGE = (0.02, 0.98)
+
+
+def first_timestep(schedule: Schedule, sigma: float = SIGMA_INIT) -> int:
+    """The timestep whose noise-to-signal ratio sqrt((1 - alpha_bar) / alpha_bar) is nearest ``sigma``."""
+    ab = schedule.alphas_cumprod
+    return int((((1 - ab) / ab).sqrt() - sigma).abs().argmin())
+
+
+def generator_schedule(schedule: Schedule, sigma: float = SIGMA_INIT) -> Schedule:
+    """The teacher's schedule cut after t*: a K-step sampler on it (LCMScheduler's, grid = its length)
+    takes t* first, where noise is the generator's input."""
+    return Schedule(schedule.betas[: first_timestep(schedule, sigma) + 1])
+
+
+def generator_x0(schedule: Schedule, pred: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """G's sample from its epsilon prediction at (x, t): the consistency form's output (x0 at t > 0)."""
+    return consistency_output(schedule, pred, x, t, "epsilon")
+
+
+def matching_gradient(x_g: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor) -> torch.Tensor:
+    """DMD's gradient for G's samples: (fake - real) / mean |x_g - real|, per sample."""
+    dims = tuple(range(1, x_g.dim()))
+    scale = (x_g - real_x0).abs().mean(dims, keepdim=True).clamp_min(1e-5)
+    return (fake_x0 - real_x0) / scale
+
+
+def matching_loss(x_g: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Per sample 0.5 mean (x_g - stopgrad(x_g - grad))^2: its gradient in x_g is grad / values per sample."""
+    return 0.5 * (x_g - (x_g - grad).detach()).pow(2).flatten(1).mean(1)
+
+
+class MatchingSource:
+    """G's inputs (the trainer's batches) and the two scores that judge its outputs.
+
+    ``generator`` is the run's student (its plain network runs the backward simulation without
+    gradient); ``fake`` is the fake score, updated here with its own optimizer after each G step
+    (``after_update``). Its weights, moments and the teacher-forward count are this source's state,
+    kept per process like a pool shard (each process's fake score follows that process's samples)."""
+
+    def __init__(self, generator, teacher, fake, batch: int, lr: float, device=None):
+        self.generator, self.teacher, self.fake = generator, teacher, fake
+        self.batch, self.device = int(batch), device or torch.device("cpu")
+        g_schedule = generator.schedule
+        self.times = sampler_timesteps(generator.sampler_steps, g_schedule.num_steps, g_schedule.num_steps)
+        fake.net.to(self.device).train()
+        self.opt = torch.optim.AdamW(fake.net.parameters(), lr=lr, betas=(0.0, 0.99), weight_decay=0.0)
+        self.teacher_calls = 0
+        self.num_classes = 0
+
+    def _t(self, k: int, n: int) -> torch.Tensor:
+        return torch.full((n,), self.times[k], dtype=torch.long, device=self.device)
+
+    @torch.no_grad()
+    def next_batch(self) -> TrainingBatch:
+        """G's input at one of its K steps, drawn uniformly: noise for the first, else the previous
+        steps' sample re-noised (x0 clamped where the teacher clamps), as G's sampler makes it."""
+        shape = (self.batch, *self.generator.sample_shape)
+        x = torch.randn(shape, device=self.device)
+        k = int(torch.randint(0, len(self.times), ()))
+        schedule, c = self.generator.schedule, shape[1]
+        for j in range(k):
+            t = self._t(j, self.batch)
+            x0 = generator_x0(schedule, self.generator.net(x, t)[:, :c].float(), x, t)
+            x0 = x0.clamp(-1, 1) if self.generator.clip_x0 else x0
+            x = schedule.q_sample(x0, self._t(j + 1, self.batch), torch.randn_like(x0))
+        return TrainingBatch(x_t=x, t=self._t(k, self.batch), target=None)
+
+    def x0(self, model, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        pred = model.output(x_t, t)[:, : x_t.shape[1]].float()
+        x0 = model.schedule.eps_and_x0(pred, x_t, t, model.prediction)[1]
+        return x0.clamp(-1, 1) if self.teacher.clip_x0 else x0
+
+    @torch.no_grad()
+    def gradient(self, x_g: torch.Tensor) -> torch.Tensor:
+        """DMD's gradient for G's samples ``x_g`` (one teacher and one fake-score forward each)."""
+        T = self.teacher.schedule.num_steps
+        t = torch.randint(int(T_RANGE[0] * T), int(T_RANGE[1] * T), (len(x_g),), device=x_g.device)
+        x_t = self.teacher.schedule.q_sample(x_g, t, torch.randn_like(x_g))
+        self.teacher_calls += len(x_g)
+        return matching_gradient(x_g, self.x0(self.teacher, x_t, t), self.x0(self.fake, x_t, t))
+
+    def after_update(self, samples: torch.Tensor) -> torch.Tensor:
+        """One fake-score step on G's ``samples`` (the denoising loss at t ~ U[0, T)); returns its loss."""
+        T = self.teacher.schedule.num_steps
+        t = torch.randint(0, T, (len(samples),), device=samples.device)
+        noise = torch.randn_like(samples)
+        pred = self.fake.net(self.fake.schedule.q_sample(samples, t, noise), t)[:, : samples.shape[1]].float()
+        loss = F.mse_loss(pred, noise)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss.detach()
+
+    def describe(self) -> dict:
+        return {"kind": "matching", "timesteps": self.times, "batch": self.batch}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        opt = self.opt.state_dict()["state"]
+        moments = {f"opt.{i}.{k}": v for i, s in opt.items() for k, v in s.items()}
+        return {**{f"fake.{k}": v for k, v in self.fake.net.state_dict().items()}, **moments,
+                "teacher_calls": torch.tensor(self.teacher_calls)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.fake.net.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("fake.")})
+        saved = self.opt.state_dict()
+        moments: dict[int, dict] = {}
+        for key, v in state.items():
+            if key.startswith("opt."):
+                i, name = key[4:].split(".", 1)
+                moments.setdefault(int(i), {})[name] = v
+        self.opt.load_state_dict({"state": moments, "param_groups": saved["param_groups"]})
+        self.teacher_calls = int(state["teacher_calls"])

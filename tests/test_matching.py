@@ -1,0 +1,106 @@
+"""Few-step students by distribution matching (matching.py): the gradient and loss against a float64
+hand computation, the first timestep against the cosine schedule's closed form, the saved generator
+against plain diffusers' LCMScheduler, and the `dkdm fewstep --fewstep-objective matching` run (bad
+input, defaults, the written model, kill -9 and resume)."""
+
+import json
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from dkdm.cli import main
+from dkdm.diffusion import Schedule
+from dkdm.formats import load_model, save_model
+from dkdm.matching import first_timestep, generator_schedule, matching_gradient, matching_loss
+from dkdm.model import DiffusionModel
+
+from test_fewstep import _cosine_alpha_bar64, _fewstep, toy_pair  # noqa: F401 (a fixture)
+from test_reliability import run_cli, same, spawn, wait_for_step, weights
+
+
+def test_matching_gradient_and_loss_match_a_float64_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    x_g, real, fake = (torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    grad = matching_gradient(x_g, real, fake)
+    for i in range(3):  # DMD: (fake - real) / mean |x_g - real| of each sample
+        scale = np.abs(x_g[i].numpy() - real[i].numpy()).mean()
+        np.testing.assert_allclose(grad[i].numpy(), (fake[i].numpy() - real[i].numpy()) / scale, rtol=1e-12)
+    x = x_g.clone().requires_grad_(True)
+    loss = matching_loss(x, grad)
+    np.testing.assert_allclose(loss.detach().numpy(), 0.5 * (grad ** 2).flatten(1).mean(1).numpy(), rtol=1e-12)
+    loss.sum().backward()  # the loss only carries the gradient: d/dx_g = grad / values per sample
+    np.testing.assert_allclose(x.grad.numpy(), grad.numpy() / 32, rtol=1e-12)
+
+
+def test_the_first_timestep_has_noise_to_signal_2_5():
+    abar = _cosine_alpha_bar64(1000)
+    expected = int(np.abs(np.sqrt((1 - abar) / abar) - 2.5).argmin())
+    schedule = Schedule.named("cosine", 1000)
+    assert first_timestep(schedule) == expected == 755
+    cut = generator_schedule(schedule)
+    assert cut.num_steps == expected + 1
+    torch.testing.assert_close(cut.alphas_cumprod, schedule.alphas_cumprod[: expected + 1])
+    abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))  # DDPM's linear betas
+    assert first_timestep(Schedule.named("linear", 1000)) == int(np.abs(np.sqrt((1 - abar) / abar) - 2.5).argmin())
+
+
+def test_a_matching_generator_samples_the_same_in_plain_diffusers(tmp_path):
+    from diffusers import DDPMPipeline, LCMScheduler
+
+    teacher = load_model("builtin:digits")
+    cut = generator_schedule(teacher.schedule)
+    save_model(DiffusionModel.few_step_of(teacher, 2, "epsilon", cut.num_steps, cut, "matching"), tmp_path / "g")
+    model = load_model(tmp_path / "g")
+    assert model.sampler_steps == 2 and model.extra["sampler"]["objective"] == "matching"
+    pipe = DDPMPipeline.from_pretrained(tmp_path / "g")
+    assert isinstance(pipe.scheduler, LCMScheduler) and pipe.scheduler.config.num_train_timesteps == 756
+    pipe.set_progress_bar_config(disable=True)
+    for k in (1, 2, 4):
+        ours = model.sample(5, k, torch.Generator().manual_seed(2))
+        images = pipe(batch_size=5, generator=torch.Generator().manual_seed(2), num_inference_steps=k,
+                      output_type="np").images
+        torch.testing.assert_close((ours / 2 + 0.5).clamp(0, 1), torch.from_numpy(images).permute(0, 3, 1, 2),
+                                   rtol=0, atol=2e-5)
+    # the first step denoises pure noise as the DKDM network would at t* (already a digit-like sample)
+    assert pipe.scheduler.timesteps.tolist()[0] == 755
+
+
+def test_matching_refuses_consistency_flags_in_one_line(tmp_path, capsys):
+    base = ["fewstep", "--student", "builtin:digits", "--fewstep-objective", "matching"]
+    assert main([*base, "--consistency-grid", "10", "--out", str(tmp_path / "a")]) == 2
+    assert "belong to --fewstep-objective consistency" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert main([*base, "--fewstep-objective", "dmd", "--out", str(tmp_path / "b")]) == 2
+    assert "invalid choice: 'dmd'" in capsys.readouterr().err
+    assert not any((tmp_path / n).exists() for n in "ab")
+
+
+def test_matching_defaults_halve_the_budget_and_take_a_tenth_of_the_rate():
+    from dkdm.defaults import distill_defaults, fewstep_defaults
+
+    d = distill_defaults(517_754, (1, 8, 8), 1000)
+    m = fewstep_defaults(517_754, (1, 8, 8), 1000, objective="matching")
+    assert m["steps"].value == d["steps"].value // 2 == 600 and m["warmup"].value == 100
+    assert m["lr"].value == pytest.approx(d["lr"].value / 10) and "rho" not in m
+    assert fewstep_defaults(517_754, (1, 8, 8), 1000, {"steps": 40}, objective="matching")["warmup"].value == 40
+
+
+def test_matching_run_writes_a_k_step_generator_that_resumes_bit_identically_after_kill_9(tmp_path, toy_pair, capsys):
+    teacher, student = toy_pair
+    steps, flags = 400, ("--fewstep-objective", "matching")
+    assert main(_fewstep(teacher, student, tmp_path / "a", steps, *flags)) == 0
+    err = capsys.readouterr().err
+    assert "distribution matching" in err and "no pool" in err and f"{steps * 32:,} teacher sample-forwards" in err
+    model = load_model(tmp_path / "a")
+    assert model.sampler_steps == 2 and model.prediction == "epsilon"
+    assert model.schedule.num_steps == first_timestep(load_model(teacher).schedule) + 1
+    log = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["teacher_calls"] == steps * 32 and np.isfinite(log[-1]["loss"])
+    assert model.sample(7).shape == (7, 2)
+    proc = spawn(_fewstep(teacher, student, tmp_path / "b", steps, *flags))
+    wait_for_step(tmp_path / "b", 250, proc)  # between the checkpoints at 200 and 300
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert run_cli(_fewstep(teacher, student, tmp_path / "b", steps, *flags, "--resume")) == 0
+    same(weights(tmp_path / "a"), weights(tmp_path / "b"))
