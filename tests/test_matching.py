@@ -104,3 +104,15 @@ def test_matching_run_writes_a_k_step_generator_that_resumes_bit_identically_aft
     proc.wait()
     assert run_cli(_fewstep(teacher, student, tmp_path / "b", steps, *flags, "--resume")) == 0
     same(weights(tmp_path / "a"), weights(tmp_path / "b"))
+
+
+@pytest.mark.parametrize("k,objective", [(1, "matching"), (2, "consistency")])
+def test_the_objective_follows_k_where_not_given_and_is_printed(tmp_path, capsys, k, objective):
+    out = tmp_path / "run"
+    assert main(["fewstep", "--student", "builtin:digits", "--sampler-steps", str(k), "--dry-run", "--no-report",
+                 "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"fewstep-objective {objective} (" in err
+    how = "), distribution matching (" if k == 1 else "), consistency distillation ("
+    assert how in err and ("no pool" in err) == (k == 1)
+    assert not out.exists()

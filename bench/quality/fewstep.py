@@ -1,7 +1,8 @@
 """Few-step samplers on digits, data-free: the table of docs/few-step.md.
 
 For each seed: the DKDM students (`dkdm distill`, the default half-width UNet and a DiT from the
-UNet teacher), their few-step students (`dkdm fewstep`), and the few-step student of the teacher's
+UNet teacher), their few-step students (`dkdm fewstep`: consistency at K = 4, and the one-step
+distribution-matching generators, scored at K = 1 only), and the few-step student of the teacher's
 own architecture started from the teacher's weights; then digits-FID, precision and recall
 (1,437 samples) at K = 1, 2, 4, 8 for: the teacher with DDIM (clipping) and DPM-Solver++ 2M
 (thresholding at 1), the DKDM student with DPM-Solver++, and each few-step student with its own
@@ -30,6 +31,9 @@ RUNS = {  # name: (command, extra flags); {student} is the DKDM run the few-step
     "dkdm-dit": ("distill", ["--student", "dit:width=96,heads=3"]),
     "fewstep-dit": ("fewstep", ["--student", "{dkdm-dit}"]),
     "fewstep-teacher": ("fewstep", ["--student", "builtin:digits"]),
+    # distribution matching (the default for one step): a one-step generator, scored at K = 1 only
+    "matching-unet": ("fewstep", ["--student", "{dkdm-unet}", "--sampler-steps", "1"]),
+    "matching-dit": ("fewstep", ["--student", "{dkdm-dit}", "--sampler-steps", "1"]),
 }
 
 
@@ -75,8 +79,8 @@ def rows(out: Path, seed: int, num: int, threads: int) -> list[dict]:
     dpm = lambda: DPMSolverMultistepScheduler(**cfg, thresholding=True, sample_max_value=1.0)
     found = []
 
-    def add(label, sample, wall=None):
-        for k in KS:
+    def add(label, sample, wall=None, ks=KS):
+        for k in ks:
             m = digits_metrics(sample(k))
             found.append({"model": label, "K": k, "seed": seed, "digits_fid": m["digits_fid"],
                           "precision": m["precision"], "recall": m["recall"], "wall_s": wall})
@@ -90,6 +94,9 @@ def rows(out: Path, seed: int, num: int, threads: int) -> list[dict]:
     for name in ("fewstep-unet", "fewstep-dit", "fewstep-teacher"):
         few = load_model(dirs[name]).eval()
         add(name, lambda k: few.sample(num, k, torch.Generator().manual_seed(seed)).clamp(-1, 1), walls[name])
+    for name in ("matching-unet", "matching-dit"):
+        gen = load_model(dirs[name]).eval()
+        add(name, lambda k: gen.sample(num, k, torch.Generator().manual_seed(seed)).clamp(-1, 1), walls[name], (1,))
     return found
 
 
@@ -103,6 +110,9 @@ def markdown(table: list[dict]) -> str:
         cells = []
         for k in KS:
             at = [r for r in rows if r["K"] == k]
+            if not at:
+                cells.append("")
+                continue
             fid = [r["digits_fid"] for r in at]
             mean = lambda key: sum(r[key] for r in at) / len(at)
             spread = f" ({min(fid):.1f}-{max(fid):.1f})" if len(fid) > 1 else ""
@@ -119,9 +129,9 @@ def plot(table: list[dict], path: Path, teacher_fid: float) -> None:
     axes = fig.subplots(1, 3)
     for label in dict.fromkeys(r["model"] for r in table):
         for ax, key in zip(axes, ("digits_fid", "precision", "recall")):
-            ys = [sum(r[key] for r in table if r["model"] == label and r["K"] == k) /
-                  max(1, sum(1 for r in table if r["model"] == label and r["K"] == k)) for k in KS]
-            ax.plot(KS, ys, marker="o", label=label)
+            at = {k: [r[key] for r in table if r["model"] == label and r["K"] == k] for k in KS}
+            ks = [k for k in KS if at[k]]
+            ax.plot(ks, [sum(at[k]) / len(at[k]) for k in ks], marker="o", label=label)
     axes[0].axhline(teacher_fid, color="gray", ls="--", label="teacher, 100 steps")
     axes[0].set_yscale("log")
     for ax, key in zip(axes, ("digits-FID", "precision", "recall")):

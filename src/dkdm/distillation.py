@@ -114,8 +114,11 @@ def _plan(s: dict, objects: dict) -> _Plan:
         # the pool runs the teacher on the student's steps, so every batch is a step the student takes
         teacher = teacher.respaced(int(s["student_steps"]))
     torch.manual_seed(int(s["seed"]))
+    objective = _fewstep_objective(s) if few else None
     student = _student(s, teacher, data_name, teacher_ref, objects.get("student"))
     ruled, cfg = _decide_settings(s, teacher, student, few)
+    if objective is not None:
+        ruled = {"fewstep_objective": objective, **ruled}
     watch = monitor_config(s)
     matching = few and s["fewstep_objective"] == "matching"
     if matching:  # no pool: the generator draws its own samples
@@ -131,6 +134,17 @@ def _plan(s: dict, objects: dict) -> _Plan:
     report = _report_size(s, reference, teacher, None if few else run_cost)
     return _Plan(few, matching, acc, teacher, student, teacher_ref, reference, ruled, cfg, watch, Path(s["out"]), size, mem,
                  prep, prep_batch, inherit_from, inherit_note, report)
+
+
+def _fewstep_objective(s: dict):
+    """The few-step objective the rules give where --fewstep-objective is not given (written into ``s``), or None."""
+    from .defaults import fewstep_objective
+
+    if s["fewstep_objective"] is not None:
+        return None
+    rule = fewstep_objective(int(s["sampler_steps"]))
+    s["fewstep_objective"] = rule.value
+    return rule
 
 
 def _teacher(s: dict, device, given=None):
@@ -349,7 +363,8 @@ def _announce(plan: _Plan, s: dict) -> None:
     if plan.few and not plan.matching:
         print(plan.inherit_note, file=sys.stderr)
     if plan.few and not s["no_report"]:
-        print(f"report: {plan.report.num:,} samples of the student at its {s['sampler_steps']} steps and of the teacher "
+        k = int(s["sampler_steps"])
+        print(f"report: {plan.report.num:,} samples of the student at its {k} step{'s' * (k != 1)} and of the teacher "
               f"at {plan.report.steps or T} (the teacher's cached across runs: drawn once, most often by the distill run)",
               file=sys.stderr)
     else:

@@ -255,7 +255,8 @@ def _fewstep_parser(sub) -> argparse.ArgumentParser:
     fs.add_argument("--sampler-steps", type=int, help="K, the steps the saved student samples in (1..50; sample / evaluate --steps picks another)")
     fs.add_argument("--fewstep-objective", choices=FEWSTEP_OBJECTIVES,
                     help="consistency distillation on the teacher's pool, or distribution matching (the student as a "
-                         "generator from t*, judged by the teacher and a fake score: docs/few-step.md)")
+                         "generator from t*, judged by the teacher and a fake score: docs/few-step.md) (default: "
+                         "matching for one step, consistency for more; printed when the run starts)")
     fs.add_argument("--fewstep-prediction", choices=FEWSTEP_PREDICTIONS,
                     help="what the few-step student's network predicts (v: well conditioned at every step)")
     fs.add_argument("--consistency-grid", type=int, metavar="N",

@@ -28,6 +28,9 @@ from .diffusion import Schedule, TrainingBatch
 SIGMA_INIT = 2.5
 #: The teacher's and the fake score's x0 are compared at t drawn from this fraction of T (DMD's range).
 T_RANGE = (0.02, 0.98)
+#: AdamW's betas for the generator (``TrainConfig.adam_betas``) and the fake score: no momentum, each
+#: chases the other as it moves.
+BETAS = (0.0, 0.99)
 
 
 def first_timestep(schedule: Schedule, sigma: float = SIGMA_INIT) -> int:
@@ -73,7 +76,7 @@ class MatchingSource:
         g_schedule = generator.schedule
         self.times = sampler_timesteps(generator.sampler_steps, g_schedule.num_steps, g_schedule.num_steps)
         fake.net.to(self.device).train()
-        self.opt = torch.optim.AdamW(fake.net.parameters(), lr=lr, betas=(0.0, 0.99), weight_decay=0.0)
+        self.opt = torch.optim.AdamW(fake.net.parameters(), lr=lr, betas=BETAS, weight_decay=0.0)
         self.teacher_calls = 0
         self.num_classes = 0
 

@@ -94,8 +94,8 @@ def distill(config=None, progress: bool = True, **settings) -> dict | None:
 def fewstep(config=None, progress: bool = True, **settings) -> dict | None:
     """The second stage (``dkdm fewstep``): a DKDM student (``student``: its run or model directory, of
     any architecture) made a K-step sampler (``sampler_steps``) by consistency distillation on the
-    teacher's pool (``consistency.py``), with every rule of ``distill`` (defaults, lock, resume,
-    report). ``teacher`` may be a ``DiffusionModel`` as in ``distill``. Returns what ``distill`` returns."""
+    teacher's pool (``consistency.py``) or by distribution matching (``matching.py``; the default for
+    one step), with every rule of ``distill`` (defaults, lock, resume, report). ``teacher`` may be a ``DiffusionModel`` as in ``distill``. Returns what ``distill`` returns."""
     from .objects import take_objects
 
     settings, objects = take_objects(settings)

@@ -38,7 +38,7 @@ DISTILL_DEFAULTS = {"teacher": "builtin:digits", "teacher_config": None, "studen
                     "variance": "learned_range", "heldout": 512, "reference": None,
                     "inception_weights": None, "dry_run": False}
 #: ``dkdm fewstep``: distill's settings (``--student`` then names the DKDM student's directory) and these.
-FEWSTEP_DEFAULTS = {"sampler_steps": 4, "fewstep_objective": "consistency", "fewstep_prediction": "v_prediction",
+FEWSTEP_DEFAULTS = {"sampler_steps": 4, "fewstep_objective": None, "fewstep_prediction": "v_prediction",
                     "consistency_grid": None}
 RUN_DIRECTORY = {"out": None, "resume": False}
 #: What RUN/run.json records beside the settings (ignored where run.json is read as a --config).

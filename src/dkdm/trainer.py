@@ -91,7 +91,8 @@ class Trainer:
         if config.channels_last:
             student.net.to(memory_format=torch.channels_last)
         student.net.to(self.accelerator.device)
-        opt = adamw(student.net.parameters(), config.lr, config.weight_decay, self.accelerator.device, config.cuda_graphs)
+        opt = adamw(student.net.parameters(), config.lr, config.weight_decay, self.accelerator.device, config.cuda_graphs,
+                    config.adam_betas)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(config.warmup, config.lr_decay, config.steps))
         self.net, self.opt, self.lr_sched = self.accelerator.prepare(student.net, opt, sched)
         self._plain_net = self.accelerator.unwrap_model(self.net)

@@ -94,13 +94,17 @@ def model_card(directory, repo_id: str | None = None, teacher_parameters: int | 
         lines += ["A diffusion model trained with dkdm.", ""]
     spec = config.get("spec") or {"type": "custom nn.Module"}
     facts = [f"- architecture: `{spec.get('type', '?')}` " + ", ".join(f"{k}={v}" for k, v in spec.items() if k != "type"),
-             f"- samples: {shape}, {config.get('schedule', {}).get('num_steps', '?')} diffusion steps, predicts "
+             f"- samples: {shape}, {_num_steps(config.get('schedule') or {})} diffusion steps, predicts "
              f"{config.get('prediction', '?')}, variance {config.get('variance', '?')}"]
     sampler = config.get("sampler")
     if sampler:
-        facts.append(f"- samples in {sampler['steps']} steps (any of 1..{sampler['grid']}): a consistency model made "
-                     f"from the DKDM student `{run.get('student', '?')}` by consistency distillation on the teacher's "
-                     f"pool (`dkdm fewstep`), sampled by diffusers' LCMScheduler")
+        how = ("a generator made from the DKDM student `{}` by distribution matching against the teacher's score "
+               "(`dkdm fewstep --fewstep-objective matching`), its first step at t = {} of the teacher's schedule"
+               if sampler.get("objective") == "matching" else
+               "a consistency model made from the DKDM student `{}` by consistency distillation on the teacher's "
+               "pool (`dkdm fewstep`)").format(run.get("student", "?"), sampler["grid"] - 1)
+        facts.append(f"- samples in {sampler['steps']} steps (any of 1..{sampler['grid']}): {how}, sampled by "
+                     f"diffusers' LCMScheduler")
     if student:
         facts.append(f"- parameters: {student:,}" + (f" (teacher: {teacher_parameters:,}, "
                                                      f"{student / teacher_parameters:.2f}x)" if teacher_parameters else ""))
@@ -167,3 +171,8 @@ def push(directory, repo_id: str, private: bool = False, token: str | None = Non
                         f"or set HF_TOKEN, check the network (HF_HUB_OFFLINE must be unset), then run "
                         f"`dkdm push {d} {repo_id}` again")
     return str(url)
+
+
+def _num_steps(schedule: dict):
+    """A schedule config's number of steps: named, or the length of its betas (a matching generator's cut schedule)."""
+    return schedule.get("num_steps") or len(schedule.get("betas") or []) or "?"
