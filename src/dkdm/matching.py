@@ -9,7 +9,7 @@ teacher's schedule cut at t* (grid t* + 1), so that ``consistency.sample`` and d
 
 Training (DMD without its regression and GAN terms, with DMD2's backward simulation): a batch is G's
 own input at one of its K steps (``MatchingSource``); G's output x_g is noised to x_t at
-t ~ U[2%, 98%] of T, and its gradient is g = (x0_fake - x0_teacher) / mean |x_g - x0_teacher| per
+t ~ U[2% of T, t*], and its gradient is g = (x0_fake - x0_teacher) / mean |x_g - x0_teacher| per
 sample, the KL between G's distribution and the teacher's pushed down through both scores. The fake
 score, a second copy of the DKDM student, follows G's distribution with the denoising loss on G's
 samples, one update per G update. Each G step costs one teacher forward per sample and no pool.
@@ -26,8 +26,10 @@ from .diffusion import Schedule, TrainingBatch
 #: The generator's first timestep: noise-to-signal ratio 2.5 (alpha_bar 0.138; t = 756 of the cosine
 #: 1000-step schedule, 440 of DDPM's linear one).
 SIGMA_INIT = 2.5
-#: The teacher's and the fake score's x0 are compared at t drawn from this fraction of T (DMD's range).
-T_RANGE = (0.02, 0.98)
+#: The teacher's and the fake score's x0 are compared at t from this fraction of T up to t* (DMD's
+#: lower end; above t*, noisier than the generator's own input, DDPM's linear schedule spends half
+#: its steps, and there the scores' x0 said nothing: bench/quality/fewstep_dmd.py --t-max, docs/few-step.md).
+T_MIN = 0.02
 #: AdamW's betas for the generator (``TrainConfig.adam_betas``) and the fake score: no momentum, each
 #: chases the other as it moves.
 BETAS = (0.0, 0.99)
@@ -106,8 +108,8 @@ class MatchingSource:
     @torch.no_grad()
     def gradient(self, x_g: torch.Tensor) -> torch.Tensor:
         """DMD's gradient for G's samples ``x_g`` (one teacher and one fake-score forward each)."""
-        T = self.teacher.schedule.num_steps
-        t = torch.randint(int(T_RANGE[0] * T), int(T_RANGE[1] * T), (len(x_g),), device=x_g.device)
+        low, high = int(T_MIN * self.teacher.schedule.num_steps), self.generator.schedule.num_steps
+        t = torch.randint(min(low, high - 1), high, (len(x_g),), device=x_g.device)
         x_t = self.teacher.schedule.q_sample(x_g, t, torch.randn_like(x_g))
         self.teacher_calls += len(x_g)
         return matching_gradient(x_g, self.x0(self.teacher, x_t, t), self.x0(self.fake, x_t, t))
