@@ -116,3 +116,20 @@ def test_the_objective_follows_k_where_not_given_and_is_printed(tmp_path, capsys
     how = "), distribution matching (" if k == 1 else "), consistency distillation ("
     assert how in err and ("no pool" in err) == (k == 1)
     assert not out.exists()
+
+
+def test_the_scores_judge_the_generator_between_2_percent_of_t_and_t_star(monkeypatch):
+    from dkdm.matching import MatchingSource
+
+    torch.manual_seed(0)
+    teacher = DiffusionModel.build("mlp:width=8,depth=1", (2,), Schedule.named("linear", 100))
+    cut = generator_schedule(teacher.schedule)
+    gen = DiffusionModel.few_step_of(teacher, 1, "epsilon", cut.num_steps, cut, "matching")
+    source = MatchingSource(gen, teacher, DiffusionModel.build("mlp:width=8,depth=1", (2,), teacher.schedule), 4096, 1e-3)
+    seen = []
+    q_sample = teacher.schedule.q_sample
+    monkeypatch.setattr(teacher.schedule, "q_sample", lambda x0, t, noise: seen.append(t) or q_sample(x0, t, noise))
+    grad = source.gradient(torch.randn(4096, 2))
+    t = seen[0]
+    assert grad.shape == (4096, 2) and int(t.min()) == 2 and int(t.max()) == first_timestep(teacher.schedule)
+    assert source.teacher_calls == 4096
