@@ -92,11 +92,11 @@ def _matching(plan: "_Plan", s: dict, progress: bool) -> dict | None:
     info = {"student": plan.student.describe(), "source": source.describe(), "teacher": plan.teacher_ref}
     trainer = Trainer(plan.student, source, plan.cfg, plan.out, info, progress=progress, accelerator=acc)
 
-    def announce(resume: bool) -> None:
+    def start(resume: bool) -> None:  # nothing to prepare: the plan is announced
         if acc.is_main_process:
             announce(plan, s)
 
-    return run(trainer, s, plan.out, progress, announce, teacher=plan.teacher, reference=plan.reference)
+    return run(trainer, s, plan.out, progress, start, teacher=plan.teacher, reference=plan.reference)
 
 
 def _plan(s: dict, objects: dict) -> _Plan:
