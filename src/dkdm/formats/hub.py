@@ -63,7 +63,7 @@ def _metric_rows(metrics: dict) -> list[str]:
             continue
         values = ", ".join(f"{k} {v:.4g}" for k, v in m.items() if isinstance(v, float))
         if values:
-            count = f" ({m['num_samples']:,} samples, {m['sampling_steps']} steps)" if "num_samples" in m else ""
+            count = f" ({m['num_samples']:,} samples, {_steps(m['sampling_steps'])})" if "num_samples" in m else ""
             rows.append(f"| {name} | {values}{count} |")
     return rows
 
@@ -103,7 +103,7 @@ def model_card(directory, repo_id: str | None = None, teacher_parameters: int | 
                if sampler.get("objective") == "matching" else
                "a consistency model made from the DKDM student `{}` by consistency distillation on the teacher's "
                "pool (`dkdm fewstep`)").format(run.get("student", "?"), sampler["grid"] - 1)
-        facts.append(f"- samples in {sampler['steps']} steps (any of 1..{sampler['grid']}): {how}, sampled by "
+        facts.append(f"- samples in {_steps(sampler['steps'])} (any of 1..{sampler['grid']}): {how}, sampled by "
                      f"diffusers' LCMScheduler")
     if student:
         facts.append(f"- parameters: {student:,}" + (f" (teacher: {teacher_parameters:,}, "
@@ -176,3 +176,7 @@ def push(directory, repo_id: str, private: bool = False, token: str | None = Non
 def _num_steps(schedule: dict):
     """A schedule config's number of steps: named, or the length of its betas (a matching generator's cut schedule)."""
     return schedule.get("num_steps") or len(schedule.get("betas") or []) or "?"
+
+
+def _steps(k) -> str:
+    return f"{k} step" if str(k) == "1" else f"{k} steps"
