@@ -40,6 +40,21 @@ def test_two_processes_train_one_student_with_their_own_pool_shards(tmp_path):
     assert json.loads((ckpt / "meta.json").read_text())["world_size"] == 2
 
 
+def test_two_processes_train_one_matching_generator_each_with_its_own_fake_score(tmp_path):
+    out = tmp_path / "gen"
+    r = launch(2, "fewstep", "--student", "builtin:digits", "--sampler-steps", "1", "--batch", "4", "--steps", "4",
+               "--ckpt-every", "2", "--log-every", "1", "--no-progress", "--no-report", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "distribution matching" in r.stderr and "no pool" in r.stderr
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all(rec["processes"] == 2 and rec["ranks_in_sync"] for rec in log)  # one generator
+    assert log[-1]["teacher_calls"] == 4 * 4  # the main process's own count
+    ckpt = sorted((out / "checkpoints").iterdir())[-1]
+    fakes = [load_file(str(ckpt / name)) for name in ("state.safetensors", "rank1.safetensors")]
+    key = next(k for k in fakes[0] if k.startswith("source.fake."))
+    assert not torch.equal(fakes[0][key], fakes[1][key])  # each rank's fake score followed its own samples
+
+
 @pytest.mark.slow  # two more launches
 def test_a_two_process_run_resumes_with_two_processes_only(tmp_path):
     out = tmp_path / "run"

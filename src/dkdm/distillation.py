@@ -79,16 +79,14 @@ def distillation(s: dict, progress: bool, objects: dict | None = None) -> dict |
 def _matching(plan: "_Plan", s: dict, progress: bool) -> dict | None:
     """A few-step run by distribution matching: the fake score a second copy of the DKDM student,
     the generator's inputs its own (``matching.MatchingSource``); nothing to prepare."""
-    import torch
-
     from .formats import load_model
     from .matching import MatchingSource
     from .trainer import Trainer
 
     acc = plan.acc
-    torch.manual_seed(rank_seed(s, acc))
     fake = load_model(s["student"], role="student").float()
-    source = MatchingSource(plan.student, plan.teacher, fake, int(s["batch"]), plan.cfg.lr, device=acc.device)
+    source = MatchingSource(plan.student, plan.teacher, fake, int(s["batch"]), plan.cfg.lr, device=acc.device,
+                            seed=rank_seed(s, acc))
     info = {"student": plan.student.describe(), "source": source.describe(), "teacher": plan.teacher_ref}
     trainer = Trainer(plan.student, source, plan.cfg, plan.out, info, progress=progress, accelerator=acc)
 

@@ -69,18 +69,23 @@ class MatchingSource:
 
     ``generator`` is the run's student (its plain network runs the backward simulation without
     gradient); ``fake`` is the fake score, updated here with its own optimizer after each G step
-    (``after_update``). Its weights, moments and the teacher-forward count are this source's state,
-    kept per process like a pool shard (each process's fake score follows that process's samples)."""
+    (``after_update``). Its weights, moments, random generator (seeded per process: ``seed``) and the
+    teacher-forward count are this source's state, kept per process like a pool shard (each
+    process draws its own samples, and its fake score follows them)."""
 
-    def __init__(self, generator, teacher, fake, batch: int, lr: float, device=None):
+    def __init__(self, generator, teacher, fake, batch: int, lr: float, device=None, seed: int = 0):
         self.generator, self.teacher, self.fake = generator, teacher, fake
         self.batch, self.device = int(batch), device or torch.device("cpu")
+        self.rng = torch.Generator(device=self.device).manual_seed(seed)
         g_schedule = generator.schedule
         self.times = sampler_timesteps(generator.sampler_steps, g_schedule.num_steps, g_schedule.num_steps)
         fake.net.to(self.device).train()
         self.opt = torch.optim.AdamW(fake.net.parameters(), lr=lr, betas=BETAS, weight_decay=0.0)
         self.teacher_calls = 0
         self.num_classes = 0
+
+    def _randn(self, shape) -> torch.Tensor:
+        return torch.randn(shape, generator=self.rng, device=self.device)
 
     def _t(self, k: int, n: int) -> torch.Tensor:
         return torch.full((n,), self.times[k], dtype=torch.long, device=self.device)
@@ -90,14 +95,14 @@ class MatchingSource:
         """G's input at one of its K steps, drawn uniformly: noise for the first, else the previous
         steps' sample re-noised (x0 clamped where the teacher clamps), as G's sampler makes it."""
         shape = (self.batch, *self.generator.sample_shape)
-        x = torch.randn(shape, device=self.device)
-        k = int(torch.randint(0, len(self.times), ()))
+        x = self._randn(shape)
+        k = int(torch.randint(0, len(self.times), (), generator=self.rng, device=self.device))
         schedule, c = self.generator.schedule, shape[1]
         for j in range(k):
             t = self._t(j, self.batch)
             x0 = generator_x0(schedule, self.generator.net(x, t)[:, :c].float(), x, t)
             x0 = x0.clamp(-1, 1) if self.generator.clip_x0 else x0
-            x = schedule.q_sample(x0, self._t(j + 1, self.batch), torch.randn_like(x0))
+            x = schedule.q_sample(x0, self._t(j + 1, self.batch), self._randn(x0.shape))
         return TrainingBatch(x_t=x, t=self._t(k, self.batch), target=None)
 
     def x0(self, model, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -109,16 +114,16 @@ class MatchingSource:
     def gradient(self, x_g: torch.Tensor) -> torch.Tensor:
         """DMD's gradient for G's samples ``x_g`` (one teacher and one fake-score forward each)."""
         low, high = int(T_MIN * self.teacher.schedule.num_steps), self.generator.schedule.num_steps
-        t = torch.randint(min(low, high - 1), high, (len(x_g),), device=x_g.device)
-        x_t = self.teacher.schedule.q_sample(x_g, t, torch.randn_like(x_g))
+        t = torch.randint(min(low, high - 1), high, (len(x_g),), generator=self.rng, device=self.device)
+        x_t = self.teacher.schedule.q_sample(x_g, t, self._randn(x_g.shape))
         self.teacher_calls += len(x_g)
         return matching_gradient(x_g, self.x0(self.teacher, x_t, t), self.x0(self.fake, x_t, t))
 
     def after_update(self, samples: torch.Tensor) -> torch.Tensor:
         """One fake-score step on G's ``samples`` (the denoising loss at t ~ U[0, T)); returns its loss."""
         T = self.teacher.schedule.num_steps
-        t = torch.randint(0, T, (len(samples),), device=samples.device)
-        noise = torch.randn_like(samples)
+        t = torch.randint(0, T, (len(samples),), generator=self.rng, device=self.device)
+        noise = self._randn(samples.shape)
         pred = self.fake.net(self.fake.schedule.q_sample(samples, t, noise), t)[:, : samples.shape[1]].float()
         loss = F.mse_loss(pred, noise)
         self.opt.zero_grad(set_to_none=True)
@@ -133,7 +138,7 @@ class MatchingSource:
         opt = self.opt.state_dict()["state"]
         moments = {f"opt.{i}.{k}": v for i, s in opt.items() for k, v in s.items()}
         return {**{f"fake.{k}": v for k, v in self.fake.net.state_dict().items()}, **moments,
-                "teacher_calls": torch.tensor(self.teacher_calls)}
+                "rng": self.rng.get_state(), "teacher_calls": torch.tensor(self.teacher_calls)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.fake.net.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("fake.")})
@@ -144,4 +149,5 @@ class MatchingSource:
                 i, name = key[4:].split(".", 1)
                 moments.setdefault(int(i), {})[name] = v
         self.opt.load_state_dict({"state": moments, "param_groups": saved["param_groups"]})
+        self.rng.set_state(state["rng"].cpu())
         self.teacher_calls = int(state["teacher_calls"])
