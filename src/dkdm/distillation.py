@@ -62,7 +62,7 @@ def distillation(s: dict, progress: bool, objects: dict | None = None) -> dict |
     if s["dry_run"]:  # the plan, and no pool allocated, nothing written
         if acc.is_main_process:
             announce(plan, s)
-            print("dry run: stopped before preparing the pool", file=sys.stderr)
+            print(f"dry run: stopped before {'training' if plan.matching else 'preparing the pool'}", file=sys.stderr)
         return {"out": plan.out, "last": None, "stop_reason": "dry run", "report": None}
     if plan.matching:  # no pool: the generator's own samples, judged by the teacher and a fake score
         return _matching(plan, s, progress)
