@@ -125,20 +125,21 @@ def plot(table: list[dict], path: Path, teacher_fid: float) -> None:
     """digits-FID, precision and recall against K (log scale), one line per model (mean over seeds)."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(13, 3.8), layout="constrained")
+    fig = Figure(figsize=(13, 7), layout="constrained")
     axes = fig.subplots(1, 3)
-    for label in dict.fromkeys(r["model"] for r in table):
+    for i, label in enumerate(dict.fromkeys(r["model"] for r in table)):
         for ax, key in zip(axes, ("digits_fid", "precision", "recall")):
             at = {k: [r[key] for r in table if r["model"] == label and r["K"] == k] for k in KS}
             ks = [k for k in KS if at[k]]
-            ax.plot(ks, [sum(at[k]) / len(at[k]) for k in ks], marker="o", label=label)
+            ax.plot(ks, [sum(at[k]) / len(at[k]) for k in ks], marker="osD^v"[i // 10 % 5],  # colours repeat by ten
+                    ls=("-", "--", ":")[i // 10 % 3], label=label)
     axes[0].axhline(teacher_fid, color="gray", ls="--", label="teacher, 100 steps")
     axes[0].set_yscale("log")
     for ax, key in zip(axes, ("digits-FID", "precision", "recall")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sampling steps K")
         ax.set_title(key)
-    axes[0].legend(fontsize=6)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=2, fontsize=7)
     fig.savefig(path, dpi=110)
 
 
