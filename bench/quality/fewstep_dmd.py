@@ -19,6 +19,11 @@ docs/few-step.md: digits-FID, precision, recall of 1,437 one-step samples (seed 
 ``--eval-every`` steps, raw and EMA weights. Nothing is read but the teacher and the DKDM student.
 
     python bench/quality/fewstep_dmd.py --student RUN --out bench-runs/dmd-s0 [--teacher builtin:digits]
+
+The prototype that chose `dkdm fewstep --fewstep-objective matching`'s settings (docs/few-step.md,
+"Distribution matching"): ``--beta1`` (0 won), ``--t-max t*`` (won on the linear-schedule teacher),
+``--sampler-steps K`` with ``--fake-warmup`` (K > 1 lost quality as it trained). The command is the
+supported path; this script keeps the curves reproducible.
 """
 
 from __future__ import annotations
@@ -107,7 +112,8 @@ def fake_warmup(gen, fake, teacher, opt_f, batch: int, shape, steps: int, g) -> 
         opt_f.step()
 
 
-def dmd_step(gen, fake, teacher, opt_g, opt_f, batch: int, shape, fake_updates: int, g: torch.Generator):
+def dmd_step(gen, fake, teacher, opt_g, opt_f, batch: int, shape, fake_updates: int, g: torch.Generator,
+             t_max: int | None = None):
     """One generator step and ``fake_updates`` fake-score steps; returns (generator loss, fake loss)."""
     T, c = teacher.schedule.num_steps, shape[0]
     z = torch.randn(batch, *shape, generator=g)
@@ -115,7 +121,7 @@ def dmd_step(gen, fake, teacher, opt_g, opt_f, batch: int, shape, fake_updates: 
     with torch.no_grad():
         x_in = gen(z, upto=k, g=g)
     x_g = gen.step(x_in, k)
-    t = torch.randint(int(0.02 * T), int(0.98 * T), (batch,), generator=g)
+    t = torch.randint(int(0.02 * T), t_max or int(0.98 * T), (batch,), generator=g)
     x_t = teacher.schedule.q_sample(x_g.detach(), t, torch.randn(x_g.shape, generator=g))
     with torch.no_grad():
         real = x0_of(teacher, x_t, t, c).clamp(-1, 1)
@@ -149,7 +155,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=0, help="G's learning rate rises linearly over these steps")
     ap.add_argument("--sigma-init", type=float, default=2.5)
     ap.add_argument("--sampler-steps", type=int, default=1, help="K: the generator's steps")
+    ap.add_argument("--t-max", choices=("98%", "t*"), default="98%", help="the largest t the scores compare at")
     ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--beta1", type=float, default=0.0, help="the generator's Adam beta1 (beta2: 0.99, or 0.999 with beta1 0.9)")
     ap.add_argument("--eval-every", type=int, default=600)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
@@ -164,7 +172,7 @@ def main(argv=None) -> int:
     gen = Generator(copy.deepcopy(student).train(), sampler_times(ts, a.sampler_steps))
     ema = copy.deepcopy(gen).eval().requires_grad_(False)
     fake = copy.deepcopy(student).train()
-    opt_g = torch.optim.AdamW(gen.parameters(), lr=a.lr, betas=(0.0, 0.99), weight_decay=0.0)
+    opt_g = torch.optim.AdamW(gen.parameters(), lr=a.lr, betas=(a.beta1, 0.999 if a.beta1 else 0.99), weight_decay=0.0)
     opt_f = torch.optim.AdamW(fake.parameters(), lr=a.fake_lr or a.lr, betas=(0.0, 0.99), weight_decay=0.0)
     a.out.mkdir(parents=True, exist_ok=True)
     log = (a.out / "log.jsonl").open("a")
@@ -179,7 +187,8 @@ def main(argv=None) -> int:
     fake_warmup(gen, fake, teacher, opt_f, a.batch, shape, a.fake_warmup, g)
     sched = torch.optim.lr_scheduler.LambdaLR(opt_g, lambda s: min(1.0, (s + 1) / max(1, a.warmup)))
     for step in range(1, a.steps + 1):
-        lg, lf = dmd_step(gen, fake, teacher, opt_g, opt_f, a.batch, shape, a.fake_updates, g)
+        lg, lf = dmd_step(gen, fake, teacher, opt_g, opt_f, a.batch, shape, a.fake_updates, g,
+                          ts + 1 if a.t_max == "t*" else None)
         sched.step()
         with torch.no_grad():
             for e, p in zip(ema.parameters(), gen.parameters()):
