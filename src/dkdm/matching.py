@@ -106,6 +106,7 @@ class MatchingSource:
         return TrainingBatch(x_t=x, t=self._t(k, self.batch), target=None)
 
     def x0(self, model, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``model``'s (the teacher's or the fake score's) denoised estimate at (x_t, t), clamped where the teacher clamps."""
         pred = model.output(x_t, t)[:, : x_t.shape[1]].float()
         x0 = model.schedule.eps_and_x0(pred, x_t, t, model.prediction)[1]
         return x0.clamp(-1, 1) if self.teacher.clip_x0 else x0
