@@ -38,18 +38,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dkdm.matching import first_timestep, matching_gradient, matching_loss
+
 
 def x0_of(model, x_t, t, c):
     """The model's x0 at (x_t, t), from its epsilon channels (the DKDM student and teacher predict epsilon)."""
     pred = model(x_t, t)[:, :c].float()
     return model.schedule.eps_and_x0(pred, x_t, t, model.prediction)[1]
-
-
-def t_star(schedule, sigma: float) -> int:
-    """The timestep whose noise-to-signal ratio sqrt((1 - a) / a) is nearest ``sigma``."""
-    ab = schedule.alphas_cumprod
-    ratio = ((1 - ab) / ab).sqrt()
-    return int((ratio - sigma).abs().argmin())
 
 
 def sampler_times(t_first: int, steps: int) -> list[int]:
@@ -126,9 +121,8 @@ def dmd_step(gen, fake, teacher, opt_g, opt_f, batch: int, shape, fake_updates: 
     with torch.no_grad():
         real = x0_of(teacher, x_t, t, c).clamp(-1, 1)
         fake_x0 = x0_of(fake, x_t, t, c).clamp(-1, 1)
-        w = (x_g.detach() - real).abs().flatten(1).mean(1).clamp_min(1e-5).view(-1, *[1] * len(shape))
-        grad = (fake_x0 - real) / w
-    loss_g = 0.5 * F.mse_loss(x_g, (x_g - grad).detach())
+        grad = matching_gradient(x_g.detach(), real, fake_x0)
+    loss_g = matching_loss(x_g, grad).mean()
     opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
     opt_g.step()
@@ -168,7 +162,7 @@ def main(argv=None) -> int:
     teacher = load_model(a.teacher).eval().requires_grad_(False)
     student = load_model(str(a.student)).float()
     shape = tuple(teacher.sample_shape)
-    ts = t_star(teacher.schedule, a.sigma_init)
+    ts = first_timestep(teacher.schedule, a.sigma_init)
     gen = Generator(copy.deepcopy(student).train(), sampler_times(ts, a.sampler_steps))
     ema = copy.deepcopy(gen).eval().requires_grad_(False)
     fake = copy.deepcopy(student).train()

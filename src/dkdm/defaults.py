@@ -172,9 +172,8 @@ def _matching_defaults(out: dict[str, Setting], given: dict) -> dict[str, Settin
         budget = max(1, int(MATCHING_STEPS_FACTOR * out["steps"].value))
         out["steps"] = Setting(budget, f"half distill's budget ({out['steps'].why}): the generator starts as a denoiser "
                                        f"and the teacher judges whole samples")
-    if "warmup" in out:
-        steps = out["steps"].value if "steps" in out else given.get("steps")
-        steps = int(steps) if isinstance(steps, int) or str(steps).isdigit() else MATCHING_WARMUP
+    if "warmup" in out:  # the steps are ruled or given (fewstep refuses --steps auto before the rules)
+        steps = int(out["steps"].value if "steps" in out else given["steps"])
         out["warmup"] = Setting(min(MATCHING_WARMUP, steps), "the fake score follows the generator's first moves")
     if "lr" in out:
         out["lr"] = Setting(MATCHING_LR_FACTOR * out["lr"].value,

@@ -68,8 +68,8 @@ class MatchingSource:
     """G's inputs (the trainer's batches) and the two scores that judge its outputs.
 
     ``generator`` is the run's student (its plain network runs the backward simulation without
-    gradient); ``fake`` is the fake score, updated here with its own optimizer after each G step
-    (``after_update``). Its weights, moments, random generator (seeded per process: ``seed``) and the
+    gradient); ``fake`` is the fake score, stepped here with its own optimizer on each batch of G's
+    samples (``follow``). Its weights, moments, random generator (seeded per process: ``seed``) and the
     teacher-forward count are this source's state, kept per process like a pool shard (each
     process draws its own samples, and its fake score follows them)."""
 
@@ -120,7 +120,7 @@ class MatchingSource:
         self.teacher_calls += len(x_g)
         return matching_gradient(x_g, self.x0(self.teacher, x_t, t), self.x0(self.fake, x_t, t))
 
-    def after_update(self, samples: torch.Tensor) -> torch.Tensor:
+    def follow(self, samples: torch.Tensor) -> torch.Tensor:
         """One fake-score step on G's ``samples`` (the denoising loss at t ~ U[0, T)); returns its loss."""
         T = self.teacher.schedule.num_steps
         t = torch.randint(0, T, (len(samples),), generator=self.rng, device=self.device)

@@ -189,8 +189,6 @@ class Trainer:
         if cfg.grad_clip > 0:  # torch's foreach norm and scaling: no host sync
             self.accelerator.clip_grad_norm_(self._params, cfg.grad_clip)
         self.opt.step()
-        if cfg.objective == "matching":  # the fake score follows the generator's new samples
-            self.source.after_update(terms["samples"])
         with torch.no_grad():
             n = len(batch.t)
             ones = self._ones.get(n)
@@ -211,12 +209,12 @@ class Trainer:
         if self.cfg.objective == "dkdm":
             return dkdm_loss(student.schedule, output, batch.x_t, batch.t, batch.target, student.prediction,
                              student.variance, self.cfg.vlb_weight, self.cfg.simple_weight, self.cfg.vlb_mean_grad)
-        if self.cfg.objective == "matching":
+        if self.cfg.objective == "matching":  # the gradient from both scores; then the fake score follows x_g
             x_g = generator_x0(student.schedule, output[:, :batch.x_t.shape[1]], batch.x_t, batch.t)
             grad = self.source.gradient(x_g.detach())
+            self.source.follow(x_g.detach())  # its own network and optimizer: the generator's step is unchanged
             square = grad.pow(2).flatten(1).mean(1)
-            return {"mse": square, "vb": torch.zeros_like(square), "loss": matching_loss(x_g, grad),
-                    "samples": x_g.detach()}
+            return {"mse": square, "vb": torch.zeros_like(square), "loss": matching_loss(x_g, grad)}
         schedule, c = student.schedule, batch.x_t.shape[1]
         s = (batch.t - skip_steps(schedule.num_steps, student.extra["sampler"]["grid"])).clamp_(min=0)
         x_s = teacher_ode_step(schedule, batch.target, batch.x_t, batch.t, s)

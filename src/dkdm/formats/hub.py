@@ -98,11 +98,12 @@ def model_card(directory, repo_id: str | None = None, teacher_parameters: int | 
              f"{config.get('prediction', '?')}, variance {config.get('variance', '?')}"]
     sampler = config.get("sampler")
     if sampler:
-        how = ("a generator made from the DKDM student `{}` by distribution matching against the teacher's score "
-               "(`dkdm fewstep --fewstep-objective matching`), its first step at t = {} of the teacher's schedule"
-               if sampler.get("objective") == "matching" else
-               "a consistency model made from the DKDM student `{}` by consistency distillation on the teacher's "
-               "pool (`dkdm fewstep`)").format(run.get("student", "?"), sampler["grid"] - 1)
+        start = run.get("student", "?")
+        how = (f"a generator made from the DKDM student `{start}` by distribution matching against the teacher's "
+               f"score (`dkdm fewstep --fewstep-objective matching`), its first step at t = {sampler['grid'] - 1} of "
+               f"the teacher's schedule" if sampler.get("objective") == "matching" else
+               f"a consistency model made from the DKDM student `{start}` by consistency distillation on the "
+               f"teacher's pool (`dkdm fewstep`)")
         facts.append(f"- samples in {_steps(sampler['steps'])} (any of 1..{sampler['grid']}): {how}, sampled by "
                      f"diffusers' LCMScheduler")
     if student:
