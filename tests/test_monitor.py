@@ -260,3 +260,45 @@ def test_two_processes_stop_together_where_the_main_one_decides(tmp_path):
     log = read_log(out / "log.jsonl")
     assert [x["step"] for x in log if x.get("kind") == "eval"] == [3, 6] and log[-1]["step"] == 6
     assert all(x["ranks_in_sync"] for x in log if x.get("kind") != "eval")
+
+
+@pytest.fixture(scope="module")
+def toy_student(toy_teacher, tmp_path_factory):
+    out = tmp_path_factory.mktemp("s") / "student"
+    assert main(toy_argv(toy_teacher, out, "--steps", "300", "--no-report")) == 0
+    return out
+
+
+@pytest.mark.parametrize("k,objective", [(2, "consistency"), (1, "matching")])
+def test_fewstep_steps_auto_watches_the_k_step_samples_and_resumes_to_the_same_stop(tmp_path, toy_teacher, toy_student,
+                                                                                     capsys, k, objective):
+    def argv(out, *extra):
+        return ["fewstep", "--teacher", str(toy_teacher), "--student", str(toy_student), "--sampler-steps", str(k),
+                "--fewstep-objective", objective, "--batch", "64", "--steps", "auto", "--eval-every", "40",
+                "--patience", "2", "--monitor-num", "500", "--log-every", "20", "--ckpt-every", "40", "--no-report",
+                "--lr-decay", "constant",  # the cut run below has another --max-steps: a cosine would differ
+                "--no-progress", "--out", str(out), *extra]
+
+    from dkdm.evaluation import data_free_score, teacher_statistics
+    from dkdm.formats import load_model
+
+    assert main(argv(tmp_path / "a", "--max-steps", "600")) == 0
+    err = capsys.readouterr().err  # its own K-step sampler; the teacher's reference at 25 steps
+    assert f"500 student samples x {k} step{'s' * (k > 1)}; once: teacher reference and noise floor 2 x 500 samples " \
+           f"x 25 steps" in err
+    rec = evals(tmp_path / "a")
+    assert all(not any(key.startswith("heldout") for key in r) for r in rec)  # the DKDM terms are not its loss
+    stop = json.loads((tmp_path / "a" / "stop.json").read_text())
+    assert stop["step"] == rec[-1]["step"] < 600 and set(stop["best"]) == {"teacher_fd"}, (stop, rec)
+    # the score is the saved (EMA) student's K-step samples against the teacher's 25-step ones, from the same noise
+    teacher, student = load_model(toy_teacher), load_model(tmp_path / "a")
+    stats = teacher_statistics(teacher, 500, 25, 0, progress=False, cache=False)
+    samples = student.sample(500, k, torch.Generator().manual_seed(0))
+    assert data_free_score(teacher, samples, stats) == pytest.approx(rec[-1]["teacher_fd"], rel=1e-6)
+    assert data_free_score(teacher, student.sample(500, 25, torch.Generator().manual_seed(0)), stats) != \
+        pytest.approx(rec[-1]["teacher_fd"], rel=1e-3)
+    # cut before the stop, then resumed: the rule replays the log and stops at the same step, same weights
+    assert main(argv(tmp_path / "b", "--max-steps", str(stop["step"] - 40))) == 0
+    assert main(argv(tmp_path / "b", "--max-steps", "600", "--resume")) == 0
+    assert json.loads((tmp_path / "b" / "stop.json").read_text()) == stop
+    same(weights(tmp_path / "a"), weights(tmp_path / "b"))

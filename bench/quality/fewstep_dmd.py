@@ -56,9 +56,16 @@ class Generator(torch.nn.Module):
     """A K-step sampler from a DKDM student: x0 = x0(x, t_k) at each of its timesteps (x = z ~ N(0, I)
     at the first, t*), re-noised to the next timestep with fresh noise between them."""
 
-    def __init__(self, model, times: list[int]):
+    def __init__(self, model, times: list[int], last_only: bool = False):
         super().__init__()
-        self.model, self.times = model, list(times)
+        self.model, self.times, self.last_only = model, list(times), last_only
+
+    def trained_step(self, g) -> int:
+        """The step a batch trains: one of the K at random (DMD2), or the last (``last_only``: the fake
+        score then learns the final samples' distribution alone)."""
+        if self.last_only:
+            return len(self.times) - 1
+        return int(torch.randint(0, len(self.times), (), generator=g))
 
     def step(self, x, k: int):
         t = torch.full((len(x),), self.times[k], dtype=torch.long)
@@ -99,7 +106,7 @@ def fake_warmup(gen, fake, teacher, opt_f, batch: int, shape, steps: int, g) -> 
     """``steps`` fake-score updates on the generator's samples before the generator moves (no teacher forward)."""
     for _ in range(steps):
         with torch.no_grad():
-            k = int(torch.randint(0, len(gen.times), (), generator=g))
+            k = gen.trained_step(g)
             x = gen.step(gen(torch.randn(batch, *shape, generator=g), upto=k, g=g), k)
         loss = fake_loss(fake, x, teacher.schedule.num_steps, g)
         opt_f.zero_grad(set_to_none=True)
@@ -112,7 +119,7 @@ def dmd_step(gen, fake, teacher, opt_g, opt_f, batch: int, shape, fake_updates: 
     """One generator step and ``fake_updates`` fake-score steps; returns (generator loss, fake loss)."""
     T, c = teacher.schedule.num_steps, shape[0]
     z = torch.randn(batch, *shape, generator=g)
-    k = int(torch.randint(0, len(gen.times), (), generator=g))  # DMD2's backward simulation: step k's own input
+    k = gen.trained_step(g)  # DMD2's backward simulation: step k's own input
     with torch.no_grad():
         x_in = gen(z, upto=k, g=g)
     x_g = gen.step(x_in, k)
@@ -149,6 +156,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=0, help="G's learning rate rises linearly over these steps")
     ap.add_argument("--sigma-init", type=float, default=2.5)
     ap.add_argument("--sampler-steps", type=int, default=1, help="K: the generator's steps")
+    ap.add_argument("--last-step-only", action="store_true",
+                    help="train the K-th step alone on its own inputs (the earlier steps as the student left them)")
     ap.add_argument("--t-max", choices=("98%", "t*"), default="98%", help="the largest t the scores compare at")
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--beta1", type=float, default=0.0, help="the generator's Adam beta1 (beta2: 0.99, or 0.999 with beta1 0.9)")
@@ -163,7 +172,7 @@ def main(argv=None) -> int:
     student = load_model(str(a.student)).float()
     shape = tuple(teacher.sample_shape)
     ts = first_timestep(teacher.schedule, a.sigma_init)
-    gen = Generator(copy.deepcopy(student).train(), sampler_times(ts, a.sampler_steps))
+    gen = Generator(copy.deepcopy(student).train(), sampler_times(ts, a.sampler_steps), a.last_step_only)
     ema = copy.deepcopy(gen).eval().requires_grad_(False)
     fake = copy.deepcopy(student).train()
     opt_g = torch.optim.AdamW(gen.parameters(), lr=a.lr, betas=(a.beta1, 0.999 if a.beta1 else 0.99), weight_decay=0.0)

@@ -144,6 +144,13 @@ def fewstep_objective(sampler_steps: int) -> Setting:
 MATCHING_STEPS_FACTOR, MATCHING_LR_FACTOR, MATCHING_WARMUP = 0.5, 0.1, 100
 
 
+def fewstep_budget(distill_budget: int, objective: str) -> int:
+    """A few-step run's fixed step budget (also --steps auto's yardstick) from distill's:
+    ``FEWSTEP_STEPS_FACTOR`` times it for consistency, ``MATCHING_STEPS_FACTOR`` for matching."""
+    factor = MATCHING_STEPS_FACTOR if objective == "matching" else FEWSTEP_STEPS_FACTOR
+    return max(1, int(factor * distill_budget))
+
+
 def fewstep_defaults(student_params: int, sample_shape, num_steps: int, given: dict | None = None,
                      family: str = "unet", objective: str = "consistency") -> dict[str, Setting]:
     """``distill_defaults`` for a few-step run: for consistency twice the step budget (and its warm-up),
@@ -151,29 +158,30 @@ def fewstep_defaults(student_params: int, sample_shape, num_steps: int, given: d
     rest as distill's."""
     given = {k: v for k, v in (given or {}).items() if v is not None}
     out = distill_defaults(student_params, sample_shape, num_steps, given, family)
+    batch = int(given.get("batch", PAPER_BATCH))
+    budget = fewstep_budget(step_budget(num_steps, math.prod(int(d) for d in sample_shape), batch, family), objective)
+    steps = budget if given.get("steps", "auto") == "auto" else int(given["steps"])
     if objective == "matching":
-        return _matching_defaults(out, given)
+        return _matching_defaults(out, budget, steps)
     if "steps" in out:
-        budget = FEWSTEP_STEPS_FACTOR * out["steps"].value
         out["steps"] = Setting(budget, f"twice distill's budget ({out['steps'].why}): consistency from T-1 to 0 is "
                                        f"learned hop by hop")
-        if "warmup" in out:
-            out["warmup"] = Setting(warmup_steps(budget), f"a 50th of {budget:,} steps, in [200, 5000]")
+    if "warmup" in out:
+        out["warmup"] = Setting(warmup_steps(steps), f"a 50th of {steps:,} steps, in [200, 5000]")
     if "lr" in out:
         out["lr"] = Setting(FEWSTEP_LR_FACTOR * out["lr"].value,
                             f"a fifth of distill's rule ({out['lr'].why}): the student's own outputs are its targets")
     return out
 
 
-def _matching_defaults(out: dict[str, Setting], given: dict) -> dict[str, Setting]:
-    """distill's rules scaled for a distribution-matching generator (``MATCHING_*``); no pool, so no rho."""
+def _matching_defaults(out: dict[str, Setting], budget: int, steps: int) -> dict[str, Setting]:
+    """distill's rules scaled for a distribution-matching generator (``MATCHING_*``) of ``budget``
+    steps by the rule, ``steps`` to train (given, or the budget); no pool, so no rho."""
     out.pop("rho", None)
     if "steps" in out:
-        budget = max(1, int(MATCHING_STEPS_FACTOR * out["steps"].value))
         out["steps"] = Setting(budget, f"half distill's budget ({out['steps'].why}): the generator starts as a denoiser "
                                        f"and the teacher judges whole samples")
-    if "warmup" in out:  # the steps are ruled or given (fewstep refuses --steps auto before the rules)
-        steps = int(out["steps"].value if "steps" in out else given["steps"])
+    if "warmup" in out:
         out["warmup"] = Setting(min(MATCHING_WARMUP, steps), "the fake score follows the generator's first moves")
     if "lr" in out:
         out["lr"] = Setting(MATCHING_LR_FACTOR * out["lr"].value,

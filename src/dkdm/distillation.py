@@ -71,7 +71,9 @@ def distillation(s: dict, progress: bool, objects: dict | None = None) -> dict |
                          guidance=float(s["guidance"]))
     info = {"student": plan.student.describe(), "source": pool.describe(), "teacher": plan.teacher_ref}
     trainer = Trainer(plan.student, pool, plan.cfg, plan.out, info, progress=progress, accelerator=acc)
-    monitor = make_monitor(plan.watch, trainer, teacher, pool, plan.reference, float(s["guidance"]), progress=progress)
+    # a few-step student is watched by its K-step samples alone (the held-out set's DKDM terms are not its loss)
+    monitor = make_monitor(plan.watch, trainer, teacher, None if plan.few else pool, plan.reference,
+                           float(s["guidance"]), progress=progress)
     return run(trainer, s, plan.out, progress, lambda resume: _prepare(plan, s, pool, info, resume, progress),
                 teacher=teacher, monitor=monitor, reference=plan.reference)
 
@@ -94,7 +96,8 @@ def _matching(plan: "_Plan", s: dict, progress: bool) -> dict | None:
         if acc.is_main_process:
             announce(plan, s)
 
-    return run(trainer, s, plan.out, progress, start, teacher=plan.teacher, reference=plan.reference)
+    monitor = make_monitor(plan.watch, trainer, plan.teacher, None, plan.reference, float(s["guidance"]), progress=progress)
+    return run(trainer, s, plan.out, progress, start, teacher=plan.teacher, monitor=monitor, reference=plan.reference)
 
 
 def _plan(s: dict, objects: dict) -> _Plan:
@@ -230,7 +233,7 @@ def _decide_settings(s: dict, teacher, student, few: bool):
     into ``s``; the settings the rules gave and the loop's config."""
     import math
 
-    from .defaults import distill_defaults, fewstep_defaults, step_budget
+    from .defaults import distill_defaults, fewstep_budget, fewstep_defaults, step_budget
     from .students import count_parameters, family_of
 
     if s["batch"] is not None:  # the rules divide by it
@@ -243,6 +246,8 @@ def _decide_settings(s: dict, teacher, student, few: bool):
                   {k: s[k] for k in DISTILL_RULED}, family, **extra)
     s.update({k: v.value for k, v in ruled.items()})
     budget = step_budget(teacher.schedule.num_steps, math.prod(teacher.sample_shape), int(s["batch"]), family)
+    if few:
+        budget = fewstep_budget(budget, objective)
     return ruled, train_config(s, fixed_default=budget, objective=objective)
 
 

@@ -50,8 +50,9 @@ def _common(p: argparse.ArgumentParser, training: bool) -> None:
                         "other flag is needed, and only --steps, --max-steps, --patience and how it logs, checkpoints "
                         "and reports may change")
     p.add_argument("--steps", type=_steps,
-                   help="training iterations, or auto (distill): stop when the held-out error and the data-free "
-                        "score stop improving (see --patience, --max-steps)")
+                   help="training iterations, or auto (distill, fewstep): stop when the held-out error and the "
+                        "data-free score (fewstep: the data-free score of its K-step samples) stop improving (see "
+                        "--patience, --max-steps)")
     p.add_argument("--batch", type=int, help="training batch size B")
     p.add_argument("--lr", type=float, help="AdamW learning rate")
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay")
@@ -97,7 +98,8 @@ def _report_and_watch_flags(p: argparse.ArgumentParser) -> None:
                    help="score the EMA model every N steps (held-out error, data-free score, the run's metric): "
                         "log.jsonl and training.png (default: off; --steps auto: a 20th of the fixed default budget)")
     p.add_argument("--monitor-num", type=int, help="samples drawn at each --eval-every evaluation (default 1000)")
-    p.add_argument("--monitor-steps", type=int, help="sampling steps of each --eval-every evaluation (default 25)")
+    p.add_argument("--monitor-steps", type=int, help="sampling steps of each --eval-every evaluation (default 25; "
+                                                      "a few-step student samples in its K, the teacher in these)")
     p.add_argument("--report-to", metavar="TRACKERS",
                    help="experiment trackers: tensorboard, wandb, mlflow (several separated by commas), all or none; "
                         "they get every log record, the --eval-every scores and sample grids (files in RUN/tracking)")

@@ -158,12 +158,13 @@ class Monitor:
         self.teacher, self.pool, self.reference = teacher, pool, reference
         self.vlb_weight, self.guidance, self.progress = vlb_weight, guidance, progress
         self.device = torch.device(device)
-        T = student.schedule.num_steps
-        self.steps = min(config.steps or 25, T)
+        T = (teacher or student).schedule.num_steps
+        self.steps = min(config.steps or 25, T)  # the teacher's reference; a few-step student samples in its K
+        self.student_steps = student.sampler_steps or self.steps
         self.model = DiffusionModel(  # the EMA weights are loaded into this copy; the decoder is shared
             _copy_net(student.net), student.schedule, student.sample_shape, student.prediction, student.variance,
-            student.clip_x0, spec=student.spec, num_classes=student.num_classes, null_class=student.null_class,
-            decoder=student.decoder).to(self.device).eval().requires_grad_(False)
+            student.clip_x0, spec=student.spec, extra=student.extra, num_classes=student.num_classes,
+            null_class=student.null_class, decoder=student.decoder).to(self.device).eval().requires_grad_(False)
         self.heldout: TrainingBatch | None = None
         self.stats: dict[str, torch.Tensor] | None = None
         self.floor: float | None = None
@@ -188,7 +189,7 @@ class Monitor:
             parts.append(f"held-out set of {self.cfg.heldout} pool states ~{prep + self.cfg.heldout:,} teacher sample-steps")
         if self.teacher is not None:
             parts.append(f"teacher reference and noise floor 2 x {self.cfg.num} samples x {self.steps} steps")
-        each = f"{self.cfg.num} student samples x {self.steps} steps" + (
+        each = f"{self.cfg.num} student samples x {self.student_steps} step{'s' * (self.student_steps > 1)}" + (
             f" + {self.cfg.heldout} held-out forwards" if self.pool is not None and self.cfg.heldout else "")
         return (f"evaluation every {self.every} steps: {each}" + (f"; once: {', '.join(parts)}" if parts else "")
                 + (f"; stops on a plateau of {self.cfg.patience} evaluations, at most {self.last_step} steps"
@@ -293,7 +294,7 @@ class Monitor:
             rec.update(heldout_error(self.model, self.heldout, self.vlb_weight))
         # the teacher reference's seed: the same noise, and for a student of the teacher's classes the same labels
         g = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
-        samples, labels = self.model.sample(self.cfg.num, self.steps, g, return_labels=True)
+        samples, labels = self.model.sample(self.cfg.num, self.student_steps, g, return_labels=True)
         if self.stats is not None:
             rec["teacher_fd"] = data_free_score(self.teacher, samples, self.stats)
             rec["teacher_fd_floor"] = self.floor

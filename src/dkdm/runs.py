@@ -107,9 +107,6 @@ def fewstep(config=None, progress: bool = True, **settings) -> dict | None:
     if not s["student"]:
         raise DkdmError("--student is required: the run or model directory of the student to make a few-step "
                         "sampler (e.g. the --out of `dkdm distill`)")
-    if s["steps"] == "auto" or s["eval_every"] is not None:
-        raise DkdmError("--steps auto and --eval-every watch a DKDM student (held-out epsilon error, many-step samples); "
-                        "a few-step student is scored by its report: give fewstep a number of --steps")
     if int(s["sampler_steps"]) < 1:
         raise DkdmError(f"--sampler-steps must be at least 1, got {s['sampler_steps']}")
     return distillation(s, progress, objects)
