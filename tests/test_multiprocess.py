@@ -55,6 +55,23 @@ def test_two_processes_train_one_matching_generator_each_with_its_own_fake_score
     assert not torch.equal(fakes[0][key], fakes[1][key])  # each rank's fake score followed its own samples
 
 
+def test_two_processes_train_one_consistency_student_with_their_own_pool_shards(tmp_path):
+    out = tmp_path / "few"
+    r = launch(2, "fewstep", "--student", "builtin:digits", "--sampler-steps", "2", *TINY[4:], "--steps", "4",
+               "--ckpt-every", "2", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "consistency distillation" in r.stderr
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [rec["step"] for rec in log] == [1, 2, 3, 4]
+    assert all(rec["processes"] == 2 and rec["ranks_in_sync"] for rec in log)  # one student
+    ckpt = sorted((out / "checkpoints").iterdir())[-1]
+    pools = [load_file(str(ckpt / name))["source.x"] for name in ("state.safetensors", "rank1.safetensors")]
+    assert pools[0].shape == pools[1].shape and not torch.equal(*pools)  # each rank its own shard
+    from dkdm.formats import load_model
+
+    assert load_model(out).sampler_steps == 2
+
+
 @pytest.mark.slow  # two more launches
 def test_a_two_process_run_resumes_with_two_processes_only(tmp_path):
     out = tmp_path / "run"
