@@ -157,7 +157,8 @@ def test_fewstep_refuses_bad_input_in_one_line(tmp_path, capsys):
 
 
 def _fewstep(teacher, student, out, steps, *extra):
-    return ["fewstep", "--teacher", str(teacher), "--student", str(student), "--sampler-steps", "2", "--batch", "32",
+    return ["fewstep", "--teacher", str(teacher), "--student", str(student), "--sampler-steps", "2",
+            "--fewstep-objective", "consistency", "--batch", "32",  # a later --fewstep-objective overrides it
             "--rho", "0.5", "--steps", str(steps), "--ckpt-every", "100", "--log-every", "10", "--no-progress",
             "--no-report", "--out", str(out), *extra]
 

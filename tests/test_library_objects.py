@@ -82,7 +82,7 @@ def test_fewstep_takes_a_teacher_object_and_its_distill_runs_pool(tmp_path, caps
     dkdm.distill(teacher=teacher, student="unet:widths=8-16,layers=1,groups=4", out=str(run), steps=2, no_report=True,
                  **FAST)
     capsys.readouterr()
-    result = dkdm.fewstep(teacher=teacher, student=str(run), sampler_steps=2, out=str(tmp_path / "f"), steps=2,
+    result = dkdm.fewstep(teacher=teacher, student=str(run), sampler_steps=4, out=str(tmp_path / "f"), steps=2,
                           no_report=True, **FAST)
     assert result["last"]["step"] == 2 and "taken over from" in capsys.readouterr().err
     with pytest.raises(DkdmError, match="not a network object"):

@@ -106,15 +106,15 @@ def test_matching_run_writes_a_k_step_generator_that_resumes_bit_identically_aft
     same(weights(tmp_path / "a"), weights(tmp_path / "b"))
 
 
-@pytest.mark.parametrize("k,objective", [(1, "matching"), (2, "consistency")])
+@pytest.mark.parametrize("k,objective", [(1, "matching"), (2, "matching"), (4, "consistency")])
 def test_the_objective_follows_k_where_not_given_and_is_printed(tmp_path, capsys, k, objective):
     out = tmp_path / "run"
     assert main(["fewstep", "--student", "builtin:digits", "--sampler-steps", str(k), "--dry-run", "--no-report",
                  "--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert f"fewstep-objective {objective} (" in err
-    how = "), distribution matching (" if k == 1 else "), consistency distillation ("
-    assert how in err and ("no pool" in err) == (k == 1)
+    how = "), distribution matching (" if objective == "matching" else "), consistency distillation ("
+    assert how in err and ("no pool" in err) == (objective == "matching")
     assert not out.exists()
 
 
@@ -133,3 +133,27 @@ def test_the_scores_judge_the_generator_between_2_percent_of_t_and_t_star(monkey
     t = seen[0]
     assert grad.shape == (4096, 2) and int(t.min()) == 2 and int(t.max()) == first_timestep(teacher.schedule)
     assert source.teacher_calls == 4096
+
+
+def test_a_k_step_generator_trains_its_last_step_on_its_own_earlier_steps_sample():
+    from dkdm.consistency import consistency_output
+    from dkdm.matching import MatchingSource
+
+    torch.manual_seed(0)
+    teacher = DiffusionModel.build("mlp:width=8,depth=1", (2,), Schedule.named("linear", 100))
+    cut = generator_schedule(teacher.schedule)
+    gen = DiffusionModel.few_step_of(teacher, 3, "epsilon", cut.num_steps, cut, "matching")
+    gen.clip_x0 = True
+    source = MatchingSource(gen, teacher, DiffusionModel.build("mlp:width=8,depth=1", (2,), teacher.schedule), 64, 1e-3)
+    rng = torch.Generator().set_state(source.rng.get_state())
+    times = source.times
+    assert len(times) == 3 and times[0] == first_timestep(teacher.schedule) and times[0] > times[1] > times[2]
+    for _ in range(3):  # every batch: the last step's input, the sampler's own first two steps re-noised
+        batch = source.next_batch()
+        assert (batch.t == times[-1]).all()
+        x = torch.randn(64, 2, generator=rng)
+        for j in range(2):
+            t = torch.full((64,), times[j])
+            x0 = consistency_output(cut, gen.net(x, t).detach(), x, t, "epsilon").clamp(-1, 1)
+            x = cut.q_sample(x0, torch.full((64,), times[j + 1]), torch.randn(64, 2, generator=rng))
+        torch.testing.assert_close(batch.x_t, x)

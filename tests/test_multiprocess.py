@@ -57,7 +57,7 @@ def test_two_processes_train_one_matching_generator_each_with_its_own_fake_score
 
 def test_two_processes_train_one_consistency_student_with_their_own_pool_shards(tmp_path):
     out = tmp_path / "few"
-    r = launch(2, "fewstep", "--student", "builtin:digits", "--sampler-steps", "2", *TINY[4:], "--steps", "4",
+    r = launch(2, "fewstep", "--student", "builtin:digits", "--sampler-steps", "4", *TINY[4:], "--steps", "4",
                "--ckpt-every", "2", "--out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "consistency distillation" in r.stderr
@@ -69,7 +69,7 @@ def test_two_processes_train_one_consistency_student_with_their_own_pool_shards(
     assert pools[0].shape == pools[1].shape and not torch.equal(*pools)  # each rank its own shard
     from dkdm.formats import load_model
 
-    assert load_model(out).sampler_steps == 2
+    assert load_model(out).sampler_steps == 4
 
 
 @pytest.mark.slow  # two more launches

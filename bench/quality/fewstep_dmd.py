@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -60,10 +61,12 @@ class Generator(torch.nn.Module):
         super().__init__()
         self.model, self.times, self.last_only = model, list(times), last_only
 
+    chain = False  # train every step at once: the gradient on the last output flows back through the chain
+
     def trained_step(self, g) -> int:
         """The step a batch trains: one of the K at random (DMD2), or the last (``last_only``: the fake
         score then learns the final samples' distribution alone)."""
-        if self.last_only:
+        if self.last_only or self.chain:
             return len(self.times) - 1
         return int(torch.randint(0, len(self.times), (), generator=g))
 
@@ -119,10 +122,13 @@ def dmd_step(gen, fake, teacher, opt_g, opt_f, batch: int, shape, fake_updates: 
     """One generator step and ``fake_updates`` fake-score steps; returns (generator loss, fake loss)."""
     T, c = teacher.schedule.num_steps, shape[0]
     z = torch.randn(batch, *shape, generator=g)
-    k = gen.trained_step(g)  # DMD2's backward simulation: step k's own input
-    with torch.no_grad():
-        x_in = gen(z, upto=k, g=g)
-    x_g = gen.step(x_in, k)
+    if gen.chain:  # the whole K-step sampler with gradient; the fake score learns its final samples
+        x_g = gen(z, g=g)
+    else:
+        k = gen.trained_step(g)  # DMD2's backward simulation: step k's own input
+        with torch.no_grad():
+            x_in = gen(z, upto=k, g=g)
+        x_g = gen.step(x_in, k)
     t = torch.randint(int(0.02 * T), t_max or int(0.98 * T), (batch,), generator=g)
     x_t = teacher.schedule.q_sample(x_g.detach(), t, torch.randn(x_g.shape, generator=g))
     with torch.no_grad():
@@ -158,6 +164,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sampler-steps", type=int, default=1, help="K: the generator's steps")
     ap.add_argument("--last-step-only", action="store_true",
                     help="train the K-th step alone on its own inputs (the earlier steps as the student left them)")
+    ap.add_argument("--chain", action="store_true",
+                    help="train the K steps at once, back-propagating the final sample's gradient through the chain")
+    ap.add_argument("--cosine", action="store_true", help="the generator's learning rate decays to 0 at --steps")
     ap.add_argument("--t-max", choices=("98%", "t*"), default="98%", help="the largest t the scores compare at")
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--beta1", type=float, default=0.0, help="the generator's Adam beta1 (beta2: 0.99, or 0.999 with beta1 0.9)")
@@ -173,6 +182,7 @@ def main(argv=None) -> int:
     shape = tuple(teacher.sample_shape)
     ts = first_timestep(teacher.schedule, a.sigma_init)
     gen = Generator(copy.deepcopy(student).train(), sampler_times(ts, a.sampler_steps), a.last_step_only)
+    gen.chain = a.chain
     ema = copy.deepcopy(gen).eval().requires_grad_(False)
     fake = copy.deepcopy(student).train()
     opt_g = torch.optim.AdamW(gen.parameters(), lr=a.lr, betas=(a.beta1, 0.999 if a.beta1 else 0.99), weight_decay=0.0)
@@ -188,7 +198,11 @@ def main(argv=None) -> int:
     print(f"step 0: {start}", flush=True)
     t0 = time.time()
     fake_warmup(gen, fake, teacher, opt_f, a.batch, shape, a.fake_warmup, g)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt_g, lambda s: min(1.0, (s + 1) / max(1, a.warmup)))
+    def lr_factor(s: int) -> float:
+        decay = 0.5 * (1 + math.cos(math.pi * min(1.0, s / a.steps))) if a.cosine else 1.0
+        return min(1.0, (s + 1) / max(1, a.warmup)) * decay
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt_g, lr_factor)
     for step in range(1, a.steps + 1):
         lg, lf = dmd_step(gen, fake, teacher, opt_g, opt_f, a.batch, shape, a.fake_updates, g,
                           ts + 1 if a.t_max == "t*" else None)

@@ -7,12 +7,15 @@ the next of its K timesteps and denoises again. It is saved as a consistency-for
 teacher's schedule cut at t* (grid t* + 1), so that ``consistency.sample`` and diffusers'
 ``LCMScheduler`` draw it unchanged.
 
-Training (DMD without its regression and GAN terms, with DMD2's backward simulation): a batch is G's
-own input at one of its K steps (``MatchingSource``); G's output x_g is noised to x_t at
+Training (DMD without its regression and GAN terms): a batch is G's own input at its last step, the
+sample of its first K - 1 steps re-noised (``MatchingSource``; training one of the K steps at random,
+DMD2's backward simulation, lost quality on digits, its fake score following a mixture of the K
+steps' outputs: docs/few-step.md); G's output x_g is noised to x_t at
 t ~ U[2% of T, t*], and its gradient is g = (x0_fake - x0_teacher) / mean |x_g - x0_teacher| per
 sample, the KL between G's distribution and the teacher's pushed down through both scores. The fake
 score, a second copy of the DKDM student, follows G's distribution with the denoising loss on G's
-samples, one update per G update. Each G step costs one teacher forward per sample and no pool.
+samples, one update per G update. Each G step costs one teacher forward per sample (and K - 1
+generator forwards without gradient), and no pool.
 """
 
 from __future__ import annotations
@@ -92,11 +95,12 @@ class MatchingSource:
 
     @torch.no_grad()
     def next_batch(self) -> TrainingBatch:
-        """G's input at one of its K steps, drawn uniformly: noise for the first, else the previous
-        steps' sample re-noised (x0 clamped where the teacher clamps), as G's sampler makes it."""
+        """G's input at its last step: noise for one step; for K > 1 the sample of its first K - 1
+        steps (without gradient), re-noised (x0 clamped where the teacher clamps), as G's sampler
+        makes it. Only the last step is trained, so the fake score learns G's final samples alone."""
         shape = (self.batch, *self.generator.sample_shape)
         x = self._randn(shape)
-        k = int(torch.randint(0, len(self.times), (), generator=self.rng, device=self.device))
+        k = len(self.times) - 1
         schedule, c = self.generator.schedule, shape[1]
         for j in range(k):
             t = self._t(j, self.batch)
