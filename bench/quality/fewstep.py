@@ -1,8 +1,8 @@
 """Few-step samplers on digits, data-free: the table of docs/few-step.md.
 
 For each seed: the DKDM students (`dkdm distill`, the default half-width UNet and a DiT from the
-UNet teacher), their few-step students (`dkdm fewstep`: consistency at K = 4, and the one-step
-distribution-matching generators, scored at K = 1 only), and the few-step student of the teacher's
+UNet teacher), their few-step students (`dkdm fewstep`: consistency at K = 4, and the one- and
+two-step distribution-matching generators, scored at their own K only), and the few-step student of the teacher's
 own architecture started from the teacher's weights; then digits-FID, precision and recall
 (1,437 samples) at K = 1, 2, 4, 8 for: the teacher with DDIM (clipping) and DPM-Solver++ 2M
 (thresholding at 1), the DKDM student with DPM-Solver++, and each few-step student with its own
@@ -31,9 +31,10 @@ RUNS = {  # name: (command, extra flags); {student} is the DKDM run the few-step
     "dkdm-dit": ("distill", ["--student", "dit:width=96,heads=3"]),
     "fewstep-dit": ("fewstep", ["--student", "{dkdm-dit}"]),
     "fewstep-teacher": ("fewstep", ["--student", "builtin:digits"]),
-    # distribution matching (the default for one step): a one-step generator, scored at K = 1 only
+    # distribution matching (the default for one and two steps): generators scored at their own K only
     "matching-unet": ("fewstep", ["--student", "{dkdm-unet}", "--sampler-steps", "1"]),
     "matching-dit": ("fewstep", ["--student", "{dkdm-dit}", "--sampler-steps", "1"]),
+    "matching2-unet": ("fewstep", ["--student", "{dkdm-unet}", "--sampler-steps", "2"]),
 }
 
 
@@ -94,9 +95,10 @@ def rows(out: Path, seed: int, num: int, threads: int) -> list[dict]:
     for name in ("fewstep-unet", "fewstep-dit", "fewstep-teacher"):
         few = load_model(dirs[name]).eval()
         add(name, lambda k: few.sample(num, k, torch.Generator().manual_seed(seed)).clamp(-1, 1), walls[name])
-    for name in ("matching-unet", "matching-dit"):
+    for name in ("matching-unet", "matching-dit", "matching2-unet"):
         gen = load_model(dirs[name]).eval()
-        add(name, lambda k: gen.sample(num, k, torch.Generator().manual_seed(seed)).clamp(-1, 1), walls[name], (1,))
+        add(name, lambda k: gen.sample(num, k, torch.Generator().manual_seed(seed)).clamp(-1, 1), walls[name],
+            (gen.sampler_steps,))
     return found
 
 
