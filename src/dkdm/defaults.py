@@ -132,8 +132,8 @@ FEWSTEP_STEPS_FACTOR, FEWSTEP_LR_FACTOR = 2, 0.2
 
 #: The most sampler steps distribution matching is the default for (docs/few-step.md, digits, 3 seeds
 #: of two teachers): at 1 and 2 steps it scored 1.24-1.81x / 1.16-1.51x the teacher's 100-step
-#: digits-FID where consistency scored 1.53-1.97x / 1.24-1.83x, at 4 steps 1.44-1.50x (seed 0)
-#: where consistency scored 1.02-1.22x.
+#: digits-FID where consistency scored 1.53-3.85x / 1.24-1.83x, at 4 steps 1.44-1.50x (seed 0)
+#: where consistency scored 1.02-1.22x (seed 0; 1.45 and 1.79x on the second teacher's seeds 1, 2).
 MATCHING_MAX_SAMPLER_STEPS = 2
 
 
@@ -141,7 +141,8 @@ def fewstep_objective(sampler_steps: int) -> Setting:
     """How a K-step student is trained where --fewstep-objective is not given (docs/few-step.md, digits)."""
     if sampler_steps == 1:
         return Setting("matching", "one step: on digits distribution matching scored 1.24-1.81x the teacher's "
-                                   "100-step digits-FID, consistency 1.53-1.97x, with a quarter of its steps")
+                                   "100-step digits-FID on two teachers, consistency 1.53-3.85x, with a quarter of its "
+                                   "steps")
     if sampler_steps <= MATCHING_MAX_SAMPLER_STEPS:
         return Setting("matching", f"{sampler_steps} steps: on digits distribution matching (the last step trained) "
                                    f"scored 1.16-1.51x the teacher's 100-step digits-FID on two teachers, consistency "
