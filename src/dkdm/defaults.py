@@ -148,7 +148,8 @@ def fewstep_objective(sampler_steps: int) -> Setting:
                                    f"scored 1.16-1.51x the teacher's 100-step digits-FID on two teachers, consistency "
                                    f"1.24-1.83x, with a quarter of its steps")
     return Setting("consistency", f"{sampler_steps} steps: on digits consistency scored 1.02-1.22x the teacher's "
-                                  f"100-step digits-FID at 4 steps, distribution matching 1.44-1.50x")
+                                  f"100-step digits-FID at 4 steps (seed 0 of two teachers), distribution matching "
+                                  f"1.44-1.50x")
 
 
 #: ``--fewstep-objective matching`` (docs/few-step.md): half distill's budget, a tenth of its lr, a
