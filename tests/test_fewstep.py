@@ -205,4 +205,3 @@ def test_fewstep_defaults_double_the_budget_and_take_a_fifth_of_the_rate():
         {k: v.value for k, v in d.items() if k not in ("steps", "lr", "warmup")}
     given = fewstep_defaults(517_754, (1, 8, 8), 1000, {"steps": 20_000, "lr": 1e-3})
     assert "steps" not in given and "lr" not in given and given["warmup"].value == 400
-

@@ -57,11 +57,10 @@ class Generator(torch.nn.Module):
     """A K-step sampler from a DKDM student: x0 = x0(x, t_k) at each of its timesteps (x = z ~ N(0, I)
     at the first, t*), re-noised to the next timestep with fresh noise between them."""
 
-    def __init__(self, model, times: list[int], last_only: bool = False):
+    def __init__(self, model, times: list[int], last_only: bool = False, chain: bool = False):
+        """``chain``: train every step at once, the gradient on the last output flowing back through them."""
         super().__init__()
-        self.model, self.times, self.last_only = model, list(times), last_only
-
-    chain = False  # train every step at once: the gradient on the last output flows back through the chain
+        self.model, self.times, self.last_only, self.chain = model, list(times), last_only, chain
 
     def trained_step(self, g) -> int:
         """The step a batch trains: one of the K at random (DMD2), or the last (``last_only``: the fake
@@ -181,8 +180,8 @@ def main(argv=None) -> int:
     student = load_model(str(a.student)).float()
     shape = tuple(teacher.sample_shape)
     ts = first_timestep(teacher.schedule, a.sigma_init)
-    gen = Generator(copy.deepcopy(student).train(), sampler_times(ts, a.sampler_steps), a.last_step_only)
-    gen.chain = a.chain
+    gen = Generator(copy.deepcopy(student).train(), sampler_times(ts, a.sampler_steps), a.last_step_only,
+                    a.chain)
     ema = copy.deepcopy(gen).eval().requires_grad_(False)
     fake = copy.deepcopy(student).train()
     opt_g = torch.optim.AdamW(gen.parameters(), lr=a.lr, betas=(a.beta1, 0.999 if a.beta1 else 0.99), weight_decay=0.0)

@@ -157,11 +157,14 @@ def fewstep_objective(sampler_steps: int) -> Setting:
 MATCHING_STEPS_FACTOR, MATCHING_LR_FACTOR, MATCHING_WARMUP = 0.5, 0.1, 100
 
 
-def fewstep_budget(distill_budget: int, objective: str) -> int:
-    """A few-step run's fixed step budget (also --steps auto's yardstick) from distill's:
-    ``FEWSTEP_STEPS_FACTOR`` times it for consistency, ``MATCHING_STEPS_FACTOR`` for matching."""
+def run_budget(num_steps: int, sample_shape, batch: int, family: str = "unet", objective: str = "dkdm") -> int:
+    """A run's fixed step budget (also --steps auto's yardstick): distill's ``step_budget``, times
+    ``FEWSTEP_STEPS_FACTOR`` for a consistency few-step run or ``MATCHING_STEPS_FACTOR`` for matching."""
+    budget = step_budget(num_steps, math.prod(int(d) for d in sample_shape), batch, family)
+    if objective == "dkdm":
+        return budget
     factor = MATCHING_STEPS_FACTOR if objective == "matching" else FEWSTEP_STEPS_FACTOR
-    return max(1, int(factor * distill_budget))
+    return max(1, int(factor * budget))
 
 
 def fewstep_defaults(student_params: int, sample_shape, num_steps: int, given: dict | None = None,
@@ -172,7 +175,7 @@ def fewstep_defaults(student_params: int, sample_shape, num_steps: int, given: d
     given = {k: v for k, v in (given or {}).items() if v is not None}
     out = distill_defaults(student_params, sample_shape, num_steps, given, family)
     batch = int(given.get("batch", PAPER_BATCH))
-    budget = fewstep_budget(step_budget(num_steps, math.prod(int(d) for d in sample_shape), batch, family), objective)
+    budget = run_budget(num_steps, sample_shape, batch, family, objective)
     steps = budget if given.get("steps", "auto") == "auto" else int(given["steps"])
     if objective == "matching":
         return _matching_defaults(out, budget, steps)

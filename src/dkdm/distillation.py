@@ -71,9 +71,7 @@ def distillation(s: dict, progress: bool, objects: dict | None = None) -> dict |
                          guidance=float(s["guidance"]))
     info = {"student": plan.student.describe(), "source": pool.describe(), "teacher": plan.teacher_ref}
     trainer = Trainer(plan.student, pool, plan.cfg, plan.out, info, progress=progress, accelerator=acc)
-    # a few-step student is watched by its K-step samples alone (the held-out set's DKDM terms are not its loss)
-    monitor = make_monitor(plan.watch, trainer, teacher, None if plan.few else pool, plan.reference,
-                           float(s["guidance"]), progress=progress)
+    monitor = make_monitor(plan.watch, trainer, teacher, pool, plan.reference, float(s["guidance"]), progress=progress)
     return run(trainer, s, plan.out, progress, lambda resume: _prepare(plan, s, pool, info, resume, progress),
                 teacher=teacher, monitor=monitor, reference=plan.reference)
 
@@ -231,9 +229,7 @@ def _generator(s: dict, start, teacher):
 def _decide_settings(s: dict, teacher, student, few: bool):
     """What flags and --config leave open, from the student and the problem (``defaults``), written
     into ``s``; the settings the rules gave and the loop's config."""
-    import math
-
-    from .defaults import distill_defaults, fewstep_budget, fewstep_defaults, step_budget
+    from .defaults import distill_defaults, fewstep_defaults, run_budget
     from .students import count_parameters, family_of
 
     if s["batch"] is not None:  # the rules divide by it
@@ -245,9 +241,7 @@ def _decide_settings(s: dict, teacher, student, few: bool):
     ruled = rules(count_parameters(student.net), teacher.sample_shape, teacher.schedule.num_steps,
                   {k: s[k] for k in DISTILL_RULED}, family, **extra)
     s.update({k: v.value for k, v in ruled.items()})
-    budget = step_budget(teacher.schedule.num_steps, math.prod(teacher.sample_shape), int(s["batch"]), family)
-    if few:
-        budget = fewstep_budget(budget, objective)
+    budget = run_budget(teacher.schedule.num_steps, teacher.sample_shape, int(s["batch"]), family, objective)
     return ruled, train_config(s, fixed_default=budget, objective=objective)
 
 

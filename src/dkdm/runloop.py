@@ -83,6 +83,8 @@ def make_monitor(config, trainer, teacher=None, pool=None, reference=None, guida
         return None
     from .monitor import Monitor
 
+    if trainer.student.sampler_steps:  # a few-step student: its K-step samples alone (the DKDM terms are not its loss)
+        pool = None
     return Monitor(trainer.student, trainer.out, config, trainer.cfg.steps, teacher=teacher, pool=pool,
                    accelerator=trainer.accelerator,
                    reference=reference, vlb_weight=trainer.cfg.vlb_weight, guidance=guidance,
