@@ -6,14 +6,15 @@ LCMScheduler in a plain DDPMPipeline, the variance outputs dropped for every fam
 import json
 import math
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from dkdm.cli import main
-from dkdm.consistency import (boundary_scalings, consistency_loss, pseudo_huber, sampler_timesteps, sigma_power,
-                              skip_steps, teacher_ode_step)
+from dkdm.consistency import (SPACED_MAX_STEPS, SPACING, boundary_scalings, consistency_loss, lcm_timesteps,
+                              pseudo_huber, sampler_timesteps, sigma_power, skip_steps, teacher_ode_step)
 from dkdm.diffusion import Schedule
 from dkdm.formats import load_model, save_model
 from dkdm.model import DiffusionModel
@@ -90,14 +91,35 @@ def test_teacher_ode_step_is_diffusers_ddim_with_eta_0(clip):
 
 
 @pytest.mark.parametrize("T", [1000, 100, 20])
-def test_sampler_timesteps_are_the_lcm_schedulers(T):
+def test_lcm_timesteps_are_the_lcm_schedulers(T):
     from diffusers import LCMScheduler
 
     grid = min(50, T)
     lcm = LCMScheduler(num_train_timesteps=T, original_inference_steps=grid)
     for k in (1, 2, 3, 4, 8):
         lcm.set_timesteps(k)
-        assert sampler_timesteps(k, T, grid) == lcm.timesteps.tolist()
+        assert lcm_timesteps(k, T, grid) == lcm.timesteps.tolist()
+
+
+@pytest.mark.parametrize("T, grid", [(1000, 50), (756, 50), (1000, 10), (100, 50), (20, 20)])
+def test_sampler_timesteps_follow_the_geometric_rule(T, grid):
+    from diffusers import LCMScheduler
+
+    points = np.arange(1, grid + 1) * (T // grid) - 1
+    for k in range(1, grid + 1):
+        times = sampler_timesteps(k, T, grid)
+        # K distinct grid timesteps from the top down: LCMScheduler takes them as custom timesteps
+        assert len(times) == k and times[0] == points[-1] and set(times) <= set(points.tolist())
+        assert all(a > b for a, b in zip(times, times[1:]))
+        if k > SPACED_MAX_STEPS:
+            assert times == lcm_timesteps(k, T, grid)
+        elif k > 1 and grid == 50 and T == 1000:  # room everywhere: each the grid point nearest its target
+            targets = SPACING[0] * T * (SPACING[1] / SPACING[0]) ** (np.arange(k - 1) / max(k - 2, 1))
+            nearest = [int(points[np.argmin(np.abs(points - w))]) for w in targets]
+            assert times[1:] == nearest
+    lcm = LCMScheduler(num_train_timesteps=T, original_inference_steps=grid)
+    lcm.set_timesteps(timesteps=sampler_timesteps(min(4, grid), T, grid))
+    assert lcm.timesteps.tolist() == sampler_timesteps(min(4, grid), T, grid)
 
 
 @pytest.fixture(scope="module")
@@ -119,11 +141,33 @@ def test_a_few_step_student_samples_the_same_in_plain_diffusers(digits_few):
     pipe.set_progress_bar_config(disable=True)
     for k in (1, 2, 4):
         ours = model.sample(6, k, torch.Generator().manual_seed(3))
-        images = pipe(batch_size=6, generator=torch.Generator().manual_seed(3), num_inference_steps=k,
-                      output_type="np").images
-        theirs = torch.from_numpy(images).permute(0, 3, 1, 2)
-        torch.testing.assert_close((ours / 2 + 0.5).clamp(0, 1), theirs, rtol=0, atol=2e-5)
+        # the loop the model card shows: LCMScheduler at the student's K timesteps
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn(6, 1, 8, 8, generator=g)
+        pipe.scheduler.set_timesteps(timesteps=sampler_timesteps(k, 1000))
+        for t in pipe.scheduler.timesteps:
+            x = pipe.scheduler.step(pipe.unet(x, t).sample, t, x, generator=g).prev_sample
+        torch.testing.assert_close(ours, x, rtol=0, atol=4e-5)
+    # DDPMPipeline's own call takes LCMScheduler's evenly spaced timesteps: one step is the same
+    images = pipe(batch_size=6, generator=torch.Generator().manual_seed(3), num_inference_steps=1, output_type="np").images
+    theirs = torch.from_numpy(images).permute(0, 3, 1, 2)
+    ours = model.sample(6, 1, torch.Generator().manual_seed(3))
+    torch.testing.assert_close((ours / 2 + 0.5).clamp(0, 1), theirs, rtol=0, atol=2e-5)
     assert model.sample(3).shape == (3, 1, 8, 8)  # K steps by default
+
+
+def test_the_model_cards_code_samples_a_few_step_student(digits_few):
+    from dkdm.formats.hub import model_card
+
+    code = model_card(digits_few).split("```python\n")[1].split("```")[0]
+    assert "set_timesteps(timesteps=[999, 299, 119, 39])" in code
+    scope = {}  # the same noise as dkdm's sampler draws: seeded after the loading
+    exec(code.replace('from_pretrained("model")', f'from_pretrained("{digits_few}")')
+         .replace("x = torch.randn(", "torch.manual_seed(5)\nx = torch.randn("), scope)
+    model = load_model(digits_few)
+    torch.manual_seed(5)
+    ours = model.sample(16, 4, torch.default_generator)
+    torch.testing.assert_close(scope["images"], (ours / 2 + 0.5).clamp(0, 1), rtol=0, atol=4e-5)
 
 
 @pytest.mark.parametrize("spec", ["unet:widths=8-16,layers=1,groups=4", "dit:width=32,heads=2,depth=1,patch=2",
@@ -205,3 +249,21 @@ def test_fewstep_defaults_double_the_budget_and_take_a_fifth_of_the_rate():
         {k: v.value for k, v in d.items() if k not in ("steps", "lr", "warmup")}
     given = fewstep_defaults(517_754, (1, 8, 8), 1000, {"steps": 20_000, "lr": 1e-3})
     assert "steps" not in given and "lr" not in given and given["warmup"].value == 400
+
+
+def test_fewstep_without_teacher_learns_from_the_one_the_student_was_distilled_from(tmp_path, toy_pair, capsys):
+    teacher, student = toy_pair
+    args = [a for a in _fewstep(teacher, student, tmp_path / "a", 2, "--dry-run")]
+    del args[1:3]  # no --teacher
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert f"(teacher {Path(teacher).resolve()}:" in err and f"pool: taken over from {student}" in err
+    # another teacher given explicitly, of another schedule: said in one line, with what differs
+    other = tmp_path / "cosine"
+    assert main(["train", "--data", "toy2d", "--model", "mlp:width=16,depth=1", "--diffusion-steps", "20", "--schedule",
+                 "cosine", "--steps", "2", "--no-report", "--no-progress", "--out", str(other)]) == 0
+    capsys.readouterr()
+    assert main(["fewstep", "--student", str(student), "--teacher", str(other), "--steps", "2", "--no-progress",
+                 "--no-report", "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "student's schedule (linear, 20 steps" in err and "(cosine, 20 steps" in err and "--teacher the one" in err

@@ -62,7 +62,7 @@ def _student_line(plan, s: dict) -> str:
         how = ("distribution matching (a fake score from the same student; predicting epsilon from t = "
                f"{student.schedule.num_steps - 1})" if plan.matching else
                f"consistency distillation (predicting {student.prediction})")
-        return (f"few-step student: {format_spec(student.spec)} from {s['student']}, {params} parameters (teacher: "
-                f"{teacher}), {how} to sample in {s['sampler_steps']} step{'s' * (int(s['sampler_steps']) != 1)}")
+        return (f"few-step student: {format_spec(student.spec)} from {s['student']}, {params} parameters (teacher "
+                f"{s['teacher']}: {teacher}), {how} to sample in {s['sampler_steps']} step{'s' * (int(s['sampler_steps']) != 1)}")
     name = s["student"] if student.spec is None else format_spec(student.spec)
     return f"student: {name}, {params} parameters (teacher: {teacher}){'' if s['student'] else '; --student SPEC picks another'}"

@@ -251,6 +251,7 @@ def _plan_pool(s: dict, teacher, cfg, acc, few: bool) -> tuple[int, int, int, in
     from .costs import check_pool_fits
     from .defaults import PREP_STEPS
     from .pool import pool_memory_bytes, pool_size, preparation_cost
+    from .choices import PREPARATIONS
     from .preparation import preparation_batch, resolve_preparation
 
     size = pool_size(s["pool"], float(s["rho"]), teacher.schedule.num_steps, int(s["batch"]))
@@ -260,7 +261,8 @@ def _plan_pool(s: dict, teacher, cfg, acc, few: bool) -> tuple[int, int, int, in
         s["prep_steps"] = min(PREP_STEPS, T)
     mem = pool_memory_bytes(size, teacher.sample_shape, s["pool_dtype"])
     if few and s["prep"] == "auto":  # as the distill run resolved it, so that its pool can be taken over
-        s["prep"] = saved_setting(s["student"], "prep", "auto")
+        saved = saved_setting(s["student"], "prep", "auto")  # an older dkdm's name: "auto" (no takeover)
+        s["prep"] = saved if saved in PREPARATIONS else "auto"
     s["prep"] = resolve_preparation(s["prep"], T, int(s["prep_steps"]), size, cfg.steps * int(s["batch"]))
     prep_batch = preparation_batch(None if s["prep_batch"] is None else int(s["prep_batch"]), acc.device)
     if not float(s["prep_ckpt_every"]) >= 0:

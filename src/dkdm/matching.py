@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .consistency import consistency_output, sampler_timesteps
+from .consistency import consistency_output, lcm_timesteps
 from .diffusion import Schedule, TrainingBatch
 
 #: The generator's first timestep: noise-to-signal ratio 2.5 (alpha_bar 0.138; t = 756 of the cosine
@@ -81,7 +81,7 @@ class MatchingSource:
         self.batch, self.device = int(batch), device or torch.device("cpu")
         self.rng = torch.Generator(device=self.device).manual_seed(seed)
         g_schedule = generator.schedule
-        self.times = sampler_timesteps(generator.sampler_steps, g_schedule.num_steps, g_schedule.num_steps)
+        self.times = lcm_timesteps(generator.sampler_steps, g_schedule.num_steps, g_schedule.num_steps)
         fake.net.to(self.device).train()
         self.opt = torch.optim.AdamW(fake.net.parameters(), lr=lr, betas=BETAS, weight_decay=0.0)
         self.teacher_calls = 0

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from .errors import DkdmError
-from .layout import CHECKPOINTS, RUN_JSON
+from .layout import CHECKPOINTS, MODEL_JSON, RUN_JSON
 from .settings import command_of
 
 def default_out(command: str) -> str:
@@ -66,6 +66,21 @@ def run_json(run_dir) -> dict | None:
 def saved_setting(run_dir, key: str, default):
     """``key`` of a run directory's run.json, or ``default`` where it has none (or no readable run.json)."""
     return (run_json(run_dir) or {}).get(key, default)
+
+
+def recorded_teacher(student_dir) -> str | None:
+    """The teacher a distill run (its run.json) or the model directory it wrote (dkdm_model.json)
+    records: a few-step run given no --teacher learns from it. None where there is none to load (an
+    in-process object, or nothing recorded)."""
+    from .objects import is_object_reference
+
+    teacher = saved_setting(student_dir, "teacher", None)
+    if teacher is None:
+        try:
+            teacher = json.loads((Path(student_dir) / MODEL_JSON).read_text()).get("teacher")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            teacher = None
+    return None if teacher is None or is_object_reference(str(teacher)) else str(teacher)
 
 
 def teacher_reference(teacher) -> str:

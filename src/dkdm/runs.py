@@ -17,7 +17,7 @@ from pathlib import Path
 from .distillation import distillation
 from .errors import DkdmError
 from .layout import RUN_JSON
-from .rundir import check_out
+from .rundir import check_out, recorded_teacher
 from .runloop import make_monitor, monitor_config, rank_seed, run, trackers, train_config
 from .settings import (COMMON_DEFAULTS, DATA_DEFAULTS, DISTILL_DEFAULTS, DISTILL_RULED, FEWSTEP_DEFAULTS, RUN_DIRECTORY,
                        TRAIN_DEFAULTS, merge, read_config, resumed)
@@ -107,6 +107,9 @@ def fewstep(config=None, progress: bool = True, **settings) -> dict | None:
     if not s["student"]:
         raise DkdmError("--student is required: the run or model directory of the student to make a few-step "
                         "sampler (e.g. the --out of `dkdm distill`)")
+    given = {**(read_config(config) if config else {}), **settings}
+    if given.get("teacher") is None and "teacher" not in objects:
+        s["teacher"] = recorded_teacher(s["student"]) or s["teacher"]  # the one the student was distilled from
     if int(s["sampler_steps"]) < 1:
         raise DkdmError(f"--sampler-steps must be at least 1, got {s['sampler_steps']}")
     return distillation(s, progress, objects)

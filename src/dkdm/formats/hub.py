@@ -96,16 +96,8 @@ def model_card(directory, repo_id: str | None = None, teacher_parameters: int | 
     facts = [f"- architecture: `{spec.get('type', '?')}` " + ", ".join(f"{k}={v}" for k, v in spec.items() if k != "type"),
              f"- samples: {shape}, {_num_steps(config.get('schedule') or {})} diffusion steps, predicts "
              f"{config.get('prediction', '?')}, variance {config.get('variance', '?')}"]
-    sampler = config.get("sampler")
-    if sampler:
-        start = run.get("student", "?")
-        how = (f"a generator made from the DKDM student `{start}` by distribution matching against the teacher's "
-               f"score (`dkdm fewstep --fewstep-objective matching`), its first step at t = {sampler['grid'] - 1} of "
-               f"the teacher's schedule" if sampler.get("objective") == "matching" else
-               f"a consistency model made from the DKDM student `{start}` by consistency distillation on the "
-               f"teacher's pool (`dkdm fewstep`)")
-        facts.append(f"- samples in {_steps(sampler['steps'])} (any of 1..{sampler['grid']}): {how}, sampled by "
-                     f"diffusers' LCMScheduler")
+    if config.get("sampler"):
+        facts.append(_sampler_fact(config["sampler"], run.get("student", "?"), config.get("schedule") or {}))
     if student:
         facts.append(f"- parameters: {student:,}" + (f" (teacher: {teacher_parameters:,}, "
                                                      f"{student / teacher_parameters:.2f}x)" if teacher_parameters else ""))
@@ -117,15 +109,7 @@ def model_card(directory, repo_id: str | None = None, teacher_parameters: int | 
         lines += ["## Samples", "", "![samples](samples.png)", ""]
         if teacher:
             lines += ["Teacher and student, drawn from the same noise.", ""]
-    steps_arg = f", num_inference_steps={sampler['steps']}" if sampler else ""
-    lines += ["## Use", "", "```python"]
-    if pipeline:
-        lines += [f"from diffusers import {pipeline}", "", f'pipe = {pipeline}.from_pretrained("{name}")',
-                  f"images = pipe(batch_size=16{steps_arg}).images"]
-    else:
-        lines += ["from dkdm.formats import load_model", "", f'model = load_model("{name}")',
-                  "samples = model.sample(16)"]
-    lines += ["```", ""]
+    lines += ["## Use", "", "```python", *_use(pipeline, name, config), "```", ""]
     if run:
         lines += ["## How it was made", "", "```bash", _command(run), "```", ""]
     return "\n".join(front + lines)
@@ -172,6 +156,44 @@ def push(directory, repo_id: str, private: bool = False, token: str | None = Non
                         f"or set HF_TOKEN, check the network (HF_HUB_OFFLINE must be unset), then run "
                         f"`dkdm push {d} {repo_id}` again")
     return str(url)
+
+
+def _sampler_fact(sampler: dict, start: str, schedule: dict) -> str:
+    """The card's line on how a few-step student was made and is sampled."""
+    from ..consistency import timesteps_for
+
+    k = int(sampler["steps"])
+    times = timesteps_for(sampler, k, int(_num_steps(schedule)))
+    if sampler.get("objective") == "matching":
+        how = (f"a generator made from the DKDM student `{start}` by distribution matching against the teacher's "
+               f"score (`dkdm fewstep --fewstep-objective matching`), its first step at t = {sampler['grid'] - 1} of "
+               f"the teacher's schedule; sampled by diffusers' LCMScheduler (`DDPMPipeline(num_inference_steps={k})`)")
+    else:
+        how = (f"a consistency model made from the DKDM student `{start}` by consistency distillation on the "
+               f"teacher's pool (`dkdm fewstep`); sampled by diffusers' LCMScheduler at the timesteps {times} "
+               f"(`scheduler.set_timesteps(timesteps={times})`, then `scheduler.step` on the UNet's output; "
+               f"`DDPMPipeline(num_inference_steps={k})` takes LCMScheduler's evenly spaced ones, worse on digits)")
+    return f"- samples in {_steps(k)} (any of 1..{sampler['grid']}): {how}"
+
+
+def _use(pipeline: str | None, name: str, config: dict) -> list[str]:
+    """The card's code: the pipeline's call, for a consistency student the loop at its K timesteps."""
+    if not pipeline:
+        return ["from dkdm.formats import load_model", "", f'model = load_model("{name}")', "samples = model.sample(16)"]
+    sampler = config.get("sampler")
+    lines = [f"from diffusers import {pipeline}", "", f'pipe = {pipeline}.from_pretrained("{name}")']
+    if not sampler or sampler.get("objective") == "matching":
+        steps_arg = f", num_inference_steps={sampler['steps']}" if sampler else ""
+        return lines + [f"images = pipe(batch_size=16{steps_arg}).images"]
+    from ..consistency import timesteps_for
+
+    times = timesteps_for(sampler, int(sampler["steps"]), int(_num_steps(config.get("schedule") or {})))
+    shape = ", ".join(str(int(v)) for v in config.get("sample_shape") or [])
+    return ["import torch", *lines, f"pipe.scheduler.set_timesteps(timesteps={times})",
+            f"x = torch.randn(16, {shape})",
+            "for t in pipe.scheduler.timesteps:",
+            "    x = pipe.scheduler.step(pipe.unet(x, t).sample, t, x).prev_sample",
+            "images = (x / 2 + 0.5).clamp(0, 1)"]
 
 
 def _num_steps(schedule: dict):
