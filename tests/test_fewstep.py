@@ -239,11 +239,15 @@ def test_fewstep_run_writes_a_k_step_model_that_resumes_bit_identically_after_ki
     same(weights(tmp_path / "a"), weights(tmp_path / "b"))
 
 
-def test_fewstep_defaults_double_the_budget_and_take_a_fifth_of_the_rate():
-    from dkdm.defaults import distill_defaults, fewstep_defaults
+def test_fewstep_defaults_take_distills_budget_twice_it_for_even_spacing_and_a_fifth_of_the_rate():
+    from dkdm.defaults import SPACED_SAMPLER_STEPS, distill_defaults, fewstep_defaults
 
+    assert SPACED_SAMPLER_STEPS == SPACED_MAX_STEPS  # the budget follows the sampler's spacing
     d, f = distill_defaults(517_754, (1, 8, 8), 1000), fewstep_defaults(517_754, (1, 8, 8), 1000)
-    assert f["steps"].value == 2 * d["steps"].value == 2400
+    assert f["steps"].value == d["steps"].value == 1200
+    for k in (1, 3, SPACED_MAX_STEPS, SPACED_MAX_STEPS + 1, 8):
+        steps = fewstep_defaults(517_754, (1, 8, 8), 1000, sampler_steps=k)["steps"].value
+        assert steps == (1200 if k <= SPACED_MAX_STEPS else 2400)
     assert f["lr"].value == pytest.approx(d["lr"].value / 5) and f["warmup"].value == 200
     assert {k: v.value for k, v in f.items() if k not in ("steps", "lr", "warmup")} == \
         {k: v.value for k, v in d.items() if k not in ("steps", "lr", "warmup")}

@@ -124,16 +124,21 @@ def describe(settings: dict[str, Setting]) -> str:
     return "; ".join(f"{k.replace('_', '-')} {text(s.value)} ({s.why})" for k, s in settings.items())
 
 
-#: ``dkdm fewstep``: consistency distillation from a DKDM student, measured on digits (docs/few-step.md):
-#: 2,400 steps (twice distill's budget) against 1,200 took the 4-step student from 19.3 to 12.6, the
-#: 1-step from 25.9 to 19.4; lr 2e-4 (a fifth of distill's 1e-3) against 5e-4 and 1e-3: 1-step 36 / 42 / 100.
-FEWSTEP_STEPS_FACTOR, FEWSTEP_LR_FACTOR = 2, 0.2
+#: ``dkdm fewstep``: consistency distillation from a DKDM student, measured on digits (docs/few-step.md).
+#: Steps, as a multiple of distill's budget: 1 for a sampler of up to SPACED_SAMPLER_STEPS steps, which
+#: samples at the geometric timesteps (consistency.sampler_timesteps): 1,200 steps scored 0.75-1.37x
+#: the teacher's 100-step digits-FID over 3 seeds of two teachers, both stages 1.87x distill's wall;
+#: 2 above (LCMScheduler's even spacing, with which 2,400 steps against 1,200 took the 4-step student
+#: from 19.3 to 12.6). lr 2e-4 (a fifth of distill's 1e-3) against 5e-4 and 1e-3: 1-step 36 / 42 / 100.
+FEWSTEP_STEPS_FACTOR, FEWSTEP_LR_FACTOR = {"spaced": 1, "even": 2}, 0.2
+#: consistency.SPACED_MAX_STEPS (the rules do not import the objectives; tests/test_fewstep.py checks them equal)
+SPACED_SAMPLER_STEPS = 4
 
 
 #: The most sampler steps distribution matching is the default for (docs/few-step.md, digits, 3 seeds
 #: of two teachers): at 1 and 2 steps it scored 1.24-1.81x / 1.16-1.51x the teacher's 100-step
 #: digits-FID where consistency scored 1.53-3.85x / 1.24-1.83x, at 4 steps 1.44-1.50x (seed 0)
-#: where consistency scored 1.02-1.22x (seed 0; 1.45 and 1.79x on the second teacher's seeds 1, 2).
+#: where consistency at its geometric timesteps scored 0.75-1.37x (3 seeds).
 MATCHING_MAX_SAMPLER_STEPS = 2
 
 
@@ -147,9 +152,9 @@ def fewstep_objective(sampler_steps: int) -> Setting:
         return Setting("matching", f"{sampler_steps} steps: on digits distribution matching (the last step trained) "
                                    f"scored 1.16-1.51x the teacher's 100-step digits-FID on two teachers, consistency "
                                    f"1.24-1.83x, with a quarter of its steps")
-    return Setting("consistency", f"{sampler_steps} steps: on digits consistency scored 1.02-1.22x the teacher's "
-                                  f"100-step digits-FID at 4 steps (seed 0 of two teachers), distribution matching "
-                                  f"1.44-1.50x")
+    return Setting("consistency", f"{sampler_steps} steps: on digits consistency scored 0.75-1.37x the teacher's "
+                                  f"100-step digits-FID at 4 steps (3 seeds of two teachers), distribution matching "
+                                  f"1.44-1.50x (seed 0)")
 
 
 #: ``--fewstep-objective matching`` (docs/few-step.md): half distill's budget, a tenth of its lr, a
@@ -157,31 +162,36 @@ def fewstep_objective(sampler_steps: int) -> Setting:
 MATCHING_STEPS_FACTOR, MATCHING_LR_FACTOR, MATCHING_WARMUP = 0.5, 0.1, 100
 
 
-def run_budget(num_steps: int, sample_shape, batch: int, family: str = "unet", objective: str = "dkdm") -> int:
+def run_budget(num_steps: int, sample_shape, batch: int, family: str = "unet", objective: str = "dkdm",
+               sampler_steps: int = 4) -> int:
     """A run's fixed step budget (also --steps auto's yardstick): distill's ``step_budget``, times
-    ``FEWSTEP_STEPS_FACTOR`` for a consistency few-step run or ``MATCHING_STEPS_FACTOR`` for matching."""
+    ``FEWSTEP_STEPS_FACTOR`` for a consistency few-step run of ``sampler_steps`` or
+    ``MATCHING_STEPS_FACTOR`` for matching."""
     budget = step_budget(num_steps, math.prod(int(d) for d in sample_shape), batch, family)
     if objective == "dkdm":
         return budget
-    factor = MATCHING_STEPS_FACTOR if objective == "matching" else FEWSTEP_STEPS_FACTOR
+    factor = (MATCHING_STEPS_FACTOR if objective == "matching" else
+              FEWSTEP_STEPS_FACTOR["spaced" if sampler_steps <= SPACED_SAMPLER_STEPS else "even"])
     return max(1, int(factor * budget))
 
 
 def fewstep_defaults(student_params: int, sample_shape, num_steps: int, given: dict | None = None,
-                     family: str = "unet", objective: str = "consistency") -> dict[str, Setting]:
-    """``distill_defaults`` for a few-step run: for consistency twice the step budget (and its warm-up),
-    a fifth of the learning rate; for distribution matching half the budget, a tenth of the lr; the
-    rest as distill's."""
+                     family: str = "unet", objective: str = "consistency", sampler_steps: int = 4) -> dict[str, Setting]:
+    """``distill_defaults`` for a few-step run of ``sampler_steps``: for consistency distill's step
+    budget (twice it above SPACED_SAMPLER_STEPS) and a fifth of the learning rate; for distribution
+    matching half the budget, a tenth of the lr; the rest as distill's."""
     given = {k: v for k, v in (given or {}).items() if v is not None}
     out = distill_defaults(student_params, sample_shape, num_steps, given, family)
     batch = int(given.get("batch", PAPER_BATCH))
-    budget = run_budget(num_steps, sample_shape, batch, family, objective)
+    budget = run_budget(num_steps, sample_shape, batch, family, objective, sampler_steps)
     steps = budget if given.get("steps", "auto") == "auto" else int(given["steps"])
     if objective == "matching":
         return _matching_defaults(out, budget, steps)
     if "steps" in out:
-        out["steps"] = Setting(budget, f"twice distill's budget ({out['steps'].why}): consistency from T-1 to 0 is "
-                                       f"learned hop by hop")
+        out["steps"] = Setting(budget, f"distill's budget ({out['steps'].why}): its samples take the geometric "
+                                       f"timesteps" if sampler_steps <= SPACED_SAMPLER_STEPS else
+                               f"twice distill's budget ({out['steps'].why}): a sampler of {sampler_steps} steps "
+                               f"visits large t too, learned hop by hop")
     if "warmup" in out:
         out["warmup"] = Setting(warmup_steps(steps), f"a 50th of {steps:,} steps, in [200, 5000]")
     if "lr" in out:
