@@ -142,3 +142,25 @@ def test_every_command_of_the_questions_runner_parses_and_names_what_it_builds(t
     assert named == built
     assert len({cmd[-1] for cmd in runs}) == len(runs)
     assert len(questions.QUESTIONS["rho"]) == 4 * 5 and len(questions.QUESTIONS["ceiling"]) == 9
+
+
+def test_progressive_distillations_target_lands_its_one_step_where_the_two_steps_landed():
+    """bench/quality/fewstep_progressive.py: the x0 target (Salimans & Ho eq. 8) makes one DDIM step
+    from t land exactly on x_s, in float64 against the closed form of the step, and is x_s at the end."""
+    sys.path.insert(0, str(BENCH / "quality"))
+    import fewstep_progressive as pd
+    from dkdm.diffusion import Schedule
+
+    schedule = Schedule.named("cosine", 1000)
+    g = torch.Generator().manual_seed(0)
+    x, x_s = torch.randn(6, 1, 4, 4, generator=g), torch.randn(6, 1, 4, 4, generator=g)
+    t, s = torch.tensor([999, 700, 500, 260, 40, 30]), torch.tensor([749, 500, 250, 10, 0, -1])
+    x0 = pd.x0_target(schedule, x, t, x_s, s)
+    ab = schedule.alphas_cumprod.double()
+    for i in range(5):
+        a_t, a_s = ab[t[i]], ab[s[i]]
+        eps = (x[i].double() - a_t.sqrt() * x0[i].double()) / (1 - a_t).sqrt()
+        torch.testing.assert_close(a_s.sqrt() * x0[i].double() + (1 - a_s).sqrt() * eps, x_s[i].double(),
+                                   rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(pd.ddim_to(schedule, x, x0, t, s), x_s, rtol=1e-4, atol=1e-4)
+    assert pd.grid(4, 1000) == [999, 749, 499, 249] and pd.grid(8, 1000)[::2] == pd.grid(4, 1000)
