@@ -249,11 +249,15 @@ def _fewstep_parser(sub) -> argparse.ArgumentParser:
     fs = _distillation_parser(
         sub, "fewstep", "make a distilled student a K-step sampler (consistency distillation, data-free)",
         "The second stage: a student of any architecture (the --out of `dkdm distill`) becomes a K-step sampler by "
-        "consistency distillation on the teacher's pool, reading nothing but the teacher. Saved as a diffusers "
-        "DDPMPipeline with an LCMScheduler (sample it with num_inference_steps=K); `dkdm sample` / `evaluate` use "
+        "consistency distillation on the teacher's pool or by distribution matching, reading nothing but the "
+        "teacher (by default the one the student was distilled from). Saved as a diffusers DDPMPipeline with an "
+        "LCMScheduler (its README shows the loop at the student's K timesteps); `dkdm sample` / `evaluate` use "
         "its K steps.",
         "the student to start from: the run or model directory of `dkdm distill` (or any model of the teacher's "
         "sample shape and steps, e.g. the teacher itself)")
+    for action in fs._actions:
+        if action.dest == "teacher":
+            action.help = f"{TEACHER_HELP} (default: the teacher --student was distilled from, as it records it)"
     fs.add_argument("--sampler-steps", type=int, help="K, the steps the saved student samples in (1..50; sample / evaluate --steps picks another)")
     fs.add_argument("--fewstep-objective", choices=FEWSTEP_OBJECTIVES,
                     help="consistency distillation on the teacher's pool, or distribution matching (the student as a "

@@ -69,17 +69,16 @@ def saved_setting(run_dir, key: str, default):
 
 
 def recorded_teacher(student_dir) -> str | None:
-    """The teacher a distill run (its run.json) or the model directory it wrote (dkdm_model.json)
-    records: a few-step run given no --teacher learns from it. None where there is none to load (an
-    in-process object, or nothing recorded)."""
+    """The teacher a DKDM student's model directory records (dkdm_model.json: the path made absolute),
+    else its run's (run.json, as given): a few-step run given no --teacher learns from it. None where
+    there is none to load (an in-process object, or nothing recorded)."""
     from .objects import is_object_reference
 
-    teacher = saved_setting(student_dir, "teacher", None)
-    if teacher is None:
-        try:
-            teacher = json.loads((Path(student_dir) / MODEL_JSON).read_text()).get("teacher")
-        except (OSError, json.JSONDecodeError, AttributeError):
-            teacher = None
+    try:
+        teacher = json.loads((Path(student_dir) / MODEL_JSON).read_text()).get("teacher")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        teacher = None
+    teacher = teacher or saved_setting(student_dir, "teacher", None)
     return None if teacher is None or is_object_reference(str(teacher)) else str(teacher)
 
 

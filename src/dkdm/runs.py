@@ -107,9 +107,8 @@ def fewstep(config=None, progress: bool = True, **settings) -> dict | None:
     if not s["student"]:
         raise DkdmError("--student is required: the run or model directory of the student to make a few-step "
                         "sampler (e.g. the --out of `dkdm distill`)")
-    given = {**(read_config(config) if config else {}), **settings}
-    if given.get("teacher") is None and "teacher" not in objects:
-        s["teacher"] = recorded_teacher(s["student"]) or s["teacher"]  # the one the student was distilled from
+    if s["teacher"] is None:  # the one the student was distilled from
+        s["teacher"] = recorded_teacher(s["student"]) or DISTILL_DEFAULTS["teacher"]
     if int(s["sampler_steps"]) < 1:
         raise DkdmError(f"--sampler-steps must be at least 1, got {s['sampler_steps']}")
     return distillation(s, progress, objects)

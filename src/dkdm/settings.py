@@ -37,8 +37,9 @@ DISTILL_DEFAULTS = {"teacher": "builtin:digits", "teacher_config": None, "studen
                     "pool_dtype": "float32", "prep_batch": None, "prep": "auto", "prep_steps": None, "prep_ckpt_every": 300.0,
                     "variance": "learned_range", "heldout": 512, "reference": None,
                     "inception_weights": None, "dry_run": False}
-#: ``dkdm fewstep``: distill's settings (``--student`` then names the DKDM student's directory) and these.
-FEWSTEP_DEFAULTS = {"sampler_steps": 4, "fewstep_objective": None, "fewstep_prediction": "v_prediction",
+#: ``dkdm fewstep``: distill's settings (``--student`` then names the DKDM student's directory) and these;
+#: teacher None: the one the student records (``rundir.recorded_teacher``), else distill's default.
+FEWSTEP_DEFAULTS = {"teacher": None, "sampler_steps": 4, "fewstep_objective": None, "fewstep_prediction": "v_prediction",
                     "consistency_grid": None}
 RUN_DIRECTORY = {"out": None, "resume": False}
 #: What RUN/run.json records beside the settings (ignored where run.json is read as a --config).
