@@ -203,6 +203,11 @@ class Schedule:
             beta_end=float(scheduler_config.get("beta_end", 0.02)),
         )
 
+    def describe(self) -> str:
+        """e.g. "cosine, 1000 steps, beta 4.13e-05..0.999": what an error about a schedule names."""
+        kind = self.config.get("schedule", "custom")
+        return f"{kind}, {self.num_steps} steps, beta {float(self.betas[0]):.3g}..{float(self.betas[-1]):.3g}"
+
     def to_diffusers(self) -> dict:
         """The diffusers DDPMScheduler arguments that reproduce this schedule."""
         cfg = self.config

@@ -40,11 +40,6 @@ from .peers import PeerLost, check_in_sync, peer_failures, roll_call
 from .runlock import check_free_space
 
 
-def _schedule_name(schedule) -> str:
-    kind = (schedule.config or {}).get("schedule", "custom")
-    return f"{kind}, {schedule.num_steps} steps, beta {float(schedule.betas[0]):.3g}..{float(schedule.betas[-1]):.3g}"
-
-
 def _check_fits(student: DiffusionModel, source) -> None:
     """DkdmError where the student's schedule or classes are not those its batches come with."""
     source_schedule = getattr(source, "schedule", None)
@@ -53,8 +48,8 @@ def _check_fits(student: DiffusionModel, source) -> None:
         and torch.allclose(source_schedule.betas, student.schedule.betas, rtol=1e-9, atol=1e-12)
     ):
         raise DkdmError(
-            f"the student's schedule ({_schedule_name(student.schedule)}) is not the one its batches come from "
-            f"({_schedule_name(source_schedule)}): give the student the teacher's schedule, or view the teacher "
+            f"the student's schedule ({student.schedule.describe()}) is not the one its batches come from "
+            f"({source_schedule.describe()}): give the student the teacher's schedule, or view the teacher "
             f"on the student's respacing (teacher.respaced(n), --student-steps n); a few-step run: --teacher the "
             f"one its --student was distilled from"
         )
