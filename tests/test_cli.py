@@ -115,6 +115,10 @@ def test_resume_gives_identical_weights(tmp_path, teacher, command):
 
     assert run(tmp_path / "a", 30) == 0
     assert run(tmp_path / "b", 10) == 0
+    if command == "distill":  # a dry run of the resume plans it and leaves the run as it was
+        before = {f: f.read_bytes() for f in (tmp_path / "b").rglob("*") if f.is_file()}
+        assert run(tmp_path / "b", 30, "--resume", "--dry-run") == 0
+        assert {f: f.read_bytes() for f in (tmp_path / "b").rglob("*") if f.is_file()} == before
     assert run(tmp_path / "b", 30, "--resume") == 0
     _same(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
     _same(_ckpt_student(tmp_path / "a"), _ckpt_student(tmp_path / "b"))

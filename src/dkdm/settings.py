@@ -48,7 +48,7 @@ RECORDED = ("command", "processes")
 #: runs; not what it learns from or how (those stay as RUN/run.json saved them).
 RESUMABLE = {"steps", "max_steps", "patience", "log_every", "ckpt_every", "keep_checkpoints", "no_report",
              "eval_num", "eval_steps", "eval_every", "prep_batch", "prep_ckpt_every", "compile", "channels_last",
-             "cuda_graphs", "report_to", "push_to_hub"}
+             "cuda_graphs", "report_to", "push_to_hub", "dry_run"}
 
 
 def checked_batch(batch) -> int:
