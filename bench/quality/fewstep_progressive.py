@@ -39,19 +39,17 @@ def grid(n: int, T: int) -> list[int]:
     return [(k + 1) * T // n - 1 for k in reversed(range(n))]
 
 
-def ddim_x0(model, x, t: torch.Tensor) -> torch.Tensor:
-    """The model's x0 at (x, t), clamped where the model clamps."""
+def ddim_x0(model, x, t: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+    """The model's x0 at (x, t), clamped where the model clamps (``clamp``: for sampling, not training)."""
     c = x.shape[1]
     x0 = model.schedule.eps_and_x0(model(x, t)[:, :c].float(), x, t, model.prediction)[1]
-    return x0.clamp(-1, 1) if model.clip_x0 else x0
+    return x0.clamp(-1, 1) if clamp and model.clip_x0 else x0
 
 
 def ddim_to(schedule, x, x0, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """The DDIM step from (x, t) with the given x0 to s (s < 0: x0 itself)."""
-    ab = schedule.alphas_cumprod.to(x.device, torch.float64)
-    a_t, a_s = ab[t].float().view(-1, 1, 1, 1), ab[s.clamp(min=0)].float().view(-1, 1, 1, 1)
-    eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
-    x_s = a_s.sqrt() * x0 + (1 - a_s).sqrt() * eps
+    """The DDIM step from (x, t) with the given x0 to s (s < 0: x0 itself), as
+    ``consistency.teacher_ode_step`` takes it: epsilon the one x0 implies at (x, t)."""
+    x_s = schedule.q_sample(x0, s.clamp(min=0), schedule.eps_from_x0(x, t, x0))
     return torch.where((s < 0).view(-1, 1, 1, 1), x0, x_s)
 
 
@@ -124,7 +122,7 @@ def train_round(student, target, n: int, steps: int, batch: int, lr: float, g: t
     ab = student.schedule.alphas_cumprod.float()
     for step in range(1, steps + 1):
         x, t, x0_t = pool.draw(batch)
-        x0 = ddim_x0_unclamped(student, x, t)
+        x0 = ddim_x0(student, x, t, clamp=False)
         snr = ab[t] / (1 - ab[t])
         loss = (snr.clamp(min=1).view(-1, 1, 1, 1) * (x0 - x0_t) ** 2).mean()
         opt.zero_grad(set_to_none=True)
@@ -135,11 +133,6 @@ def train_round(student, target, n: int, steps: int, batch: int, lr: float, g: t
         opt.step()
         if step % 50 == 0 or step == steps:
             print(json.dumps({"round_steps": n, "step": step, "loss": round(loss.item(), 6)}), file=log, flush=True)
-
-
-def ddim_x0_unclamped(model, x, t):
-    c = x.shape[1]
-    return model.schedule.eps_and_x0(model(x, t)[:, :c].float(), x, t, model.prediction)[1]
 
 
 def main(argv=None) -> int:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import torch
 
@@ -36,6 +35,7 @@ def score_at(model, steps: int, times: list[int], seed: int, num: int) -> dict:
 def main(argv=None) -> int:
     from dkdm.consistency import lcm_timesteps, sampler_timesteps
     from dkdm.formats import load_model
+    from dkdm.rundir import saved_setting
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+")
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     for run in a.runs:
         model = load_model(run).eval()
         sampler, T = model.extra["sampler"], model.schedule.num_steps
-        seed = int(json.loads((Path(run) / "run.json").read_text()).get("seed", 0)) if (Path(run) / "run.json").is_file() else 0
+        seed = int(saved_setting(run, "seed", 0))
         for k in a.steps:
             grid = int(sampler["grid"])
             spacings = {"LCMScheduler": lcm_timesteps(k, T, grid), "dkdm": sampler_timesteps(k, T, grid),

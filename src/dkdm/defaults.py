@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .consistency import SPACED_MAX_STEPS as SPACED_SAMPLER_STEPS
+
 #: The step budget, in training samples per diffusion step per sample value: 1,200 steps of batch
 #: 128 on 8x8 digits at T = 1000 with the learning rate's cosine decay (docs/defaults.md, issue 26;
 #: 6.0 with a constant learning rate before).
@@ -131,8 +133,6 @@ def describe(settings: dict[str, Setting]) -> str:
 #: 2 above (LCMScheduler's even spacing, with which 2,400 steps against 1,200 took the 4-step student
 #: from 19.3 to 12.6). lr 2e-4 (a fifth of distill's 1e-3) against 5e-4 and 1e-3: 1-step 36 / 42 / 100.
 FEWSTEP_STEPS_FACTOR, FEWSTEP_LR_FACTOR = {"spaced": 1, "even": 2}, 0.2
-#: consistency.SPACED_MAX_STEPS (the rules do not import the objectives; tests/test_fewstep.py checks them equal)
-SPACED_SAMPLER_STEPS = 4
 
 
 #: The most sampler steps distribution matching is the default for (docs/few-step.md, digits, 3 seeds

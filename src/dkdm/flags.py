@@ -146,9 +146,10 @@ def _version() -> str:
     return f"dkdm {__version__} (torch {v('torch')}, diffusers {v('diffusers')}, accelerate {v('accelerate')})"
 
 
-def _teacher_flags(p: argparse.ArgumentParser) -> None:
-    """--teacher and an ADM checkpoint's --teacher-config (distill and fewstep)."""
-    p.add_argument("--teacher", help=TEACHER_HELP)
+def _teacher_flags(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    """--teacher and an ADM checkpoint's --teacher-config (distill and fewstep); ``default``: said in
+    the help where the settings table does not hold it."""
+    p.add_argument("--teacher", help=TEACHER_HELP + (f" (default: {default})" if default else ""))
     p.add_argument("--teacher-config", help="guided-diffusion flags (YAML/JSON) of an ADM checkpoint --teacher")
 
 
@@ -221,11 +222,12 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     return tr
 
 
-def _distillation_parser(sub, name: str, help: str, description: str, student: str) -> argparse.ArgumentParser:
+def _distillation_parser(sub, name: str, help: str, description: str, student: str,
+                         teacher_default: str | None = None) -> argparse.ArgumentParser:
     """distill and fewstep: the training flags, the teacher's, the student's and the pool's."""
     p = sub.add_parser(name, help=help, description=description)
     _common(p, True)
-    _teacher_flags(p)
+    _teacher_flags(p, teacher_default)
     p.add_argument("--student", help=student)
     return p
 
@@ -254,10 +256,8 @@ def _fewstep_parser(sub) -> argparse.ArgumentParser:
         "LCMScheduler (its README shows the loop at the student's K timesteps); `dkdm sample` / `evaluate` use "
         "its K steps.",
         "the student to start from: the run or model directory of `dkdm distill` (or any model of the teacher's "
-        "sample shape and steps, e.g. the teacher itself)")
-    for action in fs._actions:
-        if action.dest == "teacher":
-            action.help = f"{TEACHER_HELP} (default: the teacher --student was distilled from, as it records it)"
+        "sample shape and steps, e.g. the teacher itself)",
+        teacher_default="the teacher --student was distilled from, as it records it")
     fs.add_argument("--sampler-steps", type=int, help="K, the steps the saved student samples in (1..50; sample / evaluate --steps picks another)")
     fs.add_argument("--fewstep-objective", choices=FEWSTEP_OBJECTIVES,
                     help="consistency distillation on the teacher's pool, or distribution matching (the student as a "

@@ -96,8 +96,9 @@ def model_card(directory, repo_id: str | None = None, teacher_parameters: int | 
     facts = [f"- architecture: `{spec.get('type', '?')}` " + ", ".join(f"{k}={v}" for k, v in spec.items() if k != "type"),
              f"- samples: {shape}, {_num_steps(config.get('schedule') or {})} diffusion steps, predicts "
              f"{config.get('prediction', '?')}, variance {config.get('variance', '?')}"]
-    if config.get("sampler"):
-        facts.append(_sampler_fact(config["sampler"], run.get("student", "?"), config.get("schedule") or {}))
+    times = _sampler_times(config)
+    if times:
+        facts.append(_sampler_fact(config["sampler"], run.get("student", "?"), times))
     if student:
         facts.append(f"- parameters: {student:,}" + (f" (teacher: {teacher_parameters:,}, "
                                                      f"{student / teacher_parameters:.2f}x)" if teacher_parameters else ""))
@@ -109,7 +110,7 @@ def model_card(directory, repo_id: str | None = None, teacher_parameters: int | 
         lines += ["## Samples", "", "![samples](samples.png)", ""]
         if teacher:
             lines += ["Teacher and student, drawn from the same noise.", ""]
-    lines += ["## Use", "", "```python", *_use(pipeline, name, config), "```", ""]
+    lines += ["## Use", "", "```python", *_use(pipeline, name, config, times), "```", ""]
     if run:
         lines += ["## How it was made", "", "```bash", _command(run), "```", ""]
     return "\n".join(front + lines)
@@ -158,12 +159,19 @@ def push(directory, repo_id: str, private: bool = False, token: str | None = Non
     return str(url)
 
 
-def _sampler_fact(sampler: dict, start: str, schedule: dict) -> str:
-    """The card's line on how a few-step student was made and is sampled."""
+def _sampler_times(config: dict) -> list[int] | None:
+    """A few-step student's K timesteps (None for another model)."""
+    sampler = config.get("sampler")
+    if not sampler:
+        return None
     from ..consistency import timesteps_for
 
+    return timesteps_for(sampler, int(sampler["steps"]), int(_num_steps(config.get("schedule") or {})))
+
+
+def _sampler_fact(sampler: dict, start: str, times: list[int]) -> str:
+    """The card's line on how a few-step student was made and is sampled (at ``times``)."""
     k = int(sampler["steps"])
-    times = timesteps_for(sampler, k, int(_num_steps(schedule)))
     if sampler.get("objective") == "matching":
         how = (f"a generator made from the DKDM student `{start}` by distribution matching against the teacher's "
                f"score (`dkdm fewstep --fewstep-objective matching`), its first step at t = {sampler['grid'] - 1} of "
@@ -176,8 +184,8 @@ def _sampler_fact(sampler: dict, start: str, schedule: dict) -> str:
     return f"- samples in {_steps(k)} (any of 1..{sampler['grid']}): {how}"
 
 
-def _use(pipeline: str | None, name: str, config: dict) -> list[str]:
-    """The card's code: the pipeline's call, for a consistency student the loop at its K timesteps."""
+def _use(pipeline: str | None, name: str, config: dict, times: list[int] | None) -> list[str]:
+    """The card's code: the pipeline's call, for a consistency student the loop at its K ``times``."""
     if not pipeline:
         return ["from dkdm.formats import load_model", "", f'model = load_model("{name}")', "samples = model.sample(16)"]
     sampler = config.get("sampler")
@@ -185,9 +193,6 @@ def _use(pipeline: str | None, name: str, config: dict) -> list[str]:
     if not sampler or sampler.get("objective") == "matching":
         steps_arg = f", num_inference_steps={sampler['steps']}" if sampler else ""
         return lines + [f"images = pipe(batch_size=16{steps_arg}).images"]
-    from ..consistency import timesteps_for
-
-    times = timesteps_for(sampler, int(sampler["steps"]), int(_num_steps(config.get("schedule") or {})))
     shape = ", ".join(str(int(v)) for v in config.get("sample_shape") or [])
     return ["import torch", *lines, f"pipe.scheduler.set_timesteps(timesteps={times})",
             f"x = torch.randn(16, {shape})",
