@@ -222,7 +222,7 @@ def test_a_family_registered_in_nets_builds_distils_and_gets_a_default_student(t
     family = Family("tiny", {"width": 16, "classes": 0}, lambda s, c, h, out: Tiny(c, out, int(s["width"])),
                     lambda spec, classes: {**spec, "width": narrower(int(spec["width"]), 4), "classes": classes})
     monkeypatch.setitem(nets.FAMILIES, "tiny", family)
-    monkeypatch.setitem(specs.DEFAULTS, "tiny", family.defaults)
+    monkeypatch.setitem(specs.SPEC_DEFAULTS, "tiny", family.defaults)
     monkeypatch.setattr(specs, "KINDS", (*specs.KINDS, "tiny"))
     spec = specs.parse_spec("tiny:width=12")
     assert spec == {"type": "tiny", "width": 12, "classes": 0} and specs.family_of(spec) == "tiny"

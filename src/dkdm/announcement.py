@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import sys
 
+from .settings import DistillSettings
 
-def announce(plan, s: dict) -> None:
+
+def announce(plan, s: DistillSettings) -> None:
     """The student, the rules' settings, the pool's size and cost and the report's, before any is spent."""
     from .defaults import describe
 
@@ -26,34 +28,34 @@ def announce(plan, s: dict) -> None:
     if plan.matching:
         print(f"no pool: the generator's own samples at its timesteps {plan.student.extra['sampler']['grid'] - 1} "
               f"and below, each judged by one teacher and one fake-score forward; training {plan.cfg.steps:,} steps, "
-              f"{plan.cfg.steps * int(s['batch']):,} teacher sample-forwards", file=sys.stderr)
+              f"{plan.cfg.steps * s.batch:,} teacher sample-forwards", file=sys.stderr)
     else:
         _announce_pool(plan, s)
     if plan.few and not plan.matching:
         print(plan.inherit_note, file=sys.stderr)
-    if plan.few and not s["no_report"]:
-        k = int(s["sampler_steps"])
+    if plan.few and not s.no_report:
+        k = s.sampler_steps
         print(f"report: {plan.report.num:,} samples of the student at its {k} step{'s' * (k != 1)} and of the teacher "
               f"at {plan.report.steps or T} (the teacher's cached across runs: drawn once, most often by the distill run)",
               file=sys.stderr)
     else:
-        print("report: none (--no-report)" if s["no_report"] else plan.report.describe(T), file=sys.stderr)
+        print("report: none (--no-report)" if s.no_report else plan.report.describe(T), file=sys.stderr)
 
 
-def _announce_pool(plan, s: dict) -> None:
+def _announce_pool(plan, s: DistillSettings) -> None:
     teacher, n = plan.teacher, plan.acc.num_processes
     print(
-        f"pool: {s['pool']}, {plan.size} entries x {list(teacher.sample_shape)} {s['pool_dtype']} = "
+        f"pool: {s.pool}, {plan.size} entries x {list(teacher.sample_shape)} {s.pool_dtype} = "
         f"{plan.mem / 2**20:.1f} MiB; "
-        + (f"{s['prep']} preparation ~{plan.prep:,} teacher sample-steps" if plan.inherit_from is None else "no preparation")
-        + f"; training {'up to ' * (s['steps'] == 'auto')}"
-        f"{plan.cfg.steps:,} steps, {plan.cfg.steps * int(s['batch']):,} teacher sample-forwards"
+        + (f"{s.prep} preparation ~{plan.prep:,} teacher sample-steps" if plan.inherit_from is None else "no preparation")
+        + f"; training {'up to ' * (s.steps == 'auto')}"
+        f"{plan.cfg.steps:,} steps, {plan.cfg.steps * s.batch:,} teacher sample-forwards"
         + (f" (each of {n} processes: its own pool shard and batches)" if n > 1 else ""),
         file=sys.stderr,
     )
 
 
-def _student_line(plan, s: dict) -> str:
+def _student_line(plan, s: DistillSettings) -> str:
     from .students import count_parameters, format_spec
 
     student, params = plan.student, f"{count_parameters(plan.student.net):,}"
@@ -62,7 +64,7 @@ def _student_line(plan, s: dict) -> str:
         how = ("distribution matching (a fake score from the same student; predicting epsilon from t = "
                f"{student.schedule.num_steps - 1})" if plan.matching else
                f"consistency distillation (predicting {student.prediction})")
-        return (f"few-step student: {format_spec(student.spec)} from {s['student']}, {params} parameters (teacher "
-                f"{s['teacher']}: {teacher}), {how} to sample in {s['sampler_steps']} step{'s' * (int(s['sampler_steps']) != 1)}")
-    name = s["student"] if student.spec is None else format_spec(student.spec)
-    return f"student: {name}, {params} parameters (teacher: {teacher}){'' if s['student'] else '; --student SPEC picks another'}"
+        return (f"few-step student: {format_spec(student.spec)} from {s.student}, {params} parameters (teacher "
+                f"{s.teacher}: {teacher}), {how} to sample in {s.sampler_steps} step{'s' * (s.sampler_steps != 1)}")
+    name = s.student if student.spec is None else format_spec(student.spec)
+    return f"student: {name}, {params} parameters (teacher: {teacher}){'' if s.student else '; --student SPEC picks another'}"

@@ -43,7 +43,7 @@ class Estimate:
                   f"(Ctrl-C saves the preparation; --resume continues it)", file=sys.stderr)
 
 
-def check_pool_fits(mem: int, size: int, shape, s: dict, device) -> None:
+def check_pool_fits(mem: int, size: int, shape, s, device) -> None:
     """Refuse a pool that cannot fit in the memory this device has free (per process), with the fix."""
     import os
 
@@ -55,6 +55,6 @@ def check_pool_fits(mem: int, size: int, shape, s: dict, device) -> None:
     if free is None or mem * local <= 0.8 * free:
         return
     raise DkdmError(f"the pool needs {mem * local / 2**30:,.1f} GiB ({size:,} entries x {list(shape)} "
-                    f"{s['pool_dtype']}{f' in each of {local} processes' if local > 1 else ''}) but this {where} "
-                    f"has {free / 2**30:,.1f} GiB free: a smaller --batch ({s['batch']}) or --rho ({s['rho']}) shrinks it "
+                    f"{s.pool_dtype}{f' in each of {local} processes' if local > 1 else ''}) but this {where} "
+                    f"has {free / 2**30:,.1f} GiB free: a smaller --batch ({s.batch}) or --rho ({s.rho}) shrinks it "
                     f"(round(rho x T) x batch entries), --pool-dtype bfloat16 halves it")

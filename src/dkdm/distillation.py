@@ -15,7 +15,7 @@ from .announcement import announce
 from .layout import CHECKPOINTS, RUN_JSON
 from .rundir import check_out, default_out, run_json, saved_setting, teacher_reference
 from .runloop import make_monitor, monitor_config, rank_seed, run, trackers, train_config
-from .settings import DISTILL_RULED, checked_batch
+from .settings import DISTILL_RULED, DistillSettings
 
 #: What a DKDM run's pool must share with a few-step run's for the latter to take it over.
 POOL_SETTINGS = ("pool", "batch", "rho", "pool_dtype", "guidance", "prep", "prep_steps")
@@ -50,7 +50,7 @@ class _Plan:
     report: Any
 
 
-def distillation(s: dict, progress: bool, objects: dict | None = None) -> dict | None:
+def distillation(s: DistillSettings, progress: bool, objects: dict | None = None) -> dict | None:
     """A distillation from merged settings: DKDM (``distill``), or consistency (``fewstep``);
     ``objects``: a teacher or student given as an object (``objects.take_objects``). The named
     steps: plan (models, settings, pool), announce, prepare the pool, train, report (``run``)."""
@@ -59,24 +59,24 @@ def distillation(s: dict, progress: bool, objects: dict | None = None) -> dict |
 
     plan = _plan(s, objects or {})
     acc, teacher = plan.acc, plan.teacher
-    if s["dry_run"]:  # the plan, and no pool allocated, nothing written
+    if s.dry_run:  # the plan, and no pool allocated, nothing written
         if acc.is_main_process:
             announce(plan, s)
             print(f"dry run: stopped before {'training' if plan.matching else 'preparing the pool'}", file=sys.stderr)
         return {"out": plan.out, "last": None, "stop_reason": "dry run", "report": None}
     if plan.matching:  # no pool: the generator's own samples, judged by the teacher and a fake score
         return _matching(plan, s, progress)
-    pool = KnowledgePool(teacher, int(s["batch"]), s["pool"], float(s["rho"]), s["pool_dtype"],
-                         seed=rank_seed(s, acc), device=acc.device, preparation=s["prep"], prep_steps=int(s["prep_steps"]),
-                         guidance=float(s["guidance"]))
+    pool = KnowledgePool(teacher, s.batch, s.pool, s.rho, s.pool_dtype,
+                         seed=rank_seed(s, acc), device=acc.device, preparation=s.prep, prep_steps=s.prep_steps,
+                         guidance=s.guidance)
     info = {"student": plan.student.describe(), "source": pool.describe(), "teacher": plan.teacher_ref}
     trainer = Trainer(plan.student, pool, plan.cfg, plan.out, info, progress=progress, accelerator=acc)
-    monitor = make_monitor(plan.watch, trainer, teacher, pool, plan.reference, float(s["guidance"]), progress=progress)
+    monitor = make_monitor(plan.watch, trainer, teacher, pool, plan.reference, s.guidance, progress=progress)
     return run(trainer, s, plan.out, progress, lambda resume: _prepare(plan, s, pool, info, resume, progress),
                 teacher=teacher, monitor=monitor, reference=plan.reference)
 
 
-def _matching(plan: "_Plan", s: dict, progress: bool) -> dict | None:
+def _matching(plan: "_Plan", s: DistillSettings, progress: bool) -> dict | None:
     """A few-step run by distribution matching: the fake score a second copy of the DKDM student,
     the generator's inputs its own (``matching.MatchingSource``); nothing to prepare."""
     from .formats import load_model
@@ -84,8 +84,8 @@ def _matching(plan: "_Plan", s: dict, progress: bool) -> dict | None:
     from .trainer import Trainer
 
     acc = plan.acc
-    fake = load_model(s["student"], role="student").float()
-    source = MatchingSource(plan.student, plan.teacher, fake, int(s["batch"]), plan.cfg.lr, device=acc.device,
+    fake = load_model(s.student, role="student").float()
+    source = MatchingSource(plan.student, plan.teacher, fake, s.batch, plan.cfg.lr, device=acc.device,
                             seed=rank_seed(s, acc))
     info = {"student": plan.student.describe(), "source": source.describe(), "teacher": plan.teacher_ref}
     trainer = Trainer(plan.student, source, plan.cfg, plan.out, info, progress=progress, accelerator=acc)
@@ -94,33 +94,33 @@ def _matching(plan: "_Plan", s: dict, progress: bool) -> dict | None:
         if acc.is_main_process:
             announce(plan, s)
 
-    monitor = make_monitor(plan.watch, trainer, plan.teacher, None, plan.reference, float(s["guidance"]), progress=progress)
+    monitor = make_monitor(plan.watch, trainer, plan.teacher, None, plan.reference, s.guidance, progress=progress)
     return run(trainer, s, plan.out, progress, start, teacher=plan.teacher, monitor=monitor, reference=plan.reference)
 
 
-def _plan(s: dict, objects: dict) -> _Plan:
+def _plan(s: DistillSettings, objects: dict) -> _Plan:
     """Load the teacher, choose the student, decide the settings and plan the pool and the report."""
     import torch
 
     from .devices import make_accelerator
 
-    few = s.get("sampler_steps") is not None
-    s["out"] = s["out"] or default_out("fewstep" if few else "distill")
-    acc = make_accelerator(s["mixed_precision"], *trackers(s))
+    few = s.command == "fewstep"
+    s.out = s.out or default_out("fewstep" if few else "distill")
+    acc = make_accelerator(s.mixed_precision, *trackers(s))
     teacher = _teacher(s, acc.device, objects.get("teacher"))
     reference, data_name = _distill_reference(s, teacher, acc.device)
-    teacher_ref = teacher_reference(s["teacher"])
-    if s["student_steps"] is not None:
+    teacher_ref = teacher_reference(s.teacher)
+    if s.student_steps is not None:
         # the pool runs the teacher on the student's steps, so every batch is a step the student takes
-        teacher = teacher.respaced(int(s["student_steps"]))
-    torch.manual_seed(int(s["seed"]))
+        teacher = teacher.respaced(s.student_steps)
+    torch.manual_seed(s.seed)
     objective = _fewstep_objective(s) if few else None
     student = _student(s, teacher, data_name, teacher_ref, objects.get("student"))
     ruled, cfg = _decide_settings(s, teacher, student, few)
     if objective is not None:
         ruled = {"fewstep_objective": objective, **ruled}
     watch = monitor_config(s)
-    matching = few and s["fewstep_objective"] == "matching"
+    matching = few and s.fewstep_objective == "matching"
     if matching:  # no pool: the generator draws its own samples
         check_out(s)
         size, mem, prep, prep_batch, inherit_from, inherit_note = 0, 0, 0, 0, None, ""
@@ -130,25 +130,25 @@ def _plan(s: dict, objects: dict) -> _Plan:
     # a few-step student's report costs little (K steps), its teacher's is most often cached by its distill run;
     # the run's own cost in network passes per sample: the teacher's (preparation, one per trained sample)
     # and the student's updates (forward and backward, about three forwards each)
-    run_cost = prep + cfg.steps * int(s["batch"]) * (1 + UPDATE_PASSES)
+    run_cost = prep + cfg.steps * s.batch * (1 + UPDATE_PASSES)
     report = _report_size(s, reference, teacher, None if few else run_cost)
-    return _Plan(few, matching, acc, teacher, student, teacher_ref, reference, ruled, cfg, watch, Path(s["out"]), size, mem,
+    return _Plan(few, matching, acc, teacher, student, teacher_ref, reference, ruled, cfg, watch, Path(s.out), size, mem,
                  prep, prep_batch, inherit_from, inherit_note, report)
 
 
-def _fewstep_objective(s: dict):
+def _fewstep_objective(s: DistillSettings):
     """The few-step objective the rules give where --fewstep-objective is not given (written into ``s``), or None."""
     from .defaults import fewstep_objective
 
-    if s["fewstep_objective"] is not None:
+    if s.fewstep_objective is not None:
         return None
-    rule = fewstep_objective(int(s["sampler_steps"]))
-    s["fewstep_objective"] = rule.value
+    rule = fewstep_objective(s.sampler_steps)
+    s.fewstep_objective = rule.value
     return rule
 
 
-def _teacher(s: dict, device, given=None):
-    """The run's teacher (``given``, else loaded from ``s["teacher"]``), frozen, at the run's
+def _teacher(s: DistillSettings, device, given=None):
+    """The run's teacher (``given``, else loaded from ``s.teacher``), frozen, at the run's
     inference dtype, memory layout and compilation."""
     import torch
 
@@ -157,95 +157,92 @@ def _teacher(s: dict, device, given=None):
 
     if given is not None:
         teacher = given.to(device)
-    elif is_object_reference(s["teacher"]):
-        raise DkdmError(f"this run's teacher was a Python object ({s['teacher']}): resume it from Python with the same "
-                        f"teacher, dkdm.distill(teacher=model, out={str(s['out'])!r}, resume=True)")
+    elif is_object_reference(s.teacher):
+        raise DkdmError(f"this run's teacher was a Python object ({s.teacher}): resume it from Python with the same "
+                        f"teacher, dkdm.distill(teacher=model, out={str(s.out)!r}, resume=True)")
     else:
-        teacher = load_model(s["teacher"], device=device, role="teacher", config=s["teacher_config"])
+        teacher = load_model(s.teacher, device=device, role="teacher", config=s.teacher_config)
     teacher.requires_grad_(False)
-    teacher.set_inference_dtype(s["teacher_dtype"])
-    if s["channels_last"]:
+    teacher.set_inference_dtype(s.teacher_dtype)
+    if s.channels_last:
         teacher.net.to(memory_format=torch.channels_last)
-    if s["compile"]:
+    if s.compile:
         from .compiling import compile_regions
 
         compile_regions(teacher.net)
     return teacher
 
 
-def _student(s: dict, teacher, data_name, teacher_ref: str, given=None):
-    """The run's fresh student: a few-step one from ``s["student"]``'s DKDM student (fewstep), the
-    object ``given``, or the spec ``s["student"]`` names (default: the teacher's family at half width)."""
+def _student(s: DistillSettings, teacher, data_name, teacher_ref: str, given=None):
+    """The run's fresh student: a few-step one from ``s.student``'s DKDM student (fewstep), the
+    object ``given``, or the spec ``s.student`` names (default: the teacher's family at half width)."""
     from .model import DiffusionModel
     from .objects import is_object_reference, student_from_object
 
-    if s.get("sampler_steps") is not None:
+    if s.command == "fewstep":
         return _few_step_student(s, teacher)
     if given is not None:
         student = student_from_object(given, teacher)
         student.extra.update({"data": data_name, "teacher": teacher_ref})
         return student
-    if is_object_reference(s["student"]):
-        raise DkdmError(f"this run's student was a Python object ({s['student']}): resume it from Python with a "
-                        f"network of the same class, dkdm.distill(..., student=net, out={str(s['out'])!r}, resume=True)")
-    return DiffusionModel.student_of(teacher, s["student"], variance=s["variance"],
+    if is_object_reference(s.student):
+        raise DkdmError(f"this run's student was a Python object ({s.student}): resume it from Python with a "
+                        f"network of the same class, dkdm.distill(..., student=net, out={str(s.out)!r}, resume=True)")
+    return DiffusionModel.student_of(teacher, s.student, variance=s.variance,
                                      extra={"data": data_name, "teacher": teacher_ref})
 
 
-def _few_step_student(s: dict, teacher):
-    """The DKDM student ``s["student"]`` names, as a consistency student of ``s["sampler_steps"]`` steps."""
+def _few_step_student(s: DistillSettings, teacher):
+    """The DKDM student ``s.student`` names, as a consistency student of ``s.sampler_steps`` steps."""
     from .formats import load_model
     from .model import DiffusionModel
 
-    start = load_model(s["student"], role="student")
+    start = load_model(s.student, role="student")
     if tuple(start.sample_shape) != tuple(teacher.sample_shape) or start.schedule.num_steps != teacher.schedule.num_steps:
-        raise DkdmError(f"--student {s['student']} models samples of shape {list(start.sample_shape)} over "
+        raise DkdmError(f"--student {s.student} models samples of shape {list(start.sample_shape)} over "
                         f"{start.schedule.num_steps} steps, the teacher {list(teacher.sample_shape)} over "
                         f"{teacher.schedule.num_steps}: start from a student of this teacher")
-    if s["fewstep_objective"] == "matching":
+    if s.fewstep_objective == "matching":
         return _generator(s, start, teacher)
-    grid = None if s["consistency_grid"] is None else int(s["consistency_grid"])
-    return DiffusionModel.few_step_of(start, int(s["sampler_steps"]), s["fewstep_prediction"], grid)
+    return DiffusionModel.few_step_of(start, s.sampler_steps, s.fewstep_prediction, s.consistency_grid)
 
 
-def _generator(s: dict, start, teacher):
-    """The DKDM student ``start`` as a distribution-matching generator of ``s["sampler_steps"]`` steps."""
+def _generator(s: DistillSettings, start, teacher):
+    """The DKDM student ``start`` as a distribution-matching generator of ``s.sampler_steps`` steps."""
     from .matching import generator_schedule
     from .model import DiffusionModel
 
-    if s["consistency_grid"] is not None or s["fewstep_prediction"] != "v_prediction":
+    if s.consistency_grid is not None or s.fewstep_prediction != "v_prediction":
         raise DkdmError("--consistency-grid and --fewstep-prediction belong to --fewstep-objective consistency; "
                         "a matching generator predicts epsilon on its own timesteps")
     if start.num_classes or teacher.num_classes:
         raise DkdmError("--fewstep-objective matching makes unconditional generators; for a class-conditional "
                         "teacher use --fewstep-objective consistency")
     schedule = generator_schedule(teacher.schedule)
-    if not 1 <= int(s["sampler_steps"]) <= schedule.num_steps:
-        raise DkdmError(f"--sampler-steps must be in 1..{schedule.num_steps}, got {s['sampler_steps']}")
-    return DiffusionModel.few_step_of(start, int(s["sampler_steps"]), "epsilon", schedule.num_steps, schedule,
+    if not 1 <= s.sampler_steps <= schedule.num_steps:
+        raise DkdmError(f"--sampler-steps must be in 1..{schedule.num_steps}, got {s.sampler_steps}")
+    return DiffusionModel.few_step_of(start, s.sampler_steps, "epsilon", schedule.num_steps, schedule,
                                       "matching")
 
 
-def _decide_settings(s: dict, teacher, student, few: bool):
+def _decide_settings(s: DistillSettings, teacher, student, few: bool):
     """What flags and --config leave open, from the student and the problem (``defaults``), written
     into ``s``; the settings the rules gave and the loop's config."""
     from .defaults import distill_defaults, fewstep_defaults, run_budget
     from .students import count_parameters, family_of
 
-    if s["batch"] is not None:  # the rules divide by it
-        checked_batch(s["batch"])
     rules = fewstep_defaults if few else distill_defaults
     family = family_of(student.spec)
-    objective = s["fewstep_objective"] if few else "dkdm"
-    extra = {"objective": objective, "sampler_steps": int(s["sampler_steps"])} if few else {}
+    objective = s.fewstep_objective if few else "dkdm"
+    extra = {"objective": objective, "sampler_steps": s.sampler_steps} if few else {}
     ruled = rules(count_parameters(student.net), teacher.sample_shape, teacher.schedule.num_steps,
-                  {k: s[k] for k in DISTILL_RULED}, family, **extra)
+                  {k: getattr(s, k) for k in DISTILL_RULED}, family, **extra)
     s.update({k: v.value for k, v in ruled.items()})
-    budget = run_budget(teacher.schedule.num_steps, teacher.sample_shape, int(s["batch"]), family, **extra)
+    budget = run_budget(teacher.schedule.num_steps, teacher.sample_shape, s.batch, family, **extra)
     return ruled, train_config(s, fixed_default=budget, objective=objective)
 
 
-def _plan_pool(s: dict, teacher, cfg, acc, few: bool) -> tuple[int, int, int, int]:
+def _plan_pool(s: DistillSettings, teacher, cfg, acc, few: bool) -> tuple[int, int, int, int]:
     """The pool's entries, bytes, preparation cost (teacher sample-steps) and preparation batch;
     the preparation (``--prep auto``) and its steps resolved into ``s``; the run directory checked."""
     from .costs import check_pool_fits
@@ -254,74 +251,72 @@ def _plan_pool(s: dict, teacher, cfg, acc, few: bool) -> tuple[int, int, int, in
     from .choices import PREPARATIONS
     from .preparation import preparation_batch, resolve_preparation
 
-    size = pool_size(s["pool"], float(s["rho"]), teacher.schedule.num_steps, int(s["batch"]))
+    size = pool_size(s.pool, s.rho, teacher.schedule.num_steps, s.batch)
     check_out(s)
     T = teacher.schedule.num_steps
-    if s["prep_steps"] is None:  # PREP_STEPS sampling steps, or all of a shorter process
-        s["prep_steps"] = min(PREP_STEPS, T)
-    mem = pool_memory_bytes(size, teacher.sample_shape, s["pool_dtype"])
-    if few and s["prep"] == "auto":  # as the distill run resolved it, so that its pool can be taken over
-        saved = saved_setting(s["student"], "prep", "auto")  # an older dkdm's name: "auto" (no takeover)
-        s["prep"] = saved if saved in PREPARATIONS else "auto"
-    s["prep"] = resolve_preparation(s["prep"], T, int(s["prep_steps"]), size, cfg.steps * int(s["batch"]))
-    prep_batch = preparation_batch(None if s["prep_batch"] is None else int(s["prep_batch"]), acc.device)
-    if not float(s["prep_ckpt_every"]) >= 0:
-        raise DkdmError(f"--prep-ckpt-every must be >= 0 seconds, got {s['prep_ckpt_every']}")
-    prep = preparation_cost(s["pool"], size, T, s["prep"], int(s["prep_steps"]))
+    if s.prep_steps is None:  # PREP_STEPS sampling steps, or all of a shorter process
+        s.prep_steps = min(PREP_STEPS, T)
+    mem = pool_memory_bytes(size, teacher.sample_shape, s.pool_dtype)
+    if few and s.prep == "auto":  # as the distill run resolved it, so that its pool can be taken over
+        saved = saved_setting(s.student, "prep", "auto")  # an older dkdm's name: "auto" (no takeover)
+        s.prep = saved if saved in PREPARATIONS else "auto"
+    s.prep = resolve_preparation(s.prep, T, s.prep_steps, size, cfg.steps * s.batch)
+    prep_batch = preparation_batch(s.prep_batch, acc.device)
+    prep = preparation_cost(s.pool, size, T, s.prep, s.prep_steps)
     check_pool_fits(mem, size, teacher.sample_shape, s, acc.device)
     return size, mem, prep, prep_batch
 
 
-def _reusable_pool(s: dict, teacher_ref: str, acc) -> tuple[Path | None, str]:
+def _reusable_pool(s: DistillSettings, teacher_ref: str, acc) -> tuple[Path | None, str]:
     """The DKDM run (``--student RUN``) whose pool a few-step run takes over, so it spends no teacher
     steps preparing one, and a line saying so; (None, why not) where the run's teacher or pool
     settings differ or it kept no checkpoint. The pool itself is read when the run starts
     (``checkpoint.saved_pool``), not for a dry run or a resumed one."""
     from .checkpoint import list_checkpoints
 
-    run = Path(s["student"]) / RUN_JSON
+    run = Path(s.student) / RUN_JSON
     if not run.is_file():
         return None, "preparing a pool (--student is a model directory, not a distill run)"
     saved = run_json(run.parent)
     if saved is None:
         return None, f"preparing a pool ({run} is unreadable)"
-    differ = [k for k in POOL_SETTINGS if str(saved.get(k)) != str(s.get(k))]
+    differ = [k for k in POOL_SETTINGS if str(saved.get(k)) != str(getattr(s, k))]
     if saved.get("teacher") is None or teacher_reference(saved["teacher"]) != teacher_ref:
         differ.insert(0, "teacher")
     if int(saved.get("processes", 1)) != acc.num_processes:
         differ.append("processes")
     if differ:
         return None, f"preparing a pool (the run's {', '.join(differ)} differ from this one's)"
-    if not list_checkpoints(Path(s["student"]) / CHECKPOINTS):
+    if not list_checkpoints(Path(s.student) / CHECKPOINTS):
         return None, "preparing a pool (the run kept no checkpoint)"
-    return Path(s["student"]), f"pool: taken over from {s['student']}'s last checkpoint (the same teacher and pool settings)"
+    return Path(s.student), f"pool: taken over from {s.student}'s last checkpoint (the same teacher and pool settings)"
 
 
-def _distill_reference(s: dict, teacher, device):
+def _distill_reference(s: DistillSettings, teacher, device):
     """What the run is scored against (--eval-every, the report) and the built-in data set the student
     records: the teacher's data set; a built-in one named by --reference; or, with
     --inception-weights, the user's RGB reference (ADM batch, statistics or image folder)."""
     data_name = teacher.extra.get("data")
-    if s["inception_weights"]:
+    if s.inception_weights:
         from .evaluation import reference_for
         from .metrics.inception import check_rgb, check_weights
 
-        check_weights(s["inception_weights"])
+        check_weights(s.inception_weights)
         if teacher.decoder is None:
             check_rgb(teacher.sample_shape)
-        if not s["reference"]:
+        if not s.reference:
             raise DkdmError("--inception-weights scores against a reference you supply: --reference REF.npz (an ADM "
                             "reference batch or statistics) or a folder of images")
-        return reference_for(s["reference"], s["inception_weights"], device), data_name
-    if s["reference"]:
+        return reference_for(s.reference, s.inception_weights, device), data_name
+    if s.reference:
         from .evaluation import check_reference
 
-        check_reference(s["reference"], None if teacher.decoder is not None else teacher.sample_shape)
-        return s["reference"], s["reference"]
+        check_reference(s.reference, None if teacher.decoder is not None else teacher.sample_shape)
+        return s.reference, s.reference
     return data_name, data_name
 
 
-def _report_size(s: dict, reference, teacher, run_cost: int):
+def _report_size(s: DistillSettings, reference, teacher, run_cost: int):
     """The end-of-run report's samples and steps (``evaluation.report_size``): a quick try gets a
     quick report, sized to the run's own network passes where --eval-num / --eval-steps are
     not given. An Inception reference the user supplies keeps its full size (its FID is only
@@ -330,15 +325,14 @@ def _report_size(s: dict, reference, teacher, run_cost: int):
     from .evaluation import report_size
 
     budget = run_cost if reference is None or isinstance(reference, str) else None
-    size = report_size(reference, None if s["eval_num"] is None else int(s["eval_num"]),
-                       None if s["eval_steps"] is None else int(s["eval_steps"]), teacher.schedule.num_steps,
+    size = report_size(reference, s.eval_num, s.eval_steps, teacher.schedule.num_steps,
                        teacher.sample_shape, budget)
     if size.sized:
-        s["eval_num"], s["eval_steps"] = size.num, size.steps
+        s.eval_num, s.eval_steps = size.num, size.steps
     return size
 
 
-def _prepare(plan: _Plan, s: dict, pool, info: dict, resume: bool, progress: bool) -> None:
+def _prepare(plan: _Plan, s: DistillSettings, pool, info: dict, resume: bool, progress: bool) -> None:
     """A new run, or one stopped while preparing: announce it, prepare (or finish preparing) the pool,
     or take over the pool of the distill run a few-step run starts from."""
     from .checkpoint import PreparationCheckpoints
@@ -348,8 +342,8 @@ def _prepare(plan: _Plan, s: dict, pool, info: dict, resume: bool, progress: boo
 
     acc = plan.acc
     stop: list = []
-    saver = PreparationCheckpoints(plan.out, acc.process_index, {**info, "seed": s["seed"], "processes": acc.num_processes},
-                                   every_s=float(s["prep_ckpt_every"]), stop=stop)
+    saver = PreparationCheckpoints(plan.out, acc.process_index, {**info, "seed": s.seed, "processes": acc.num_processes},
+                                   every_s=s.prep_ckpt_every, stop=stop)
     state = saver.latest(warn=lambda m: print(m, file=sys.stderr)) if resume else None
     if acc.is_main_process:
         announce(plan, s)
@@ -365,7 +359,7 @@ def _prepare(plan: _Plan, s: dict, pool, info: dict, resume: bool, progress: boo
             pool.teacher_calls = pool.prep_calls = 0  # this run's count starts here
             return
         print(f"{plan.inherit_from}'s checkpoints are unreadable: preparing a pool", file=sys.stderr)
-    estimate = Estimate(plan.prep, plan.cfg.steps * int(s["batch"]), acc.is_main_process)
+    estimate = Estimate(plan.prep, plan.cfg.steps * s.batch, acc.is_main_process)
     previous = catch_signals(stop)  # Ctrl-C: save after the chunk in flight, then stop
     try:
         with progress_bar(plan.prep, "pool", unit="teacher sample-step", unit_scale=True,

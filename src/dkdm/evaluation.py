@@ -20,11 +20,11 @@ from .errors import DkdmError
 
 #: Samples and sampling steps used by default per data set (fixed so numbers compare; for digits
 #: as many samples as the train split, whose own score is the floor in the report).
-EVAL_DEFAULTS = {"toy2d": {"num": 4000, "steps": None}, "digits": {"num": 1437, "steps": 100}}
+METRIC_SIZES = {"toy2d": {"num": 4000, "steps": None}, "digits": {"num": 1437, "steps": 100}}
 
 
 #: Samples and sampling steps of a report's data-free comparison when no data set is known.
-DATA_FREE_DEFAULTS = {"num": 1000, "steps": 100}
+DATA_FREE_SIZE = {"num": 1000, "steps": 100}
 PICTURE_PAIRS = 64  # teacher / student image pairs in samples.png
 
 
@@ -32,9 +32,9 @@ def eval_settings(reference, num: int | None, steps: int | None) -> tuple[int, i
     """Sample count and sampling steps (None: all) of an evaluation: given, else the reference's
     defaults (a built-in data set's, an RGB reference's ``default_num``, the data-free ones)."""
     if reference is None:
-        d = DATA_FREE_DEFAULTS
+        d = DATA_FREE_SIZE
     elif isinstance(reference, str):
-        d = EVAL_DEFAULTS.get(reference, {"num": 1000, "steps": None})
+        d = METRIC_SIZES.get(reference, {"num": 1000, "steps": None})
     else:
         d = {"num": default_num(reference), "steps": None}
     return num or d["num"], steps if steps is not None else d["steps"]
@@ -253,7 +253,7 @@ def default_num(reference) -> int:
     """Samples scored by default: fixed per built-in data set; for an RGB reference as many as its
     images, at most the 50,000 of the ADM evaluator (50,000 against statistics alone)."""
     if isinstance(reference, str):
-        return EVAL_DEFAULTS.get(reference, {"num": 1000})["num"]
+        return METRIC_SIZES.get(reference, {"num": 1000})["num"]
     return min(len(reference.reference), 50000) or 50000
 
 

@@ -7,8 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .choices import (CONVERT_FORMATS, DTYPES, FEWSTEP_OBJECTIVES, FEWSTEP_PREDICTIONS, LR_DECAYS, MIXED_PRECISIONS, POOL_KINDS,
-                      PREDICTIONS, PREPARATIONS, SCHEDULES, VARIANCES)
+from .choices import CONVERT_FORMATS
 
 
 def _did_you_mean(word: str, choices, prefix: str = "", n: int = 2) -> str:
@@ -49,30 +48,27 @@ def _common(p: argparse.ArgumentParser, training: bool) -> None:
                    help="continue the run in --out from its last checkpoint with the settings it saved (run.json): no "
                         "other flag is needed, and only --steps, --max-steps, --patience and how it logs, checkpoints "
                         "and reports may change")
-    p.add_argument("--steps", type=_steps,
-                   help="training iterations, or auto (distill, fewstep): stop when the held-out error and the "
+    p.add_argument("--steps", help="training iterations, or auto (distill, fewstep): stop when the held-out error and the "
                         "data-free score (fewstep: the data-free score of its K-step samples) stop improving (see "
                         "--patience, --max-steps)")
-    p.add_argument("--batch", type=int, help="training batch size B")
-    p.add_argument("--lr", type=float, help="AdamW learning rate")
-    p.add_argument("--weight-decay", type=float, help="AdamW weight decay")
-    p.add_argument("--ema", type=float, help="EMA decay of the saved weights")
-    p.add_argument("--grad-clip", type=float, help="gradient-norm clip (0: off)")
-    p.add_argument("--warmup", type=int, help="learning-rate warm-up steps")
-    p.add_argument("--lr-decay", choices=LR_DECAYS,
-                   help="after the warm-up: constant, or cosine to 0 at the last step (in 100 constant stages)")
-    p.add_argument("--mixed-precision", choices=MIXED_PRECISIONS,
-                   help="autocast the student's update (fp16 needs a CUDA device)")
-    p.add_argument("--log-every", type=int, help="write a log.jsonl line every N steps")
-    p.add_argument("--ckpt-every", type=int, help="checkpoint every K steps")
-    p.add_argument("--keep-checkpoints", type=int, help="checkpoints kept (the oldest are deleted)")
+    p.add_argument("--batch", help="training batch size B")
+    p.add_argument("--lr", help="AdamW learning rate")
+    p.add_argument("--weight-decay", help="AdamW weight decay")
+    p.add_argument("--ema", help="EMA decay of the saved weights")
+    p.add_argument("--grad-clip", help="gradient-norm clip (0: off)")
+    p.add_argument("--warmup", help="learning-rate warm-up steps")
+    p.add_argument("--lr-decay", help="after the warm-up: constant, or cosine to 0 at the last step (in 100 constant stages)")
+    p.add_argument("--mixed-precision", help="autocast the student's update (fp16 needs a CUDA device)")
+    p.add_argument("--log-every", help="write a log.jsonl line every N steps")
+    p.add_argument("--ckpt-every", help="checkpoint every K steps")
+    p.add_argument("--keep-checkpoints", help="checkpoints kept (the oldest are deleted)")
     _objective_and_speed_flags(p)
     _report_and_watch_flags(p)
 
 
 def _objective_and_speed_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--vlb-weight", type=float, help="lambda on L*vlb (default 1: the authors' code)")
-    p.add_argument("--simple-weight", type=float, help="weight of L*simple (default 1; 0 with --vlb-mean-grad: the "
+    p.add_argument("--vlb-weight", help="lambda on L*vlb (default 1: the authors' code)")
+    p.add_argument("--simple-weight", help="weight of L*simple (default 1; 0 with --vlb-mean-grad: the "
                                                         "VLB term alone, an ablation)")
     p.add_argument("--vlb-mean-grad", action="store_true", default=None,
                    help="let L*vlb's gradient reach the student's mean (the method holds it with a stop-gradient; "
@@ -92,13 +88,12 @@ def _objective_and_speed_flags(p: argparse.ArgumentParser) -> None:
 def _report_and_watch_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-report", action="store_true", default=None,
                    help="skip the final samples / metrics report and training.png (the model card is written)")
-    p.add_argument("--eval-num", type=int, help="samples for the final report (default: per data set)")
-    p.add_argument("--eval-steps", type=int, help="sampling steps for the final report (default: per data set)")
-    p.add_argument("--eval-every", type=int,
-                   help="score the EMA model every N steps (held-out error, data-free score, the run's metric): "
+    p.add_argument("--eval-num", help="samples for the final report (default: per data set)")
+    p.add_argument("--eval-steps", help="sampling steps for the final report (default: per data set)")
+    p.add_argument("--eval-every", help="score the EMA model every N steps (held-out error, data-free score, the run's metric): "
                         "log.jsonl and training.png (default: off; --steps auto: a 20th of the fixed default budget)")
-    p.add_argument("--monitor-num", type=int, help="samples drawn at each --eval-every evaluation (default 1000)")
-    p.add_argument("--monitor-steps", type=int, help="sampling steps of each --eval-every evaluation (default 25; "
+    p.add_argument("--monitor-num", help="samples drawn at each --eval-every evaluation (default 1000)")
+    p.add_argument("--monitor-steps", help="sampling steps of each --eval-every evaluation (default 25; "
                                                       "a few-step student samples in its K, the teacher in these)")
     p.add_argument("--report-to", metavar="TRACKERS",
                    help="experiment trackers: tensorboard, wandb, mlflow (several separated by commas), all or none; "
@@ -106,10 +101,24 @@ def _report_and_watch_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--push-to-hub", metavar="REPO_ID",
                    help="upload the finished run's model directory and its model card to this Hugging Face Hub repo "
                         "(as `dkdm push`)")
-    p.add_argument("--patience", type=int,
-                   help="--steps auto: evaluations without a 1%% improvement of both scores before stopping (default 4)")
-    p.add_argument("--max-steps", type=int,
-                   help="--steps auto: the most steps to train (default: 4x the fixed default budget)")
+    p.add_argument("--patience", help="--steps auto: evaluations without a 1%% improvement of both scores before stopping (default 4)")
+    p.add_argument("--max-steps", help="--steps auto: the most steps to train (default: 4x the fixed default budget)")
+
+
+def _kinds_from_settings(p: argparse.ArgumentParser, cls) -> None:
+    """Each flag of a run's setting parses as the setting's kind, within its choices, as ``cls``
+    (settings.py) defines them: one definition, no copied lists."""
+    from dataclasses import fields
+
+    from .settings import STEPS
+
+    settings = {f.name: f.metadata for f in fields(cls)}
+    for a in p._actions:
+        m = settings.get(a.dest)
+        if m is None or a.nargs == 0:  # not a run setting, or an on/off flag
+            continue
+        a.type = _steps if m["kind"] is STEPS else m["kind"] if m["kind"] in (int, float) else None
+        a.choices = m["choices"]
 
 
 def _show_defaults(p: argparse.ArgumentParser, table: dict, ruled=(), per_data: dict | None = None) -> None:
@@ -155,28 +164,21 @@ def _teacher_flags(p: argparse.ArgumentParser, default: str | None = None) -> No
 
 def _pool_flags(p: argparse.ArgumentParser) -> None:
     """The flags distill and fewstep share: the teacher's precision, the pool, held-out states and the report's reference."""
-    p.add_argument("--teacher-dtype", choices=DTYPES,
-                    help="run the teacher's network in reduced precision (faster on GPUs; targets change slightly)")
-    p.add_argument("--guidance", type=float,
-                    help="classifier-free guidance scale of a class-conditional teacher's targets (1: none)")
-    p.add_argument("--pool", choices=POOL_KINDS,
-                    help="the pool of partially denoised samples (dynamic: the paper's dynamic iterative distillation)")
-    p.add_argument("--rho", type=float, help="dynamic pool size in batches per diffusion step (paper: 0.4)")
-    p.add_argument("--pool-dtype", choices=DTYPES,
-                    help="dtype the pool keeps its samples in (16-bit halves its memory)")
-    p.add_argument("--prep-batch", type=int,
-                    help="teacher batch size for pool preparation (default 1024 on a CPU, 8192 on a GPU)")
-    p.add_argument("--prep", choices=PREPARATIONS,
-                    help="pool preparation: exact (each entry its own teacher chain, N*T/2 steps), sampled (a K-step "
+    p.add_argument("--teacher-dtype", help="run the teacher's network in reduced precision (faster on GPUs; targets change slightly)")
+    p.add_argument("--guidance", help="classifier-free guidance scale of a class-conditional teacher's targets (1: none)")
+    p.add_argument("--pool", help="the pool of partially denoised samples (dynamic: the paper's dynamic iterative distillation)")
+    p.add_argument("--rho", help="dynamic pool size in batches per diffusion step (paper: 0.4)")
+    p.add_argument("--pool-dtype", help="dtype the pool keeps its samples in (16-bit halves its memory)")
+    p.add_argument("--prep-batch", help="teacher batch size for pool preparation (default 1024 on a CPU, 8192 on a GPU)")
+    p.add_argument("--prep", help="pool preparation: exact (each entry its own teacher chain, N*T/2 steps), sampled (a K-step "
                          "x0 per entry, noised by q: N*K), shared (each K-step x0 noised by q to one stop in each of "
                          "K-1 bands: about N*K/(K-1)), or auto: exact where K >= T/2, shared where sampled "
                          "preparation would cost more teacher steps than the training, else sampled")
-    p.add_argument("--prep-steps", type=int, help="K, the teacher sampling steps of --prep sampled / shared (default 10, at most T)")
-    p.add_argument("--prep-ckpt-every", type=float, metavar="SECONDS",
+    p.add_argument("--prep-steps", help="K, the teacher sampling steps of --prep sampled / shared (default 10, at most T)")
+    p.add_argument("--prep-ckpt-every", metavar="SECONDS",
                     help="checkpoint the pool preparation every SECONDS (default 300; 0: after every --prep-batch "
                          "chunk), so that --resume continues an interrupted preparation")
-    p.add_argument("--heldout", type=int,
-                    help="pool states held out to score the student on with --eval-every (default 512; 0: none)")
+    p.add_argument("--heldout", help="pool states held out to score the student on with --eval-every (default 512; 0: none)")
     p.add_argument("--reference", help="data set the teacher learned (a built-in name), for the report's and "
                                         "--eval-every's data-set metrics (default: the one the teacher records); with "
                                         "--inception-weights an ADM reference batch or statistics (.npz) or a folder "
@@ -190,7 +192,8 @@ def _pool_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .settings import COMMON_DEFAULTS, DATA_DEFAULTS, DISTILL_DEFAULTS, DISTILL_RULED, FEWSTEP_DEFAULTS, TRAIN_DEFAULTS
+    from .settings import (COMMON_DEFAULTS, DATA_DEFAULTS, DISTILL_DEFAULTS, DISTILL_RULED, FEWSTEP_DEFAULTS,
+                           TRAIN_DEFAULTS, DistillSettings, FewstepSettings, TrainSettings)
 
     ap = _Parser(prog="dkdm", description="Data-free knowledge distillation for diffusion models.")
     ap.add_argument("--version", action="version", version=_version())
@@ -198,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr, di, fs = _train_parser(sub), _distill_parser(sub), _fewstep_parser(sub)
     tools = _tool_parsers(sub)
+    for p, cls in ((tr, TrainSettings), (di, DistillSettings), (fs, FewstepSettings)):
+        _kinds_from_settings(p, cls)
     _show_defaults(tr, {**COMMON_DEFAULTS, **TRAIN_DEFAULTS}, per_data=DATA_DEFAULTS)
     _show_defaults(di, {**COMMON_DEFAULTS, **DISTILL_DEFAULTS}, ruled=DISTILL_RULED)
     _show_defaults(fs, {**COMMON_DEFAULTS, **DISTILL_DEFAULTS, **FEWSTEP_DEFAULTS}, ruled=DISTILL_RULED)
@@ -210,15 +215,13 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="ordinary data-based training (teachers and baselines)")
     _common(tr, True)
     tr.add_argument("--data", help="built-in data set (toy2d, digits) or a sample set written by `dkdm synth`")
-    tr.add_argument("--real-fraction", type=float,
-                    help="data-limited baseline: keep this percentage of --data, fill up with --synthetic samples")
+    tr.add_argument("--real-fraction", help="data-limited baseline: keep this percentage of --data, fill up with --synthetic samples")
     tr.add_argument("--synthetic", help="sample set (from `dkdm synth`) that fills up a --real-fraction set")
     tr.add_argument("--model", help="architecture spec, e.g. mlp:width=128,depth=3")
-    tr.add_argument("--schedule", choices=SCHEDULES, help="noise schedule")
-    tr.add_argument("--diffusion-steps", type=int, help="T, the number of diffusion steps")
-    tr.add_argument("--variance", choices=VARIANCES,
-                    help="reverse-process variance (learned_range trains it with L*vlb)")
-    tr.add_argument("--prediction", choices=PREDICTIONS, help="what the network predicts")
+    tr.add_argument("--schedule", help="noise schedule")
+    tr.add_argument("--diffusion-steps", help="T, the number of diffusion steps")
+    tr.add_argument("--variance", help="reverse-process variance (learned_range trains it with L*vlb)")
+    tr.add_argument("--prediction", help="what the network predicts")
     return tr
 
 
@@ -239,10 +242,8 @@ def _distill_parser(sub) -> argparse.ArgumentParser:
         "--config) follow from the student's size and the problem (T, sample size), the same rules for every "
         "teacher; the run prints each with its reason.",
         "student architecture spec (default: the teacher's family at every width / sqrt(2), about half its parameters)")
-    di.add_argument("--student-steps", type=int,
-                    help="the student's diffusion steps: an even respacing of the teacher's (default: the same)")
-    di.add_argument("--variance", choices=VARIANCES,
-                    help="student variance (learned_range trains it with L*vlb)")
+    di.add_argument("--student-steps", help="the student's diffusion steps: an even respacing of the teacher's (default: the same)")
+    di.add_argument("--variance", help="student variance (learned_range trains it with L*vlb)")
     _pool_flags(di)
     return di
 
@@ -258,14 +259,12 @@ def _fewstep_parser(sub) -> argparse.ArgumentParser:
         "the student to start from: the run or model directory of `dkdm distill` (or any model of the teacher's "
         "sample shape and steps, e.g. the teacher itself)",
         teacher_default="the teacher --student was distilled from, as it records it")
-    fs.add_argument("--sampler-steps", type=int, help="K, the steps the saved student samples in (1..50; sample / evaluate --steps picks another)")
-    fs.add_argument("--fewstep-objective", choices=FEWSTEP_OBJECTIVES,
-                    help="consistency distillation on the teacher's pool, or distribution matching (the student as a "
+    fs.add_argument("--sampler-steps", help="K, the steps the saved student samples in (1..50; sample / evaluate --steps picks another)")
+    fs.add_argument("--fewstep-objective", help="consistency distillation on the teacher's pool, or distribution matching (the student as a "
                          "generator from t*, judged by the teacher and a fake score: docs/few-step.md) (default: "
                          "matching for one step, consistency for more; printed when the run starts)")
-    fs.add_argument("--fewstep-prediction", choices=FEWSTEP_PREDICTIONS,
-                    help="what the few-step student's network predicts (v: well conditioned at every step)")
-    fs.add_argument("--consistency-grid", type=int, metavar="N",
+    fs.add_argument("--fewstep-prediction", help="what the few-step student's network predicts (v: well conditioned at every step)")
+    fs.add_argument("--consistency-grid", metavar="N",
                     help="the ODE's grid: consistency pairs T/N steps apart, and the timesteps K steps are taken "
                          "from (LCMScheduler's original_inference_steps; default min(50, T))")
     _pool_flags(fs)

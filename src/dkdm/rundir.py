@@ -17,10 +17,10 @@ def default_out(command: str) -> str:
     return str(Path("dkdm-runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def check_out(s: dict) -> Path:
-    if not s.get("out"):
+def check_out(s) -> Path:
+    if not s.out:
         raise DkdmError("--out DIR is required: the run directory to create")
-    out = Path(s["out"])
+    out = Path(s.out)
     if out.exists() and not out.is_dir():
         raise DkdmError(f"--out {out} is a file; choose a directory path")
     from .checkpoint import has_preparation, list_checkpoints
@@ -28,7 +28,7 @@ def check_out(s: dict) -> Path:
 
     others = sorted(p.name for p in out.iterdir() if p.name != LOCK) if out.is_dir() else []
     is_run = (out / RUN_JSON).is_file() or bool(list_checkpoints(out / CHECKPOINTS)) or has_preparation(out)
-    if s.get("resume"):
+    if s.resume:
         if not out.exists():
             raise DkdmError(f"--resume: {out} has no checkpoint to resume from (it does not exist); drop --resume to "
                             f"start a new run there")
@@ -47,10 +47,10 @@ def _names(names: list[str]) -> str:
     return "nothing" if not names else ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
-def write_settings(out: Path, s: dict, processes: int) -> None:
+def write_settings(out: Path, s, processes: int) -> None:
     """RUN/run.json: the settings (every rule applied), which command ran them and on how many processes."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / RUN_JSON).write_text(json.dumps({**s, "command": command_of(s), "processes": processes}, indent=1,
+    (out / RUN_JSON).write_text(json.dumps({**s.as_dict(), "processes": processes}, indent=1,
                                              default=str))
 
 

@@ -10,69 +10,64 @@ from pathlib import Path
 from .errors import DkdmError
 from .layout import RUN_JSON
 from .rundir import write_settings
-from .settings import checked_batch
+from .settings import RunSettings
 
-def trackers(s: dict) -> tuple[list[str], Path | None]:
+def trackers(s: RunSettings) -> tuple[list[str], Path | None]:
     """--report-to's trackers (checked before anything is loaded, as --push-to-hub's repo id) and
     where their files go."""
     from .tracking import TRACKING_DIR, parse
 
-    if s.get("push_to_hub"):
+    if s.push_to_hub:
         from .formats.hub import check_repo_id
 
-        check_repo_id(s["push_to_hub"])
-    return parse(s["report_to"]), Path(s["out"]) / TRACKING_DIR if s.get("out") else None
+        check_repo_id(s.push_to_hub)
+    return parse(s.report_to), Path(s.out) / TRACKING_DIR if s.out else None
 
 
-def rank_seed(s: dict, acc) -> int:
+def rank_seed(s: RunSettings, acc) -> int:
     """Each process draws its own batches (its own pool shard): the seed is offset by the rank.
     Rank 0 keeps the run's seed, so a single process reproduces earlier runs."""
-    return int(s["seed"]) + 100003 * acc.process_index
+    return s.seed + 100003 * acc.process_index
 
 
-def train_config(s: dict, fixed_default: int | None = None, objective: str = "dkdm"):
+def train_config(s: RunSettings, fixed_default: int | None = None, objective: str = "dkdm"):
     """The loop's settings; ``--steps auto`` trains up to --max-steps (default 4x ``fixed_default``)
     and evaluates every --eval-every steps (default: a 20th of the fixed default budget)."""
     from .train_config import TrainConfig
 
-    if s["steps"] == "auto":
+    if s.steps == "auto":
         if fixed_default is None:
             raise DkdmError("--steps auto needs a teacher (it watches the held-out error and data-free score of "
                             "`dkdm distill`); give train a number of steps")
-        s["max_steps"] = int(s["max_steps"] or 4 * fixed_default)
-        s["eval_every"] = int(s["eval_every"] or max(1, fixed_default // 20))
-        s["patience"] = int(4 if s["patience"] is None else s["patience"])
-        if s["patience"] < 1 or s["max_steps"] < 1:
-            raise DkdmError(f"--patience and --max-steps must be at least 1, got {s['patience']} and {s['max_steps']}")
+        s.max_steps = s.max_steps or 4 * fixed_default
+        s.eval_every = s.eval_every or max(1, fixed_default // 20)
+        s.patience = 4 if s.patience is None else s.patience
+        if s.patience < 1 or s.max_steps < 1:
+            raise DkdmError(f"--patience and --max-steps must be at least 1, got {s.patience} and {s.max_steps}")
     else:
         for key in ("max_steps", "patience"):
-            if s.get(key) is not None:
+            if getattr(s, key) is not None:
                 raise DkdmError(f"--{key.replace('_', '-')} goes with --steps auto; with a fixed --steps it has no effect")
     cfg = TrainConfig(
-        steps=int(s["max_steps"] if s["steps"] == "auto" else s["steps"]), lr=float(s["lr"]),
-        weight_decay=float(s["weight_decay"]),
-        ema_decay=float(s["ema"]), grad_clip=float(s["grad_clip"]), warmup=int(s["warmup"]), lr_decay=s["lr_decay"],
-        mixed_precision=s["mixed_precision"], log_every=int(s["log_every"]), ckpt_every=int(s["ckpt_every"]),
-        keep_checkpoints=int(s["keep_checkpoints"]), vlb_weight=float(s["vlb_weight"]),
-        simple_weight=float(s["simple_weight"]), vlb_mean_grad=bool(s["vlb_mean_grad"]),
-        compile=bool(s["compile"]), channels_last=bool(s["channels_last"]), cuda_graphs=bool(s["cuda_graphs"]),
+        steps=s.max_steps if s.steps == "auto" else s.steps, lr=s.lr, weight_decay=s.weight_decay, ema_decay=s.ema, grad_clip=s.grad_clip, warmup=s.warmup, lr_decay=s.lr_decay,
+        mixed_precision=s.mixed_precision, log_every=s.log_every, ckpt_every=s.ckpt_every,
+        keep_checkpoints=s.keep_checkpoints, vlb_weight=s.vlb_weight,
+        simple_weight=s.simple_weight, vlb_mean_grad=s.vlb_mean_grad,
+        compile=s.compile, channels_last=s.channels_last, cuda_graphs=s.cuda_graphs,
         objective=objective,
     )
     cfg.validate()
-    checked_batch(s["batch"])
     return cfg
 
 
-def monitor_config(s: dict):
+def monitor_config(s: RunSettings):
     """The settings of --eval-every / --steps auto, checked (None: the run is not watched)."""
-    if s.get("eval_every") is None:
+    if s.eval_every is None:
         return None
     from .monitor import MonitorConfig
 
-    config = MonitorConfig(every=int(s["eval_every"]), num=int(s["monitor_num"]),
-                           steps=None if s["monitor_steps"] is None else int(s["monitor_steps"]),
-                           heldout=int(s.get("heldout") or 0), seed=int(s["seed"]),
-                           patience=int(s["patience"] or 0))
+    config = MonitorConfig(every=s.eval_every, num=s.monitor_num, steps=s.monitor_steps,
+                           heldout=getattr(s, "heldout", 0), seed=s.seed, patience=s.patience or 0)
     config.validate()
     return config
 
@@ -91,7 +86,7 @@ def make_monitor(config, trainer, teacher=None, pool=None, reference=None, guida
                    device=trainer.accelerator.device, progress=progress)
 
 
-def run(trainer, s: dict, out: Path, progress: bool, prepare=None, teacher=None, monitor=None, reference=None) -> None:
+def run(trainer, s: RunSettings, out: Path, progress: bool, prepare=None, teacher=None, monitor=None, reference=None) -> None:
     """``_run_locked`` holding the run directory's lock (one run per directory)."""
     from .runlock import RunLock
 
@@ -116,7 +111,7 @@ def run(trainer, s: dict, out: Path, progress: bool, prepare=None, teacher=None,
             out.rmdir()  # a run that failed before writing anything leaves no directory behind
 
 
-def _run_locked(trainer, s: dict, out: Path, progress: bool, prepare=None, teacher=None, monitor=None, reference=None) -> None:
+def _run_locked(trainer, s: RunSettings, out: Path, progress: bool, prepare=None, teacher=None, monitor=None, reference=None) -> None:
     """Resume or start (optionally preparing the pool first, then checkpointing it), train, report
     (against ``reference``, default: the data set the student records)."""
     acc = trainer.accelerator
@@ -125,7 +120,7 @@ def _run_locked(trainer, s: dict, out: Path, progress: bool, prepare=None, teach
         print(monitor.cost(), file=sys.stderr)
     from .checkpoint import list_checkpoints
 
-    if s.get("resume") and list_checkpoints(trainer.ckpt_dir):
+    if s.resume and list_checkpoints(trainer.ckpt_dir):
         _resume(trainer, s, out, monitor)
     else:
         _start(trainer, s, out, prepare, monitor)
@@ -143,7 +138,7 @@ def _run_locked(trainer, s: dict, out: Path, progress: bool, prepare=None, teach
     return _finish(trainer, s, out, last, progress, teacher, monitor, reference)
 
 
-def _resume(trainer, s: dict, out: Path, monitor) -> None:
+def _resume(trainer, s: RunSettings, out: Path, monitor) -> None:
     """A stopped run back at its last checkpoint, with what a resumed run may change saved."""
     from .checkpoint import drop_preparation
 
@@ -157,7 +152,7 @@ def _resume(trainer, s: dict, out: Path, monitor) -> None:
             trainer.cfg.steps = step  # the rule had already stopped the run at its last checkpoint
 
 
-def _start(trainer, s: dict, out: Path, prepare, monitor) -> None:
+def _start(trainer, s: RunSettings, out: Path, prepare, monitor) -> None:
     """A new run (or one stopped before its first checkpoint): its settings saved, the pool prepared,
     the first checkpoint written (it holds the prepared pool)."""
     import torch
@@ -170,26 +165,26 @@ def _start(trainer, s: dict, out: Path, prepare, monitor) -> None:
     if prepare is not None:
         check_free_space(out, 2 * trainer.checkpoint_bytes(), "the pool's preparation and first checkpoints")
     if main:  # before the preparation, so that a run stopped while preparing resumes from its settings
-        if s.get("resume") and not has_preparation(out):
+        if s.resume and not has_preparation(out):
             print(f"{out} was stopped before it saved anything: starting it afresh with its settings", file=sys.stderr)
         write_settings(out, s, acc.num_processes)
     if prepare is not None:
         try:
-            prepare(bool(s.get("resume")))
+            prepare(s.resume)
         except DkdmError:  # a refused run leaves nothing behind (an interrupted one its settings)
-            if main and not s.get("resume") and not has_preparation(out):
+            if main and not s.resume and not has_preparation(out):
                 (out / RUN_JSON).unlink(missing_ok=True)
             raise
     if main and monitor is not None:
         monitor.setup()
-    torch.manual_seed(int(s["seed"]) + 1)
+    torch.manual_seed(s.seed + 1)
     acc.wait_for_everyone()
     trainer.save()
     if main:  # the first checkpoint holds the prepared pool
         drop_preparation(out)
 
 
-def _finish(trainer, s: dict, out: Path, last, progress: bool, teacher, monitor, reference) -> dict:
+def _finish(trainer, s: RunSettings, out: Path, last, progress: bool, teacher, monitor, reference) -> dict:
     """After training, on the main process: the curves, the report, the model card, the push."""
     import copy
 
@@ -201,23 +196,24 @@ def _finish(trainer, s: dict, out: Path, last, progress: bool, teacher, monitor,
     from .students import count_parameters
 
     result = {"out": out, "last": last, "stop_reason": trainer.stop_reason, "report": None}
-    if monitor is not None or not s.get("no_report"):  # the curves, the last line included (dkdm report redraws)
+    if monitor is not None or not s.no_report:  # the curves, the last line included (dkdm report redraws)
         plot_run(out, monitor.stop_step if monitor is not None else None)
     if trainer.stop_reason:
         print(f"stopped at step {trainer.step}: {trainer.stop_reason}", file=sys.stderr)
     reference = reference if reference is not None else trainer.student.extra.get("data")
-    if (reference or teacher is not None) and not s.get("no_report"):
+    if (reference or teacher is not None) and not s.no_report:
         custom = trainer.student.spec is None  # a network given as an object: load its weights into a copy
         model = load_model(out, device=trainer.accelerator.device,
                            net=copy.deepcopy(trainer.student.net) if custom else None)
         heldout = {k: v for k, v in monitor.last.items() if k.startswith("heldout_")} if monitor else None
-        teacher_dir = None if is_object_reference(s.get("teacher")) else s.get("teacher") and resolve_model_dir(s["teacher"])
+        teacher_ref = getattr(s, "teacher", None)
+        teacher_dir = None if is_object_reference(teacher_ref) else teacher_ref and resolve_model_dir(teacher_ref)
         result["report"] = write_report(out, model, reference, teacher=teacher, teacher_dir=teacher_dir,
-                                        seed=int(s["seed"]), progress=progress, num=s["eval_num"],
-                                        steps=s["eval_steps"], guidance=float(s.get("guidance") or 1.0), heldout=heldout)
+                                        seed=s.seed, progress=progress, num=s.eval_num,
+                                        steps=s.eval_steps, guidance=getattr(s, "guidance", 1.0), heldout=heldout)
     write_model_card(out, count_parameters(teacher.net) if teacher is not None else None)
     written = [f for f in ("metrics.json", "samples.png", "training.png", "stop.json", "README.md") if (out / f).exists()]
     print(f"run directory: {out} ({', '.join(written)})", file=sys.stderr)
-    if s.get("push_to_hub"):
-        print(f"pushed to {push(out, s['push_to_hub'])}", file=sys.stderr)
+    if s.push_to_hub:
+        print(f"pushed to {push(out, s.push_to_hub)}", file=sys.stderr)
     return result

@@ -20,7 +20,8 @@ from .layout import RUN_JSON
 from .rundir import check_out, recorded_teacher
 from .runloop import make_monitor, monitor_config, rank_seed, run, trackers, train_config
 from .settings import (COMMON_DEFAULTS, DATA_DEFAULTS, DISTILL_DEFAULTS, DISTILL_RULED, FEWSTEP_DEFAULTS, RUN_DIRECTORY,
-                       TRAIN_DEFAULTS, merge, read_config, resumed)
+                       TRAIN_DEFAULTS, DistillSettings, FewstepSettings, TrainSettings, merge, read_config, resumed,
+                       typed)
 
 #: What a finished run returns: its directory, the last log record (loss terms, lr, step rate),
 #: why it stopped early (``--steps auto``, else None) and the report's rows (None without one).
@@ -39,26 +40,24 @@ def train(config=None, progress: bool = True, **settings) -> dict | None:
     from .trainer import Trainer
 
     config, settings = _saved("train", config, settings)
-    s = merge([COMMON_DEFAULTS, TRAIN_DEFAULTS, RUN_DIRECTORY], config, settings)  # the data set's defaults below
-    data_name = s["data"]
-    dataset = load_dataset(data_name)
-    if (s["real_fraction"] is None) != (s["synthetic"] is None):
+    s = typed(TrainSettings, merge([COMMON_DEFAULTS, TRAIN_DEFAULTS, RUN_DIRECTORY], config, settings))
+    dataset = load_dataset(s.data)  # the data set's defaults below
+    if (s.real_fraction is None) != (s.synthetic is None):
         raise DkdmError("--real-fraction P and --synthetic DIR go together: P% of --data, the rest from DIR")
-    if s["real_fraction"] is not None:
+    if s.real_fraction is not None:
         if not hasattr(dataset, "images") or isinstance(dataset, SampleSet):
-            raise DkdmError(f"--real-fraction needs a built-in image data set as --data (digits), got {data_name}")
-        dataset = MixedSet(dataset, SampleSet(s["synthetic"]), s["real_fraction"], seed=s["seed"] or 0)
+            raise DkdmError(f"--real-fraction needs a built-in image data set as --data (digits), got {s.data}")
+        dataset = MixedSet(dataset, SampleSet(s.synthetic), s.real_fraction, seed=s.seed)
     reference = reference_of(dataset)
-    s = merge([COMMON_DEFAULTS, TRAIN_DEFAULTS, DATA_DEFAULTS.get(reference, {}), RUN_DIRECTORY], config, settings)
+    s = typed(TrainSettings, merge([COMMON_DEFAULTS, TRAIN_DEFAULTS, DATA_DEFAULTS.get(reference, {}), RUN_DIRECTORY],
+                                   config, settings))
     cfg = train_config(s)
     watch = monitor_config(s)
     out = check_out(s)
-    if int(s["diffusion_steps"]) < 2:
-        raise DkdmError(f"--diffusion-steps must be at least 2, got {s['diffusion_steps']}")
-    schedule = Schedule.named(s["schedule"], int(s["diffusion_steps"]))
-    torch.manual_seed(int(s["seed"]))
+    schedule = Schedule.named(s.schedule, s.diffusion_steps)
+    torch.manual_seed(s.seed)
     model = DiffusionModel.build(
-        s["model"], dataset.sample_shape, schedule, variance=s["variance"], prediction=s["prediction"],
+        s.model, dataset.sample_shape, schedule, variance=s.variance, prediction=s.prediction,
         clip_x0=dataset.clip_x0, extra={"data": reference, **({"trained_on": dataset.name} if dataset.name != reference else {})},
     )
     acc = make_accelerator(cfg.mixed_precision, *trackers(s))
@@ -67,7 +66,7 @@ def train(config=None, progress: bool = True, **settings) -> dict | None:
         raise DkdmError(f"the model conditions on {model.num_classes} classes but {dataset.name} has "
                         f"{classes or 'no'} labels; use classes={classes} in the spec" if classes else
                         f"the model conditions on classes but {dataset.name} has no labels; drop classes= from the spec")
-    source = DataSource(dataset, schedule, int(s["batch"]), seed=rank_seed(s, acc), device=acc.device,
+    source = DataSource(dataset, schedule, s.batch, seed=rank_seed(s, acc), device=acc.device,
                         conditional=bool(model.num_classes))
     info = {"student": model.describe(), "source": source.describe()}
     trainer = Trainer(model, source, cfg, out, info, progress=progress, accelerator=acc)
@@ -87,7 +86,7 @@ def distill(config=None, progress: bool = True, **settings) -> dict | None:
 
     settings, objects = take_objects(settings)
     config, settings = _saved("distill", config, settings)
-    s = merge([COMMON_DEFAULTS, DISTILL_DEFAULTS, DISTILL_RULED, RUN_DIRECTORY], config, settings)
+    s = typed(DistillSettings, merge([COMMON_DEFAULTS, DISTILL_DEFAULTS, DISTILL_RULED, RUN_DIRECTORY], config, settings))
     return distillation(s, progress, objects)
 
 
@@ -103,14 +102,13 @@ def fewstep(config=None, progress: bool = True, **settings) -> dict | None:
         raise DkdmError("fewstep's student is the run or model directory of a distillation (student=\"runs/d\"), "
                         "not a network object")
     config, settings = _saved("fewstep", config, settings)
-    s = merge([COMMON_DEFAULTS, DISTILL_DEFAULTS, DISTILL_RULED, FEWSTEP_DEFAULTS, RUN_DIRECTORY], config, settings)
-    if not s["student"]:
+    s = typed(FewstepSettings, merge([COMMON_DEFAULTS, DISTILL_DEFAULTS, DISTILL_RULED, FEWSTEP_DEFAULTS, RUN_DIRECTORY],
+                                      config, settings))
+    if not s.student:
         raise DkdmError("--student is required: the run or model directory of the student to make a few-step "
                         "sampler (e.g. the --out of `dkdm distill`)")
-    if s["teacher"] is None:  # the one the student was distilled from
-        s["teacher"] = recorded_teacher(s["student"]) or DISTILL_DEFAULTS["teacher"]
-    if int(s["sampler_steps"]) < 1:
-        raise DkdmError(f"--sampler-steps must be at least 1, got {s['sampler_steps']}")
+    if s.teacher is None:  # the one the student was distilled from
+        s.teacher = recorded_teacher(s.student) or DISTILL_DEFAULTS["teacher"]
     return distillation(s, progress, objects)
 
 

@@ -15,7 +15,7 @@ from .errors import DkdmError
 from .nets import FAMILIES
 
 
-DEFAULTS = {name: family.defaults for name, family in FAMILIES.items()}
+SPEC_DEFAULTS = {name: family.defaults for name, family in FAMILIES.items()}
 
 
 #: Fields that may be 0 (classes=0: unconditional; pos_grid=0: diffusers' own positions).
@@ -34,7 +34,7 @@ SPEC_HELP = (
 )
 
 
-KINDS = (*DEFAULTS, "adm", "import", "diffusers")
+KINDS = (*SPEC_DEFAULTS, "adm", "import", "diffusers")
 
 
 #: diffusers model classes a ``--student config.json`` may name (fresh weights, dkdm's wrappers).
@@ -160,14 +160,14 @@ def parse_spec(spec) -> dict:
         return {"type": "adm", **parse_flags(spec)}
     if kind in ("import", "diffusers"):
         return _checked_external(spec)
-    unknown = set(spec) - set(DEFAULTS[kind]) - {"type"}
+    unknown = set(spec) - set(SPEC_DEFAULTS[kind]) - {"type"}
     if unknown:
         raise DkdmError(
             f"unknown field(s) {', '.join(sorted(unknown))} for a {kind} model; "
-            f"it takes {', '.join(DEFAULTS[kind])}"
+            f"it takes {', '.join(SPEC_DEFAULTS[kind])}"
         )
-    full = {"type": kind, **DEFAULTS[kind], **{k: v for k, v in spec.items() if k != "type"}}
-    for key, default in DEFAULTS[kind].items():
+    full = {"type": kind, **SPEC_DEFAULTS[kind], **{k: v for k, v in spec.items() if k != "type"}}
+    for key, default in SPEC_DEFAULTS[kind].items():
         val = full[key]
         if isinstance(default, list):
             val = full[key] = [] if val in ("", None) else (val if isinstance(val, list) else [val])
@@ -212,7 +212,7 @@ def format_spec(spec: dict) -> str:
 
         defaults = FLAG_DEFAULTS
     else:
-        defaults = DEFAULTS[spec["type"]]
+        defaults = SPEC_DEFAULTS[spec["type"]]
 
     def text(v):
         if isinstance(v, (list, tuple)):

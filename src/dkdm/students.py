@@ -11,7 +11,7 @@ from torch import nn
 
 from .errors import DkdmError
 # the spec functions, re-exported: a spec and the network it builds are used together
-from .specs import (DEFAULTS, DIFFUSERS_CLASSES, KINDS, SPEC_HELP, family_of, format_spec,  # noqa: F401
+from .specs import (SPEC_DEFAULTS, DIFFUSERS_CLASSES, KINDS, SPEC_HELP, family_of, format_spec,  # noqa: F401
                     num_classes, parse_spec, saved_spec)
 from .nets import FAMILIES
 from .nets.adm import ADMNet, ADMUNet, channel_plan

@@ -39,11 +39,11 @@ def parse(value) -> list[str]:
     return names
 
 
-def start(accelerator, settings: dict) -> None:
+def start(accelerator, settings) -> None:
     """Open the trackers (main process) with the run's settings as its configuration."""
     if not accelerator.log_with:
         return
-    config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in settings.items()}
+    config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in settings.as_dict().items()}
     accelerator.init_trackers(PROJECT, config=config)
 
 
