@@ -36,89 +36,131 @@ TEACHER_HELP = ("the teacher: builtin:digits (the bundled one); a dkdm model dir
                 "checkpoint (.pt loaded weights-only, or .safetensors) with --teacher-config")
 
 
-def _common(p: argparse.ArgumentParser, training: bool) -> None:
+#: The help of each run setting's flag, in the order --help lists them: the flag is the setting's name,
+#: its kind, choices and default the setting's definition (settings.py).
+RUN_HELP = {
+    "out": "run directory to create (it becomes the model directory; default: dkdm-runs/COMMAND-DATE-TIME)",
+    "steps": ("training iterations, or auto (distill, fewstep): stop when the held-out error and the data-free "
+              "score (fewstep: the data-free score of its K-step samples) stop improving (see --patience, "
+              "--max-steps)"),
+    "batch": "training batch size B",
+    "lr": "AdamW learning rate",
+    "weight_decay": "AdamW weight decay",
+    "ema": "EMA decay of the saved weights",
+    "grad_clip": "gradient-norm clip (0: off)",
+    "warmup": "learning-rate warm-up steps",
+    "lr_decay": "after the warm-up: constant, or cosine to 0 at the last step (in 100 constant stages)",
+    "mixed_precision": "autocast the student's update (fp16 needs a CUDA device)",
+    "log_every": "write a log.jsonl line every N steps",
+    "ckpt_every": "checkpoint every K steps",
+    "keep_checkpoints": "checkpoints kept (the oldest are deleted)",
+    "vlb_weight": "lambda on L*vlb (default 1: the authors' code)",
+    "simple_weight": "weight of L*simple (default 1; 0 with --vlb-mean-grad: the VLB term alone, an ablation)",
+    "vlb_mean_grad": ("let L*vlb's gradient reach the student's mean (the method holds it with a stop-gradient; "
+                      "an ablation)"),
+    "compile": ("torch.compile the networks by regions (each repeated block in place; the student, in distill "
+                "also the teacher); the first step is slow while it compiles, and says how long; compiled "
+                "kernels are cached under $DKDM_CACHE/inductor for the next run of the same shapes"),
+    "channels_last": ("channels-last weights for convolutional networks (PyTorch advises it for convolutions on "
+                      "GPUs in reduced precision; measure with bench/speed.py)"),
+    "cuda_graphs": ("replay each student update (in distill also the pool's teacher step) as a CUDA graph: one "
+                    "launch instead of hundreds (needs a CUDA device; not with --compile, fp16 or several "
+                    "processes)"),
+    "no_report": "skip the final samples / metrics report and training.png (the model card is written)",
+    "eval_num": "samples for the final report (default: per data set)",
+    "eval_steps": "sampling steps for the final report (default: per data set)",
+    "eval_every": ("score the EMA model every N steps (held-out error, data-free score, the run's metric): "
+                   "log.jsonl and training.png (default: off; --steps auto: a 20th of the fixed default budget)"),
+    "monitor_num": "samples drawn at each --eval-every evaluation (default 1000)",
+    "monitor_steps": ("sampling steps of each --eval-every evaluation (default 25; a few-step student samples in"
+                      " its K, the teacher in these)"),
+    "report_to": ("experiment trackers: tensorboard, wandb, mlflow (several separated by commas), all or none; "
+                  "they get every log record, the --eval-every scores and sample grids (files in RUN/tracking)"),
+    "push_to_hub": ("upload the finished run's model directory and its model card to this Hugging Face Hub repo "
+                    "(as `dkdm push`)"),
+    "patience": "--steps auto: evaluations without a 1%% improvement of both scores before stopping (default 4)",
+    "max_steps": "--steps auto: the most steps to train (default: 4x the fixed default budget)",
+
+}
+TRAIN_HELP = {
+    "data": "built-in data set (toy2d, digits) or a sample set written by `dkdm synth`",
+    "real_fraction": "data-limited baseline: keep this percentage of --data, fill up with --synthetic samples",
+    "synthetic": "sample set (from `dkdm synth`) that fills up a --real-fraction set",
+    "model": "architecture spec, e.g. mlp:width=128,depth=3",
+    "schedule": "noise schedule",
+    "diffusion_steps": "T, the number of diffusion steps",
+    "variance": "reverse-process variance (learned_range trains it with L*vlb)",
+    "prediction": "what the network predicts",
+}
+DISTILL_HELP = {
+    "student_steps": "the student's diffusion steps: an even respacing of the teacher's (default: the same)",
+    "variance": "student variance (learned_range trains it with L*vlb)",
+}
+POOL_HELP = {
+    "teacher_dtype": "run the teacher's network in reduced precision (faster on GPUs; targets change slightly)",
+    "guidance": "classifier-free guidance scale of a class-conditional teacher's targets (1: none)",
+    "pool": "the pool of partially denoised samples (dynamic: the paper's dynamic iterative distillation)",
+    "rho": "dynamic pool size in batches per diffusion step (paper: 0.4)",
+    "pool_dtype": "dtype the pool keeps its samples in (16-bit halves its memory)",
+    "prep_batch": "teacher batch size for pool preparation (default 1024 on a CPU, 8192 on a GPU)",
+    "prep": ("pool preparation: exact (each entry its own teacher chain, N*T/2 steps), sampled (a K-step x0 per "
+             "entry, noised by q: N*K), shared (each K-step x0 noised by q to one stop in each of K-1 bands: "
+             "about N*K/(K-1)), or auto: exact where K >= T/2, shared where sampled preparation would cost more "
+             "teacher steps than the training, else sampled"),
+    "prep_steps": "K, the teacher sampling steps of --prep sampled / shared (default 10, at most T)",
+    "prep_ckpt_every": ("checkpoint the pool preparation every SECONDS (default 300; 0: after every --prep-batch"
+                        " chunk), so that --resume continues an interrupted preparation"),
+    "heldout": "pool states held out to score the student on with --eval-every (default 512; 0: none)",
+    "reference": ("data set the teacher learned (a built-in name), for the report's and --eval-every's data-set "
+                  "metrics (default: the one the teacher records); with --inception-weights an ADM reference "
+                  "batch or statistics (.npz) or a folder of images"),
+    "dry_run": ("load the teacher, build the student, check the settings and memory, print the plan and its "
+                "cost, and stop before the pool is allocated (nothing is written)"),
+    "inception_weights": ("local Inception weights (torch-fidelity's pt_inception file): --eval-every and the "
+                          "report score FID, IS, precision and recall against --reference"),
+}
+FEWSTEP_HELP = {
+    "sampler_steps": ("K, the steps the saved student samples in (1..50; sample / evaluate --steps picks "
+                      "another)"),
+    "fewstep_objective": ("consistency distillation on the teacher's pool, or distribution matching (the student"
+                          " as a generator from t*, judged by the teacher and a fake score: docs/few-step.md) "
+                          "(default: matching for one step, consistency for more; printed when the run starts)"),
+    "fewstep_prediction": "what the few-step student's network predicts (v: well conditioned at every step)",
+    "consistency_grid": ("the ODE's grid: consistency pairs T/N steps apart, and the timesteps K steps are taken"
+                         " from (LCMScheduler's original_inference_steps; default min(50, T))"),
+}
+RESUME_HELP = ("continue the run in --out from its last checkpoint with the settings it saved (run.json): no other "
+               "flag is needed, and only --steps, --max-steps, --patience and how it logs, checkpoints and reports "
+               "may change")
+STUDENT_HELP = {"distill": "student architecture spec (default: the teacher's family at every width / sqrt(2), about "
+                           "half its parameters)",
+                "fewstep": "the student to start from: the run or model directory of `dkdm distill` (or any model of the "
+                           "teacher's sample shape and steps, e.g. the teacher itself)"}
+METAVARS = {"report_to": "TRACKERS", "push_to_hub": "REPO_ID", "prep_ckpt_every": "SECONDS", "consistency_grid": "N"}
+
+
+def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file of settings (flags override it)")
     p.add_argument("--seed", type=int, help="random seed (same seed, same result on CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    if not training:
-        return
-    p.add_argument("--out", help="run directory to create (it becomes the model directory; default: "
-                                 "dkdm-runs/COMMAND-DATE-TIME)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last checkpoint with the settings it saved (run.json): no "
-                        "other flag is needed, and only --steps, --max-steps, --patience and how it logs, checkpoints "
-                        "and reports may change")
-    p.add_argument("--steps", help="training iterations, or auto (distill, fewstep): stop when the held-out error and the "
-                        "data-free score (fewstep: the data-free score of its K-step samples) stop improving (see "
-                        "--patience, --max-steps)")
-    p.add_argument("--batch", help="training batch size B")
-    p.add_argument("--lr", help="AdamW learning rate")
-    p.add_argument("--weight-decay", help="AdamW weight decay")
-    p.add_argument("--ema", help="EMA decay of the saved weights")
-    p.add_argument("--grad-clip", help="gradient-norm clip (0: off)")
-    p.add_argument("--warmup", help="learning-rate warm-up steps")
-    p.add_argument("--lr-decay", help="after the warm-up: constant, or cosine to 0 at the last step (in 100 constant stages)")
-    p.add_argument("--mixed-precision", help="autocast the student's update (fp16 needs a CUDA device)")
-    p.add_argument("--log-every", help="write a log.jsonl line every N steps")
-    p.add_argument("--ckpt-every", help="checkpoint every K steps")
-    p.add_argument("--keep-checkpoints", help="checkpoints kept (the oldest are deleted)")
-    _objective_and_speed_flags(p)
-    _report_and_watch_flags(p)
 
 
-def _objective_and_speed_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--vlb-weight", help="lambda on L*vlb (default 1: the authors' code)")
-    p.add_argument("--simple-weight", help="weight of L*simple (default 1; 0 with --vlb-mean-grad: the "
-                                                        "VLB term alone, an ablation)")
-    p.add_argument("--vlb-mean-grad", action="store_true", default=None,
-                   help="let L*vlb's gradient reach the student's mean (the method holds it with a stop-gradient; "
-                        "an ablation)")
-    p.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile the networks by regions (each repeated block in place; the student, in distill "
-                        "also the teacher); the first step is slow while it compiles, and says how long; compiled "
-                        "kernels are cached under $DKDM_CACHE/inductor for the next run of the same shapes")
-    p.add_argument("--channels-last", action="store_true", default=None,
-                   help="channels-last weights for convolutional networks (PyTorch advises it for convolutions on GPUs in "
-                        "reduced precision; measure with bench/speed.py)")
-    p.add_argument("--cuda-graphs", action="store_true", default=None,
-                   help="replay each student update (in distill also the pool's teacher step) as a CUDA graph: one "
-                        "launch instead of hundreds (needs a CUDA device; not with --compile, fp16 or several processes)")
-
-
-def _report_and_watch_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-report", action="store_true", default=None,
-                   help="skip the final samples / metrics report and training.png (the model card is written)")
-    p.add_argument("--eval-num", help="samples for the final report (default: per data set)")
-    p.add_argument("--eval-steps", help="sampling steps for the final report (default: per data set)")
-    p.add_argument("--eval-every", help="score the EMA model every N steps (held-out error, data-free score, the run's metric): "
-                        "log.jsonl and training.png (default: off; --steps auto: a 20th of the fixed default budget)")
-    p.add_argument("--monitor-num", help="samples drawn at each --eval-every evaluation (default 1000)")
-    p.add_argument("--monitor-steps", help="sampling steps of each --eval-every evaluation (default 25; "
-                                                      "a few-step student samples in its K, the teacher in these)")
-    p.add_argument("--report-to", metavar="TRACKERS",
-                   help="experiment trackers: tensorboard, wandb, mlflow (several separated by commas), all or none; "
-                        "they get every log record, the --eval-every scores and sample grids (files in RUN/tracking)")
-    p.add_argument("--push-to-hub", metavar="REPO_ID",
-                   help="upload the finished run's model directory and its model card to this Hugging Face Hub repo "
-                        "(as `dkdm push`)")
-    p.add_argument("--patience", help="--steps auto: evaluations without a 1%% improvement of both scores before stopping (default 4)")
-    p.add_argument("--max-steps", help="--steps auto: the most steps to train (default: 4x the fixed default budget)")
-
-
-def _kinds_from_settings(p: argparse.ArgumentParser, cls) -> None:
-    """Each flag of a run's setting parses as the setting's kind, within its choices, as ``cls``
-    (settings.py) defines them: one definition, no copied lists."""
+def _setting_flags(p: argparse.ArgumentParser, cls, helps: dict) -> None:
+    """A flag for each setting of ``cls`` that ``helps`` names, parsed as the setting's kind within
+    its choices (settings.py: one definition, no copied lists), on/off for a bool. argparse's own
+    default stays None, so that a run tells a flag given from one left out."""
     from dataclasses import fields
 
     from .settings import STEPS
 
-    settings = {f.name: f.metadata for f in fields(cls)}
-    for a in p._actions:
-        m = settings.get(a.dest)
-        if m is None or a.nargs == 0:  # not a run setting, or an on/off flag
+    kinds = {f.name: f.metadata for f in fields(cls)}
+    for name, help in helps.items():
+        m, flag = kinds[name], f"--{name.replace('_', '-')}"
+        if m["kind"] is bool:
+            p.add_argument(flag, action="store_true", default=None, help=help)
             continue
-        a.type = _steps if m["kind"] is STEPS else m["kind"] if m["kind"] in (int, float) else None
-        a.choices = m["choices"]
+        kind = _steps if m["kind"] is STEPS else m["kind"] if m["kind"] in (int, float) else None
+        p.add_argument(flag, type=kind, choices=m["choices"], metavar=METAVARS.get(name), help=help)
 
 
 def _show_defaults(p: argparse.ArgumentParser, table: dict, ruled=(), per_data: dict | None = None) -> None:
@@ -155,54 +197,16 @@ def _version() -> str:
     return f"dkdm {__version__} (torch {v('torch')}, diffusers {v('diffusers')}, accelerate {v('accelerate')})"
 
 
-def _teacher_flags(p: argparse.ArgumentParser, default: str | None = None) -> None:
-    """--teacher and an ADM checkpoint's --teacher-config (distill and fewstep); ``default``: said in
-    the help where the settings table does not hold it."""
-    p.add_argument("--teacher", help=TEACHER_HELP + (f" (default: {default})" if default else ""))
-    p.add_argument("--teacher-config", help="guided-diffusion flags (YAML/JSON) of an ADM checkpoint --teacher")
-
-
-def _pool_flags(p: argparse.ArgumentParser) -> None:
-    """The flags distill and fewstep share: the teacher's precision, the pool, held-out states and the report's reference."""
-    p.add_argument("--teacher-dtype", help="run the teacher's network in reduced precision (faster on GPUs; targets change slightly)")
-    p.add_argument("--guidance", help="classifier-free guidance scale of a class-conditional teacher's targets (1: none)")
-    p.add_argument("--pool", help="the pool of partially denoised samples (dynamic: the paper's dynamic iterative distillation)")
-    p.add_argument("--rho", help="dynamic pool size in batches per diffusion step (paper: 0.4)")
-    p.add_argument("--pool-dtype", help="dtype the pool keeps its samples in (16-bit halves its memory)")
-    p.add_argument("--prep-batch", help="teacher batch size for pool preparation (default 1024 on a CPU, 8192 on a GPU)")
-    p.add_argument("--prep", help="pool preparation: exact (each entry its own teacher chain, N*T/2 steps), sampled (a K-step "
-                         "x0 per entry, noised by q: N*K), shared (each K-step x0 noised by q to one stop in each of "
-                         "K-1 bands: about N*K/(K-1)), or auto: exact where K >= T/2, shared where sampled "
-                         "preparation would cost more teacher steps than the training, else sampled")
-    p.add_argument("--prep-steps", help="K, the teacher sampling steps of --prep sampled / shared (default 10, at most T)")
-    p.add_argument("--prep-ckpt-every", metavar="SECONDS",
-                    help="checkpoint the pool preparation every SECONDS (default 300; 0: after every --prep-batch "
-                         "chunk), so that --resume continues an interrupted preparation")
-    p.add_argument("--heldout", help="pool states held out to score the student on with --eval-every (default 512; 0: none)")
-    p.add_argument("--reference", help="data set the teacher learned (a built-in name), for the report's and "
-                                        "--eval-every's data-set metrics (default: the one the teacher records); with "
-                                        "--inception-weights an ADM reference batch or statistics (.npz) or a folder "
-                                        "of images")
-    p.add_argument("--dry-run", action="store_true", default=None,
-                    help="load the teacher, build the student, check the settings and memory, print the plan and its "
-                         "cost, and stop before the pool is allocated (nothing is written)")
-    p.add_argument("--inception-weights", help="local Inception weights (torch-fidelity's pt_inception file): "
-                                                "--eval-every and the report score FID, IS, precision and recall "
-                                                "against --reference")
-
-
 def build_parser() -> argparse.ArgumentParser:
     from .settings import (COMMON_DEFAULTS, DATA_DEFAULTS, DISTILL_DEFAULTS, DISTILL_RULED, FEWSTEP_DEFAULTS,
-                           TRAIN_DEFAULTS, DistillSettings, FewstepSettings, TrainSettings)
+                           TRAIN_DEFAULTS)
 
     ap = _Parser(prog="dkdm", description="Data-free knowledge distillation for diffusion models.")
     ap.add_argument("--version", action="version", version=_version())
     sub = ap.add_subparsers(dest="command", required=True)
 
-    tr, di, fs = _train_parser(sub), _distill_parser(sub), _fewstep_parser(sub)
+    tr, di, fs = _run_parsers(sub)
     tools = _tool_parsers(sub)
-    for p, cls in ((tr, TrainSettings), (di, DistillSettings), (fs, FewstepSettings)):
-        _kinds_from_settings(p, cls)
     _show_defaults(tr, {**COMMON_DEFAULTS, **TRAIN_DEFAULTS}, per_data=DATA_DEFAULTS)
     _show_defaults(di, {**COMMON_DEFAULTS, **DISTILL_DEFAULTS}, ruled=DISTILL_RULED)
     _show_defaults(fs, {**COMMON_DEFAULTS, **DISTILL_DEFAULTS, **FEWSTEP_DEFAULTS}, ruled=DISTILL_RULED)
@@ -211,70 +215,40 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _train_parser(sub) -> argparse.ArgumentParser:
+def _run_parsers(sub) -> tuple[argparse.ArgumentParser, ...]:
+    """train, distill and fewstep: each setting of the command's class (settings.py) a flag."""
+    from .settings import DistillSettings, FewstepSettings, TrainSettings
+
     tr = sub.add_parser("train", help="ordinary data-based training (teachers and baselines)")
-    _common(tr, True)
-    tr.add_argument("--data", help="built-in data set (toy2d, digits) or a sample set written by `dkdm synth`")
-    tr.add_argument("--real-fraction", help="data-limited baseline: keep this percentage of --data, fill up with --synthetic samples")
-    tr.add_argument("--synthetic", help="sample set (from `dkdm synth`) that fills up a --real-fraction set")
-    tr.add_argument("--model", help="architecture spec, e.g. mlp:width=128,depth=3")
-    tr.add_argument("--schedule", help="noise schedule")
-    tr.add_argument("--diffusion-steps", help="T, the number of diffusion steps")
-    tr.add_argument("--variance", help="reverse-process variance (learned_range trains it with L*vlb)")
-    tr.add_argument("--prediction", help="what the network predicts")
-    return tr
-
-
-def _distillation_parser(sub, name: str, help: str, description: str, student: str,
-                         teacher_default: str | None = None) -> argparse.ArgumentParser:
-    """distill and fewstep: the training flags, the teacher's, the student's and the pool's."""
-    p = sub.add_parser(name, help=help, description=description)
-    _common(p, True)
-    _teacher_flags(p, teacher_default)
-    p.add_argument("--student", help=student)
-    return p
-
-
-def _distill_parser(sub) -> argparse.ArgumentParser:
-    di = _distillation_parser(
-        sub, "distill", "data-free distillation of a teacher into a student (DKDM)",
+    di = sub.add_parser("distill", help="data-free distillation of a teacher into a student (DKDM)", description=(
         "Data-free distillation (DKDM). --batch, --steps, --lr, --warmup, --ema and --grad-clip not given (by flag or "
         "--config) follow from the student's size and the problem (T, sample size), the same rules for every "
-        "teacher; the run prints each with its reason.",
-        "student architecture spec (default: the teacher's family at every width / sqrt(2), about half its parameters)")
-    di.add_argument("--student-steps", help="the student's diffusion steps: an even respacing of the teacher's (default: the same)")
-    di.add_argument("--variance", help="student variance (learned_range trains it with L*vlb)")
-    _pool_flags(di)
-    return di
-
-
-def _fewstep_parser(sub) -> argparse.ArgumentParser:
-    fs = _distillation_parser(
-        sub, "fewstep", "make a distilled student a K-step sampler (consistency distillation, data-free)",
+        "teacher; the run prints each with its reason."))
+    fs = sub.add_parser("fewstep", help="make a distilled student a K-step sampler (consistency distillation, data-free)",
+                        description=(
         "The second stage: a student of any architecture (the --out of `dkdm distill`) becomes a K-step sampler by "
         "consistency distillation on the teacher's pool or by distribution matching, reading nothing but the "
         "teacher (by default the one the student was distilled from). Saved as a diffusers DDPMPipeline with an "
         "LCMScheduler (its README shows the loop at the student's K timesteps); `dkdm sample` / `evaluate` use "
-        "its K steps.",
-        "the student to start from: the run or model directory of `dkdm distill` (or any model of the teacher's "
-        "sample shape and steps, e.g. the teacher itself)",
-        teacher_default="the teacher --student was distilled from, as it records it")
-    fs.add_argument("--sampler-steps", help="K, the steps the saved student samples in (1..50; sample / evaluate --steps picks another)")
-    fs.add_argument("--fewstep-objective", help="consistency distillation on the teacher's pool, or distribution matching (the student as a "
-                         "generator from t*, judged by the teacher and a fake score: docs/few-step.md) (default: "
-                         "matching for one step, consistency for more; printed when the run starts)")
-    fs.add_argument("--fewstep-prediction", help="what the few-step student's network predicts (v: well conditioned at every step)")
-    fs.add_argument("--consistency-grid", metavar="N",
-                    help="the ODE's grid: consistency pairs T/N steps apart, and the timesteps K steps are taken "
-                         "from (LCMScheduler's original_inference_steps; default min(50, T))")
-    _pool_flags(fs)
-    return fs
+        "its K steps."))
+    teacher = {"teacher": TEACHER_HELP, "teacher_config": "guided-diffusion flags (YAML/JSON) of an ADM checkpoint --teacher"}
+    few_teacher = TEACHER_HELP + " (default: the teacher --student was distilled from, as it records it)"
+    for p, cls, tables in (
+            (tr, TrainSettings, [TRAIN_HELP]),
+            (di, DistillSettings, [teacher, {"student": STUDENT_HELP["distill"]}, DISTILL_HELP, POOL_HELP]),
+            (fs, FewstepSettings, [{**teacher, "teacher": few_teacher}, {"student": STUDENT_HELP["fewstep"]},
+                                   POOL_HELP, FEWSTEP_HELP])):
+        _common(p)
+        p.add_argument("--resume", action="store_true", help=RESUME_HELP)  # False, not None: never a --config's
+        for helps in (RUN_HELP, *tables):
+            _setting_flags(p, cls, helps)
+    return tr, di, fs
 
 
 def _tool_parsers(sub) -> list[argparse.ArgumentParser]:
     """synth, convert, sample, push, report and evaluate: the tools around a run."""
     sy = sub.add_parser("synth", help="sample a synthetic data set from a teacher (the data-free baseline's data)")
-    _common(sy, False)
+    _common(sy)
     sy.add_argument("--teacher", default="builtin:digits", help=TEACHER_HELP)
     sy.add_argument("--teacher-config", help="guided-diffusion flags (YAML/JSON) of an ADM checkpoint --teacher")
     sy.add_argument("--num", type=int, help="number of samples (default: the size of the teacher's training set)")
@@ -290,7 +264,7 @@ def _tool_parsers(sub) -> list[argparse.ArgumentParser]:
                     help="dkdm: the ADM network as is; diffusers: a DDPMPipeline with an equivalent UNet2DModel")
 
     sa = sub.add_parser("sample", help="draw samples from a model directory")
-    _common(sa, False)
+    _common(sa)
     sa.add_argument("--model", required=True, help="model directory")
     sa.add_argument("--num", type=int, default=1000, help="number of samples")
     sa.add_argument("--steps", type=int, help="sampling steps (default: all diffusion steps; a few-step student: its K)")
@@ -306,7 +280,7 @@ def _tool_parsers(sub) -> list[argparse.ArgumentParser]:
     rp.add_argument("directory", help="the run directory")
 
     ev = sub.add_parser("evaluate", help="metrics of a model's samples against a reference, as JSON")
-    _common(ev, False)
+    _common(ev)
     ev.add_argument("--model", required=True, help="model directory")
     ev.add_argument("--reference", help="built-in data set (default: the one the model or its teacher learned); with "
                                         "--inception-weights an ADM reference batch or statistics (.npz) or a folder "
