@@ -1,6 +1,7 @@
-"""The command line's flags: every command's parser, each flag's help with the default its run uses
-(from the settings tables), and a misspelled flag answered with the closest ones. ``cli.py`` parses
-with it and calls the library."""
+"""The command line's flags: every command's parser, and a misspelled flag answered with the closest
+ones. A run's flags (train, distill, fewstep) are made from its settings' definitions (settings.py:
+the name, kind, choices and default); this module holds each flag's help and appends the default
+the run uses. ``cli.py`` parses with it and calls the library."""
 
 from __future__ import annotations
 

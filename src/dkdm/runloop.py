@@ -33,6 +33,8 @@ def rank_seed(s: RunSettings, acc) -> int:
 def train_config(s: RunSettings, fixed_default: int | None = None, objective: str = "dkdm"):
     """The loop's settings; ``--steps auto`` trains up to --max-steps (default 4x ``fixed_default``)
     and evaluates every --eval-every steps (default: a 20th of the fixed default budget)."""
+    from dataclasses import fields
+
     from .train_config import TrainConfig
 
     if s.steps == "auto":
@@ -48,14 +50,10 @@ def train_config(s: RunSettings, fixed_default: int | None = None, objective: st
         for key in ("max_steps", "patience"):
             if getattr(s, key) is not None:
                 raise DkdmError(f"--{key.replace('_', '-')} goes with --steps auto; with a fixed --steps it has no effect")
-    cfg = TrainConfig(
-        steps=s.max_steps if s.steps == "auto" else s.steps, lr=s.lr, weight_decay=s.weight_decay, ema_decay=s.ema, grad_clip=s.grad_clip, warmup=s.warmup, lr_decay=s.lr_decay,
-        mixed_precision=s.mixed_precision, log_every=s.log_every, ckpt_every=s.ckpt_every,
-        keep_checkpoints=s.keep_checkpoints, vlb_weight=s.vlb_weight,
-        simple_weight=s.simple_weight, vlb_mean_grad=s.vlb_mean_grad,
-        compile=s.compile, channels_last=s.channels_last, cuda_graphs=s.cuda_graphs,
-        objective=objective,
-    )
+    # the loop's config is the run's settings of the same names (TrainConfig's ema_decay: --ema), its
+    # steps resolved (--steps auto: up to --max-steps) and the objective the command trains
+    resolved = {"steps": s.max_steps if s.steps == "auto" else s.steps, "ema_decay": s.ema, "objective": objective}
+    cfg = TrainConfig(**{f.name: resolved[f.name] if f.name in resolved else getattr(s, f.name) for f in fields(TrainConfig)})
     cfg.validate()
     return cfg
 
