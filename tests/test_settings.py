@@ -49,6 +49,14 @@ def test_values_are_converted_to_their_kind_once():
     assert (s.ema, s.teacher, s.pool) == (None, "builtin:digits", "dynamic")  # a rule's, and the defaults
 
 
+def test_a_spec_from_a_yaml_file_stays_a_mapping():
+    spec = {"type": "adm", "num_channels": 64, "attention_resolutions": "16,8", "use_fp16": None}
+    assert _distill({"student": spec}).student == spec
+    assert _distill({"student": "unet:widths=8-16"}).student == "unet:widths=8-16"
+    with pytest.raises(DkdmError, match="--student must be a model spec"):
+        _distill({"student": 3})
+
+
 @pytest.mark.parametrize("values, message", [
     ({"batch": "abc"}, "--batch must be an integer, got 'abc'"),
     ({"batch": 2.5}, "--batch must be an integer, got 2.5"),

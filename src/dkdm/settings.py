@@ -27,6 +27,7 @@ DATA_DEFAULTS = {
                "warmup": 200},
 }
 STEPS = "steps"  # a setting's kind: a number of iterations, or "auto"
+SPEC = "spec"  # a setting's kind: a model spec, a string or (from a YAML file) a mapping of its fields
 
 
 def _s(default, kind, choices=None, at_least=None, above=None, below=None, unit=""):
@@ -94,7 +95,7 @@ class TrainSettings(RunSettings):
     data: str = _s("toy2d", str)
     real_fraction: float | None = _s(None, float)
     synthetic: str | None = _s(None, str)
-    model: str = _s("mlp", str)
+    model: str | dict = _s("mlp", SPEC)
     schedule: str = _s("cosine", str, SCHEDULES)
     diffusion_steps: int = _s(1000, int, at_least=2)
     variance: str = _s("learned_range", str, VARIANCES)
@@ -117,7 +118,7 @@ class DistillSettings(RunSettings):
     rho: float | None = _s(None, float, above=0)
     teacher: str | None = _s("builtin:digits", str)
     teacher_config: str | None = _s(None, str)
-    student: str | None = _s(None, str)
+    student: str | dict | None = _s(None, SPEC)
     student_steps: int | None = _s(None, int, at_least=1)
     guidance: float = _s(1.0, float)
     teacher_dtype: str = _s("float32", str, DTYPES)
@@ -145,6 +146,7 @@ class FewstepSettings(DistillSettings):
     #: network and steps, so they have no flag here (a --config may still hold them, as for distill).
     without_flag: ClassVar[tuple] = ("student_steps", "variance")
     teacher: str | None = _s(None, str)
+    student: str | None = _s(None, str)  # the DKDM student's run or model directory
     sampler_steps: int = _s(4, int, at_least=1)
     fewstep_objective: str | None = _s(None, str, FEWSTEP_OBJECTIVES)
     fewstep_prediction: str = _s("v_prediction", str, FEWSTEP_PREDICTIONS)
@@ -189,7 +191,8 @@ def _field(cls, name: str):
     return next(f for f in fields(cls) if f.name == name)
 
 
-_KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", STEPS: "a number of steps or auto"}
+_KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", STEPS: "a number of steps or auto",
+               SPEC: "a model spec (a string, or a mapping of its fields)"}
 
 
 def _checked(f, value):
@@ -203,8 +206,8 @@ def _checked(f, value):
             value = value if value == "auto" else _number(value, int)
         elif kind in (int, float):
             value = _number(value, kind)
-        elif kind is bool:
-            if not isinstance(value, bool):
+        elif kind is bool or kind is SPEC:
+            if not isinstance(value, bool if kind is bool else (str, dict)):
                 raise ValueError
         else:
             value = str(value)
@@ -212,7 +215,7 @@ def _checked(f, value):
         raise DkdmError(f"{flag} must be {_KIND_NAMES[kind]}, got {value!r}")
     if m["choices"] is not None and value not in m["choices"]:
         raise DkdmError(f"{flag} must be one of {', '.join(m['choices'])}, got {value!r}")
-    if isinstance(value, str) or isinstance(value, bool):
+    if isinstance(value, (str, bool, dict)):
         return value
     if m["at_least"] is not None and m["below"] is not None and not m["at_least"] <= value < m["below"]:
         raise DkdmError(f"{flag} must be in [{m['at_least']:g}, {m['below']:g}), got {value}")
