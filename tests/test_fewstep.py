@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dkdm.cli import main
-from dkdm.consistency import (SPACED_MAX_STEPS, SPACING, boundary_scalings, consistency_loss, lcm_timesteps,
+from dkdm.consistency import (SPACED_MAX_STEPS, SPACING, WIDE_MAX_STEPS, WIDE_SPACING, boundary_scalings, consistency_loss, lcm_timesteps,
                               pseudo_huber, sampler_timesteps, sigma_power, skip_steps, teacher_ode_step)
 from dkdm.diffusion import Schedule
 from dkdm.formats import load_model, save_model
@@ -111,10 +111,11 @@ def test_sampler_timesteps_follow_the_geometric_rule(T, grid):
         # K distinct grid timesteps from the top down: LCMScheduler takes them as custom timesteps
         assert len(times) == k and times[0] == points[-1] and set(times) <= set(points.tolist())
         assert all(a > b for a, b in zip(times, times[1:]))
-        if k > SPACED_MAX_STEPS:
+        top, bottom = SPACING if k <= SPACED_MAX_STEPS else WIDE_SPACING
+        if k > WIDE_MAX_STEPS:
             assert times == lcm_timesteps(k, T, grid)
         elif k > 1 and grid == 50 and T == 1000:  # room everywhere: each the grid point nearest its target
-            targets = SPACING[0] * T * (SPACING[1] / SPACING[0]) ** (np.arange(k - 1) / max(k - 2, 1))
+            targets = top * T * (bottom / top) ** (np.arange(k - 1) / max(k - 2, 1))
             nearest = [int(points[np.argmin(np.abs(points - w))]) for w in targets]
             assert times[1:] == nearest
     lcm = LCMScheduler(num_train_timesteps=T, original_inference_steps=grid)
@@ -239,15 +240,11 @@ def test_fewstep_run_writes_a_k_step_model_that_resumes_bit_identically_after_ki
     same(weights(tmp_path / "a"), weights(tmp_path / "b"))
 
 
-def test_fewstep_defaults_take_distills_budget_twice_it_for_even_spacing_and_a_fifth_of_the_rate():
-    from dkdm.defaults import SPACED_SAMPLER_STEPS, distill_defaults, fewstep_defaults
+def test_fewstep_defaults_take_distills_budget_and_a_fifth_of_the_rate():
+    from dkdm.defaults import distill_defaults, fewstep_defaults
 
-    assert SPACED_SAMPLER_STEPS == SPACED_MAX_STEPS  # the budget follows the sampler's spacing
     d, f = distill_defaults(517_754, (1, 8, 8), 1000), fewstep_defaults(517_754, (1, 8, 8), 1000)
     assert f["steps"].value == d["steps"].value == 1200
-    for k in (1, 3, SPACED_MAX_STEPS, SPACED_MAX_STEPS + 1, 8):
-        steps = fewstep_defaults(517_754, (1, 8, 8), 1000, sampler_steps=k)["steps"].value
-        assert steps == (1200 if k <= SPACED_MAX_STEPS else 2400)
     assert f["lr"].value == pytest.approx(d["lr"].value / 5) and f["warmup"].value == 200
     assert {k: v.value for k, v in f.items() if k not in ("steps", "lr", "warmup")} == \
         {k: v.value for k, v in d.items() if k not in ("steps", "lr", "warmup")}

@@ -26,12 +26,14 @@ GRID = 50
 #: LCMScheduler's boundary condition: c_skip = s^2 / ((10 t)^2 + s^2), s = SIGMA_DATA, so that f is
 #: the identity at t = 0 and the network's x0 from t = 1 on.
 TIMESTEP_SCALING, SIGMA_DATA = 10.0, 0.5
-#: Where a consistency student's K timesteps after T - 1 lie: geometrically from 0.3 T down to 0.04 T
-#: (docs/few-step.md: on digits, from the same 4-step students, LCMScheduler's evenly spaced 999, 759,
-#: 499, 259 scored 1.2-1.8x the teacher's 100-step digits-FID where 999, 299, 119, 39 scored 0.8-1.1x).
-#: From SPACED_MAX_STEPS + 1 steps up LCMScheduler's spacing stays: at 8 steps the rule's samples lost
-#: recall (0.71-0.76 against 0.81-0.84) for their better FID.
-SPACING, SPACED_MAX_STEPS = (0.3, 0.04), 4
+#: Where a consistency student's K timesteps after T - 1 lie (docs/few-step.md, digits, the same
+#: 1,200-step students at each K): geometrically from 0.3 T down to 0.04 T for up to SPACED_MAX_STEPS
+#: steps (999, 299, 119, 39: 0.75-1.37x the teacher's 100-step digits-FID where LCMScheduler's evenly
+#: spaced 999, 759, 499, 259 scored 1.14-2.07x); over a wider range, 0.6 T to 0.02 T, for up to
+#: WIDE_MAX_STEPS (eight: 999, 599, 339, 199, 119, 59, 39, 19, 0.71-1.46x where the even spacing
+#: scored 0.80-1.81x, for a recall 0.01-0.09 lower); LCMScheduler's even spacing above (at twelve and
+#: sixteen steps the wide range lost recall, 0.63-0.74, and did no better by FID).
+SPACING, SPACED_MAX_STEPS, WIDE_SPACING, WIDE_MAX_STEPS = (0.3, 0.04), 4, (0.6, 0.02), 8
 #: iCT's pseudo-Huber constant per square root of the sample's size (0.03 on 32x32 RGB).
 HUBER_PER_SQRT_DIM = 0.00054
 
@@ -57,16 +59,17 @@ def lcm_timesteps(steps: int, num_steps: int, grid: int = GRID) -> list[int]:
 
 def sampler_timesteps(steps: int, num_steps: int, grid: int = GRID) -> list[int]:
     """The K timesteps a consistency student samples at: the top of the grid, then K - 1 grid
-    timesteps geometrically spaced from SPACING[0] T down to SPACING[1] T (each the grid timestep
-    nearest its target, below the one before, leaving room for those after); from
-    SPACED_MAX_STEPS + 1 steps up ``lcm_timesteps``."""
+    timesteps geometrically spaced from SPACING[0] T down to SPACING[1] T (from SPACED_MAX_STEPS + 1
+    steps up WIDE_SPACING's), each the grid timestep nearest its target, below the one before,
+    leaving room for those after; from WIDE_MAX_STEPS + 1 steps up ``lcm_timesteps``."""
     points = _grid(num_steps, grid)
     if not 1 <= steps <= len(points):
         raise ValueError(f"{steps} steps from a grid of {len(points)}")
-    if steps > SPACED_MAX_STEPS:
+    if steps > WIDE_MAX_STEPS:
         return lcm_timesteps(steps, num_steps, grid)
+    top, bottom = SPACING if steps <= SPACED_MAX_STEPS else WIDE_SPACING
     times = [int(points[-1])]
-    targets = np.geomspace(SPACING[0] * num_steps, SPACING[1] * num_steps, steps - 1)
+    targets = np.geomspace(top * num_steps, bottom * num_steps, steps - 1)
     for i, target in enumerate(targets):
         after = steps - 2 - i
         allowed = [p for j, p in enumerate(points) if j >= after and p < times[-1]]

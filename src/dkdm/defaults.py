@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .consistency import SPACED_MAX_STEPS as SPACED_SAMPLER_STEPS
 
 #: The step budget, in training samples per diffusion step per sample value: 1,200 steps of batch
 #: 128 on 8x8 digits at T = 1000 with the learning rate's cosine decay (docs/defaults.md, issue 26;
@@ -127,12 +126,11 @@ def describe(settings: dict[str, Setting]) -> str:
 
 
 #: ``dkdm fewstep``: consistency distillation from a DKDM student, measured on digits (docs/few-step.md).
-#: Steps, as a multiple of distill's budget: 1 for a sampler of up to SPACED_SAMPLER_STEPS steps, which
-#: samples at the geometric timesteps (consistency.sampler_timesteps): 1,200 steps scored 0.75-1.37x
-#: the teacher's 100-step digits-FID over 3 seeds of two teachers, both stages 1.87x distill's wall;
-#: 2 above (LCMScheduler's even spacing, with which 2,400 steps against 1,200 took the 4-step student
-#: from 19.3 to 12.6). lr 2e-4 (a fifth of distill's 1e-3) against 5e-4 and 1e-3: 1-step 36 / 42 / 100.
-FEWSTEP_STEPS_FACTOR, FEWSTEP_LR_FACTOR = {"spaced": 1, "even": 2}, 0.2
+#: Steps: distill's budget for every K, with the sampler's geometric timesteps (consistency.sampler_timesteps):
+#: 1,200 steps scored 0.75-1.37x the teacher's 100-step digits-FID at 4 steps and 0.71-1.46x at 8 over
+#: 3 seeds of two teachers, both stages 1.87x distill's wall (LCMScheduler's even spacing had needed
+#: 2,400 steps, 2.5x the wall). lr 2e-4 (a fifth of distill's 1e-3) against 5e-4 and 1e-3: 1-step 36 / 42 / 100.
+FEWSTEP_STEPS_FACTOR, FEWSTEP_LR_FACTOR = 1, 0.2
 
 
 #: The most sampler steps distribution matching is the default for (docs/few-step.md, digits, 3 seeds
@@ -162,36 +160,32 @@ def fewstep_objective(sampler_steps: int) -> Setting:
 MATCHING_STEPS_FACTOR, MATCHING_LR_FACTOR, MATCHING_WARMUP = 0.5, 0.1, 100
 
 
-def run_budget(num_steps: int, sample_shape, batch: int, family: str = "unet", objective: str = "dkdm",
-               sampler_steps: int = 4) -> int:
+def run_budget(num_steps: int, sample_shape, batch: int, family: str = "unet", objective: str = "dkdm") -> int:
     """A run's fixed step budget (also --steps auto's yardstick): distill's ``step_budget``, times
-    ``FEWSTEP_STEPS_FACTOR`` for a consistency few-step run of ``sampler_steps`` or
+    ``FEWSTEP_STEPS_FACTOR`` for a consistency few-step run (of any number of sampler steps) or
     ``MATCHING_STEPS_FACTOR`` for matching."""
     budget = step_budget(num_steps, math.prod(int(d) for d in sample_shape), batch, family)
     if objective == "dkdm":
         return budget
-    factor = (MATCHING_STEPS_FACTOR if objective == "matching" else
-              FEWSTEP_STEPS_FACTOR["spaced" if sampler_steps <= SPACED_SAMPLER_STEPS else "even"])
+    factor = MATCHING_STEPS_FACTOR if objective == "matching" else FEWSTEP_STEPS_FACTOR
     return max(1, int(factor * budget))
 
 
 def fewstep_defaults(student_params: int, sample_shape, num_steps: int, given: dict | None = None,
-                     family: str = "unet", objective: str = "consistency", sampler_steps: int = 4) -> dict[str, Setting]:
-    """``distill_defaults`` for a few-step run of ``sampler_steps``: for consistency distill's step
-    budget (twice it above SPACED_SAMPLER_STEPS) and a fifth of the learning rate; for distribution
+                     family: str = "unet", objective: str = "consistency") -> dict[str, Setting]:
+    """``distill_defaults`` for a few-step run (of any number of sampler steps): for consistency distill's step
+    budget and a fifth of the learning rate; for distribution
     matching half the budget, a tenth of the lr; the rest as distill's."""
     given = {k: v for k, v in (given or {}).items() if v is not None}
     out = distill_defaults(student_params, sample_shape, num_steps, given, family)
     batch = int(given.get("batch", PAPER_BATCH))
-    budget = run_budget(num_steps, sample_shape, batch, family, objective, sampler_steps)
+    budget = run_budget(num_steps, sample_shape, batch, family, objective)
     steps = budget if given.get("steps", "auto") == "auto" else int(given["steps"])
     if objective == "matching":
         return _matching_defaults(out, budget, steps)
     if "steps" in out:
         out["steps"] = Setting(budget, f"distill's budget ({out['steps'].why}): its samples take the geometric "
-                                       f"timesteps" if sampler_steps <= SPACED_SAMPLER_STEPS else
-                               f"twice distill's budget ({out['steps'].why}): a sampler of {sampler_steps} steps "
-                               f"visits large t too, learned hop by hop")
+                                       f"timesteps")
     if "warmup" in out:
         out["warmup"] = Setting(warmup_steps(steps), f"a 50th of {steps:,} steps, in [200, 5000]")
     if "lr" in out:
