@@ -49,17 +49,22 @@ def test_cuda_graphs_without_cuda_is_a_one_line_error(tmp_path, capsys):
     assert not (tmp_path / "cli").exists()
 
 
-def test_the_graphed_update_needs_only_its_inputs(tmp_path):
+@pytest.mark.parametrize("objective", ["dkdm", "consistency"])
+def test_the_graphed_update_needs_only_its_inputs(tmp_path, objective):
     """The captured update sees a batch only through its graph inputs (x_t, t, labels, the target's
-    eps, mean and log-variance): fed those alone, it trains exactly as the plain update (CPU)."""
+    eps, x0, mean and log-variance): fed those alone, it trains exactly as the plain update (CPU), for
+    DKDM and for a few-step consistency student (its ODE step reads the target's x0)."""
     def run(out, through_inputs):
         sched = Schedule.named("cosine", 20)
         torch.manual_seed(0)
         teacher = DiffusionModel.build(SPEC, (3, 8, 8), sched, clip_x0=True).eval().requires_grad_(False)
         pool = KnowledgePool(teacher, 4, "dynamic", rho=0.2, seed=0, preparation="sampled", prep_steps=3)
         pool.prepare()
-        trainer = Trainer(DiffusionModel.build(SPEC, (3, 8, 8), sched), pool,
-                          TrainConfig(steps=4, lr=1e-2, log_every=1, ckpt_every=10 ** 6), out, progress=False,
+        student = DiffusionModel.build(SPEC, (3, 8, 8), sched, variance="learned_range")
+        if objective == "consistency":
+            student = DiffusionModel.few_step_of(student, 2, grid=10)
+        trainer = Trainer(student, pool, TrainConfig(steps=4, lr=1e-2, log_every=1, ckpt_every=10 ** 6,
+                                                     objective=objective), out, progress=False,
                           accelerator=_accelerator(cpu=True))
         if through_inputs:
             trainer._step = lambda batch: trainer._graphed_update(*trainer._graph_inputs(batch))
@@ -81,7 +86,10 @@ def _run(out, source_kind, graphs, mixed_precision, steps=10):
     torch.manual_seed(0)
     teacher = DiffusionModel.build(SPEC, (3, 16, 16), sched, clip_x0=True).to(device).eval().requires_grad_(False)
     student = DiffusionModel.build(SPEC, (3, 16, 16), sched)
-    if source_kind == "pool":
+    objective = "consistency" if source_kind == "pool, consistency" else "dkdm"
+    if objective == "consistency":  # a few-step student (dkdm fewstep) on the same pool
+        student = DiffusionModel.few_step_of(student, 4, grid=20)
+    if source_kind.startswith("pool"):
         source = KnowledgePool(teacher, 16, "dynamic", rho=0.1, seed=0, device=device, preparation="sampled",
                                prep_steps=4)
         source.prepare()
@@ -89,7 +97,7 @@ def _run(out, source_kind, graphs, mixed_precision, steps=10):
         source = DataSource(RandomImages(), sched, 16, seed=0, device=device)
     before = _flat(student.net.parameters())
     cfg = TrainConfig(steps=steps, lr=1e-2, warmup=2, grad_clip=1.0, ema_decay=0.9, log_every=1, ckpt_every=10 ** 6,
-                      mixed_precision=mixed_precision, cuda_graphs=graphs)
+                      mixed_precision=mixed_precision, cuda_graphs=graphs, objective=objective)
     trainer = Trainer(student, source, cfg, out, progress=False,
                       accelerator=_accelerator(mixed_precision=mixed_precision))
     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True  # same kernels in both runs
@@ -101,7 +109,8 @@ def _run(out, source_kind, graphs, mixed_precision, steps=10):
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device (bench/gpu.sh runs this test)")
-@pytest.mark.parametrize("source_kind, mixed_precision", [("pool", "no"), ("data", "bf16")])
+@pytest.mark.parametrize("source_kind, mixed_precision", [("pool", "no"), ("data", "bf16"),
+                                                          ("pool, consistency", "no")])
 def test_cuda_graph_training_computes_the_plain_losses(tmp_path, source_kind, mixed_precision):
     plain, (before, w_plain, ema_plain), _ = _run(tmp_path / "plain", source_kind, False, mixed_precision)
     graphed, (_, w_graphed, ema_graphed), captured = _run(tmp_path / "graphed", source_kind, True, mixed_precision)
