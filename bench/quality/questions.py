@@ -23,6 +23,8 @@ Questions:
   rho: the pool's size against the teacher: digits UNet teachers of about 0.23M, 0.92M (the bundled
       one) and 3.7M parameters, and the bundled architecture stopped early (1,500 steps: a weaker
       teacher), each distilled into its default student at rho 0.05 / 0.1 / 0.2 / 0.4 / 0.8.
+  teacher_families: the teacher-family axis: a DiT teacher (bench/quality/teachers.py's) distilled into a
+      DiT, a UNet, a U-ViT and the ConvMixer by import path, each with no other flag.
   ceiling: DKDM at 1x / 2x / 4x the default budget, the same network trained on the real digits at
       the same budgets, and the data-free baseline (`dkdm synth` then `dkdm train`) on synthetic sets
       of 1x / 4x / 16x the real training set's 1,437 images, at the 4x budget.
@@ -79,14 +81,24 @@ QUESTIONS = {
 }
 
 
-#: Teachers a row may name as @teacher:NAME, trained once by `dkdm train --data digits` (seed 0).
-TEACHERS = {"small": ("unet:widths=16-32,layers=2", 12000), "large": ("unet:widths=64-128,layers=2", 12000),
-            "early": ("unet:widths=32-64,layers=2", 1500)}
+#: Teachers a row may name as @teacher:NAME, trained once by `dkdm train --data digits` (seed 0) with
+#: the digits defaults and the flags given; "dit" is bench/quality/teachers.py's transformer teacher.
+TEACHERS = {"small": ("unet:widths=16-32,layers=2", 12000, []), "large": ("unet:widths=64-128,layers=2", 12000, []),
+            "early": ("unet:widths=32-64,layers=2", 1500, []),
+            "dit": ("dit:patch=2,depth=4,width=128,heads=4", 6000, ["--lr", "1e-3", "--grad-clip", "0"])}
 RHOS = (0.05, 0.1, 0.2, 0.4, 0.8)
 RHO_TEACHERS = {"0.23M": "@teacher:small", "0.92M (bundled)": "builtin:digits", "3.7M": "@teacher:large",
                 "0.92M at 1,500 steps (weaker)": "@teacher:early"}
 QUESTIONS["rho"] = {f"teacher {name}, rho {rho:g}": ["--teacher", ref, "--rho", f"{rho:g}"]
                     for name, ref in RHO_TEACHERS.items() for rho in RHOS}
+#: The teacher-family axis: the transformer teacher distilled into each student family, no flag but the
+#: student (its default student is a DiT at half its width); compared with the UNet teacher's rows.
+QUESTIONS["teacher_families"] = {
+    "DiT teacher -> dit (its default student)": ["--teacher", "@teacher:dit"],
+    "DiT teacher -> unet (518k)": ["--teacher", "@teacher:dit", "--student=unet:widths=24-48,layers=2"],
+    "DiT teacher -> uvit (517k)": ["--teacher", "@teacher:dit", UVIT],
+    "DiT teacher -> ConvMixer by import path (554k)": ["--teacher", "@teacher:dit", CONVMIXER],
+}
 DATA_BASED = QUESTIONS["diversity"]["data-based, same network and budget"]
 QUESTIONS["ceiling"] = {
     **{f"DKDM, {k}x budget": [] if k == 1 else ["--steps", str(1200 * k)] for k in (1, 2, 4)},
@@ -128,9 +140,9 @@ def inputs_of(out: Path, todo) -> list[list[str]]:
         for flag in QUESTIONS[q][row]:
             target = Path(_resolved(out, flag, seed))
             if flag.startswith("@teacher:"):
-                spec, steps = TEACHERS[flag.split(":", 1)[1]]
+                spec, steps, flags = TEACHERS[flag.split(":", 1)[1]]
                 cmd = [sys.executable, "-m", "dkdm.cli", "train", "--data", "digits", "--model", spec, "--steps",
-                       str(steps), "--seed", "0", "--no-progress", "--no-report", "--out", str(target)]
+                       str(steps), *flags, "--seed", "0", "--no-progress", "--no-report", "--out", str(target)]
             elif flag.startswith("@synthetic:"):
                 cmd = [sys.executable, "-m", "dkdm.cli", "synth", "--teacher", "builtin:digits", "--num",
                        flag.split(":", 1)[1], "--steps", "100", "--seed", str(seed), "--no-progress", "--out", str(target)]
