@@ -31,7 +31,7 @@ SPEC = "spec"  # a setting's kind: a model spec, a string or (from a YAML file) 
 
 
 def _s(default, kind, choices=None, at_least=None, above=None, below=None, unit=""):
-    """One setting: its default, its kind (int, float, str, bool or STEPS) and its range or choices,
+    """One setting: its default, its kind (int, float, str, bool, STEPS or SPEC) and its range or choices,
     checked once when a run's settings are built (``typed``)."""
     return field(default=default, metadata={"kind": kind, "choices": choices, "at_least": at_least, "above": above,
                                             "below": below, "unit": unit})
