@@ -128,7 +128,7 @@ def describe(settings: dict[str, Setting]) -> str:
 #: ``dkdm fewstep``: consistency distillation from a DKDM student, measured on digits (docs/few-step.md).
 #: Steps: distill's budget for every K, with the sampler's geometric timesteps (consistency.sampler_timesteps):
 #: 1,200 steps scored 0.75-1.37x the teacher's 100-step digits-FID at 4 steps and 0.71-1.46x at 8 over
-#: 3 seeds of two teachers, both stages 1.87x distill's wall (LCMScheduler's even spacing had needed
+#: 3 seeds of two teachers, both stages 1.83-1.87x distill's wall (LCMScheduler's even spacing had needed
 #: 2,400 steps, 2.5x the wall). lr 2e-4 (a fifth of distill's 1e-3) against 5e-4 and 1e-3: 1-step 36 / 42 / 100.
 FEWSTEP_STEPS_FACTOR, FEWSTEP_LR_FACTOR = 1, 0.2
 
