@@ -199,8 +199,7 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .settings import (COMMON_DEFAULTS, DATA_DEFAULTS, DISTILL_DEFAULTS, DISTILL_RULED, FEWSTEP_DEFAULTS,
-                           TRAIN_DEFAULTS)
+    from .settings import DATA_DEFAULTS, DISTILL_RULED, DistillSettings, FewstepSettings, TrainSettings, defaults_of
 
     ap = _Parser(prog="dkdm", description="Data-free knowledge distillation for diffusion models.")
     ap.add_argument("--version", action="version", version=_version())
@@ -208,9 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr, di, fs = _run_parsers(sub)
     tools = _tool_parsers(sub)
-    _show_defaults(tr, {**COMMON_DEFAULTS, **TRAIN_DEFAULTS}, per_data=DATA_DEFAULTS)
-    _show_defaults(di, {**COMMON_DEFAULTS, **DISTILL_DEFAULTS}, ruled=DISTILL_RULED)
-    _show_defaults(fs, {**COMMON_DEFAULTS, **DISTILL_DEFAULTS, **FEWSTEP_DEFAULTS}, ruled=DISTILL_RULED)
+    _show_defaults(tr, defaults_of(TrainSettings), per_data=DATA_DEFAULTS)
+    _show_defaults(di, defaults_of(DistillSettings), ruled=DISTILL_RULED)
+    _show_defaults(fs, defaults_of(FewstepSettings), ruled=DISTILL_RULED)
     for p in tools:
         _show_defaults(p, {"seed": 0})
     return ap

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .errors import DkdmError
 from .layout import CHECKPOINTS, MODEL_JSON, RUN_JSON
-from .settings import command_of
+
 
 def default_out(command: str) -> str:
     import time

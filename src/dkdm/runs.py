@@ -3,7 +3,7 @@ for Python.
 
 Everything a run decides lives here and in the modules it calls, not in the command line, so
 ``dkdm.runs.distill(...)`` does what ``dkdm distill`` does: settings merged from defaults, a YAML
-file and the given values (``settings.merge``, or a resumed run's run.json); then a distillation's
+file and the given values, typed and checked (``settings.built``, or a resumed run's run.json); then a distillation's
 plan and pool (``distillation.py``), the run directory's rules (``rundir.py``), and the locked run
 itself: start or resume, training, the report (``runloop.py``). Messages about cost and progress go
 to stderr; the result comes back to the caller.
@@ -19,9 +19,8 @@ from .errors import DkdmError
 from .layout import RUN_JSON
 from .rundir import check_out, recorded_teacher
 from .runloop import make_monitor, monitor_config, rank_seed, run, trackers, train_config
-from .settings import (COMMON_DEFAULTS, DATA_DEFAULTS, DISTILL_DEFAULTS, DISTILL_RULED, FEWSTEP_DEFAULTS, RUN_DIRECTORY,
-                       TRAIN_DEFAULTS, DistillSettings, FewstepSettings, TrainSettings, merge, read_config, resumed,
-                       typed)
+from .settings import (DATA_DEFAULTS, DISTILL_DEFAULTS, DistillSettings, FewstepSettings, TrainSettings, built,
+                       read_config, resumed)
 
 #: What a finished run returns: its directory, the last log record (loss terms, lr, step rate),
 #: why it stopped early (``--steps auto``, else None) and the report's rows (None without one).
@@ -40,7 +39,7 @@ def train(config=None, progress: bool = True, **settings) -> dict | None:
     from .trainer import Trainer
 
     config, settings = _saved("train", config, settings)
-    s = typed(TrainSettings, merge([COMMON_DEFAULTS, TRAIN_DEFAULTS, RUN_DIRECTORY], config, settings))
+    s = built(TrainSettings, config, settings)
     dataset = load_dataset(s.data)  # the data set's defaults below
     if (s.real_fraction is None) != (s.synthetic is None):
         raise DkdmError("--real-fraction P and --synthetic DIR go together: P% of --data, the rest from DIR")
@@ -49,8 +48,7 @@ def train(config=None, progress: bool = True, **settings) -> dict | None:
             raise DkdmError(f"--real-fraction needs a built-in image data set as --data (digits), got {s.data}")
         dataset = MixedSet(dataset, SampleSet(s.synthetic), s.real_fraction, seed=s.seed)
     reference = reference_of(dataset)
-    s = typed(TrainSettings, merge([COMMON_DEFAULTS, TRAIN_DEFAULTS, DATA_DEFAULTS.get(reference, {}), RUN_DIRECTORY],
-                                   config, settings))
+    s = built(TrainSettings, config, settings, DATA_DEFAULTS.get(reference, {}))
     cfg = train_config(s)
     watch = monitor_config(s)
     out = check_out(s)
@@ -86,7 +84,7 @@ def distill(config=None, progress: bool = True, **settings) -> dict | None:
 
     settings, objects = take_objects(settings)
     config, settings = _saved("distill", config, settings)
-    s = typed(DistillSettings, merge([COMMON_DEFAULTS, DISTILL_DEFAULTS, DISTILL_RULED, RUN_DIRECTORY], config, settings))
+    s = built(DistillSettings, config, settings)
     return distillation(s, progress, objects)
 
 
@@ -102,8 +100,7 @@ def fewstep(config=None, progress: bool = True, **settings) -> dict | None:
         raise DkdmError("fewstep's student is the run or model directory of a distillation (student=\"runs/d\"), "
                         "not a network object")
     config, settings = _saved("fewstep", config, settings)
-    s = typed(FewstepSettings, merge([COMMON_DEFAULTS, DISTILL_DEFAULTS, DISTILL_RULED, FEWSTEP_DEFAULTS, RUN_DIRECTORY],
-                                      config, settings))
+    s = built(FewstepSettings, config, settings)
     if not s.student:
         raise DkdmError("--student is required: the run or model directory of the student to make a few-step "
                         "sampler (e.g. the --out of `dkdm distill`)")

@@ -181,6 +181,12 @@ RESUMABLE = {"steps", "max_steps", "patience", "log_every", "ckpt_every", "keep_
              "cuda_graphs", "report_to", "push_to_hub", "dry_run"}
 
 
+def built(cls, config=None, given: dict | None = None, *layers: dict):
+    """A command's settings: ``cls``'s defaults <- ``layers`` (e.g. a data set's) <- the YAML file
+    ``config`` <- ``given`` (``merge``), typed and checked (``typed``)."""
+    return typed(cls, merge([defaults_of(cls), *layers], config, given))
+
+
 def typed(cls, values: dict):
     """A run's settings as ``cls`` (merged values: ``merge``, or a resumed run's), each converted to
     its kind and checked against its range or choices: DkdmError naming the flag, otherwise."""
