@@ -232,6 +232,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--question", choices=list(QUESTIONS), action="append")
     ap.add_argument("--rows", nargs="+", help="only these rows (their names as in QUESTIONS)")
+    ap.add_argument("--match", help="only the rows whose name contains this text (e.g. '3.7M')")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--jobs", type=int, default=2, help="runs at once, one thread each")
     ap.add_argument("--out", default="bench-runs/questions")
@@ -246,7 +247,7 @@ def main(argv=None) -> int:
         return 0
     out = Path(a.out)
     todo = [(q, row, seed) for q in (a.question or list(QUESTIONS)) for row in QUESTIONS[q]
-            if not a.rows or row in a.rows for seed in a.seeds]
+            if (not a.rows or row in a.rows) and (not a.match or a.match in row) for seed in a.seeds]
     inputs = inputs_of(out, todo)
     if a.dry_run:
         for cmd in inputs + [command_of(out, *job) for job in todo]:
