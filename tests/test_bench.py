@@ -144,6 +144,29 @@ def test_every_command_of_the_questions_runner_parses_and_names_what_it_builds(t
     assert len(questions.QUESTIONS["rho"]) == 4 * 5 and len(questions.QUESTIONS["ceiling"]) == 9
 
 
+def test_the_fewstep_table_trains_every_dkdm_student_before_the_few_step_runs_and_keeps_their_walls(tmp_path,
+                                                                                                   monkeypatch):
+    """bench/quality/fewstep.py --jobs (issue 27, the table in one GPU call): each run once, the DKDM
+    students of every seed before any few-step student (which start from them); a reused run's wall
+    is the one recorded when it was trained."""
+    sys.path.insert(0, str(BENCH / "quality"))
+    import fewstep
+
+    calls = []
+    monkeypatch.setattr(fewstep, "run", lambda out, name, seed, threads: calls.append((name, seed, threads)))
+    fewstep.train_all(tmp_path, [0, 1, 2], jobs=4)
+    assert sorted(calls) == sorted((n, s, 1) for n in fewstep.RUNS for s in (0, 1, 2))
+    kinds = [fewstep.RUNS[name][0] for name, _, _ in calls]
+    assert kinds.index("fewstep") == kinds.count("distill") == 6
+    monkeypatch.undo()
+    d = tmp_path / "fewstep-unet-s0"
+    d.mkdir()
+    (d / "dkdm_model.json").write_text("{}")
+    assert fewstep.run(tmp_path, "fewstep-unet", 0, 1) == (d, 0.0)
+    (d / "wall_s.txt").write_text("123\n")
+    assert fewstep.run(tmp_path, "fewstep-unet", 0, 1) == (d, 123.0)
+
+
 def test_progressive_distillations_target_lands_its_one_step_where_the_two_steps_landed():
     """bench/quality/fewstep_progressive.py: the x0 target (Salimans & Ho eq. 8) makes one DDIM step
     from t land exactly on x_s, in float64 against the closed form of the step, and is x_s at the end."""

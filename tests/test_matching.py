@@ -118,21 +118,38 @@ def test_the_objective_follows_k_where_not_given_and_is_printed(tmp_path, capsys
     assert not out.exists()
 
 
-def test_the_scores_judge_the_generator_between_2_percent_of_t_and_t_star(monkeypatch):
+def test_the_scores_judge_the_generator_between_2_percent_of_t_and_t_star_and_the_fake_score_steps_there(monkeypatch):
+    import copy
+
+    import torch.nn.functional as F
+
     from dkdm.matching import MatchingSource
 
     torch.manual_seed(0)
     teacher = DiffusionModel.build("mlp:width=8,depth=1", (2,), Schedule.named("linear", 100))
     cut = generator_schedule(teacher.schedule)
     gen = DiffusionModel.few_step_of(teacher, 1, "epsilon", cut.num_steps, cut, "matching")
-    source = MatchingSource(gen, teacher, DiffusionModel.build("mlp:width=8,depth=1", (2,), teacher.schedule), 4096, 1e-3)
+    fake = DiffusionModel.build("mlp:width=8,depth=1", (2,), teacher.schedule)
+    before = copy.deepcopy(fake.net)
+    source = MatchingSource(gen, teacher, fake, 4096, 1e-3)
     seen = []
     q_sample = teacher.schedule.q_sample
-    monkeypatch.setattr(teacher.schedule, "q_sample", lambda x0, t, noise: seen.append(t) or q_sample(x0, t, noise))
-    grad = source.gradient(torch.randn(4096, 2))
-    t = seen[0]
+    monkeypatch.setattr(teacher.schedule, "q_sample", lambda x0, t, noise: seen.append((t, noise, q_sample(x0, t, noise)))
+                        or seen[-1][2])
+    x_g = torch.randn(4096, 2)
+    grad = source.judge(x_g)
+    assert len(seen) == 1  # one noisy batch read by both scores and trained on by the fake
+    t, noise, x_t = seen[0]
     assert grad.shape == (4096, 2) and int(t.min()) == 2 and int(t.max()) == first_timestep(teacher.schedule)
     assert source.teacher_calls == 4096
+    with torch.no_grad():  # the gradient from the fake score before its step, the step on the same x_t
+        x0 = lambda m: teacher.schedule.eps_and_x0(m(x_t, t)[:, :2], x_t, t, "epsilon")[1]
+        torch.testing.assert_close(grad, matching_gradient(x_g, x0(teacher.net), x0(before)))
+    opt = torch.optim.AdamW(before.parameters(), lr=1e-3, betas=(0.0, 0.99), weight_decay=0.0)
+    F.mse_loss(before(x_t, t)[:, :2], noise).backward()
+    opt.step()
+    for a, b in zip(fake.net.parameters(), before.parameters()):
+        torch.testing.assert_close(a, b)
 
 
 def test_a_k_step_generator_trains_its_last_step_on_its_own_earlier_steps_sample():

@@ -8,8 +8,12 @@ own architecture started from the teacher's weights; then digits-FID, precision 
 (thresholding at 1), the DKDM student with DPM-Solver++, and each few-step student with its own
 sampler. Every run is a run directory under --out: a finished one is reused, a stopped one resumed
 (`--resume`), so the script continues where it was stopped. The teacher's 100-step row is the report's.
+`--jobs N` trains N runs at once (the DKDM students of every seed first, then their few-step
+students), one thread each: on a GPU the digits runs are launch-bound and share it well
+(bench/quality/gpu_fewstep.sh runs the whole table in one device call).
 
     python bench/quality/fewstep.py --out bench-runs/fewstep --seeds 0 1 2
+    python bench/quality/fewstep.py --out bench-runs/fewstep --seeds 0 1 2 --jobs 12   # on a GPU
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -39,18 +44,30 @@ RUNS = {  # name: (command, extra flags); {student} is the DKDM run the few-step
 
 
 def run(out: Path, name: str, seed: int, threads: int) -> tuple[Path, float]:
-    """The run directory of ``name`` for ``seed``, started, resumed or reused; its wall time (0 if reused)."""
+    """The run directory of ``name`` for ``seed``, started, resumed or reused; its wall time (as
+    recorded when it was trained; 0 if unknown, e.g. a run trained by an older version of this script)."""
     command, extra = RUNS[name]
     d = out / f"{name}-s{seed}"
     if (d / "dkdm_model.json").exists():
-        return d, 0.0
+        wall = d / "wall_s.txt"
+        return d, float(wall.read_text()) if wall.exists() else 0.0
     extra = [e.format(**{k: str(out / f"{k}-s{seed}") for k in RUNS}) for e in extra]
     args = [sys.executable, "-m", "dkdm.cli", command, *extra, "--seed", str(seed), "--no-report", "--out", str(d)]
     if d.exists():
         args.append("--resume")
     t0 = time.time()
     subprocess.run(args, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    (d / "wall_s.txt").write_text(f"{time.time() - t0:.0f}\n")  # the wall of this call (a resumed run: its last part)
     return d, time.time() - t0
+
+
+def train_all(out: Path, seeds, jobs: int) -> None:
+    """Every run of ``seeds``, ``jobs`` at once with one thread each: the DKDM students, then the
+    few-step students that start from them."""
+    first = [name for name, (command, _) in RUNS.items() if command == "distill"]
+    for names in (first, [n for n in RUNS if n not in first]):
+        with ThreadPoolExecutor(jobs) as pool:
+            list(pool.map(lambda job: run(out, *job, 1), [(n, s) for s in seeds for n in names]))
 
 
 def stock(model, scheduler, steps: int, seed: int, num: int) -> torch.Tensor:
@@ -151,6 +168,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--num", type=int, default=1437)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--jobs", type=int, default=1, help="runs trained at once, one thread each (e.g. 12 on a GPU)")
     ap.add_argument("--teacher-fid", type=float, default=10.84,
                     help="the teacher's 100-step digits-FID drawn in the plot (the report's, mean of seeds 0-2)")
     ap.add_argument("--render", metavar="JSON", help="only render a table JSON (docs/few-step.json) as markdown and a plot")
@@ -163,6 +181,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if a.jobs > 1:
+        train_all(out, a.seeds, a.jobs)
     table = []
     for seed in a.seeds:
         table += rows(out, seed, a.num, a.threads)

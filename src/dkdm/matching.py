@@ -13,9 +13,11 @@ DMD2's backward simulation, lost quality on digits, its fake score following a m
 steps' outputs: docs/few-step.md); G's output x_g is noised to x_t at
 t ~ U[2% of T, t*], and its gradient is g = (x0_fake - x0_teacher) / mean |x_g - x0_teacher| per
 sample, the KL between G's distribution and the teacher's pushed down through both scores. The fake
-score, a second copy of the DKDM student, follows G's distribution with the denoising loss on G's
-samples, one update per G update. Each G step costs one teacher forward per sample (and K - 1
-generator forwards without gradient), and no pool.
+score, a second copy of the DKDM student, follows G's distribution with the denoising loss on the
+same x_t, one update per G update, from the one forward whose output (without gradient) gave x0_fake
+(DMD2 draws the fake score's noisy samples apart, over all of T: a second forward). Each G step costs
+one teacher forward per sample, one fake-score forward and backward (and K - 1 generator forwards
+without gradient), and no pool.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ class MatchingSource:
 
     ``generator`` is the run's student (its plain network runs the backward simulation without
     gradient); ``fake`` is the fake score, stepped here with its own optimizer on each batch of G's
-    samples (``follow``). Its weights, moments, random generator (seeded per process: ``seed``) and the
+    samples (``judge``). Its weights, moments, random generator (seeded per process: ``seed``) and the
     teacher-forward count are this source's state, kept per process like a pool shard (each
     process draws its own samples, and its fake score follows them)."""
 
@@ -110,31 +112,35 @@ class MatchingSource:
         return TrainingBatch(x_t=x, t=self._t(k, self.batch), target=None)
 
     def x0(self, model, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """``model``'s (the teacher's or the fake score's) denoised estimate at (x_t, t), clamped where the teacher clamps."""
+        """``model``'s (the teacher's) denoised estimate at (x_t, t), clamped where the teacher clamps."""
         pred = model.output(x_t, t)[:, : x_t.shape[1]].float()
         x0 = model.schedule.eps_and_x0(pred, x_t, t, model.prediction)[1]
         return x0.clamp(-1, 1) if self.teacher.clip_x0 else x0
 
-    @torch.no_grad()
-    def gradient(self, x_g: torch.Tensor) -> torch.Tensor:
-        """DMD's gradient for G's samples ``x_g`` (one teacher and one fake-score forward each)."""
+    def judge(self, x_g: torch.Tensor) -> torch.Tensor:
+        """DMD's gradient for G's samples ``x_g``, and the fake score's step on the same noisy samples.
+
+        x_g is noised to x_t at t ~ U[2% of T, t*]; the teacher's x0 (without gradient) and the fake
+        score's, from one forward of its network, give the gradient; the same forward's denoising
+        loss steps the fake score. DMD2 draws the fake score's x_t apart (a second forward, at t over
+        all of T): sharing it trains the fake score where it is read and spares about a tenth of a
+        step (docs/few-step.md)."""
+        x_g = x_g.detach()
         low, high = int(T_MIN * self.teacher.schedule.num_steps), self.generator.schedule.num_steps
         t = torch.randint(min(low, high - 1), high, (len(x_g),), generator=self.rng, device=self.device)
-        x_t = self.teacher.schedule.q_sample(x_g, t, self._randn(x_g.shape))
+        noise = self._randn(x_g.shape)
+        x_t = self.teacher.schedule.q_sample(x_g, t, noise)
         self.teacher_calls += len(x_g)
-        return matching_gradient(x_g, self.x0(self.teacher, x_t, t), self.x0(self.fake, x_t, t))
-
-    def follow(self, samples: torch.Tensor) -> torch.Tensor:
-        """One fake-score step on G's ``samples`` (the denoising loss at t ~ U[0, T)); returns its loss."""
-        T = self.teacher.schedule.num_steps
-        t = torch.randint(0, T, (len(samples),), generator=self.rng, device=self.device)
-        noise = self._randn(samples.shape)
-        pred = self.fake.net(self.fake.schedule.q_sample(samples, t, noise), t)[:, : samples.shape[1]].float()
+        with torch.no_grad():
+            real_x0 = self.x0(self.teacher, x_t, t)
+        pred = self.fake.net(x_t, t)[:, : x_g.shape[1]].float()
+        fake_x0 = self.fake.schedule.eps_and_x0(pred.detach(), x_t, t, self.fake.prediction)[1]
+        fake_x0 = fake_x0.clamp(-1, 1) if self.teacher.clip_x0 else fake_x0
         loss = F.mse_loss(pred, noise)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        return loss.detach()
+        return matching_gradient(x_g, real_x0, fake_x0)
 
     def describe(self) -> dict:
         return {"kind": "matching", "timesteps": self.times, "batch": self.batch}

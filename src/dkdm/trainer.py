@@ -212,8 +212,7 @@ class Trainer:
                              student.variance, self.cfg.vlb_weight, self.cfg.simple_weight, self.cfg.vlb_mean_grad)
         if self.cfg.objective == "matching":  # the gradient from both scores; then the fake score follows x_g
             x_g = generator_x0(student.schedule, output[:, :batch.x_t.shape[1]], batch.x_t, batch.t)
-            grad = self.source.gradient(x_g.detach())
-            self.source.follow(x_g.detach())  # its own network and optimizer: the generator's step is unchanged
+            grad = self.source.judge(x_g)  # the fake score steps too, with its own optimizer
             square = grad.pow(2).flatten(1).mean(1)
             return {"mse": square, "vb": torch.zeros_like(square), "loss": matching_loss(x_g, grad)}
         schedule, c = student.schedule, batch.x_t.shape[1]
