@@ -76,12 +76,12 @@ def test_matching_refuses_consistency_flags_in_one_line(tmp_path, capsys):
     assert not any((tmp_path / n).exists() for n in "ab")
 
 
-def test_matching_defaults_halve_the_budget_and_take_a_tenth_of_the_rate():
+def test_matching_defaults_take_0_7_of_the_budget_and_a_tenth_of_the_rate():
     from dkdm.defaults import distill_defaults, fewstep_defaults
 
     d = distill_defaults(517_754, (1, 8, 8), 1000)
     m = fewstep_defaults(517_754, (1, 8, 8), 1000, objective="matching")
-    assert m["steps"].value == d["steps"].value // 2 == 600 and m["warmup"].value == 100
+    assert m["steps"].value == d["steps"].value * 7 // 10 == 840 and m["warmup"].value == 100
     assert m["lr"].value == pytest.approx(d["lr"].value / 10) and "rho" not in m
     assert fewstep_defaults(517_754, (1, 8, 8), 1000, {"steps": 40}, objective="matching")["warmup"].value == 40
 
