@@ -118,6 +118,22 @@ def test_the_objective_follows_k_where_not_given_and_is_printed(tmp_path, capsys
     assert not out.exists()
 
 
+@pytest.mark.parametrize("k,objective", [(2, "matching"), (4, "matching"), (8, "consistency")])
+def test_a_transformer_students_objective_is_matching_up_to_four_steps(tmp_path, capsys, k, objective):
+    """Outside the convolutional families (a DiT here) distribution matching is the rule up to 4 steps:
+    read from the DKDM student the run starts from (docs/few-step.md)."""
+    from dkdm.defaults import fewstep_objective
+
+    assert [fewstep_objective(k, f).value for f in ("unet", "adm", "dit", "uvit", "import")] == \
+        [("matching" if k <= 2 else "consistency")] * 2 + [objective] * 3
+    teacher = load_model("builtin:digits")
+    save_model(DiffusionModel.student_of(teacher, "dit:patch=2,depth=1,width=32,heads=2"), tmp_path / "dit")
+    assert main(["fewstep", "--student", str(tmp_path / "dit"), "--sampler-steps", str(k), "--dry-run", "--no-report",
+                 "--out", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    assert f"fewstep-objective {objective} (" in err and ("of a dit student" in err) == (objective == "matching")
+
+
 def test_the_scores_judge_the_generator_between_2_percent_of_t_and_t_star_and_the_fake_score_steps_there(monkeypatch):
     import copy
 

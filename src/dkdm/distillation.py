@@ -114,8 +114,10 @@ def _plan(s: DistillSettings, objects: dict) -> _Plan:
         # the pool runs the teacher on the student's steps, so every batch is a step the student takes
         teacher = teacher.respaced(s.student_steps)
     torch.manual_seed(s.seed)
-    objective = _fewstep_objective(s) if few else None
-    student = _student(s, teacher, data_name, teacher_ref, objects.get("student"))
+    start = _fewstep_start(s, teacher) if few else None
+    objective = _fewstep_objective(s, start) if few else None
+    student = _few_step_student(s, start, teacher) if few else _student(s, teacher, data_name, teacher_ref,
+                                                                          objects.get("student"))
     ruled, cfg = _decide_settings(s, teacher, student, few)
     if objective is not None:
         ruled = {"fewstep_objective": objective, **ruled}
@@ -136,13 +138,15 @@ def _plan(s: DistillSettings, objects: dict) -> _Plan:
                  prep, prep_batch, inherit_from, inherit_note, report)
 
 
-def _fewstep_objective(s: DistillSettings):
-    """The few-step objective the rules give where --fewstep-objective is not given (written into ``s``), or None."""
+def _fewstep_objective(s: DistillSettings, start):
+    """The few-step objective the rules give for the DKDM student ``start`` where --fewstep-objective
+    is not given (written into ``s``), or None."""
     from .defaults import fewstep_objective
+    from .students import family_of
 
     if s.fewstep_objective is not None:
         return None
-    rule = fewstep_objective(s.sampler_steps)
+    rule = fewstep_objective(s.sampler_steps, family_of(start.spec))
     s.fewstep_objective = rule.value
     return rule
 
@@ -174,13 +178,11 @@ def _teacher(s: DistillSettings, device, given=None):
 
 
 def _student(s: DistillSettings, teacher, data_name, teacher_ref: str, given=None):
-    """The run's fresh student: a few-step one from ``s.student``'s DKDM student (fewstep), the
-    object ``given``, or the spec ``s.student`` names (default: the teacher's family at half width)."""
+    """The run's fresh student (distill): the object ``given``, or the spec ``s.student`` names
+    (default: the teacher's family at half width)."""
     from .model import DiffusionModel
     from .objects import is_object_reference, student_from_object
 
-    if s.command == "fewstep":
-        return _few_step_student(s, teacher)
     if given is not None:
         student = student_from_object(given, teacher)
         student.extra.update({"data": data_name, "teacher": teacher_ref})
@@ -192,16 +194,23 @@ def _student(s: DistillSettings, teacher, data_name, teacher_ref: str, given=Non
                                      extra={"data": data_name, "teacher": teacher_ref})
 
 
-def _few_step_student(s: DistillSettings, teacher):
-    """The DKDM student ``s.student`` names, as a consistency student of ``s.sampler_steps`` steps."""
+def _fewstep_start(s: DistillSettings, teacher):
+    """The DKDM student ``s.student`` names (a few-step run starts from it), checked against the teacher."""
     from .formats import load_model
-    from .model import DiffusionModel
 
     start = load_model(s.student, role="student")
     if tuple(start.sample_shape) != tuple(teacher.sample_shape) or start.schedule.num_steps != teacher.schedule.num_steps:
         raise DkdmError(f"--student {s.student} models samples of shape {list(start.sample_shape)} over "
                         f"{start.schedule.num_steps} steps, the teacher {list(teacher.sample_shape)} over "
                         f"{teacher.schedule.num_steps}: start from a student of this teacher")
+    return start
+
+
+def _few_step_student(s: DistillSettings, start, teacher):
+    """The DKDM student ``start`` as a few-step student of ``s.sampler_steps`` steps (a consistency
+    student, or a distribution-matching generator)."""
+    from .model import DiffusionModel
+
     if s.fewstep_objective == "matching":
         return _generator(s, start, teacher)
     return DiffusionModel.few_step_of(start, s.sampler_steps, s.fewstep_prediction, s.consistency_grid)
