@@ -8,6 +8,7 @@ teacher at sampling seeds 0..N-1 and prints each model's scores, their mean and 
 means, the estimate the per-seed ratio is a noisy sample of. One thread.
 
     python bench/quality/fewstep_seeds.py RUN [RUN ...] --seeds 6 --json rows.jsonl
+    python bench/quality/fewstep_seeds.py RUN --teacher-mean 10.01   # the teacher's six-seed mean, known
 """
 
 from __future__ import annotations
@@ -36,12 +37,16 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=6, help="sampling seeds 0..N-1")
     ap.add_argument("--teacher-steps", type=int, default=100, help="the teacher's sampling steps (the report's)")
     ap.add_argument("--json", help="append one line per model and seed to this file")
+    ap.add_argument("--teacher-mean", type=float,
+                    help="the teacher's mean digits-FID over the same seeds, measured before: the teacher is not drawn")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     teachers: dict[str, list[float]] = {}
     for run in a.runs:
         ref = recorded_teacher(run) or "builtin:digits"
-        if ref not in teachers:
+        if a.teacher_mean is not None:
+            teachers[ref] = [a.teacher_mean]
+        elif ref not in teachers:
             teachers[ref] = [m["digits_fid"] for m in scores(load_model(ref).eval(), a.seeds, a.teacher_steps)]
             print(f"teacher {ref}: {' / '.join(f'{f:.2f}' for f in teachers[ref])}, mean "
                   f"{statistics.mean(teachers[ref]):.2f}", flush=True)
