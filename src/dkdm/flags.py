@@ -125,7 +125,8 @@ FEWSTEP_HELP = {
                       "another)"),
     "fewstep_objective": ("consistency distillation on the teacher's pool, or distribution matching (the student"
                           " as a generator from t*, judged by the teacher and a fake score: docs/few-step.md) "
-                          "(default: matching for one step, consistency for more; printed when the run starts)"),
+                          "(default: matching up to two steps, up to four for a student outside the convolutional families "
+                          "(a DiT, a U-ViT, a network by import path), consistency above; printed when the run starts)"),
     "fewstep_prediction": "what the few-step student's network predicts (v: well conditioned at every step)",
     "consistency_grid": ("the ODE's grid: consistency pairs T/N steps apart, and the timesteps K steps are taken"
                          " from (LCMScheduler's original_inference_steps; default min(50, T))"),
