@@ -1,8 +1,9 @@
 """Few-step samplers on digits, data-free: the table of docs/few-step.md.
 
 For each seed: the DKDM students (`dkdm distill`, the default half-width UNet and a DiT from the
-UNet teacher), their few-step students (`dkdm fewstep`: consistency at K = 4, and the one- and
-two-step distribution-matching generators, scored at their own K only), and the few-step student of the teacher's
+UNet teacher), their few-step students (`dkdm fewstep` at K = 4 with the default objective: consistency for
+the UNet, distribution matching for the DiT by the family rule; and the one- and two-step
+distribution-matching generators, scored at their own K only), and the few-step student of the teacher's
 own architecture started from the teacher's weights; then digits-FID, precision and recall
 (1,437 samples) at K = 1, 2, 4, 8 for: the teacher with DDIM (clipping) and DPM-Solver++ 2M
 (thresholding at 1), the DKDM student with DPM-Solver++, and each few-step student with its own
