@@ -110,10 +110,11 @@ def rows(out: Path, seed: int, num: int, threads: int) -> list[dict]:
     for name in ("dkdm-unet", "dkdm-dit"):
         student = load_model(dirs[name]).eval()
         add(f"{name}, DPM-Solver++", lambda k: stock(student, dpm, k, seed, num), walls[name])
-    for name in ("fewstep-unet", "fewstep-dit", "fewstep-teacher"):
+    for name in ("fewstep-unet", "fewstep-teacher"):
         few = load_model(dirs[name]).eval()
         add(name, lambda k: few.sample(num, k, torch.Generator().manual_seed(seed)).clamp(-1, 1), walls[name])
-    for name in ("matching-unet", "matching-dit", "matching2-unet"):
+    # the DiT's 4-step student is a matching generator by the family rule: scored at its own K
+    for name in ("fewstep-dit", "matching-unet", "matching-dit", "matching2-unet"):
         gen = load_model(dirs[name]).eval()
         add(name, lambda k: gen.sample(num, k, torch.Generator().manual_seed(seed)).clamp(-1, 1), walls[name],
             (gen.sampler_steps,))
