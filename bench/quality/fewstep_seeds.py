@@ -41,12 +41,13 @@ def main(argv=None) -> int:
                     help="the teacher's mean digits-FID over the same seeds, measured before: the teacher is not drawn")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    teachers: dict[str, list[float]] = {}
-    for run in a.runs:
-        ref = recorded_teacher(run) or "builtin:digits"
-        if a.teacher_mean is not None:
-            teachers[ref] = [a.teacher_mean]
-        elif ref not in teachers:
+    refs = [(run, recorded_teacher(run) or "builtin:digits") for run in a.runs]
+    distinct = {ref for _, ref in refs}
+    if a.teacher_mean is not None and len(distinct) > 1:
+        ap.error(f"--teacher-mean is one teacher's: these runs have {len(distinct)} teachers")
+    teachers = {ref: [a.teacher_mean] for ref in distinct} if a.teacher_mean is not None else {}
+    for run, ref in refs:
+        if ref not in teachers:
             teachers[ref] = [m["digits_fid"] for m in scores(load_model(ref).eval(), a.seeds, a.teacher_steps)]
             print(f"teacher {ref}: {' / '.join(f'{f:.2f}' for f in teachers[ref])}, mean "
                   f"{statistics.mean(teachers[ref]):.2f}", flush=True)
