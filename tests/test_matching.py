@@ -86,6 +86,22 @@ def test_matching_defaults_take_0_7_of_the_budget_and_a_tenth_of_the_rate():
     assert fewstep_defaults(517_754, (1, 8, 8), 1000, {"steps": 40}, objective="matching")["warmup"].value == 40
 
 
+def test_matching_gives_two_steps_of_a_student_outside_the_convolutional_families_a_fifth_of_its_rate():
+    """docs/few-step.md: DiT two-step generators scored 1.45-1.51x the teacher at a fifth of distill's
+    rate against 1.54-1.70x at a tenth; at one and four steps a fifth lost."""
+    from dkdm.defaults import distill_defaults, fewstep_defaults
+
+    for family in ("dit", "uvit", "import"):
+        d = distill_defaults(825_508, (1, 8, 8), 1000, family=family)
+        for k, share in ((1, 10), (2, 5), (3, 10), (4, 10)):
+            m = fewstep_defaults(825_508, (1, 8, 8), 1000, family=family, objective="matching", sampler_steps=k)
+            assert m["lr"].value == pytest.approx(d["lr"].value / share) == pytest.approx(3e-3 / share)
+            assert ("a fifth" if share == 5 else "a tenth") in m["lr"].why and f"family {family}" in m["lr"].why
+    for k in (1, 2):
+        u = fewstep_defaults(825_508, (1, 8, 8), 1000, family="unet", objective="matching", sampler_steps=k)
+        assert u["lr"].value == pytest.approx(1e-4) and "a tenth" in u["lr"].why
+
+
 def test_matching_run_writes_a_k_step_generator_that_resumes_bit_identically_after_kill_9(tmp_path, toy_pair, capsys):
     teacher, student = toy_pair
     steps, flags = 400, ("--fewstep-objective", "matching")
@@ -132,6 +148,7 @@ def test_a_transformer_students_objective_is_matching_up_to_four_steps(tmp_path,
                  "--out", str(tmp_path / "run")]) == 0
     err = capsys.readouterr().err
     assert f"fewstep-objective {objective} (" in err and ("of a dit student" in err) == (objective == "matching")
+    assert ("for two steps outside the convolutional families" in err) == (k == 2)  # the run's own K
 
 
 def test_the_scores_judge_the_generator_between_2_percent_of_t_and_t_star_and_the_fake_score_steps_there(monkeypatch):

@@ -169,6 +169,12 @@ def fewstep_objective(sampler_steps: int, family: str = "unet") -> Setting:
 #: steps at six sampling seeds: 600 steps missed 1.5x on two of six students, 900 and 1,200 met it;
 #: 0.7 is the most that keeps both stages within 2x distill's wall on a 2-core CPU (1.9x at 840).
 MATCHING_STEPS_FACTOR, MATCHING_LR_FACTOR, MATCHING_WARMUP = 0.7, 0.1, 100
+#: The same for a two-step generator from a student outside ``CONV_FAMILIES``: a fifth of distill's lr
+#: (its family's, already up to 3x a UNet's). DiT two-step generators, seeds 0 / 1 / 2 at six sampling
+#: seeds: 1.70 / 1.54 / 1.61x the teacher at a tenth, 1.46 / 1.45 / 1.51x at a fifth, (seeds 1 / 2)
+#: 1.61 / 1.91x at two fifths. At one and four steps a fifth lost (one: 2.04x against 1.67x, seed 0;
+#: four: 1.52 / 1.32 / 1.34x against 1.04 / 1.08 / 1.35x), so they keep a tenth (docs/few-step.md).
+MATCHING_LR_FACTOR_NON_CONV_TWO_STEPS = 0.2
 
 
 def run_budget(num_steps: int, sample_shape, batch: int, family: str = "unet", objective: str = "dkdm") -> int:
@@ -183,17 +189,19 @@ def run_budget(num_steps: int, sample_shape, batch: int, family: str = "unet", o
 
 
 def fewstep_defaults(student_params: int, sample_shape, num_steps: int, given: dict | None = None,
-                     family: str = "unet", objective: str = "consistency") -> dict[str, Setting]:
-    """``distill_defaults`` for a few-step run (of any number of sampler steps): for consistency distill's step
-    budget and a fifth of the learning rate; for distribution
-    matching 0.7 of the budget, a tenth of the lr; the rest as distill's."""
+                     family: str = "unet", objective: str = "consistency",
+                     sampler_steps: int = 4) -> dict[str, Setting]:
+    """``distill_defaults`` for a few-step run of ``sampler_steps`` steps: for consistency distill's step
+    budget and a fifth of the learning rate; for distribution matching 0.7 of the budget, a tenth of the
+    lr (a fifth for two steps outside CONV_FAMILIES); the rest as distill's."""
     given = {k: v for k, v in (given or {}).items() if v is not None}
     out = distill_defaults(student_params, sample_shape, num_steps, given, family)
     batch = int(given.get("batch", PAPER_BATCH))
     budget = run_budget(num_steps, sample_shape, batch, family, objective)
     steps = budget if given.get("steps", "auto") == "auto" else int(given["steps"])
     if objective == "matching":
-        return _matching_defaults(out, budget, steps)
+        faster = family not in CONV_FAMILIES and sampler_steps == 2
+        return _matching_defaults(out, budget, steps, faster)
     if "steps" in out:
         out["steps"] = Setting(budget, f"distill's budget ({out['steps'].why}): its samples take the geometric "
                                        f"timesteps")
@@ -205,9 +213,10 @@ def fewstep_defaults(student_params: int, sample_shape, num_steps: int, given: d
     return out
 
 
-def _matching_defaults(out: dict[str, Setting], budget: int, steps: int) -> dict[str, Setting]:
+def _matching_defaults(out: dict[str, Setting], budget: int, steps: int, faster: bool) -> dict[str, Setting]:
     """distill's rules scaled for a distribution-matching generator (``MATCHING_*``) of ``budget``
-    steps by the rule, ``steps`` to train (given, or the budget); no pool, so no rho."""
+    steps by the rule, ``steps`` to train (given, or the budget), ``faster``: at
+    ``MATCHING_LR_FACTOR_NON_CONV_TWO_STEPS``; no pool, so no rho."""
     out.pop("rho", None)
     if "steps" in out:
         out["steps"] = Setting(budget, f"0.7 of distill's budget ({out['steps'].why}): the generator starts as a "
@@ -215,6 +224,12 @@ def _matching_defaults(out: dict[str, Setting], budget: int, steps: int) -> dict
     if "warmup" in out:
         out["warmup"] = Setting(min(MATCHING_WARMUP, steps), "the fake score follows the generator's first moves")
     if "lr" in out:
-        out["lr"] = Setting(MATCHING_LR_FACTOR * out["lr"].value,
-                            f"a tenth of distill's rule ({out['lr'].why}): each step moves whole samples")
+        if not faster:
+            out["lr"] = Setting(MATCHING_LR_FACTOR * out["lr"].value,
+                                f"a tenth of distill's rule ({out['lr'].why}): each step moves whole samples")
+        else:
+            out["lr"] = Setting(MATCHING_LR_FACTOR_NON_CONV_TWO_STEPS * out["lr"].value,
+                                f"a fifth of distill's rule ({out['lr'].why}) for two steps outside the "
+                                f"convolutional families: DiT two-step generators scored 1.45-1.51x the teacher "
+                                f"at a fifth, 1.54-1.70x at a tenth (3 seeds; docs/few-step.md)")
     return out
