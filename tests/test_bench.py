@@ -1,6 +1,7 @@
 """The benchmarks' guards and set-ups: the host work of a training step stays bounded (bench/ops.py),
 and bench/speed.py's scales are the layouts they name and run end to end at a toy size."""
 
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -187,3 +188,22 @@ def test_progressive_distillations_target_lands_its_one_step_where_the_two_steps
                                    rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(pd.ddim_to(schedule, x, x0, t, s), x_s, rtol=1e-4, atol=1e-4)
     assert pd.grid(4, 1000) == [999, 749, 499, 249] and pd.grid(8, 1000)[::2] == pd.grid(4, 1000)
+
+
+def test_two_runners_of_one_out_each_keep_the_others_rows(tmp_path):
+    """bench/quality/questions.py: grids run at once into one --out merge their results under a lock;
+    a row run again replaces its old result."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    sys.path.insert(0, str(BENCH / "quality"))
+    import questions
+
+    store = tmp_path / "questions.json"
+    rows = [[{"question": "ceiling", "row": f"r{i}", "seed": s, "digits_fid": float(i)} for s in range(50)]
+            for i in range(8)]
+    with ProcessPoolExecutor(4) as pool:
+        list(pool.map(questions.merge_results, [store] * 8, rows))
+    assert sorted((r["row"], r["seed"]) for r in json.loads(store.read_text())) == \
+        sorted((f"r{i}", s) for i in range(8) for s in range(50))
+    again = questions.merge_results(store, [{"question": "ceiling", "row": "r0", "seed": 0, "digits_fid": 9.5}])
+    assert len(again) == 400 and [r["digits_fid"] for r in again if (r["row"], r["seed"]) == ("r0", 0)] == [9.5]

@@ -36,6 +36,7 @@ samples first (``@synthetic:N``, N per seed); `--dry-run` prints every command w
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import statistics
@@ -228,6 +229,19 @@ def plot(results: list[dict], question: str, path: Path) -> None:
     plt.close(fig)
 
 
+def merge_results(store: Path, results: list[dict]) -> list[dict]:
+    """``results`` written into ``store`` over the same (question, row, seed), under a lock: two runners
+    of one --out (two grids at once) each keep the other's rows."""
+    store.parent.mkdir(parents=True, exist_ok=True)
+    with open(store.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        kept = json.loads(store.read_text()) if store.exists() else []
+        done = {(r["question"], r["row"], r["seed"]) for r in results}
+        merged = [r for r in kept if (r["question"], r["row"], r["seed"]) not in done] + results
+        store.write_text(json.dumps(merged, indent=1))
+    return merged
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--question", choices=list(QUESTIONS), action="append")
@@ -260,11 +274,7 @@ def main(argv=None) -> int:
                                                  stdout=subprocess.DEVNULL), inputs))
     with ThreadPoolExecutor(a.jobs) as pool:
         results = [r for r in pool.map(lambda job: run(out, *job), todo) if r is not None]
-    store = out / "questions.json"
-    kept = json.loads(store.read_text()) if store.exists() else []
-    done = {(r["question"], r["row"], r["seed"]) for r in results}
-    merged = [r for r in kept if (r["question"], r["row"], r["seed"]) not in done] + results
-    store.write_text(json.dumps(merged, indent=1))
+    merged = merge_results(out / "questions.json", results)
     for q in dict.fromkeys(r["question"] for r in results):
         print(f"## {q}\n\n{markdown(merged, q)}\n")
     return 0
