@@ -177,6 +177,16 @@ MATCHING_STEPS_FACTOR, MATCHING_LR_FACTOR, MATCHING_WARMUP = 0.7, 0.1, 100
 MATCHING_LR_FACTOR_NON_CONV_TWO_STEPS = 0.2
 
 
+def matching_lr(family: str, sampler_steps: int) -> tuple[float, str]:
+    """A distribution-matching generator's share of distill's learning rate, and its reason."""
+    if family not in CONV_FAMILIES and sampler_steps == 2:
+        return MATCHING_LR_FACTOR_NON_CONV_TWO_STEPS, ("a fifth of distill's rule ({}) for two steps outside the "
+                                                       "convolutional families: DiT two-step generators scored "
+                                                       "1.45-1.51x the teacher at a fifth, 1.54-1.70x at a tenth "
+                                                       "(3 seeds; docs/few-step.md)")
+    return MATCHING_LR_FACTOR, "a tenth of distill's rule ({}): each step moves whole samples"
+
+
 def run_budget(num_steps: int, sample_shape, batch: int, family: str = "unet", objective: str = "dkdm") -> int:
     """A run's fixed step budget (also --steps auto's yardstick): distill's ``step_budget``, times
     ``FEWSTEP_STEPS_FACTOR`` for a consistency few-step run (of any number of sampler steps) or
@@ -200,8 +210,7 @@ def fewstep_defaults(student_params: int, sample_shape, num_steps: int, given: d
     budget = run_budget(num_steps, sample_shape, batch, family, objective)
     steps = budget if given.get("steps", "auto") == "auto" else int(given["steps"])
     if objective == "matching":
-        faster = family not in CONV_FAMILIES and sampler_steps == 2
-        return _matching_defaults(out, budget, steps, faster)
+        return _matching_defaults(out, budget, steps, *matching_lr(family, sampler_steps))
     if "steps" in out:
         out["steps"] = Setting(budget, f"distill's budget ({out['steps'].why}): its samples take the geometric "
                                        f"timesteps")
@@ -213,10 +222,11 @@ def fewstep_defaults(student_params: int, sample_shape, num_steps: int, given: d
     return out
 
 
-def _matching_defaults(out: dict[str, Setting], budget: int, steps: int, faster: bool) -> dict[str, Setting]:
+def _matching_defaults(out: dict[str, Setting], budget: int, steps: int, lr_share: float,
+                       lr_why: str) -> dict[str, Setting]:
     """distill's rules scaled for a distribution-matching generator (``MATCHING_*``) of ``budget``
-    steps by the rule, ``steps`` to train (given, or the budget), ``faster``: at
-    ``MATCHING_LR_FACTOR_NON_CONV_TWO_STEPS``; no pool, so no rho."""
+    steps by the rule, ``steps`` to train (given, or the budget), ``lr_share`` of distill's rate
+    (``matching_lr``); no pool, so no rho."""
     out.pop("rho", None)
     if "steps" in out:
         out["steps"] = Setting(budget, f"0.7 of distill's budget ({out['steps'].why}): the generator starts as a "
@@ -224,12 +234,5 @@ def _matching_defaults(out: dict[str, Setting], budget: int, steps: int, faster:
     if "warmup" in out:
         out["warmup"] = Setting(min(MATCHING_WARMUP, steps), "the fake score follows the generator's first moves")
     if "lr" in out:
-        if not faster:
-            out["lr"] = Setting(MATCHING_LR_FACTOR * out["lr"].value,
-                                f"a tenth of distill's rule ({out['lr'].why}): each step moves whole samples")
-        else:
-            out["lr"] = Setting(MATCHING_LR_FACTOR_NON_CONV_TWO_STEPS * out["lr"].value,
-                                f"a fifth of distill's rule ({out['lr'].why}) for two steps outside the "
-                                f"convolutional families: DiT two-step generators scored 1.45-1.51x the teacher "
-                                f"at a fifth, 1.54-1.70x at a tenth (3 seeds; docs/few-step.md)")
+        out["lr"] = Setting(lr_share * out["lr"].value, lr_why.format(out["lr"].why))
     return out

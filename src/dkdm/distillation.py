@@ -243,12 +243,11 @@ def _decide_settings(s: DistillSettings, teacher, student, few: bool):
     rules = fewstep_defaults if few else distill_defaults
     family = family_of(student.spec)
     objective = s.fewstep_objective if few else "dkdm"
-    extra = {"objective": objective} if few else {}
-    steps_k = {"sampler_steps": s.sampler_steps} if few else {}
+    extra = {"objective": objective, "sampler_steps": s.sampler_steps} if few else {}
     ruled = rules(count_parameters(student.net), teacher.sample_shape, teacher.schedule.num_steps,
-                  {k: getattr(s, k) for k in DISTILL_RULED}, family, **extra, **steps_k)
+                  {k: getattr(s, k) for k in DISTILL_RULED}, family, **extra)
     s.update({k: v.value for k, v in ruled.items()})
-    budget = run_budget(teacher.schedule.num_steps, teacher.sample_shape, s.batch, family, **extra)
+    budget = run_budget(teacher.schedule.num_steps, teacher.sample_shape, s.batch, family, objective)
     return ruled, train_config(s, fixed_default=budget, objective=objective)
 
 
