@@ -159,6 +159,9 @@ def test_the_fewstep_table_trains_every_dkdm_student_before_the_few_step_runs_an
     assert sorted(calls) == sorted((n, s, 1) for n in fewstep.RUNS for s in (0, 1, 2))
     kinds = [fewstep.RUNS[name][0] for name, _, _ in calls]
     assert kinds.index("fewstep") == kinds.count("distill") == 6
+    calls.clear()
+    fewstep.train_all(tmp_path, [0, 1], jobs=2, only=("matching2-dit",))  # --runs: and what it starts from
+    assert calls == [("dkdm-dit", 0, 1), ("dkdm-dit", 1, 1), ("matching2-dit", 0, 1), ("matching2-dit", 1, 1)]
     monkeypatch.undo()
     d = tmp_path / "fewstep-unet-s0"
     d.mkdir()
@@ -207,3 +210,38 @@ def test_two_runners_of_one_out_each_keep_the_others_rows(tmp_path):
         sorted((f"r{i}", s) for i in range(8) for s in range(50))
     again = questions.merge_results(store, [{"question": "ceiling", "row": "r0", "seed": 0, "digits_fid": 9.5}])
     assert len(again) == 400 and [r["digits_fid"] for r in again if (r["row"], r["seed"]) == ("r0", 0)] == [9.5]
+
+
+def test_a_row_whose_command_another_question_ran_is_that_run(tmp_path, monkeypatch):
+    """bench/quality/questions.py: the ceiling's 1x rows are the default DKDM student and the
+    diversity question's data-based student (the same commands): a finished twin's run is reused, not
+    run again, and a rendered table fills a row it lacks from its twin without replacing one it has."""
+    sys.path.insert(0, str(BENCH / "quality"))
+    import questions
+
+    assert ("diversity", "DKDM (default)") in questions.twins("ceiling", "DKDM, 1x budget")
+    assert questions.twins("ceiling", "data-based, 1x budget") == [("diversity", "data-based, same network and budget")]
+    assert questions.twins("ceiling", "DKDM, 2x budget") == []
+    twin = tmp_path / "diversity" / "data-based--same-network-and-budget-s1"
+    twin.mkdir(parents=True)
+    (twin / "metrics.json").write_text(json.dumps({"model": {"digits_fid": 12.5, "recall": 0.8}}))
+    monkeypatch.setattr(questions.subprocess, "run", lambda *a, **k: pytest.fail("ran a twin's command again"))
+    got = questions.run(tmp_path, "ceiling", "data-based, 1x budget", 1)
+    assert (got["row"], got["digits_fid"], got["recall"]) == ("data-based, 1x budget", 12.5, 0.8)
+    results = [{"question": "diversity", "row": "DKDM (default)", "seed": s, "digits_fid": 10.0 + s} for s in (0, 1)]
+    results.append({"question": "ceiling", "row": "DKDM, 1x budget", "seed": 1, "digits_fid": 99.0})
+    filled = {(r["row"], r["seed"]): r["digits_fid"] for r in questions.with_twins(results) if r["question"] == "ceiling"}
+    assert filled == {("DKDM, 1x budget", 0): 10.0, ("DKDM, 1x budget", 1): 99.0}
+
+
+def test_the_ceiling_plot_draws_budgets_and_synthetic_sets(tmp_path):
+    """bench/quality/questions.py --render: the ceiling's figure, from rows of every kind, with a
+    missing seed and a missing set size."""
+    sys.path.insert(0, str(BENCH / "quality"))
+    import questions
+
+    rows = [{"question": "ceiling", "row": row, "seed": s, "digits_fid": 10.0 + s, "recall": 0.8,
+             "teacher_fid": None if "DKDM" not in row else 11.0}
+            for row in questions.QUESTIONS["ceiling"] if "16x" not in row for s in (0, 1)]
+    questions.plot_ceiling(rows, tmp_path / "ceiling.png")
+    assert (tmp_path / "ceiling.png").stat().st_size > 10_000

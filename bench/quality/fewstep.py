@@ -3,7 +3,7 @@
 For each seed: the DKDM students (`dkdm distill`, the default half-width UNet and a DiT from the
 UNet teacher), their few-step students (`dkdm fewstep` at K = 4 with the default objective: consistency for
 the UNet, distribution matching for the DiT by the family rule; and the one- and two-step
-distribution-matching generators, scored at their own K only), and the few-step student of the teacher's
+distribution-matching generators of both, scored at their own K only), and the few-step student of the teacher's
 own architecture started from the teacher's weights; then digits-FID, precision and recall
 (1,437 samples) at K = 1, 2, 4, 8 for: the teacher with DDIM (clipping) and DPM-Solver++ 2M
 (thresholding at 1), the DKDM student with DPM-Solver++, and each few-step student with its own
@@ -15,6 +15,7 @@ students), one thread each: on a GPU the digits runs are launch-bound and share 
 
     python bench/quality/fewstep.py --out bench-runs/fewstep --seeds 0 1 2
     python bench/quality/fewstep.py --out bench-runs/fewstep --seeds 0 1 2 --jobs 12   # on a GPU
+    python bench/quality/fewstep.py --seeds 0 1 2 --runs fewstep-dit matching-dit matching2-dit  # the DiT's rows
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ RUNS = {  # name: (command, extra flags); {student} is the DKDM run the few-step
     "matching-unet": ("fewstep", ["--student", "{dkdm-unet}", "--sampler-steps", "1"]),
     "matching-dit": ("fewstep", ["--student", "{dkdm-dit}", "--sampler-steps", "1"]),
     "matching2-unet": ("fewstep", ["--student", "{dkdm-unet}", "--sampler-steps", "2"]),
+    "matching2-dit": ("fewstep", ["--student", "{dkdm-dit}", "--sampler-steps", "2"]),
 }
 
 
@@ -62,11 +64,11 @@ def run(out: Path, name: str, seed: int, threads: int) -> tuple[Path, float]:
     return d, time.time() - t0
 
 
-def train_all(out: Path, seeds, jobs: int) -> None:
-    """Every run of ``seeds``, ``jobs`` at once with one thread each: the DKDM students, then the
-    few-step students that start from them."""
-    first = [name for name, (command, _) in RUNS.items() if command == "distill"]
-    for names in (first, [n for n in RUNS if n not in first]):
+def train_all(out: Path, seeds, jobs: int, only=tuple(RUNS)) -> None:
+    """Every run of ``only`` (and the DKDM students they start from) for ``seeds``, ``jobs`` at once with
+    one thread each: the DKDM students, then the few-step students that start from them."""
+    first = [name for name in needed(only) if RUNS[name][0] == "distill"]
+    for names in (first, [n for n in RUNS if n not in first and n in only]):
         with ThreadPoolExecutor(jobs) as pool:
             list(pool.map(lambda job: run(out, *job, 1), [(n, s) for s in seeds for n in names]))
 
@@ -83,14 +85,20 @@ def stock(model, scheduler, steps: int, seed: int, num: int) -> torch.Tensor:
     return x.clamp(-1, 1)
 
 
-def rows(out: Path, seed: int, num: int, threads: int) -> list[dict]:
+def needed(only) -> list[str]:
+    """The runs ``only`` names and the DKDM students they start from, in RUNS' order."""
+    starts = {e.strip("{}") for name in only for e in RUNS[name][1] if e.startswith("{")}
+    return [name for name in RUNS if name in only or name in starts]
+
+
+def rows(out: Path, seed: int, num: int, threads: int, only=tuple(RUNS)) -> list[dict]:
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
     from dkdm.formats import load_model
     from dkdm.metrics.digits import digits_metrics
 
     dirs, walls = {}, {}
-    for name in RUNS:
+    for name in needed(only):
         dirs[name], walls[name] = run(out, name, seed, threads)
     teacher = load_model("builtin:digits").eval()
     cfg = teacher.schedule.to_diffusers()
@@ -107,14 +115,15 @@ def rows(out: Path, seed: int, num: int, threads: int) -> list[dict]:
 
     add("teacher, DDIM", lambda k: stock(teacher, ddim, k, seed, num))
     add("teacher, DPM-Solver++", lambda k: stock(teacher, dpm, k, seed, num))
-    for name in ("dkdm-unet", "dkdm-dit"):
+    for name in [n for n in ("dkdm-unet", "dkdm-dit") if n in dirs]:
         student = load_model(dirs[name]).eval()
         add(f"{name}, DPM-Solver++", lambda k: stock(student, dpm, k, seed, num), walls[name])
-    for name in ("fewstep-unet", "fewstep-teacher"):
+    for name in [n for n in ("fewstep-unet", "fewstep-teacher") if n in only]:
         few = load_model(dirs[name]).eval()
         add(name, lambda k: few.sample(num, k, torch.Generator().manual_seed(seed)).clamp(-1, 1), walls[name])
     # the DiT's 4-step student is a matching generator by the family rule: scored at its own K
-    for name in ("fewstep-dit", "matching-unet", "matching-dit", "matching2-unet"):
+    for name in [n for n in ("fewstep-dit", "matching-unet", "matching-dit", "matching2-unet", "matching2-dit")
+                 if n in only]:
         gen = load_model(dirs[name]).eval()
         add(name, lambda k: gen.sample(num, k, torch.Generator().manual_seed(seed)).clamp(-1, 1), walls[name],
             (gen.sampler_steps,))
@@ -173,6 +182,9 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="runs trained at once, one thread each (e.g. 12 on a GPU)")
     ap.add_argument("--teacher-fid", type=float, default=10.84,
                     help="the teacher's 100-step digits-FID drawn in the plot (the report's, mean of seeds 0-2)")
+    ap.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS),
+                    help="only these runs (and the DKDM students they start from), e.g. the DiT's: fewstep-dit "
+                         "matching-dit matching2-dit")
     ap.add_argument("--render", metavar="JSON", help="only render a table JSON (docs/few-step.json) as markdown and a plot")
     a = ap.parse_args(argv)
     if a.render:
@@ -184,10 +196,10 @@ def main(argv=None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if a.jobs > 1:
-        train_all(out, a.seeds, a.jobs)
+        train_all(out, a.seeds, a.jobs, a.runs)
     table = []
     for seed in a.seeds:
-        table += rows(out, seed, a.num, a.threads)
+        table += rows(out, seed, a.num, a.threads, a.runs)
     (out / "fewstep.json").write_text(json.dumps(table, indent=1))
     print(markdown(table))
     plot(table, out / "fewstep.png", a.teacher_fid)

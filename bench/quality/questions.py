@@ -116,6 +116,28 @@ def _slug(row: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in row.lower()).strip("-")
 
 
+def twins(question: str, row: str) -> list[tuple[str, str]]:
+    """The rows of other questions whose command is this row's (the ceiling's 1x rows are the default
+    DKDM student and the diversity question's data-based one): a run of one is a run of the other."""
+    flags = QUESTIONS[question][row]
+    return [(q, r) for q in QUESTIONS for r in QUESTIONS[q] if q != question and QUESTIONS[q][r] == flags]
+
+
+def with_twins(results: list[dict]) -> list[dict]:
+    """``results`` plus, for every (question, row, seed) it lacks, a twin row's result under its name."""
+    have = {(r["question"], r["row"], r["seed"]) for r in results}
+    added = []
+    for q in QUESTIONS:
+        for row in QUESTIONS[q]:
+            for tq, trow in twins(q, row):
+                for r in results:
+                    key = (q, row, r["seed"])
+                    if (r["question"], r["row"]) == (tq, trow) and key not in have:
+                        have.add(key)
+                        added.append({**r, "question": q, "row": row})
+    return results + added
+
+
 def _resolved(out: Path, flag: str, seed: int) -> str:
     """A row's @teacher:NAME / @synthetic:N as the directory the runner builds it in."""
     if flag.startswith("@teacher:"):
@@ -158,7 +180,10 @@ def inputs_of(out: Path, todo) -> list[list[str]]:
 def run(out: Path, question: str, row: str, seed: int) -> dict:
     """One row's run for ``seed`` (started, resumed or reused); its report's numbers and wall time."""
     d = out / question / f"{_slug(row)}-s{seed}"
-    if not (d / "metrics.json").exists():
+    done = [t for q, r in twins(question, row) if ((t := out / q / f"{_slug(r)}-s{seed}") / "metrics.json").exists()]
+    if done and not (d / "metrics.json").exists():
+        d = done[0]  # the same command already run for another question
+    elif not (d / "metrics.json").exists():
         args = command_of(out, question, row, seed) + (["--resume"] if d.exists() else [])
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         t0 = time.time()
@@ -190,7 +215,8 @@ def markdown(results: list[dict], question: str) -> str:
     """The question's table: mean ± sd over seeds; families add each row's digits-FID over the first
     row's (the UNet student) at the same seed, mean ± sd over the seeds both have (the 1.5x target)."""
     rows = [r for r in results if r["question"] == question]
-    names = list(dict.fromkeys(r["row"] for r in rows))
+    order = list(QUESTIONS.get(question, {}))  # the runner's order; rows it no longer has last
+    names = sorted(dict.fromkeys(r["row"] for r in rows), key=lambda n: order.index(n) if n in order else len(order))
     first = {r["seed"]: r["digits_fid"] for r in rows if names and r["row"] == names[0]}
     extra = question == "families"
     lines = ["| row | seeds | digits-FID |" + (" / unet |" if extra else "") + " / teacher | precision | recall | "
@@ -229,6 +255,54 @@ def plot(results: list[dict], question: str, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_ceiling(results: list[dict], path: Path) -> None:
+    """The ceiling against the budget: digits-FID and recall of DKDM and of the data-based student at
+    1x / 2x / 4x the default budget (each seed a dot, the mean a line), the teacher's mean as a line;
+    and the data-free baseline's digits-FID against its synthetic set's size (at the 4x budget)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results if r["question"] == "ceiling"]
+    fig, (fid, recall, synth) = plt.subplots(1, 3, figsize=(13, 4))
+    for i, series in enumerate(("DKDM", "data-based")):
+        for ax, key in ((fid, "digits_fid"), (recall, "recall")):
+            at = {k: [r[key] for r in rows if r["row"] == f"{series}, {k}x budget" and r[key] is not None]
+                  for k in (1, 2, 4)}
+            ks = [k for k in at if at[k]]
+            for k in ks:
+                ax.scatter([k] * len(at[k]), at[k], color=f"C{i}", s=12)
+            ax.plot(ks, [statistics.mean(at[k]) for k in ks], color=f"C{i}", label=series)
+    sizes = {k: [r["digits_fid"] for r in rows if r["row"] == f"data-free baseline, synthetic {k}x, 4x budget"]
+             for k in (1, 4, 16)}
+    ks = [k for k in sizes if sizes[k]]
+    for k in ks:
+        synth.scatter([k] * len(sizes[k]), sizes[k], color="C2", s=12)
+    synth.plot(ks, [statistics.mean(sizes[k]) for k in ks], color="C2", label="synthetic set, 4x budget")
+    for i, row in enumerate(("DKDM, 1x budget", "data-based, 4x budget")):  # the two for scale
+        at = [r["digits_fid"] for r in rows if r["row"] == row]
+        if at:
+            synth.axhline(statistics.mean(at), color=f"C{i}", lw=0.8, label=f"{row} (mean)")
+    teacher = [r["teacher_fid"] for r in rows if r["teacher_fid"]]
+    for ax in (fid, synth):
+        if teacher:
+            ax.axhline(statistics.mean(teacher), color="grey", ls="--", lw=0.8, label="teacher (mean)")
+        ax.set_ylabel("digits-FID")
+    for ax, label in ((fid, "budget (x the default 1,200 steps)"), (recall, "budget (x the default 1,200 steps)"),
+                      (synth, "synthetic set (x the real 1,437 images)")):
+        ax.set_xscale("log", base=2)
+        ticks = (1, 4, 16) if ax is synth else (1, 2, 4)
+        ax.set_xlim(*((0.7, 23) if ax is synth else (0.85, 4.7)))
+        ax.set_xticks(ticks, [f"{k}x" for k in ticks])
+        ax.set_xlabel(label)
+        ax.legend(fontsize=8)
+    recall.set_ylabel("recall")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def merge_results(store: Path, results: list[dict]) -> list[dict]:
     """``results`` written into ``store`` over the same (question, row, seed), under a lock: two runners
     of one --out (two grids at once) each keep the other's rows."""
@@ -254,10 +328,12 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="print the commands (inputs first) and run none")
     a = ap.parse_args(argv)
     if a.render:
-        results = json.loads(Path(a.render).read_text())
+        results = with_twins(json.loads(Path(a.render).read_text()))
         for q in dict.fromkeys(r["question"] for r in results):
             print(f"## {q}\n\n{markdown(results, q)}\n")
             plot(results, q, Path(a.render).with_name(f"questions-{q}.png"))
+        if any(r["question"] == "ceiling" for r in results):
+            plot_ceiling(results, Path(a.render).with_name("questions-ceiling-budget.png"))
         return 0
     out = Path(a.out)
     todo = [(q, row, seed) for q in (a.question or list(QUESTIONS)) for row in QUESTIONS[q]
@@ -274,7 +350,7 @@ def main(argv=None) -> int:
                                                  stdout=subprocess.DEVNULL), inputs))
     with ThreadPoolExecutor(a.jobs) as pool:
         results = [r for r in pool.map(lambda job: run(out, *job), todo) if r is not None]
-    merged = merge_results(out / "questions.json", results)
+    merged = with_twins(merge_results(out / "questions.json", results))
     for q in dict.fromkeys(r["question"] for r in results):
         print(f"## {q}\n\n{markdown(merged, q)}\n")
     return 0
