@@ -76,6 +76,25 @@ def test_matching_refuses_consistency_flags_in_one_line(tmp_path, capsys):
     assert not any((tmp_path / n).exists() for n in "ab")
 
 
+def test_the_fake_scores_rate_is_the_generators_unless_fake_lr_names_one(tmp_path, toy_pair, capsys, monkeypatch):
+    """--fake-lr sets the fake score's (constant) learning rate apart from the generator's; a
+    consistency run, which has no fake score, refuses it in one line."""
+    import dkdm.matching as matching
+
+    teacher, student = toy_pair
+    rates = []
+    monkeypatch.setattr(matching.MatchingSource, "describe",
+                        lambda self: rates.append(self.opt.param_groups[0]["lr"]) or {"kind": "matching"})
+    flags = ("--fewstep-objective", "matching", "--lr", "2e-4")
+    assert main(_fewstep(teacher, student, tmp_path / "a", 3, *flags)) == 0
+    assert main(_fewstep(teacher, student, tmp_path / "b", 3, *flags, "--fake-lr", "5e-3")) == 0
+    assert rates == [2e-4, 5e-3]
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["fake_lr"] == 5e-3  # resumed as it ran
+    capsys.readouterr()
+    assert main(_fewstep(teacher, student, tmp_path / "c", 3, "--fake-lr", "5e-3")) == 2
+    assert "--fake-lr belongs to --fewstep-objective matching" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def test_matching_defaults_take_0_7_of_the_budget_and_a_tenth_of_the_rate():
     from dkdm.defaults import distill_defaults, fewstep_defaults
 

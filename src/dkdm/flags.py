@@ -130,6 +130,8 @@ FEWSTEP_HELP = {
     "fewstep_prediction": "what the few-step student's network predicts (v: well conditioned at every step)",
     "consistency_grid": ("the ODE's grid: consistency pairs T/N steps apart, and the timesteps K steps are taken"
                          " from (LCMScheduler's original_inference_steps; default min(50, T))"),
+    "fake_lr": ("distribution matching: the fake score's learning rate, constant (default: the generator's "
+                "peak --lr)"),
 }
 RESUME_HELP = ("continue the run in --out from its last checkpoint with the settings it saved (run.json): no other "
                "flag is needed, and only --steps, --max-steps, --patience and how it logs, checkpoints and reports "

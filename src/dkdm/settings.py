@@ -151,6 +151,7 @@ class FewstepSettings(DistillSettings):
     fewstep_objective: str | None = _s(None, str, FEWSTEP_OBJECTIVES)
     fewstep_prediction: str = _s("v_prediction", str, FEWSTEP_PREDICTIONS)
     consistency_grid: int | None = _s(None, int)
+    fake_lr: float | None = _s(None, float, above=0)  # matching's fake score (None: the generator's --lr)
 
 
 COMMANDS = {cls.command: cls for cls in (TrainSettings, DistillSettings, FewstepSettings)}
