@@ -116,6 +116,16 @@ def _slug(row: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in row.lower()).strip("-")
 
 
+def run_dir(out: Path, question: str, row: str, seed: int) -> Path:
+    """Where the runner keeps one row's run for ``seed``."""
+    return out / question / f"{_slug(row)}-s{seed}"
+
+
+def _env() -> dict:
+    """A run's environment: one thread, and bench/quality importable (the example network)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
 def twins(question: str, row: str) -> list[tuple[str, str]]:
     """The rows of other questions whose command is this row's (the ceiling's 1x rows are the default
     DKDM student and the diversity question's data-based one): a run of one is a run of the other."""
@@ -127,14 +137,11 @@ def with_twins(results: list[dict]) -> list[dict]:
     """``results`` plus, for every (question, row, seed) it lacks, a twin row's result under its name."""
     have = {(r["question"], r["row"], r["seed"]) for r in results}
     added = []
-    for q in QUESTIONS:
-        for row in QUESTIONS[q]:
-            for tq, trow in twins(q, row):
-                for r in results:
-                    key = (q, row, r["seed"])
-                    if (r["question"], r["row"]) == (tq, trow) and key not in have:
-                        have.add(key)
-                        added.append({**r, "question": q, "row": row})
+    for r in results:
+        for q, row in twins(r["question"], r["row"]) if r["row"] in QUESTIONS.get(r["question"], {}) else []:
+            if (q, row, r["seed"]) not in have:
+                have.add((q, row, r["seed"]))
+                added.append({**r, "question": q, "row": row})
     return results + added
 
 
@@ -151,7 +158,7 @@ def command_of(out: Path, question: str, row: str, seed: int) -> list[str]:
     """The dkdm command of one row's run (a row is distill's flags, or a train command)."""
     flags = [_resolved(out, f, seed) for f in QUESTIONS[question][row]]
     command = [] if flags[:1] == ["train"] else ["distill"]
-    d = out / question / f"{_slug(row)}-s{seed}"
+    d = run_dir(out, question, row, seed)
     return [sys.executable, "-m", "dkdm.cli", *command, *flags, "--seed", str(seed), "--no-progress", "--out", str(d)]
 
 
@@ -179,17 +186,15 @@ def inputs_of(out: Path, todo) -> list[list[str]]:
 
 def run(out: Path, question: str, row: str, seed: int) -> dict:
     """One row's run for ``seed`` (started, resumed or reused); its report's numbers and wall time."""
-    d = out / question / f"{_slug(row)}-s{seed}"
-    done = [t for q, r in twins(question, row) if ((t := out / q / f"{_slug(r)}-s{seed}") / "metrics.json").exists()]
-    if done and not (d / "metrics.json").exists():
-        d = done[0]  # the same command already run for another question
-    elif not (d / "metrics.json").exists():
+    d = run_dir(out, question, row, seed)
+    if not (d / "metrics.json").exists():  # the same command already run for another question will do
+        d = next((t for q, r in twins(question, row) if ((t := run_dir(out, q, r, seed)) / "metrics.json").exists()), d)
+    if not (d / "metrics.json").exists():
         args = command_of(out, question, row, seed) + (["--resume"] if d.exists() else [])
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         t0 = time.time()
         d.parent.mkdir(parents=True, exist_ok=True)
         with open(d.with_name(d.name + ".log"), "a") as log:  # stderr kept: why a run failed
-            done = subprocess.run(args, env=env, stdout=subprocess.DEVNULL, stderr=log)
+            done = subprocess.run(args, env=_env(), stdout=subprocess.DEVNULL, stderr=log)
         if done.returncode != 0:  # reported, and the grid goes on (rerunning resumes it)
             print(f"{d}: exit {done.returncode}, see {d.name}.log", file=sys.stderr)
             return None
@@ -343,7 +348,7 @@ def main(argv=None) -> int:
         for cmd in inputs + [command_of(out, *job) for job in todo]:
             print(" ".join(cmd[2:]))
         return 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = _env()
     with ThreadPoolExecutor(a.jobs) as pool:  # teachers and sets first, each once (a resumed train continues)
         list(pool.map(lambda cmd: subprocess.run(cmd + (["--resume"] if Path(cmd[-1]).exists() and "train" in cmd
                                                         else []), check=True, env=env,
