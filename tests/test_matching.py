@@ -93,6 +93,9 @@ def test_the_fake_scores_rate_is_the_generators_unless_fake_lr_names_one(tmp_pat
     capsys.readouterr()
     assert main(_fewstep(teacher, student, tmp_path / "c", 3, "--fake-lr", "5e-3")) == 2
     assert "--fake-lr belongs to --fewstep-objective matching" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert main(_fewstep(teacher, student, tmp_path / "d", 3, "--fake-lr", "5e-3", "--fake-updates", "2")) == 2
+    assert "--fake-lr and --fake-updates belong to" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
 
 
 def test_matching_defaults_take_0_7_of_the_budget_and_a_tenth_of_the_rate():
@@ -201,6 +204,50 @@ def test_the_scores_judge_the_generator_between_2_percent_of_t_and_t_star_and_th
     F.mse_loss(before(x_t, t)[:, :2], noise).backward()
     opt.step()
     for a, b in zip(fake.net.parameters(), before.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_fake_updates_step_the_fake_score_on_fresh_noisy_batches_before_the_one_the_teacher_reads(monkeypatch):
+    """DMD2's two time-scale rule: with fake_updates=3 the fake score takes two steps on G's samples
+    noised apart, then the shared step; the gradient is read from the fake score after the first
+    two, the teacher is read once (a hand replay of the three AdamW steps)."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from dkdm.matching import MatchingSource
+
+    torch.manual_seed(0)
+    teacher = DiffusionModel.build("mlp:width=8,depth=1", (2,), Schedule.named("linear", 100))
+    cut = generator_schedule(teacher.schedule)
+    gen = DiffusionModel.few_step_of(teacher, 1, "epsilon", cut.num_steps, cut, "matching")
+    fake = DiffusionModel.build("mlp:width=8,depth=1", (2,), teacher.schedule)
+    replay = copy.deepcopy(fake.net)
+    source = MatchingSource(gen, teacher, fake, 256, 1e-3, fake_updates=3)
+    assert source.describe()["fake_updates"] == 3
+    seen = []
+    q_sample = teacher.schedule.q_sample
+    monkeypatch.setattr(teacher.schedule, "q_sample", lambda x0, t, noise: seen.append((t, noise, q_sample(x0, t, noise)))
+                        or seen[-1][2])
+    x_g = torch.randn(256, 2)
+    grad = source.judge(x_g)
+    assert len(seen) == 3 and source.teacher_calls == 256
+    assert not torch.equal(seen[0][1], seen[1][1]) and not torch.equal(seen[1][0], seen[2][0])
+    opt = torch.optim.AdamW(replay.parameters(), lr=1e-3, betas=(0.0, 0.99), weight_decay=0.0)
+
+    def step(t, noise, x_t):
+        opt.zero_grad()
+        F.mse_loss(replay(x_t, t)[:, :2], noise).backward()
+        opt.step()
+
+    step(*seen[0])
+    step(*seen[1])
+    t, noise, x_t = seen[2]
+    with torch.no_grad():
+        x0 = lambda m: teacher.schedule.eps_and_x0(m(x_t, t)[:, :2], x_t, t, "epsilon")[1]
+        torch.testing.assert_close(grad, matching_gradient(x_g, x0(teacher.net), x0(replay)))
+    step(*seen[2])
+    for a, b in zip(fake.net.parameters(), replay.parameters()):
         torch.testing.assert_close(a, b)
 
 

@@ -9,6 +9,11 @@ import sys
 from .settings import DistillSettings
 
 
+def _fake_steps(s: DistillSettings) -> str:
+    n = s.fake_updates
+    return "" if n == 1 else f" (the fake score stepped {n} times per generator step: {n - 1} more forward and backward)"
+
+
 def announce(plan, s: DistillSettings) -> None:
     """The student, the rules' settings, the pool's size and cost and the report's, before any is spent."""
     from .defaults import describe
@@ -27,7 +32,8 @@ def announce(plan, s: DistillSettings) -> None:
                   file=sys.stderr)
     if plan.matching:
         print(f"no pool: the generator's own samples at its timesteps {plan.student.extra['sampler']['grid'] - 1} "
-              f"and below, each judged by one teacher and one fake-score forward; training {plan.cfg.steps:,} steps, "
+              f"and below, each judged by one teacher and one fake-score forward{_fake_steps(s)}; "
+              f"training {plan.cfg.steps:,} steps, "
               f"{plan.cfg.steps * s.batch:,} teacher sample-forwards", file=sys.stderr)
     else:
         _announce_pool(plan, s)

@@ -132,6 +132,8 @@ FEWSTEP_HELP = {
                          " from (LCMScheduler's original_inference_steps; default min(50, T))"),
     "fake_lr": ("distribution matching: the fake score's learning rate, constant (default: the generator's "
                 "peak --lr)"),
+    "fake_updates": ("distribution matching: the fake score's steps per generator step (DMD2's two time-scale "
+                     "rule; each one more costs a fake-score forward and backward)"),
 }
 RESUME_HELP = ("continue the run in --out from its last checkpoint with the settings it saved (run.json): no other "
                "flag is needed, and only --steps, --max-steps, --patience and how it logs, checkpoints and reports "

@@ -15,7 +15,9 @@ t ~ U[2% of T, t*], and its gradient is g = (x0_fake - x0_teacher) / mean |x_g -
 sample, the KL between G's distribution and the teacher's pushed down through both scores. The fake
 score, a second copy of the DKDM student, follows G's distribution with the denoising loss on the
 same x_t, one update per G update, from the one forward whose output (without gradient) gave x0_fake
-(DMD2 draws the fake score's noisy samples apart, over all of T: a second forward). Each G step costs
+(DMD2 draws the fake score's noisy samples apart, over all of T: a second forward; ``fake_updates``
+> 1 steps it that many times per G update, the first ones on G's samples noised apart, as DMD2's
+two time-scale rule does with five). Each G step costs
 one teacher forward per sample, one fake-score forward and backward (and K - 1 generator forwards
 without gradient), and no pool.
 """
@@ -78,8 +80,10 @@ class MatchingSource:
     teacher-forward count are this source's state, kept per process like a pool shard (each
     process draws its own samples, and its fake score follows them)."""
 
-    def __init__(self, generator, teacher, fake, batch: int, lr: float, device=None, seed: int = 0):
+    def __init__(self, generator, teacher, fake, batch: int, lr: float, device=None, seed: int = 0,
+                 fake_updates: int = 1):
         self.generator, self.teacher, self.fake = generator, teacher, fake
+        self.fake_updates = int(fake_updates)
         self.batch, self.device = int(batch), device or torch.device("cpu")
         self.rng = torch.Generator(device=self.device).manual_seed(seed)
         g_schedule = generator.schedule
@@ -126,24 +130,36 @@ class MatchingSource:
         all of T): sharing it trains the fake score where it is read and spares about a tenth of a
         step (docs/few-step.md)."""
         x_g = x_g.detach()
-        low, high = int(T_MIN * self.teacher.schedule.num_steps), self.generator.schedule.num_steps
-        t = torch.randint(min(low, high - 1), high, (len(x_g),), generator=self.rng, device=self.device)
-        noise = self._randn(x_g.shape)
-        x_t = self.teacher.schedule.q_sample(x_g, t, noise)
+        for _ in range(self.fake_updates - 1):  # DMD2's two time-scale rule: the fake score steps first
+            self._fake_step(*self._noised(x_g))
+        x_t, t, noise = self._noised(x_g)
         self.teacher_calls += len(x_g)
         with torch.no_grad():
             real_x0 = self.x0(self.teacher, x_t, t)
-        pred = self.fake.net(x_t, t)[:, : x_g.shape[1]].float()
-        fake_x0 = self.fake.schedule.eps_and_x0(pred.detach(), x_t, t, self.fake.prediction)[1]
+        pred = self._fake_step(x_t, t, noise)
+        fake_x0 = self.fake.schedule.eps_and_x0(pred, x_t, t, self.fake.prediction)[1]
         fake_x0 = fake_x0.clamp(-1, 1) if self.teacher.clip_x0 else fake_x0
+        return matching_gradient(x_g, real_x0, fake_x0)
+
+    def _noised(self, x_g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """G's samples noised at t ~ U[2% of T, t*]: (x_t, t, the noise)."""
+        low, high = int(T_MIN * self.teacher.schedule.num_steps), self.generator.schedule.num_steps
+        t = torch.randint(min(low, high - 1), high, (len(x_g),), generator=self.rng, device=self.device)
+        noise = self._randn(x_g.shape)
+        return self.teacher.schedule.q_sample(x_g, t, noise), t, noise
+
+    def _fake_step(self, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """One step of the fake score's denoising loss at (x_t, t); its epsilon before the step, detached."""
+        pred = self.fake.net(x_t, t)[:, : x_t.shape[1]].float()
         loss = F.mse_loss(pred, noise)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        return matching_gradient(x_g, real_x0, fake_x0)
+        return pred.detach()
 
     def describe(self) -> dict:
-        return {"kind": "matching", "timesteps": self.times, "batch": self.batch}
+        out = {"kind": "matching", "timesteps": self.times, "batch": self.batch}
+        return out if self.fake_updates == 1 else {**out, "fake_updates": self.fake_updates}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         opt = self.opt.state_dict()["state"]

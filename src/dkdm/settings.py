@@ -152,6 +152,7 @@ class FewstepSettings(DistillSettings):
     fewstep_prediction: str = _s("v_prediction", str, FEWSTEP_PREDICTIONS)
     consistency_grid: int | None = _s(None, int)
     fake_lr: float | None = _s(None, float, above=0)  # matching's fake score (None: the generator's --lr)
+    fake_updates: int = _s(1, int, at_least=1)  # matching's fake-score steps per generator step
 
 
 COMMANDS = {cls.command: cls for cls in (TrainSettings, DistillSettings, FewstepSettings)}
