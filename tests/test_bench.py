@@ -245,3 +245,16 @@ def test_the_ceiling_plot_draws_budgets_and_synthetic_sets(tmp_path):
             for row in questions.QUESTIONS["ceiling"] if "16x" not in row for s in (0, 1)]
     questions.plot_ceiling(rows, tmp_path / "ceiling.png")
     assert (tmp_path / "ceiling.png").stat().st_size > 10_000
+
+
+def test_the_seeds_script_names_a_missing_run_in_one_line_before_drawing_anything(tmp_path, capsys):
+    """bench/quality/fewstep_seeds.py: a run directory that is not there (a killed run's worker) is
+    a usage error (exit 2) naming it, not a traceback after the other runs were drawn."""
+    sys.path.insert(0, str(BENCH / "quality"))
+    import fewstep_seeds
+
+    with pytest.raises(SystemExit) as exit:
+        fewstep_seeds.main(["builtin:digits", str(tmp_path / "gone"), "--seeds", "1", "--teacher-mean", "10"])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith(f"{tmp_path / 'gone'} does not exist") and "Traceback" not in "".join(err)

@@ -29,6 +29,7 @@ def scores(model, seeds: int, steps: int | None) -> list[dict]:
 
 
 def main(argv=None) -> int:
+    from dkdm.errors import DkdmError
     from dkdm.formats import load_model
     from dkdm.rundir import recorded_teacher
 
@@ -41,6 +42,10 @@ def main(argv=None) -> int:
                     help="the teacher's mean digits-FID over the same seeds, measured before: the teacher is not drawn")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
+    try:  # every model readable before any is drawn: a missing run is one line, not a traceback
+        models = {run: load_model(run).eval() for run in a.runs}
+    except DkdmError as e:
+        ap.error(str(e))
     refs = [(run, recorded_teacher(run) or "builtin:digits") for run in a.runs]
     distinct = {ref for _, ref in refs}
     if a.teacher_mean is not None and len(distinct) > 1:
@@ -51,7 +56,7 @@ def main(argv=None) -> int:
             teachers[ref] = [m["digits_fid"] for m in scores(load_model(ref).eval(), a.seeds, a.teacher_steps)]
             print(f"teacher {ref}: {' / '.join(f'{f:.2f}' for f in teachers[ref])}, mean "
                   f"{statistics.mean(teachers[ref]):.2f}", flush=True)
-        rows = scores(load_model(run).eval(), a.seeds, None)
+        rows = scores(models[run], a.seeds, None)
         fids = [m["digits_fid"] for m in rows]
         ratio = statistics.mean(fids) / statistics.mean(teachers[ref])
         print(f"{run}: {' / '.join(f'{f:.2f}' for f in fids)}, mean {statistics.mean(fids):.2f} "
