@@ -153,6 +153,8 @@ def markdown(table: list[dict]) -> str:
 
 def plot(table: list[dict], path: Path, teacher_fid: float) -> None:
     """digits-FID, precision and recall against K (log scale), one line per model (mean over seeds)."""
+    import textwrap
+
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(13, 7), layout="constrained")
@@ -162,7 +164,7 @@ def plot(table: list[dict], path: Path, teacher_fid: float) -> None:
             at = {k: [r[key] for r in table if r["model"] == label and r["K"] == k] for k in KS}
             ks = [k for k in KS if at[k]]
             ax.plot(ks, [sum(at[k]) / len(at[k]) for k in ks], marker="osD^v"[i // 10 % 5],  # colours repeat by ten
-                    ls=("-", "--", ":")[i // 10 % 3], label=label)
+                    ls=("-", "--", ":")[i // 10 % 3], label="\n".join(textwrap.wrap(label, 80)))
     axes[0].axhline(teacher_fid, color="gray", ls="--", label="teacher, 100 steps")
     axes[0].set_yscale("log")
     for ax, key in zip(axes, ("digits-FID", "precision", "recall")):
@@ -170,7 +172,7 @@ def plot(table: list[dict], path: Path, teacher_fid: float) -> None:
         ax.set_xlabel("sampling steps K")
         ax.set_title(key)
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=2, fontsize=7)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # the legend's whole labels, however long
 
 
 def main(argv=None) -> int:
