@@ -138,8 +138,8 @@ FEWSTEP_STEPS_FACTOR, FEWSTEP_LR_FACTOR = 1, 0.2
 #: digits-FID where consistency scored 1.53-3.85x / 1.24-1.83x, at 4 steps 1.44-1.50x (seed 0)
 #: where consistency at its geometric timesteps scored 0.75-1.37x (3 seeds).
 MATCHING_MAX_SAMPLER_STEPS = 2
-#: The same for a student outside ``CONV_FAMILIES`` (a DiT): at 4 steps, six sampling seeds, four
-#: DiT students, matching scored 1.04-1.48x the teacher's mean where consistency scored 1.81-2.03x
+#: The same for a student outside ``CONV_FAMILIES`` (a DiT): at 4 steps, six sampling seeds, six
+#: DiT students, matching scored 1.04-1.60x the teacher's mean where consistency scored 1.81-2.03x
 #: (three of them; docs/few-step.md).
 MATCHING_MAX_SAMPLER_STEPS_NON_CONV = 4
 
@@ -149,8 +149,8 @@ def fewstep_objective(sampler_steps: int, family: str = "unet") -> Setting:
     given (docs/few-step.md, digits)."""
     if family not in CONV_FAMILIES and sampler_steps <= MATCHING_MAX_SAMPLER_STEPS_NON_CONV:
         return Setting("matching", f"{sampler_steps} steps of a {family} student: on digits DiTs' distribution "
-                                   f"matching generators scored 1.04-1.48x the teacher's 100-step digits-FID at 4 "
-                                   f"steps (4 DiT students), their consistency students 1.81-2.03x (3; six sampling "
+                                   f"matching generators scored 1.04-1.60x the teacher's 100-step digits-FID at 4 "
+                                   f"steps (6 DiT students), their consistency students 1.81-2.03x (3; six sampling "
                                    f"seeds each)")
     if sampler_steps == 1:
         return Setting("matching", "one step: on digits distribution matching scored 1.24-1.81x the teacher's "
