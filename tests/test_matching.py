@@ -173,47 +173,12 @@ def test_a_transformer_students_objective_is_matching_up_to_four_steps(tmp_path,
     assert ("for two steps outside the convolutional families" in err) == (k == 2)  # the run's own K
 
 
-def test_the_scores_judge_the_generator_between_2_percent_of_t_and_t_star_and_the_fake_score_steps_there(monkeypatch):
+def _judged(monkeypatch, batch: int, fake_updates: int = 1):
+    """A one-step generator, teacher and fake score (tiny MLPs), a copy of the fake score to replay its
+    steps by hand, and one ``judge`` of ``batch`` samples with every noisy batch it drew recorded as
+    (t, noise, x_t)."""
     import copy
-
-    import torch.nn.functional as F
-
-    from dkdm.matching import MatchingSource
-
-    torch.manual_seed(0)
-    teacher = DiffusionModel.build("mlp:width=8,depth=1", (2,), Schedule.named("linear", 100))
-    cut = generator_schedule(teacher.schedule)
-    gen = DiffusionModel.few_step_of(teacher, 1, "epsilon", cut.num_steps, cut, "matching")
-    fake = DiffusionModel.build("mlp:width=8,depth=1", (2,), teacher.schedule)
-    before = copy.deepcopy(fake.net)
-    source = MatchingSource(gen, teacher, fake, 4096, 1e-3)
-    seen = []
-    q_sample = teacher.schedule.q_sample
-    monkeypatch.setattr(teacher.schedule, "q_sample", lambda x0, t, noise: seen.append((t, noise, q_sample(x0, t, noise)))
-                        or seen[-1][2])
-    x_g = torch.randn(4096, 2)
-    grad = source.judge(x_g)
-    assert len(seen) == 1  # one noisy batch read by both scores and trained on by the fake
-    t, noise, x_t = seen[0]
-    assert grad.shape == (4096, 2) and int(t.min()) == 2 and int(t.max()) == first_timestep(teacher.schedule)
-    assert source.teacher_calls == 4096
-    with torch.no_grad():  # the gradient from the fake score before its step, the step on the same x_t
-        x0 = lambda m: teacher.schedule.eps_and_x0(m(x_t, t)[:, :2], x_t, t, "epsilon")[1]
-        torch.testing.assert_close(grad, matching_gradient(x_g, x0(teacher.net), x0(before)))
-    opt = torch.optim.AdamW(before.parameters(), lr=1e-3, betas=(0.0, 0.99), weight_decay=0.0)
-    F.mse_loss(before(x_t, t)[:, :2], noise).backward()
-    opt.step()
-    for a, b in zip(fake.net.parameters(), before.parameters()):
-        torch.testing.assert_close(a, b)
-
-
-def test_fake_updates_step_the_fake_score_on_fresh_noisy_batches_before_the_one_the_teacher_reads(monkeypatch):
-    """DMD2's two time-scale rule: with fake_updates=3 the fake score takes two steps on G's samples
-    noised apart, then the shared step; the gradient is read from the fake score after the first
-    two, the teacher is read once (a hand replay of the three AdamW steps)."""
-    import copy
-
-    import torch.nn.functional as F
+    from types import SimpleNamespace
 
     from dkdm.matching import MatchingSource
 
@@ -223,31 +188,58 @@ def test_fake_updates_step_the_fake_score_on_fresh_noisy_batches_before_the_one_
     gen = DiffusionModel.few_step_of(teacher, 1, "epsilon", cut.num_steps, cut, "matching")
     fake = DiffusionModel.build("mlp:width=8,depth=1", (2,), teacher.schedule)
     replay = copy.deepcopy(fake.net)
-    source = MatchingSource(gen, teacher, fake, 256, 1e-3, fake_updates=3)
-    assert source.describe()["fake_updates"] == 3
+    source = MatchingSource(gen, teacher, fake, batch, 1e-3, fake_updates=fake_updates)
     seen = []
     q_sample = teacher.schedule.q_sample
     monkeypatch.setattr(teacher.schedule, "q_sample", lambda x0, t, noise: seen.append((t, noise, q_sample(x0, t, noise)))
                         or seen[-1][2])
-    x_g = torch.randn(256, 2)
+    x_g = torch.randn(batch, 2)
     grad = source.judge(x_g)
-    assert len(seen) == 3 and source.teacher_calls == 256
-    assert not torch.equal(seen[0][1], seen[1][1]) and not torch.equal(seen[1][0], seen[2][0])
     opt = torch.optim.AdamW(replay.parameters(), lr=1e-3, betas=(0.0, 0.99), weight_decay=0.0)
 
-    def step(t, noise, x_t):
+    def step(t, noise, x_t):  # the fake score's step, by hand on the replay
+        import torch.nn.functional as F
+
         opt.zero_grad()
         F.mse_loss(replay(x_t, t)[:, :2], noise).backward()
         opt.step()
 
-    step(*seen[0])
-    step(*seen[1])
+    def x0(m, t, x_t):
+        return teacher.schedule.eps_and_x0(m(x_t, t)[:, :2], x_t, t, "epsilon")[1]
+
+    return SimpleNamespace(teacher=teacher, fake=fake, replay=replay, source=source, seen=seen, x_g=x_g, grad=grad,
+                           step=step, x0=x0)
+
+
+def test_the_scores_judge_the_generator_between_2_percent_of_t_and_t_star_and_the_fake_score_steps_there(monkeypatch):
+    j = _judged(monkeypatch, 4096)
+    assert len(j.seen) == 1  # one noisy batch read by both scores and trained on by the fake
+    t, noise, x_t = j.seen[0]
+    assert j.grad.shape == (4096, 2) and int(t.min()) == 2 and int(t.max()) == first_timestep(j.teacher.schedule)
+    assert j.source.teacher_calls == 4096
+    with torch.no_grad():  # the gradient from the fake score before its step, the step on the same x_t
+        torch.testing.assert_close(j.grad, matching_gradient(j.x_g, j.x0(j.teacher.net, t, x_t), j.x0(j.replay, t, x_t)))
+    j.step(t, noise, x_t)
+    for a, b in zip(j.fake.net.parameters(), j.replay.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_fake_updates_step_the_fake_score_on_fresh_noisy_batches_before_the_one_the_teacher_reads(monkeypatch):
+    """DMD2's two time-scale rule: with fake_updates=3 the fake score takes two steps on G's samples
+    noised apart, then the shared step; the gradient is read from the fake score after the first
+    two, the teacher is read once (a hand replay of the three AdamW steps)."""
+    j = _judged(monkeypatch, 256, fake_updates=3)
+    assert j.source.describe()["fake_updates"] == 3
+    seen = j.seen
+    assert len(seen) == 3 and j.source.teacher_calls == 256
+    assert not torch.equal(seen[0][1], seen[1][1]) and not torch.equal(seen[1][0], seen[2][0])
+    j.step(*seen[0])
+    j.step(*seen[1])
     t, noise, x_t = seen[2]
     with torch.no_grad():
-        x0 = lambda m: teacher.schedule.eps_and_x0(m(x_t, t)[:, :2], x_t, t, "epsilon")[1]
-        torch.testing.assert_close(grad, matching_gradient(x_g, x0(teacher.net), x0(replay)))
-    step(*seen[2])
-    for a, b in zip(fake.net.parameters(), replay.parameters()):
+        torch.testing.assert_close(j.grad, matching_gradient(j.x_g, j.x0(j.teacher.net, t, x_t), j.x0(j.replay, t, x_t)))
+    j.step(*seen[2])
+    for a, b in zip(j.fake.net.parameters(), j.replay.parameters()):
         torch.testing.assert_close(a, b)
 
 
