@@ -265,3 +265,99 @@ def test_a_k_step_generator_trains_its_last_step_on_its_own_earlier_steps_sample
             x0 = consistency_output(cut, gen.net(x, t).detach(), x, t, "epsilon").clamp(-1, 1)
             x = cut.q_sample(x0, torch.full((64,), times[j + 1]), torch.randn(64, 2, generator=rng))
         torch.testing.assert_close(batch.x_t, x)
+
+
+def test_with_regression_terms_mean_to_matching_plus_weight_times_the_squared_error():
+    """A batch of n matching rows and r regression rows: the per-row terms average to matching's mean
+    plus the weight times the regression's mean squared error (a float64 hand computation)."""
+    from dkdm.matching import with_regression
+
+    g = torch.Generator().manual_seed(3)
+    loss, square = torch.rand(6, generator=g, dtype=torch.float64), torch.rand(6, generator=g, dtype=torch.float64)
+    x0 = torch.randn(2, 1, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(2, 1, 3, 3, generator=g, dtype=torch.float64)
+    terms = with_regression(loss, square, x0, target, 0.25)
+    err = ((x0.detach().numpy() - target.numpy()) ** 2).reshape(2, -1).mean(1)
+    assert terms["loss"].shape == terms["mse"].shape == terms["vb"].shape == (8,)
+    np.testing.assert_allclose(terms["loss"].mean().item(), loss.mean().item() + 0.25 * err.mean(), rtol=1e-12)
+    np.testing.assert_allclose(terms["mse"].mean().item(), square.mean().item(), rtol=1e-12)  # as the log reads it
+    np.testing.assert_allclose(terms["vb"].mean().item(), err.mean(), rtol=1e-12)
+    terms["loss"].mean().backward()  # d/dx0 of 0.25 * mean over rows of mean (x0 - y)^2
+    np.testing.assert_allclose(x0.grad.numpy(), 0.25 * 2 * (x0.detach().numpy() - target.numpy()) / 9 / 2, rtol=1e-12)
+
+
+def _regression_source(batch: int = 8):
+    from dkdm.matching import MatchingSource
+
+    torch.manual_seed(0)
+    teacher = DiffusionModel.build("mlp:width=8,depth=1", (2,), Schedule.named("linear", 100), variance="fixed_small")
+    cut = generator_schedule(teacher.schedule)
+    gen = DiffusionModel.few_step_of(teacher, 2, "epsilon", cut.num_steps, cut, "matching")
+    fake = DiffusionModel.build("mlp:width=8,depth=1", (2,), teacher.schedule, variance="fixed_small")
+    return MatchingSource(gen, teacher, fake, batch, 1e-3, seed=5, regression=0.5), teacher
+
+
+def test_the_ode_endpoint_is_the_teachers_ddim_chain_by_hand_in_float64():
+    """The regression pairs' endpoints: DDIM from timestep 40 in 10 evenly spaced steps (40, 36, ...,
+    4), each x0 read from the teacher's epsilon, written here from the closed form with the schedule's
+    alpha_bar in float64."""
+    source, teacher = _regression_source()
+    x = torch.randn(5, 2, generator=torch.Generator().manual_seed(1))
+    got = source.ode_endpoint(x, 40)
+    assert source.teacher_calls == 5 * 10
+    ab = teacher.schedule.alphas_cumprod.double().numpy()
+    times = list(range(40, 0, -4))
+    h = x.double().numpy()
+    for i, t in enumerate(times):
+        with torch.no_grad():
+            eps = teacher.net(torch.from_numpy(h).float(), torch.full((5,), t)).double().numpy()[:, :2]
+        x0 = (h - np.sqrt(1 - ab[t]) * eps) / np.sqrt(ab[t])
+        if i + 1 < len(times):
+            s = times[i + 1]
+            h = np.sqrt(ab[s]) * x0 + np.sqrt(1 - ab[s]) * (h - np.sqrt(ab[t]) * x0) / np.sqrt(1 - ab[t])
+    np.testing.assert_allclose(got.numpy(), x0, rtol=1e-4, atol=1e-5)
+
+
+def test_regression_batches_carry_rows_from_a_bank_of_teacher_pairs_kept_in_the_state():
+    """--ode-regression: each batch has a quarter more rows at G's last timestep, from a bank of
+    REGRESSION_BANK of G's last-step inputs whose endpoints are the teacher's ODE's, drawn once; the
+    bank is in the source's state, so a resumed source draws the same batches."""
+    from dkdm.matching import REGRESSION_BANK
+
+    source, teacher = _regression_source(batch=8)
+    batch = source.next_batch()
+    assert batch.x_t.shape == (10, 2) and (batch.t == source.times[-1]).all()
+    pairs = batch.meta["regression"]
+    bank_x, bank_y = source.bank
+    assert pairs.shape == (2, 2) and bank_x.shape == bank_y.shape == (REGRESSION_BANK, 2)
+    rows = [int((bank_x == r).all(1).nonzero()[0]) for r in batch.x_t[8:]]  # the rows are the bank's, paired
+    torch.testing.assert_close(pairs, bank_y[rows])
+    calls = source.teacher_calls
+    torch.testing.assert_close(source.ode_endpoint(bank_x[:64], source.times[-1]), bank_y[:64])
+    assert calls == REGRESSION_BANK * ((source.teacher_calls - calls) // 64)  # ODE_STEPS reads per pair, once
+    assert source.describe()["regression"]["rows"] == 2
+    again, _ = _regression_source(batch=8)
+    again.load_state_dict(source.state_dict())
+    a, b = source.next_batch(), again.next_batch()
+    torch.testing.assert_close(a.x_t, b.x_t)
+    torch.testing.assert_close(a.meta["regression"], b.meta["regression"])
+    assert again.teacher_calls == source.teacher_calls
+
+
+def test_a_matching_run_with_ode_regression_announces_its_cost_and_logs_the_term(tmp_path, toy_pair, capsys):
+    """`dkdm fewstep --ode-regression W`: the bank's teacher reads announced and counted, the
+    regression's squared error logged (as vb), run.json keeps the weight; consistency refuses it."""
+    from dkdm.matching import ODE_STEPS, REGRESSION_BANK
+
+    teacher, student = toy_pair
+    flags = ("--fewstep-objective", "matching", "--ode-regression", "0.5")
+    assert main(_fewstep(teacher, student, tmp_path / "a", 20, *flags)) == 0
+    err = capsys.readouterr().err
+    assert f"a bank of {REGRESSION_BANK:,} pairs first" in err and "8 more generator rows per step" in err
+    log = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["vb"] > 0 and np.isfinite(log[-1]["loss"])
+    assert 20 * 32 < log[-1]["teacher_calls"] <= 20 * 32 + REGRESSION_BANK * ODE_STEPS
+    assert json.loads((tmp_path / "a" / "run.json").read_text())["ode_regression"] == 0.5
+    assert main(_fewstep(teacher, student, tmp_path / "b", 20, "--ode-regression", "0.5")) == 2
+    assert "--ode-regression belongs to --fewstep-objective matching" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "b").exists()

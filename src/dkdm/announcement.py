@@ -14,6 +14,18 @@ def _fake_steps(s: DistillSettings) -> str:
     return "" if n == 1 else f" (the fake score stepped {n} times per generator step: {n - 1} more forward and backward)"
 
 
+def _regression(s: DistillSettings, plan) -> str:
+    """The regression term's cost, where --ode-regression asks for it."""
+    if not s.ode_regression:
+        return ""
+    from .matching import ODE_STEPS, REGRESSION_BANK, REGRESSION_SHARE
+
+    rows = max(1, s.batch // REGRESSION_SHARE)
+    return (f"; the regression term (weight {s.ode_regression:g}): a bank of {REGRESSION_BANK:,} pairs first, "
+            f"{REGRESSION_BANK * ODE_STEPS:,} teacher sample-forwards ({ODE_STEPS} DDIM steps each), then {rows} "
+            f"more generator rows per step")
+
+
 def announce(plan, s: DistillSettings) -> None:
     """The student, the rules' settings, the pool's size and cost and the report's, before any is spent."""
     from .defaults import describe
@@ -34,7 +46,7 @@ def announce(plan, s: DistillSettings) -> None:
         print(f"no pool: the generator's own samples at its timesteps {plan.student.extra['sampler']['grid'] - 1} "
               f"and below, each judged by one teacher and one fake-score forward{_fake_steps(s)}; "
               f"training {plan.cfg.steps:,} steps, "
-              f"{plan.cfg.steps * s.batch:,} teacher sample-forwards", file=sys.stderr)
+              f"{plan.cfg.steps * s.batch:,} teacher sample-forwards{_regression(s, plan)}", file=sys.stderr)
     else:
         _announce_pool(plan, s)
     if plan.few and not plan.matching:
