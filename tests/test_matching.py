@@ -320,9 +320,10 @@ def test_the_ode_endpoint_is_the_teachers_ddim_chain_by_hand_in_float64():
 
 def test_regression_batches_carry_rows_from_a_bank_of_teacher_pairs_kept_in_the_state():
     """--ode-regression: each batch has a quarter more rows at G's last timestep, from a bank of
-    REGRESSION_BANK of G's last-step inputs whose endpoints are the teacher's ODE's, drawn once; the
-    bank is in the source's state, so a resumed source draws the same batches."""
-    from dkdm.matching import REGRESSION_BANK
+    REGRESSION_BANK inputs (the teacher's samples re-noised to that step) whose endpoints are the
+    teacher's ODE's, drawn once; the bank is in the source's state, so a resumed source draws the
+    same batches."""
+    from dkdm.matching import REGRESSION_BANK, SAMPLE_STEPS
 
     source, teacher = _regression_source(batch=8)
     batch = source.next_batch()
@@ -334,7 +335,8 @@ def test_regression_batches_carry_rows_from_a_bank_of_teacher_pairs_kept_in_the_
     torch.testing.assert_close(pairs, bank_y[rows])
     calls = source.teacher_calls
     torch.testing.assert_close(source.ode_endpoint(bank_x[:64], source.times[-1]), bank_y[:64])
-    assert calls == REGRESSION_BANK * ((source.teacher_calls - calls) // 64)  # ODE_STEPS reads per pair, once
+    source.ode_endpoint(bank_x[:64], teacher.schedule.num_steps - 1, SAMPLE_STEPS)  # a teacher sample's reads
+    assert calls == REGRESSION_BANK * (source.teacher_calls - calls) // 64  # each pair drawn once: both reads
     assert source.describe()["regression"]["rows"] == 2
     again, _ = _regression_source(batch=8)
     again.load_state_dict(source.state_dict())
@@ -347,7 +349,7 @@ def test_regression_batches_carry_rows_from_a_bank_of_teacher_pairs_kept_in_the_
 def test_a_matching_run_with_ode_regression_announces_its_cost_and_logs_the_term(tmp_path, toy_pair, capsys):
     """`dkdm fewstep --ode-regression W`: the bank's teacher reads announced and counted, the
     regression's squared error logged (as vb), run.json keeps the weight; consistency refuses it."""
-    from dkdm.matching import ODE_STEPS, REGRESSION_BANK
+    from dkdm.matching import ODE_STEPS, REGRESSION_BANK, SAMPLE_STEPS
 
     teacher, student = toy_pair
     flags = ("--fewstep-objective", "matching", "--ode-regression", "0.5")
@@ -356,7 +358,7 @@ def test_a_matching_run_with_ode_regression_announces_its_cost_and_logs_the_term
     assert f"a bank of {REGRESSION_BANK:,} pairs first" in err and "8 more generator rows per step" in err
     log = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["vb"] > 0 and np.isfinite(log[-1]["loss"])
-    assert 20 * 32 < log[-1]["teacher_calls"] <= 20 * 32 + REGRESSION_BANK * ODE_STEPS
+    assert 20 * 32 < log[-1]["teacher_calls"] <= 20 * 32 + REGRESSION_BANK * (ODE_STEPS + SAMPLE_STEPS)
     assert json.loads((tmp_path / "a" / "run.json").read_text())["ode_regression"] == 0.5
     assert main(_fewstep(teacher, student, tmp_path / "b", 20, "--ode-regression", "0.5")) == 2
     assert "--ode-regression belongs to --fewstep-objective matching" in capsys.readouterr().err.strip().splitlines()[-1]

@@ -18,12 +18,14 @@ def _regression(s: DistillSettings, plan) -> str:
     """The regression term's cost, where --ode-regression asks for it."""
     if not s.ode_regression:
         return ""
-    from .matching import ODE_STEPS, REGRESSION_BANK, REGRESSION_SHARE
+    from .matching import ODE_STEPS, REGRESSION_BANK, REGRESSION_SHARE, SAMPLE_STEPS
 
     rows = max(1, s.batch // REGRESSION_SHARE)
+    steps = ODE_STEPS + (SAMPLE_STEPS if s.sampler_steps > 1 else 0)
+    how = f"{ODE_STEPS} DDIM steps each" if s.sampler_steps == 1 else \
+        f"{SAMPLE_STEPS} DDIM steps of a teacher sample, re-noised, and {ODE_STEPS} to the endpoint"
     return (f"; the regression term (weight {s.ode_regression:g}): a bank of {REGRESSION_BANK:,} pairs first, "
-            f"{REGRESSION_BANK * ODE_STEPS:,} teacher sample-forwards ({ODE_STEPS} DDIM steps each), then {rows} "
-            f"more generator rows per step")
+            f"{REGRESSION_BANK * steps:,} teacher sample-forwards ({how}), then {rows} more generator rows per step")
 
 
 def announce(plan, s: DistillSettings) -> None:

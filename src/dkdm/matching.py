@@ -18,7 +18,8 @@ same x_t, one update per G update, from the one forward whose output (without gr
 (DMD2 draws the fake score's noisy samples apart, over all of T: a second forward; ``fake_updates``
 > 1 steps it that many times per G update, the first ones on G's samples noised apart, as DMD2's
 two time-scale rule does with five). DMD's regression term, data-free (``regression`` > 0,
-``--ode-regression``): a bank of G's last-step inputs, drawn once at the start, each paired with the
+``--ode-regression``): a bank of inputs of G's last step (noise for one step; for K > 1 the
+teacher's own samples re-noised to that step), drawn once at the start, each paired with the
 teacher's deterministic (DDIM) endpoint from it in ``ODE_STEPS`` steps; every batch carries a quarter
 more rows from the bank, whose x0 is pulled to its pair's endpoint by mean squared error (DMD's
 LPIPS is trained on ImageNet data). Each G step costs
@@ -47,6 +48,9 @@ BETAS = (0.0, 0.99)
 #: ``--ode-regression``: the teacher's DDIM steps from a bank state to its endpoint, the bank's size,
 #: and a batch's share of extra rows from it (batch // REGRESSION_SHARE).
 ODE_STEPS, REGRESSION_BANK, REGRESSION_SHARE = 10, 2048, 4
+#: The teacher's DDIM steps for the samples that the bank's inputs of a K > 1 generator re-noise (the
+#: bundled teacher's DDIM with clipping: 9.88 digits-FID at 8 steps, docs/few-step.md).
+SAMPLE_STEPS = 20
 
 
 def first_timestep(schedule: Schedule, sigma: float = SIGMA_INIT) -> int:
@@ -150,12 +154,25 @@ class MatchingSource:
         return x
 
     def _bank(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The regression pairs: ``REGRESSION_BANK`` of G's last-step inputs from its starting weights
-        and the teacher's DDIM endpoints from them, drawn once (then kept in the state)."""
+        """The regression pairs, drawn once (then kept in the state): ``REGRESSION_BANK`` inputs of G's
+        last step as its sampler makes them from samples of the teacher's (DDIM, ``SAMPLE_STEPS``
+        steps from T - 1), re-noised (pure noise for one step), each with the teacher's DDIM endpoint
+        from it. (The DKDM student's own first K - 1 steps, in their place, gave endpoints of 3-4x the
+        teacher's digits-FID, and a generator pulled to them 2.1-4.1x: docs/few-step.md.)"""
         if self.bank is None:
-            xs = [self._inputs(min(self.batch, REGRESSION_BANK - i)) for i in range(0, REGRESSION_BANK, self.batch)]
-            self.bank = (torch.cat(xs), torch.cat([self.ode_endpoint(x, self.times[-1]) for x in xs]))
+            xs, ys = [], []
+            for i in range(0, REGRESSION_BANK, self.batch):
+                xs.append(self._bank_inputs(min(self.batch, REGRESSION_BANK - i)))
+                ys.append(self.ode_endpoint(xs[-1], self.times[-1]))
+            self.bank = (torch.cat(xs), torch.cat(ys))
         return self.bank
+
+    def _bank_inputs(self, n: int) -> torch.Tensor:
+        z = self._randn((n, *self.generator.sample_shape))
+        if len(self.times) == 1:
+            return z
+        x0 = self.ode_endpoint(z, self.teacher.schedule.num_steps - 1, SAMPLE_STEPS)
+        return self.teacher.schedule.q_sample(x0, self._t(len(self.times) - 1, n), self._randn(x0.shape))
 
     @torch.no_grad()
     def ode_endpoint(self, x: torch.Tensor, top: int, steps: int = ODE_STEPS) -> torch.Tensor:
