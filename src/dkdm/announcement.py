@@ -14,20 +14,6 @@ def _fake_steps(s: DistillSettings) -> str:
     return "" if n == 1 else f" (the fake score stepped {n} times per generator step: {n - 1} more forward and backward)"
 
 
-def _regression(s: DistillSettings, plan) -> str:
-    """The regression term's cost, where --ode-regression asks for it."""
-    if not s.ode_regression:
-        return ""
-    from .matching import ODE_STEPS, REGRESSION_BANK, REGRESSION_SHARE, SAMPLE_STEPS
-
-    rows = max(1, s.batch // REGRESSION_SHARE)
-    steps = ODE_STEPS + (SAMPLE_STEPS if s.sampler_steps > 1 else 0)
-    how = f"{ODE_STEPS} DDIM steps each" if s.sampler_steps == 1 else \
-        f"{SAMPLE_STEPS} DDIM steps of a teacher sample, re-noised, and {ODE_STEPS} to the endpoint"
-    return (f"; the regression term (weight {s.ode_regression:g}): a bank of {REGRESSION_BANK:,} pairs first, "
-            f"{REGRESSION_BANK * steps:,} teacher sample-forwards ({how}), then {rows} more generator rows per step")
-
-
 def announce(plan, s: DistillSettings) -> None:
     """The student, the rules' settings, the pool's size and cost and the report's, before any is spent."""
     from .defaults import describe
@@ -48,7 +34,7 @@ def announce(plan, s: DistillSettings) -> None:
         print(f"no pool: the generator's own samples at its timesteps {plan.student.extra['sampler']['grid'] - 1} "
               f"and below, each judged by one teacher and one fake-score forward{_fake_steps(s)}; "
               f"training {plan.cfg.steps:,} steps, "
-              f"{plan.cfg.steps * s.batch:,} teacher sample-forwards{_regression(s, plan)}", file=sys.stderr)
+              f"{plan.cfg.steps * s.batch:,} teacher sample-forwards", file=sys.stderr)
     else:
         _announce_pool(plan, s)
     if plan.few and not plan.matching:

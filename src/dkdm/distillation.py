@@ -86,7 +86,7 @@ def _matching(plan: "_Plan", s: DistillSettings, progress: bool) -> dict | None:
     acc = plan.acc
     fake = load_model(s.student, role="student").float()
     source = MatchingSource(plan.student, plan.teacher, fake, s.batch, s.fake_lr or plan.cfg.lr, device=acc.device,
-                            seed=rank_seed(s, acc), fake_updates=s.fake_updates, regression=s.ode_regression)
+                            seed=rank_seed(s, acc), fake_updates=s.fake_updates)
     info = {"student": plan.student.describe(), "source": source.describe(), "teacher": plan.teacher_ref}
     trainer = Trainer(plan.student, source, plan.cfg, plan.out, info, progress=progress, accelerator=acc)
 
@@ -213,8 +213,7 @@ def _few_step_student(s: DistillSettings, start, teacher):
 
     if s.fewstep_objective == "matching":
         return _generator(s, start, teacher)
-    given = [flag for flag, v in (("--fake-lr", s.fake_lr), ("--fake-updates", s.fake_updates != 1),
-                                  ("--ode-regression", s.ode_regression)) if v]
+    given = [flag for flag, v in (("--fake-lr", s.fake_lr), ("--fake-updates", s.fake_updates != 1)) if v]
     if given:
         raise DkdmError(f"{' and '.join(given)} belong{'s' if len(given) == 1 else ''} to --fewstep-objective "
                         f"matching (its fake score); a consistency student has none")

@@ -134,9 +134,6 @@ FEWSTEP_HELP = {
                 "peak --lr)"),
     "fake_updates": ("distribution matching: the fake score's steps per generator step (DMD2's two time-scale "
                      "rule; each one more costs a fake-score forward and backward)"),
-    "ode_regression": ("distribution matching: the weight of DMD's regression term, data-free: the generator's "
-                       "last step pulled to the teacher's DDIM endpoints of a bank of 2,048 of its inputs, drawn at "
-                       "the start (10 teacher steps each), a quarter of a batch more per step (default 0: none)"),
 }
 RESUME_HELP = ("continue the run in --out from its last checkpoint with the settings it saved (run.json): no other "
                "flag is needed, and only --steps, --max-steps, --patience and how it logs, checkpoints and reports "

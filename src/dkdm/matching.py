@@ -17,12 +17,7 @@ score, a second copy of the DKDM student, follows G's distribution with the deno
 same x_t, one update per G update, from the one forward whose output (without gradient) gave x0_fake
 (DMD2 draws the fake score's noisy samples apart, over all of T: a second forward; ``fake_updates``
 > 1 steps it that many times per G update, the first ones on G's samples noised apart, as DMD2's
-two time-scale rule does with five). DMD's regression term, data-free (``regression`` > 0,
-``--ode-regression``): a bank of inputs of G's last step (noise for one step; for K > 1 the
-teacher's own samples re-noised to that step), drawn once at the start, each paired with the
-teacher's deterministic (DDIM) endpoint from it in ``ODE_STEPS`` steps; every batch carries a quarter
-more rows from the bank, whose x0 is pulled to its pair's endpoint by mean squared error (DMD's
-LPIPS is trained on ImageNet data). Each G step costs
+two time-scale rule does with five). Each G step costs
 one teacher forward per sample, one fake-score forward and backward (and K - 1 generator forwards
 without gradient), and no pool.
 """
@@ -45,12 +40,6 @@ T_MIN = 0.02
 #: AdamW's betas for the generator (``TrainConfig.adam_betas``) and the fake score: no momentum, each
 #: chases the other as it moves.
 BETAS = (0.0, 0.99)
-#: ``--ode-regression``: the teacher's DDIM steps from a bank state to its endpoint, the bank's size,
-#: and a batch's share of extra rows from it (batch // REGRESSION_SHARE).
-ODE_STEPS, REGRESSION_BANK, REGRESSION_SHARE = 10, 2048, 4
-#: The teacher's DDIM steps for the samples that the bank's inputs of a K > 1 generator re-noise (the
-#: bundled teacher's DDIM with clipping: 9.88 digits-FID at 8 steps, docs/few-step.md).
-SAMPLE_STEPS = 20
 
 
 def first_timestep(schedule: Schedule, sigma: float = SIGMA_INIT) -> int:
@@ -82,20 +71,6 @@ def matching_loss(x_g: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return 0.5 * (x_g - (x_g - grad).detach()).pow(2).flatten(1).mean(1)
 
 
-def with_regression(loss: torch.Tensor, square: torch.Tensor, x0: torch.Tensor, target: torch.Tensor,
-                    weight: float) -> dict[str, torch.Tensor]:
-    """Per-row terms of a batch of n matching rows (their ``loss`` and ``square``) and r regression
-    rows (G's ``x0``, the teacher's endpoints ``target``), scaled so that their mean over all n + r
-    rows is matching's mean plus ``weight`` times the regression's mean squared error: ``mse`` the
-    matching rows' mean square of the gradient, ``vb`` the regression rows' squared error."""
-    n, r = len(loss), len(target)
-    dist = (x0 - target).pow(2).flatten(1).mean(1)
-    zn, zr = torch.zeros_like(loss), torch.zeros_like(dist)
-    a, b = (n + r) / n, (n + r) / r
-    return {"loss": torch.cat([a * loss, b * weight * dist]), "mse": torch.cat([a * square, zr]),
-            "vb": torch.cat([zn, b * dist])}
-
-
 class MatchingSource:
     """G's inputs (the trainer's batches) and the two scores that judge its outputs.
 
@@ -106,11 +81,9 @@ class MatchingSource:
     process draws its own samples, and its fake score follows them)."""
 
     def __init__(self, generator, teacher, fake, batch: int, lr: float, device=None, seed: int = 0,
-                 fake_updates: int = 1, regression: float = 0.0):
+                 fake_updates: int = 1):
         self.generator, self.teacher, self.fake = generator, teacher, fake
-        self.fake_updates, self.regression = int(fake_updates), float(regression)
-        self.rows = max(1, int(batch) // REGRESSION_SHARE) if self.regression else 0
-        self.bank: tuple[torch.Tensor, torch.Tensor] | None = None  # drawn at the first batch
+        self.fake_updates = int(fake_updates)
         self.batch, self.device = int(batch), device or torch.device("cpu")
         self.rng = torch.Generator(device=self.device).manual_seed(seed)
         g_schedule = generator.schedule
@@ -130,64 +103,17 @@ class MatchingSource:
     def next_batch(self) -> TrainingBatch:
         """G's input at its last step: noise for one step; for K > 1 the sample of its first K - 1
         steps (without gradient), re-noised (x0 clamped where the teacher clamps), as G's sampler
-        makes it. Only the last step is trained, so the fake score learns G's final samples alone.
-        With ``regression`` the batch has ``rows`` more from the bank, their endpoints in
-        ``meta["regression"]``."""
+        makes it. Only the last step is trained, so the fake score learns G's final samples alone."""
+        shape = (self.batch, *self.generator.sample_shape)
+        x = self._randn(shape)
         k = len(self.times) - 1
-        x = self._inputs(self.batch)
-        if not self.regression:
-            return TrainingBatch(x_t=x, t=self._t(k, self.batch), target=None)
-        bank_x, bank_y = self._bank()
-        pick = torch.randint(len(bank_x), (self.rows,), generator=self.rng, device=self.device)
-        return TrainingBatch(x_t=torch.cat([x, bank_x[pick]]), t=self._t(k, self.batch + self.rows), target=None,
-                             meta={"regression": bank_y[pick]})
-
-    def _inputs(self, n: int) -> torch.Tensor:
-        """``n`` of G's inputs at its last step (``next_batch``'s)."""
-        x = self._randn((n, *self.generator.sample_shape))
-        schedule, c = self.generator.schedule, x.shape[1]
-        for j in range(len(self.times) - 1):
-            t = self._t(j, n)
+        schedule, c = self.generator.schedule, shape[1]
+        for j in range(k):
+            t = self._t(j, self.batch)
             x0 = generator_x0(schedule, self.generator.net(x, t)[:, :c].float(), x, t)
             x0 = x0.clamp(-1, 1) if self.generator.clip_x0 else x0
-            x = schedule.q_sample(x0, self._t(j + 1, n), self._randn(x0.shape))
-        return x
-
-    def _bank(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The regression pairs, drawn once (then kept in the state): ``REGRESSION_BANK`` inputs of G's
-        last step as its sampler makes them from samples of the teacher's (DDIM, ``SAMPLE_STEPS``
-        steps from T - 1), re-noised (pure noise for one step), each with the teacher's DDIM endpoint
-        from it. (The DKDM student's own first K - 1 steps, in their place, gave endpoints of 3-4x the
-        teacher's digits-FID, and a generator pulled to them 2.1-4.1x: docs/few-step.md.)"""
-        if self.bank is None:
-            xs, ys = [], []
-            for i in range(0, REGRESSION_BANK, self.batch):
-                xs.append(self._bank_inputs(min(self.batch, REGRESSION_BANK - i)))
-                ys.append(self.ode_endpoint(xs[-1], self.times[-1]))
-            self.bank = (torch.cat(xs), torch.cat(ys))
-        return self.bank
-
-    def _bank_inputs(self, n: int) -> torch.Tensor:
-        z = self._randn((n, *self.generator.sample_shape))
-        if len(self.times) == 1:
-            return z
-        x0 = self.ode_endpoint(z, self.teacher.schedule.num_steps - 1, SAMPLE_STEPS)
-        return self.teacher.schedule.q_sample(x0, self._t(len(self.times) - 1, n), self._randn(x0.shape))
-
-    @torch.no_grad()
-    def ode_endpoint(self, x: torch.Tensor, top: int, steps: int = ODE_STEPS) -> torch.Tensor:
-        """The teacher's deterministic (DDIM) endpoint from ``x`` at timestep ``top`` in ``steps`` evenly
-        spaced steps: x0 at each (clamped where the teacher clamps) and the epsilon it implies, as
-        ``consistency.teacher_ode_step``; the last x0 is the endpoint."""
-        times = sorted({round(top * (1 - i / steps)) for i in range(steps)}, reverse=True)
-        schedule = self.teacher.schedule
-        for i, t in enumerate(times):
-            tt = torch.full((len(x),), t, dtype=torch.long, device=self.device)
-            x0 = self.x0(self.teacher, x, tt)
-            if i + 1 < len(times):
-                x = schedule.q_sample(x0, torch.full_like(tt, times[i + 1]), schedule.eps_from_x0(x, tt, x0))
-        self.teacher_calls += len(x) * len(times)
-        return x0
+            x = schedule.q_sample(x0, self._t(j + 1, self.batch), self._randn(x0.shape))
+        return TrainingBatch(x_t=x, t=self._t(k, self.batch), target=None)
 
     def x0(self, model, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``model``'s (the teacher's) denoised estimate at (x_t, t), clamped where the teacher clamps."""
@@ -233,18 +159,12 @@ class MatchingSource:
 
     def describe(self) -> dict:
         out = {"kind": "matching", "timesteps": self.times, "batch": self.batch}
-        if self.fake_updates != 1:
-            out["fake_updates"] = self.fake_updates
-        if self.regression:
-            out["regression"] = {"weight": self.regression, "bank": REGRESSION_BANK, "ode_steps": ODE_STEPS,
-                                 "rows": self.rows}
-        return out
+        return out if self.fake_updates == 1 else {**out, "fake_updates": self.fake_updates}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         opt = self.opt.state_dict()["state"]
         moments = {f"opt.{i}.{k}": v for i, s in opt.items() for k, v in s.items()}
-        bank = {} if self.bank is None else {"bank.x": self.bank[0], "bank.y": self.bank[1]}
-        return {**{f"fake.{k}": v for k, v in self.fake.net.state_dict().items()}, **moments, **bank,
+        return {**{f"fake.{k}": v for k, v in self.fake.net.state_dict().items()}, **moments,
                 "rng": self.rng.get_state(), "teacher_calls": torch.tensor(self.teacher_calls)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -257,6 +177,4 @@ class MatchingSource:
                 moments.setdefault(int(i), {})[name] = v
         self.opt.load_state_dict({"state": moments, "param_groups": saved["param_groups"]})
         self.rng.set_state(state["rng"].cpu())
-        if "bank.x" in state:
-            self.bank = (state["bank.x"].to(self.device), state["bank.y"].to(self.device))
         self.teacher_calls = int(state["teacher_calls"])

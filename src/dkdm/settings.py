@@ -153,7 +153,6 @@ class FewstepSettings(DistillSettings):
     consistency_grid: int | None = _s(None, int)
     fake_lr: float | None = _s(None, float, above=0)  # matching's fake score (None: the generator's --lr)
     fake_updates: int = _s(1, int, at_least=1)  # matching's fake-score steps per generator step
-    ode_regression: float = _s(0.0, float, at_least=0)  # matching's regression term on teacher ODE pairs (0: none)
 
 
 COMMANDS = {cls.command: cls for cls in (TrainSettings, DistillSettings, FewstepSettings)}

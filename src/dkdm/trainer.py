@@ -32,7 +32,7 @@ from .formats import save_model
 from .interrupts import Interrupted, catch_signals, restore_signals
 from .model import DiffusionModel
 from .consistency import consistency_loss, sigma_power, skip_steps, teacher_ode_step
-from .matching import generator_x0, matching_loss, with_regression
+from .matching import generator_x0, matching_loss
 from .objective import dkdm_loss
 from .progress import progress_bar
 from .tracking import append_log
@@ -211,13 +211,9 @@ class Trainer:
             return dkdm_loss(student.schedule, output, batch.x_t, batch.t, batch.target, student.prediction,
                              student.variance, self.cfg.vlb_weight, self.cfg.simple_weight, self.cfg.vlb_mean_grad)
         if self.cfg.objective == "matching":  # the gradient from both scores; then the fake score follows x_g
-            x0 = generator_x0(student.schedule, output[:, :batch.x_t.shape[1]], batch.x_t, batch.t)
-            pairs = batch.meta.get("regression")  # the last rows: the bank's, with the teacher's endpoints
-            x_g = x0 if pairs is None else x0[: len(x0) - len(pairs)]
+            x_g = generator_x0(student.schedule, output[:, :batch.x_t.shape[1]], batch.x_t, batch.t)
             grad = self.source.judge(x_g)  # the fake score steps too, with its own optimizer
             square = grad.pow(2).flatten(1).mean(1)
-            if pairs is not None:
-                return with_regression(matching_loss(x_g, grad), square, x0[len(x_g):], pairs, self.source.regression)
             return {"mse": square, "vb": torch.zeros_like(square), "loss": matching_loss(x_g, grad)}
         schedule, c = student.schedule, batch.x_t.shape[1]
         s = (batch.t - skip_steps(schedule.num_steps, student.extra["sampler"]["grid"])).clamp_(min=0)
