@@ -256,7 +256,7 @@ def plot(results: list[dict], question: str, path: Path) -> None:
     ax.set_xlabel("student digits-FID / teacher's (each seed; bar: mean)")
     ax.invert_yaxis()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # the x label runs past a narrow figure's edge
     plt.close(fig)
 
 
