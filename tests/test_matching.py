@@ -3,17 +3,20 @@ hand computation, the first timestep against the cosine schedule's closed form, 
 against plain diffusers' LCMScheduler, and the `dkdm fewstep --fewstep-objective matching` run (bad
 input, defaults, the written model, kill -9 and resume)."""
 
+import copy
 import json
 import signal
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dkdm.cli import main
 from dkdm.diffusion import Schedule
 from dkdm.formats import load_model, save_model
-from dkdm.matching import first_timestep, generator_schedule, matching_gradient, matching_loss
+from dkdm.matching import MatchingSource, first_timestep, generator_schedule, matching_gradient, matching_loss
 from dkdm.model import DiffusionModel
 
 from test_fewstep import _cosine_alpha_bar64, _fewstep, toy_pair  # noqa: F401 (a fixture)
@@ -177,11 +180,6 @@ def _judged(monkeypatch, batch: int, fake_updates: int = 1):
     """A one-step generator, teacher and fake score (tiny MLPs), a copy of the fake score to replay its
     steps by hand, and one ``judge`` of ``batch`` samples with every noisy batch it drew recorded as
     (t, noise, x_t)."""
-    import copy
-    from types import SimpleNamespace
-
-    from dkdm.matching import MatchingSource
-
     torch.manual_seed(0)
     teacher = DiffusionModel.build("mlp:width=8,depth=1", (2,), Schedule.named("linear", 100))
     cut = generator_schedule(teacher.schedule)
@@ -198,8 +196,6 @@ def _judged(monkeypatch, batch: int, fake_updates: int = 1):
     opt = torch.optim.AdamW(replay.parameters(), lr=1e-3, betas=(0.0, 0.99), weight_decay=0.0)
 
     def step(t, noise, x_t):  # the fake score's step, by hand on the replay
-        import torch.nn.functional as F
-
         opt.zero_grad()
         F.mse_loss(replay(x_t, t)[:, :2], noise).backward()
         opt.step()
@@ -245,7 +241,6 @@ def test_fake_updates_step_the_fake_score_on_fresh_noisy_batches_before_the_one_
 
 def test_a_k_step_generator_trains_its_last_step_on_its_own_earlier_steps_sample():
     from dkdm.consistency import consistency_output
-    from dkdm.matching import MatchingSource
 
     torch.manual_seed(0)
     teacher = DiffusionModel.build("mlp:width=8,depth=1", (2,), Schedule.named("linear", 100))
