@@ -212,6 +212,26 @@ def test_two_runners_of_one_out_each_keep_the_others_rows(tmp_path):
     assert len(again) == 400 and [r["digits_fid"] for r in again if (r["row"], r["seed"]) == ("r0", 0)] == [9.5]
 
 
+def test_a_stopped_runner_keeps_the_rows_it_finished(tmp_path, monkeypatch):
+    """bench/quality/questions.py: each row goes into questions.json as it finishes, so a runner
+    stopped mid-grid (here: its second row raises) loses none of the rows it already ran."""
+    sys.path.insert(0, str(BENCH / "quality"))
+    import questions
+
+    def fake_run(out, question, row, seed):
+        if seed == 1:
+            raise KeyboardInterrupt
+        return {"question": question, "row": row, "seed": seed, "digits_fid": 11.0}
+
+    monkeypatch.setattr(questions, "run", fake_run)
+    monkeypatch.setattr(questions, "inputs_of", lambda out, todo: [])
+    with pytest.raises(KeyboardInterrupt):
+        questions.main(["--question", "objective", "--rows", "L*simple alone (lambda 0)", "--seeds", "0", "1",
+                        "--jobs", "1", "--out", str(tmp_path)])
+    kept = json.loads((tmp_path / "questions.json").read_text())
+    assert [(r["row"], r["seed"]) for r in kept] == [("L*simple alone (lambda 0)", 0)]
+
+
 def test_a_row_whose_command_another_question_ran_is_that_run(tmp_path, monkeypatch):
     """bench/quality/questions.py: the ceiling's 1x rows are the default DKDM student and the
     diversity question's data-based student (the same commands): a finished twin's run is reused, not

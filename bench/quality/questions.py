@@ -353,9 +353,17 @@ def main(argv=None) -> int:
         list(pool.map(lambda cmd: subprocess.run(cmd + (["--resume"] if Path(cmd[-1]).exists() and "train" in cmd
                                                         else []), check=True, env=env,
                                                  stdout=subprocess.DEVNULL), inputs))
+    store = out / "questions.json"
+
+    def run_and_store(job) -> dict | None:  # each row kept as it finishes: a stopped runner loses none
+        r = run(out, *job)
+        if r is not None:
+            merge_results(store, [r])
+        return r
+
     with ThreadPoolExecutor(a.jobs) as pool:
-        results = [r for r in pool.map(lambda job: run(out, *job), todo) if r is not None]
-    merged = with_twins(merge_results(out / "questions.json", results))
+        results = [r for r in pool.map(run_and_store, todo) if r is not None]
+    merged = with_twins(merge_results(store, results))
     for q in dict.fromkeys(r["question"] for r in results):
         print(f"## {q}\n\n{markdown(merged, q)}\n")
     return 0
