@@ -101,6 +101,43 @@ def test_the_fake_scores_rate_is_the_generators_unless_fake_lr_names_one(tmp_pat
     assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
 
 
+def test_fake_from_teacher_starts_the_fake_score_as_a_trainable_copy_of_the_teacher(tmp_path, toy_pair, capsys,
+                                                                                       monkeypatch):
+    """--fake-from teacher: the fake score starts with the teacher's weights (the DKDM student's by
+    default), trains without touching the teacher, is announced, saved with the run's settings, and a
+    consistency run refuses the flag in one line."""
+    import dkdm.matching as matching
+
+    teacher, student = toy_pair
+    starts = []
+    monkeypatch.setattr(matching.MatchingSource, "describe", lambda self: starts.append(
+        (copy.deepcopy(self.fake.net.state_dict()), self.teacher.net.state_dict())) or {"kind": "matching"})
+    flags = ("--fewstep-objective", "matching")
+    assert main(_fewstep(teacher, student, tmp_path / "a", 20, *flags)) == 0
+    assert "a fake score from the same student" in capsys.readouterr().err
+    assert main(_fewstep(teacher, student, tmp_path / "b", 20, *flags, "--fake-from", "teacher")) == 0
+    assert "a fake score from the teacher" in capsys.readouterr().err
+    (own, _), (copied, teachers) = starts
+    same(own, load_model(student).net.state_dict())
+    same(copied, load_model(teacher).net.state_dict())
+    same(teachers, load_model(teacher).net.state_dict())  # the teacher itself never trained
+    trained = load_matching_fake(tmp_path / "b")
+    assert trained.keys() == copied.keys() and any(not torch.equal(trained[k], copied[k]) for k in copied)
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["fake_from"] == "teacher"
+    assert main(_fewstep(teacher, student, tmp_path / "c", 3, "--fake-from", "teacher")) == 2
+    assert "--fake-from belongs to --fewstep-objective matching" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "c").exists()
+
+
+def load_matching_fake(run) -> dict:
+    """The fake score's weights in a matching run's last checkpoint."""
+    from safetensors.torch import load_file
+
+    ckpt = sorted((run / "checkpoints").iterdir())[-1]
+    tensors = {k: v for f in ckpt.glob("*.safetensors") for k, v in load_file(f).items()}
+    return {k.removeprefix("source.fake."): v for k, v in tensors.items() if k.startswith("source.fake.")}
+
+
 def test_matching_defaults_take_0_7_of_the_budget_and_a_tenth_of_the_rate():
     from dkdm.defaults import distill_defaults, fewstep_defaults
 
@@ -174,17 +211,35 @@ def test_a_transformer_students_objective_is_matching_up_to_four_steps(tmp_path,
     err = capsys.readouterr().err
     assert f"fewstep-objective {objective} (" in err and ("of a dit student" in err) == (objective == "matching")
     assert ("for two steps outside the convolutional families" in err) == (k == 2)  # the run's own K
+    fake = {2: "fake-from student (", 4: "fake-from teacher (", 8: None}[k]  # a consistency run has no fake score
+    assert (fake in err) if fake else "fake-from" not in err
 
 
-def _judged(monkeypatch, batch: int, fake_updates: int = 1):
-    """A one-step generator, teacher and fake score (tiny MLPs), a copy of the fake score to replay its
-    steps by hand, and one ``judge`` of ``batch`` samples with every noisy batch it drew recorded as
-    (t, noise, x_t)."""
+def test_a_run_from_before_fake_from_resumes_with_the_students_copy(tmp_path, capsys):
+    """A matching run whose run.json predates --fake-from (no such key) had the DKDM student's copy as
+    its fake score: resumed, it keeps that copy (its checkpoint holds it) even where the rule now says
+    the teacher's (a DiT's four-step generator)."""
+    teacher = load_model("builtin:digits")
+    save_model(DiffusionModel.student_of(teacher, "dit:patch=2,depth=1,width=32,heads=2"), tmp_path / "dit")
+    run = ["fewstep", "--student", str(tmp_path / "dit"), "--sampler-steps", "4", "--batch", "8", "--no-report",
+           "--no-progress", "--out", str(tmp_path / "run")]
+    assert main([*run, "--steps", "2", "--fake-from", "student"]) == 0
+    saved = json.loads((tmp_path / "run" / "run.json").read_text())
+    del saved["fake_from"]
+    (tmp_path / "run" / "run.json").write_text(json.dumps(saved))
+    assert main([*run, "--steps", "3", "--resume"]) == 0  # the rule's teacher copy would not load its checkpoint
+    assert json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])["step"] == 3
+
+
+def _judged(monkeypatch, batch: int, fake_updates: int = 1, prediction: str = "epsilon"):
+    """A one-step generator, teacher and fake score (tiny MLPs; the fake score predicting
+    ``prediction``), a copy of the fake score to replay its steps by hand, and one ``judge`` of
+    ``batch`` samples with every noisy batch it drew recorded as (t, noise, x_t)."""
     torch.manual_seed(0)
     teacher = DiffusionModel.build("mlp:width=8,depth=1", (2,), Schedule.named("linear", 100))
     cut = generator_schedule(teacher.schedule)
     gen = DiffusionModel.few_step_of(teacher, 1, "epsilon", cut.num_steps, cut, "matching")
-    fake = DiffusionModel.build("mlp:width=8,depth=1", (2,), teacher.schedule)
+    fake = DiffusionModel.build("mlp:width=8,depth=1", (2,), teacher.schedule, prediction=prediction)
     replay = copy.deepcopy(fake.net)
     source = MatchingSource(gen, teacher, fake, batch, 1e-3, fake_updates=fake_updates)
     seen = []
@@ -195,13 +250,20 @@ def _judged(monkeypatch, batch: int, fake_updates: int = 1):
     grad = source.judge(x_g)
     opt = torch.optim.AdamW(replay.parameters(), lr=1e-3, betas=(0.0, 0.99), weight_decay=0.0)
 
+    ab = teacher.schedule.alphas_cumprod.double()
+
+    def target(t, noise):  # what the fake score learns, in float64 from alpha_bar: epsilon, v or x0
+        a, s = ab[t].sqrt()[:, None], (1 - ab[t]).sqrt()[:, None]
+        x0 = x_g.double()
+        return {"epsilon": noise.double(), "v_prediction": a * noise.double() - s * x0, "sample": x0}[prediction]
+
     def step(t, noise, x_t):  # the fake score's step, by hand on the replay
         opt.zero_grad()
-        F.mse_loss(replay(x_t, t)[:, :2], noise).backward()
+        F.mse_loss(replay(x_t, t)[:, :2], target(t, noise).float()).backward()
         opt.step()
 
-    def x0(m, t, x_t):
-        return teacher.schedule.eps_and_x0(m(x_t, t)[:, :2], x_t, t, "epsilon")[1]
+    def x0(m, t, x_t, prediction="epsilon"):
+        return teacher.schedule.eps_and_x0(m(x_t, t)[:, :2], x_t, t, prediction)[1]
 
     return SimpleNamespace(teacher=teacher, fake=fake, replay=replay, source=source, seen=seen, x_g=x_g, grad=grad,
                            step=step, x0=x0)
@@ -235,6 +297,21 @@ def test_fake_updates_step_the_fake_score_on_fresh_noisy_batches_before_the_one_
     with torch.no_grad():
         torch.testing.assert_close(j.grad, matching_gradient(j.x_g, j.x0(j.teacher.net, t, x_t), j.x0(j.replay, t, x_t)))
     j.step(*seen[2])
+    for a, b in zip(j.fake.net.parameters(), j.replay.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("prediction", ["v_prediction", "sample"])
+def test_a_fake_score_that_predicts_v_or_x0_learns_and_judges_in_its_own_terms(monkeypatch, prediction):
+    """A fake score copied from a teacher that predicts v or x0 (--fake-from teacher) steps on its own
+    target (v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 from float64, or x0 itself) and its x0
+    is read through its own parameterization (a hand replay of the AdamW step)."""
+    j = _judged(monkeypatch, 512, prediction=prediction)
+    t, noise, x_t = j.seen[0]
+    with torch.no_grad():
+        torch.testing.assert_close(j.grad, matching_gradient(j.x_g, j.x0(j.teacher.net, t, x_t),
+                                                             j.x0(j.replay, t, x_t, prediction)))
+    j.step(t, noise, x_t)
     for a, b in zip(j.fake.net.parameters(), j.replay.parameters()):
         torch.testing.assert_close(a, b)
 

@@ -67,7 +67,8 @@ def _student_line(plan, s: DistillSettings) -> str:
     student, params = plan.student, f"{count_parameters(plan.student.net):,}"
     teacher = f"{count_parameters(plan.teacher.net):,}"
     if plan.few:
-        how = ("distribution matching (a fake score from the same student; predicting epsilon from t = "
+        fake = "the same student" if s.fake_from == "student" else "the teacher"
+        how = (f"distribution matching (a fake score from {fake}; predicting epsilon from t = "
                f"{student.schedule.num_steps - 1})" if plan.matching else
                f"consistency distillation (predicting {student.prediction})")
         return (f"few-step student: {format_spec(student.spec)} from {s.student}, {params} parameters (teacher "

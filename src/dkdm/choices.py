@@ -13,6 +13,8 @@ FEWSTEP_PREDICTIONS = ("v_prediction", "sample", "epsilon")
 #: How ``dkdm fewstep`` trains: consistency distillation on the pool (consistency.py), or distribution
 #: matching with a fake score (matching.py).
 FEWSTEP_OBJECTIVES = ("consistency", "matching")
+#: what distribution matching's fake score starts as a copy of (``--fake-from``)
+FAKE_FROM = ("student", "teacher")
 #: Knowledge pools (pool.py) and how a pool's entries are prepared.
 POOL_KINDS = ("iterative", "shuffled", "dynamic")
 PREPARATIONS = ("auto", "exact", "sampled", "shared")

@@ -179,6 +179,23 @@ MATCHING_STEPS_FACTOR, MATCHING_LR_FACTOR, MATCHING_WARMUP = 0.7, 0.1, 100
 MATCHING_LR_FACTOR_NON_CONV_TWO_STEPS = 0.2
 
 
+#: Where matching's fake score starts (``--fake-from``): a copy of the teacher for a K-step generator
+#: of a student outside ``CONV_FAMILIES`` with K above ``MATCHING_MAX_SAMPLER_STEPS`` (docs/few-step.md,
+#: "The fake score from the teacher": DiT four-step generators 1.24-1.34x the teacher, mean 1.27x, sd
+#: 0.04x, against 1.08-1.60x, mean 1.37x, sd 0.19x, with the student's copy; five seeds; at 1.3-1.4x
+#: the stage's CPU), else a copy of the DKDM student (at two steps level on one seed, at one worse on
+#: one of two: 1.97x against 1.67x).
+def fake_score_from(family: str, sampler_steps: int) -> Setting:
+    """What distribution matching's fake score starts as a copy of where --fake-from is not given."""
+    if family not in CONV_FAMILIES and sampler_steps > MATCHING_MAX_SAMPLER_STEPS:
+        return Setting("teacher", f"{sampler_steps} steps of a {family} student: on digits DiTs' four-step generators "
+                                  f"scored 1.24-1.34x the teacher's 100-step digits-FID (mean 1.27x) with the "
+                                  f"teacher's copy, 1.08-1.60x (mean 1.37x) with the student's (five seeds): its "
+                                  f"errors cancel the teacher's")
+    return Setting("student", "the DKDM student's copy: the teacher's costs more, and for DiTs it was level at "
+                              "two steps and worse at one (docs/few-step.md)")
+
+
 def matching_lr(family: str, sampler_steps: int) -> tuple[float, str]:
     """A distribution-matching generator's share of distill's learning rate, and its reason."""
     if family not in CONV_FAMILIES and sampler_steps == 2:

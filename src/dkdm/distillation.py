@@ -5,6 +5,7 @@ it is spent. ``distillation`` runs the named steps; ``runloop.run`` trains and r
 
 from __future__ import annotations
 
+import copy
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,15 +77,26 @@ def distillation(s: DistillSettings, progress: bool, objects: dict | None = None
                 teacher=teacher, monitor=monitor, reference=plan.reference)
 
 
-def _matching(plan: "_Plan", s: DistillSettings, progress: bool) -> dict | None:
-    """A few-step run by distribution matching: the fake score a second copy of the DKDM student,
-    the generator's inputs its own (``matching.MatchingSource``); nothing to prepare."""
+def _fake_score(s: DistillSettings, teacher):
+    """Matching's fake score: a float32 trainable copy of the DKDM student, or of the teacher (``--fake-from``)."""
     from .formats import load_model
+
+    if s.fake_from == "student":
+        return load_model(s.student, role="student").float()
+    fake = copy.deepcopy(teacher).set_inference_dtype("float32")
+    fake.net.requires_grad_(True)
+    return fake
+
+
+def _matching(plan: "_Plan", s: DistillSettings, progress: bool) -> dict | None:
+    """A few-step run by distribution matching: the fake score a second copy of the DKDM student (or of
+    the teacher: ``_fake_score``), the generator's inputs its own (``matching.MatchingSource``); nothing
+    to prepare."""
     from .matching import MatchingSource
     from .trainer import Trainer
 
     acc = plan.acc
-    fake = load_model(s.student, role="student").float()
+    fake = _fake_score(s, plan.teacher)
     source = MatchingSource(plan.student, plan.teacher, fake, s.batch, s.fake_lr or plan.cfg.lr, device=acc.device,
                             seed=rank_seed(s, acc), fake_updates=s.fake_updates)
     info = {"student": plan.student.describe(), "source": source.describe(), "teacher": plan.teacher_ref}
@@ -116,11 +128,12 @@ def _plan(s: DistillSettings, objects: dict) -> _Plan:
     torch.manual_seed(s.seed)
     start = _fewstep_start(s, teacher) if few else None
     objective = _fewstep_objective(s, start) if few else None
+    fake_from = _fake_from(s, start) if few and s.fewstep_objective == "matching" else None
     student = _few_step_student(s, start, teacher) if few else _student(s, teacher, data_name, teacher_ref,
                                                                           objects.get("student"))
     ruled, cfg = _decide_settings(s, teacher, student, few)
-    if objective is not None:
-        ruled = {"fewstep_objective": objective, **ruled}
+    ruled = {**({"fewstep_objective": objective} if objective else {}),
+             **({"fake_from": fake_from} if fake_from else {}), **ruled}
     watch = monitor_config(s)
     matching = few and s.fewstep_objective == "matching"
     if matching:  # no pool: the generator draws its own samples
@@ -148,6 +161,20 @@ def _fewstep_objective(s: DistillSettings, start):
         return None
     rule = fewstep_objective(s.sampler_steps, family_of(start.spec))
     s.fewstep_objective = rule.value
+    return rule
+
+
+def _fake_from(s: DistillSettings, start):
+    """Where matching's fake score starts by the rules where --fake-from is not given (written into
+    ``s``), or None. A run resumed from before the flag existed had the student's copy."""
+    from .defaults import Setting, fake_score_from
+    from .students import family_of
+
+    if s.fake_from is not None:
+        return None
+    rule = Setting("student", "the run began before --fake-from") if s.resume else \
+        fake_score_from(family_of(start.spec), s.sampler_steps)
+    s.fake_from = rule.value
     return rule
 
 
@@ -213,7 +240,8 @@ def _few_step_student(s: DistillSettings, start, teacher):
 
     if s.fewstep_objective == "matching":
         return _generator(s, start, teacher)
-    given = [flag for flag, v in (("--fake-lr", s.fake_lr), ("--fake-updates", s.fake_updates != 1)) if v]
+    given = [flag for flag, v in (("--fake-lr", s.fake_lr), ("--fake-updates", s.fake_updates != 1),
+                                  ("--fake-from", s.fake_from)) if v]
     if given:
         raise DkdmError(f"{' and '.join(given)} belong{'s' if len(given) == 1 else ''} to --fewstep-objective "
                         f"matching (its fake score); a consistency student has none")

@@ -134,6 +134,10 @@ FEWSTEP_HELP = {
                 "peak --lr)"),
     "fake_updates": ("distribution matching: the fake score's steps per generator step (DMD2's two time-scale "
                      "rule; each one more costs a fake-score forward and backward)"),
+    "fake_from": ("distribution matching: the fake score starts as a copy of the DKDM student or of the teacher "
+                  "(DMD's and SiD's choice: its errors then cancel the teacher's in the gradient) (default: the "
+                  "teacher for three or four steps of a student outside the convolutional families, else the "
+                  "student; printed when the run starts)"),
 }
 RESUME_HELP = ("continue the run in --out from its last checkpoint with the settings it saved (run.json): no other "
                "flag is needed, and only --steps, --max-steps, --patience and how it logs, checkpoints and reports "

@@ -13,7 +13,8 @@ DMD2's backward simulation, lost quality on digits, its fake score following a m
 steps' outputs: docs/few-step.md); G's output x_g is noised to x_t at
 t ~ U[2% of T, t*], and its gradient is g = (x0_fake - x0_teacher) / mean |x_g - x0_teacher| per
 sample, the KL between G's distribution and the teacher's pushed down through both scores. The fake
-score, a second copy of the DKDM student, follows G's distribution with the denoising loss on the
+score, a second copy of the DKDM student (or of the teacher, as in DMD and SiD: ``--fake-from``; its
+loss in what its network predicts), follows G's distribution with the denoising loss on the
 same x_t, one update per G update, from the one forward whose output (without gradient) gave x0_fake
 (DMD2 draws the fake score's noisy samples apart, over all of T: a second forward; ``fake_updates``
 > 1 steps it that many times per G update, the first ones on G's samples noised apart, as DMD2's
@@ -131,12 +132,12 @@ class MatchingSource:
         step (docs/few-step.md)."""
         x_g = x_g.detach()
         for _ in range(self.fake_updates - 1):  # DMD2's two time-scale rule: the fake score steps first
-            self._fake_step(*self._noised(x_g))
+            self._fake_step(*self._noised(x_g), x_g)
         x_t, t, noise = self._noised(x_g)
         self.teacher_calls += len(x_g)
         with torch.no_grad():
             real_x0 = self.x0(self.teacher, x_t, t)
-        pred = self._fake_step(x_t, t, noise)
+        pred = self._fake_step(x_t, t, noise, x_g)
         fake_x0 = self.fake.schedule.eps_and_x0(pred, x_t, t, self.fake.prediction)[1]
         fake_x0 = fake_x0.clamp(-1, 1) if self.teacher.clip_x0 else fake_x0
         return matching_gradient(x_g, real_x0, fake_x0)
@@ -148,10 +149,13 @@ class MatchingSource:
         noise = self._randn(x_g.shape)
         return self.teacher.schedule.q_sample(x_g, t, noise), t, noise
 
-    def _fake_step(self, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """One step of the fake score's denoising loss at (x_t, t); its epsilon before the step, detached."""
+    def _fake_step(self, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """One step of the fake score's denoising loss at (x_t, t) of the sample ``x0``, in what its network
+        predicts (epsilon, v or x0: a copy of the teacher predicts what the teacher does); its prediction
+        before the step, detached."""
         pred = self.fake.net(x_t, t)[:, : x_t.shape[1]].float()
-        loss = F.mse_loss(pred, noise)
+        target = {"epsilon": noise, "sample": x0}.get(self.fake.prediction)
+        loss = F.mse_loss(pred, self.fake.schedule.v_target(x0, t, noise) if target is None else target)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
 
-from .choices import (DTYPES, FEWSTEP_OBJECTIVES, FEWSTEP_PREDICTIONS, LR_DECAYS, MIXED_PRECISIONS, POOL_KINDS,
+from .choices import (DTYPES, FAKE_FROM, FEWSTEP_OBJECTIVES, FEWSTEP_PREDICTIONS, LR_DECAYS, MIXED_PRECISIONS, POOL_KINDS,
                       PREDICTIONS, PREPARATIONS, SCHEDULES, VARIANCES)
 from .errors import DkdmError
 
@@ -153,6 +153,7 @@ class FewstepSettings(DistillSettings):
     consistency_grid: int | None = _s(None, int)
     fake_lr: float | None = _s(None, float, above=0)  # matching's fake score (None: the generator's --lr)
     fake_updates: int = _s(1, int, at_least=1)  # matching's fake-score steps per generator step
+    fake_from: str | None = _s(None, str, FAKE_FROM)  # matching's fake score: a copy of which model (None: the rule)
 
 
 COMMANDS = {cls.command: cls for cls in (TrainSettings, DistillSettings, FewstepSettings)}
