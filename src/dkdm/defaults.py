@@ -183,7 +183,7 @@ MATCHING_LR_FACTOR_NON_CONV_TWO_STEPS = 0.2
 #: of a student outside ``CONV_FAMILIES`` with K above ``MATCHING_MAX_SAMPLER_STEPS`` (docs/few-step.md,
 #: "The fake score from the teacher": DiT four-step generators 1.24-1.34x the teacher, mean 1.27x, sd
 #: 0.04x, against 1.08-1.60x, mean 1.37x, sd 0.19x, with the student's copy; five seeds; at 1.3-1.4x
-#: the stage's CPU), else a copy of the DKDM student (at two steps level on one seed, at one worse on
+#: the stage's CPU), else a copy of the DKDM student (at two steps level on two seeds, at one worse on
 #: one of two: 1.97x against 1.67x).
 def fake_score_from(family: str, sampler_steps: int) -> Setting:
     """What distribution matching's fake score starts as a copy of where --fake-from is not given."""
