@@ -363,7 +363,7 @@ def main(argv=None) -> int:
 
     with ThreadPoolExecutor(a.jobs) as pool:
         results = [r for r in pool.map(run_and_store, todo) if r is not None]
-    merged = with_twins(merge_results(store, results))
+    merged = with_twins(merge_results(store, []))  # every row is in already: the store as it stands
     for q in dict.fromkeys(r["question"] for r in results):
         print(f"## {q}\n\n{markdown(merged, q)}\n")
     return 0

@@ -266,6 +266,11 @@ class Schedule:
         a, s = self._take(t, x0, "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod")
         return a * eps - s * x0
 
+    def target(self, prediction: str, x0, t, eps):
+        """What a denoiser predicting ``prediction`` (epsilon, v or x0) learns for x_t = q_sample(x0, t, eps)."""
+        prediction = _checked(prediction)
+        return eps if prediction == "epsilon" else x0 if prediction == "sample" else self.v_target(x0, t, eps)
+
     # reverse process ----------------------------------------------------------------------
     def reverse(
         self,

@@ -128,14 +128,14 @@ def _plan(s: DistillSettings, objects: dict) -> _Plan:
     torch.manual_seed(s.seed)
     start = _fewstep_start(s, teacher) if few else None
     objective = _fewstep_objective(s, start) if few else None
-    fake_from = _fake_from(s, start) if few and s.fewstep_objective == "matching" else None
+    matching = few and s.fewstep_objective == "matching"
+    fake_from = _fake_from(s, start) if matching else None
     student = _few_step_student(s, start, teacher) if few else _student(s, teacher, data_name, teacher_ref,
                                                                           objects.get("student"))
     ruled, cfg = _decide_settings(s, teacher, student, few)
     ruled = {**({"fewstep_objective": objective} if objective else {}),
              **({"fake_from": fake_from} if fake_from else {}), **ruled}
     watch = monitor_config(s)
-    matching = few and s.fewstep_objective == "matching"
     if matching:  # no pool: the generator draws its own samples
         check_out(s)
         size, mem, prep, prep_batch, inherit_from, inherit_note = 0, 0, 0, 0, None, ""

@@ -154,8 +154,7 @@ class MatchingSource:
         predicts (epsilon, v or x0: a copy of the teacher predicts what the teacher does); its prediction
         before the step, detached."""
         pred = self.fake.net(x_t, t)[:, : x_t.shape[1]].float()
-        target = {"epsilon": noise, "sample": x0}.get(self.fake.prediction)
-        loss = F.mse_loss(pred, self.fake.schedule.v_target(x0, t, noise) if target is None else target)
+        loss = F.mse_loss(pred, self.fake.schedule.target(self.fake.prediction, x0, t, noise))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()

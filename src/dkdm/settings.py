@@ -14,8 +14,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
 
-from .choices import (DTYPES, FAKE_FROM, FEWSTEP_OBJECTIVES, FEWSTEP_PREDICTIONS, LR_DECAYS, MIXED_PRECISIONS, POOL_KINDS,
-                      PREDICTIONS, PREPARATIONS, SCHEDULES, VARIANCES)
+from .choices import (DTYPES, FAKE_FROM, FEWSTEP_OBJECTIVES, FEWSTEP_PREDICTIONS, LR_DECAYS, MIXED_PRECISIONS,
+                      POOL_KINDS, PREDICTIONS, PREPARATIONS, SCHEDULES, VARIANCES)
 from .errors import DkdmError
 
 #: Settings that suit each built-in data set (flags and --config override them).
