@@ -86,7 +86,9 @@ QUESTIONS = {
 #: the digits defaults and the flags given; "dit" is bench/quality/teachers.py's transformer teacher.
 TEACHERS = {"small": ("unet:widths=16-32,layers=2", 12000, []), "large": ("unet:widths=64-128,layers=2", 12000, []),
             "early": ("unet:widths=32-64,layers=2", 1500, []),
-            "dit": ("dit:patch=2,depth=4,width=128,heads=4", 6000, ["--lr", "1e-3", "--grad-clip", "0"])}
+            "dit": ("dit:patch=2,depth=4,width=128,heads=4", 6000, ["--lr", "1e-3", "--grad-clip", "0"]),
+            "dit-long": ("dit:patch=2,depth=4,width=128,heads=4", 12000,
+                         ["--lr", "1e-3", "--grad-clip", "0", "--lr-decay", "cosine"])}
 RHOS = (0.05, 0.1, 0.2, 0.4, 0.8)
 RHO_TEACHERS = {"0.23M": "@teacher:small", "0.92M (bundled)": "builtin:digits", "3.7M": "@teacher:large",
                 "0.92M at 1,500 steps (weaker)": "@teacher:early"}
@@ -99,6 +101,10 @@ QUESTIONS["teacher_families"] = {
     "DiT teacher -> unet (518k)": ["--teacher", "@teacher:dit", "--student=unet:widths=24-48,layers=2"],
     "DiT teacher -> uvit (517k)": ["--teacher", "@teacher:dit", UVIT],
     "DiT teacher -> ConvMixer by import path (554k)": ["--teacher", "@teacher:dit", CONVMIXER],
+    # the lever on the 1.5x target: the same transformer trained twice as long, its lr annealed
+    "DiT teacher, 12,000 steps -> unet (518k)": ["--teacher", "@teacher:dit-long",
+                                                   "--student=unet:widths=24-48,layers=2"],
+    "DiT teacher, 12,000 steps -> dit (its default student)": ["--teacher", "@teacher:dit-long"],
 }
 DATA_BASED = QUESTIONS["diversity"]["data-based, same network and budget"]
 QUESTIONS["ceiling"] = {
