@@ -137,7 +137,7 @@ def test_every_command_of_the_questions_runner_parses_and_names_what_it_builds(t
         assert cmd[1:3] == ["-m", "dkdm.cli"]
         parser.parse_args(cmd[3:])
     built = {cmd[-1] for cmd in inputs}
-    assert len(built) == len(inputs) == len(questions.TEACHERS) + 3 * 3  # 3 teachers, 3 set sizes x 3 seeds
+    assert len(built) == len(inputs) == len(questions.TEACHERS) + 3 * 3  # every teacher, 3 set sizes x 3 seeds
     named = {arg for cmd in runs for arg in cmd if arg.startswith(str(tmp_path / "teachers"))
              or arg.startswith(str(tmp_path / "synthetic"))}
     assert named == built

@@ -24,7 +24,9 @@ Questions:
       one) and 3.7M parameters, and the bundled architecture stopped early (1,500 steps: a weaker
       teacher), each distilled into its default student at rho 0.05 / 0.1 / 0.2 / 0.4 / 0.8.
   teacher_families: the teacher-family axis: a DiT teacher (bench/quality/teachers.py's) distilled into a
-      DiT, a UNet, a U-ViT and the ConvMixer by import path, each with no other flag.
+      DiT, a UNet, a U-ViT and the ConvMixer by import path, each with no other flag; and the same
+      transformer trained twice as long (12,000 steps, its lr annealed: a teacher as good as the
+      bundled UNet) distilled into the same four families.
   ceiling: DKDM at 1x / 2x / 4x the default budget, the same network trained on the real digits at
       the same budgets, and the data-free baseline (`dkdm synth` then `dkdm train`) on synthetic sets
       of 1x / 4x / 16x the real training set's 1,437 images, at the 4x budget.
@@ -105,6 +107,8 @@ QUESTIONS["teacher_families"] = {
     "DiT teacher, 12,000 steps -> unet (518k)": ["--teacher", "@teacher:dit-long",
                                                    "--student=unet:widths=24-48,layers=2"],
     "DiT teacher, 12,000 steps -> dit (its default student)": ["--teacher", "@teacher:dit-long"],
+    "DiT teacher, 12,000 steps -> uvit (517k)": ["--teacher", "@teacher:dit-long", UVIT],
+    "DiT teacher, 12,000 steps -> ConvMixer by import path (554k)": ["--teacher", "@teacher:dit-long", CONVMIXER],
 }
 DATA_BASED = QUESTIONS["diversity"]["data-based, same network and budget"]
 QUESTIONS["ceiling"] = {
