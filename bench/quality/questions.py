@@ -86,30 +86,25 @@ QUESTIONS = {
 
 #: Teachers a row may name as @teacher:NAME, trained once by `dkdm train --data digits` (seed 0) with
 #: the digits defaults and the flags given; "dit" is bench/quality/teachers.py's transformer teacher.
+DIT_TEACHER = ("dit:patch=2,depth=4,width=128,heads=4", ["--lr", "1e-3", "--grad-clip", "0"])
 TEACHERS = {"small": ("unet:widths=16-32,layers=2", 12000, []), "large": ("unet:widths=64-128,layers=2", 12000, []),
             "early": ("unet:widths=32-64,layers=2", 1500, []),
-            "dit": ("dit:patch=2,depth=4,width=128,heads=4", 6000, ["--lr", "1e-3", "--grad-clip", "0"]),
-            "dit-long": ("dit:patch=2,depth=4,width=128,heads=4", 12000,
-                         ["--lr", "1e-3", "--grad-clip", "0", "--lr-decay", "cosine"])}
+            "dit": (DIT_TEACHER[0], 6000, DIT_TEACHER[1]),
+            # the lever on the teacher-family axis's 1.5x target: the same transformer trained twice as long
+            "dit-long": (DIT_TEACHER[0], 12000, [*DIT_TEACHER[1], "--lr-decay", "cosine"])}
 RHOS = (0.05, 0.1, 0.2, 0.4, 0.8)
 RHO_TEACHERS = {"0.23M": "@teacher:small", "0.92M (bundled)": "builtin:digits", "3.7M": "@teacher:large",
                 "0.92M at 1,500 steps (weaker)": "@teacher:early"}
 QUESTIONS["rho"] = {f"teacher {name}, rho {rho:g}": ["--teacher", ref, "--rho", f"{rho:g}"]
                     for name, ref in RHO_TEACHERS.items() for rho in RHOS}
-#: The teacher-family axis: the transformer teacher distilled into each student family, no flag but the
+#: The teacher-family axis: each transformer teacher distilled into each student family, no flag but the
 #: student (its default student is a DiT at half its width); compared with the UNet teacher's rows.
-QUESTIONS["teacher_families"] = {
-    "DiT teacher -> dit (its default student)": ["--teacher", "@teacher:dit"],
-    "DiT teacher -> unet (518k)": ["--teacher", "@teacher:dit", "--student=unet:widths=24-48,layers=2"],
-    "DiT teacher -> uvit (517k)": ["--teacher", "@teacher:dit", UVIT],
-    "DiT teacher -> ConvMixer by import path (554k)": ["--teacher", "@teacher:dit", CONVMIXER],
-    # the lever on the 1.5x target: the same transformer trained twice as long, its lr annealed
-    "DiT teacher, 12,000 steps -> unet (518k)": ["--teacher", "@teacher:dit-long",
-                                                   "--student=unet:widths=24-48,layers=2"],
-    "DiT teacher, 12,000 steps -> dit (its default student)": ["--teacher", "@teacher:dit-long"],
-    "DiT teacher, 12,000 steps -> uvit (517k)": ["--teacher", "@teacher:dit-long", UVIT],
-    "DiT teacher, 12,000 steps -> ConvMixer by import path (554k)": ["--teacher", "@teacher:dit-long", CONVMIXER],
-}
+DIT_TEACHERS = {"DiT teacher": "@teacher:dit", "DiT teacher, 12,000 steps": "@teacher:dit-long"}
+DIT_TEACHERS_STUDENTS = {"dit (its default student)": [], "unet (518k)": ["--student=unet:widths=24-48,layers=2"],
+                         "uvit (517k)": [UVIT], "ConvMixer by import path (554k)": [CONVMIXER]}
+QUESTIONS["teacher_families"] = {f"{teacher} -> {student}": ["--teacher", ref, *flags]
+                                 for teacher, ref in DIT_TEACHERS.items()
+                                 for student, flags in DIT_TEACHERS_STUDENTS.items()}
 DATA_BASED = QUESTIONS["diversity"]["data-based, same network and budget"]
 QUESTIONS["ceiling"] = {
     **{f"DKDM, {k}x budget": [] if k == 1 else ["--steps", str(1200 * k)] for k in (1, 2, 4)},
