@@ -129,6 +129,23 @@ def test_fake_from_teacher_starts_the_fake_score_as_a_trainable_copy_of_the_teac
     assert not (tmp_path / "c").exists()
 
 
+def test_the_teachers_fake_score_copy_starts_from_its_full_precision_weights(tmp_path, toy_pair, monkeypatch):
+    """--fake-from teacher with --teacher-dtype bfloat16: the teacher runs with its weights rounded to
+    bfloat16 in place, but the fake score, which trains, starts from the teacher's float32 weights."""
+    import dkdm.matching as matching
+
+    teacher, student = toy_pair
+    starts = []
+    monkeypatch.setattr(matching.MatchingSource, "describe", lambda self: starts.append(
+        {k: v.clone() for k, v in self.fake.net.state_dict().items()}) or {"kind": "matching"})
+    assert main(_fewstep(teacher, student, tmp_path / "a", 2, "--fewstep-objective", "matching", "--fake-from",
+                         "teacher", "--teacher-dtype", "bfloat16")) == 0
+    full = load_model(teacher).net.state_dict()
+    assert all(v.dtype == torch.float32 for v in starts[0].values())
+    same(starts[0], full)
+    assert any(not torch.equal(v, v.bfloat16().float()) for v in full.values())  # rounding would have shown
+
+
 def load_matching_fake(run) -> dict:
     """The fake score's weights in a matching run's last checkpoint."""
     from safetensors.torch import load_file

@@ -78,12 +78,16 @@ def distillation(s: DistillSettings, progress: bool, objects: dict | None = None
 
 
 def _fake_score(s: DistillSettings, teacher):
-    """Matching's fake score: a float32 trainable copy of the DKDM student, or of the teacher (``--fake-from``)."""
+    """Matching's fake score: a float32 trainable copy of the DKDM student, or of the teacher (``--fake-from``),
+    loaded afresh: the run's teacher may hold weights rounded to --teacher-dtype, or compiled regions."""
     from .formats import load_model
+    from .objects import is_object_reference
 
     if s.fake_from == "student":
         return load_model(s.student, role="student").float()
-    fake = copy.deepcopy(teacher).set_inference_dtype("float32")
+    if not is_object_reference(s.teacher):
+        return load_model(s.teacher, role="teacher", config=s.teacher_config).float()
+    fake = copy.deepcopy(teacher).set_inference_dtype("float32")  # a Python object: as the run holds it
     fake.net.requires_grad_(True)
     return fake
 
