@@ -26,7 +26,7 @@ Questions:
   teacher_families: the teacher-family axis: a DiT teacher (bench/quality/teachers.py's) distilled into a
       DiT, a UNet, a U-ViT and the ConvMixer by import path, each with no other flag; and the same
       transformer trained twice as long (12,000 steps, its lr annealed: a teacher as good as the
-      bundled UNet) distilled into the same four families.
+      bundled UNet) distilled into the same four families, and its DiT student at twice its budget.
   ceiling: DKDM at 1x / 2x / 4x the default budget, the same network trained on the real digits at
       the same budgets, and the data-free baseline (`dkdm synth` then `dkdm train`) on synthetic sets
       of 1x / 4x / 16x the real training set's 1,437 images, at the 4x budget.
@@ -105,6 +105,10 @@ DIT_TEACHERS_STUDENTS = {"dit (its default student)": [], "unet (518k)": ["--stu
 QUESTIONS["teacher_families"] = {f"{teacher} -> {student}": ["--teacher", ref, *flags]
                                  for teacher, ref in DIT_TEACHERS.items()
                                  for student, flags in DIT_TEACHERS_STUDENTS.items()}
+#: the lever on the one cell the stronger teacher left above 1.5x: its DiT student at twice its default
+#: budget (6,000 steps, 5x a UNet's; its loss was still falling when the 3,000-step schedule ended)
+QUESTIONS["teacher_families"]["DiT teacher, 12,000 steps -> dit (its default student), 6,000 steps"] = [
+    "--teacher", DIT_TEACHERS["DiT teacher, 12,000 steps"], "--steps", "6000"]
 DATA_BASED = QUESTIONS["diversity"]["data-based, same network and budget"]
 QUESTIONS["ceiling"] = {
     **{f"DKDM, {k}x budget": [] if k == 1 else ["--steps", str(1200 * k)] for k in (1, 2, 4)},
