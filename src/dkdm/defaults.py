@@ -19,6 +19,8 @@ SAMPLES_PER_STEP_VALUE = 2.4
 MIN_STEPS, MAX_STEPS = 1000, 400_000
 #: The paper's batch and pool (CIFAR-10, 32x32 RGB: rho 0.4); a smaller sample keeps a pool of
 #: half the paper's (rho 0.2), the 25,600 entries that digits' pool had at batch 64 and rho 0.4.
+#: Measured (docs/questions.md, rho): for digits teachers of 0.23M / 0.92M / 3.7M the smallest pool with
+#: no measurable cost is rho 0.1 / 0.1-0.2 / 0.2, and no larger pool beat rho 0.2 beyond the seeds' spread.
 PAPER_BATCH, PAPER_SAMPLE, PAPER_RHO, SMALL_RHO = 128, 3 * 32 * 32, 0.4, 0.2
 #: Teacher steps of the sampler that draws each pool entry's x0 in sampled preparation (digits-FID
 #: of the teacher's K-step samples over 3 seeds: K = 10: 9.4, 25: 8.9, 100: 10.8; docs/results.md).
