@@ -74,6 +74,8 @@ QUESTIONS = {
         "ConvMixer (554k), a UNet's budget and lr": [CONVMIXER, *UNET_RULE],
         "dit (826k), a UNet's budget, lr 3e-3": [DIT, "--steps", "1200", "--lr", "3e-3"],
         "uvit (517k), a UNet's budget, lr 3e-3": [UVIT, "--steps", "1200", "--lr", "3e-3"],
+        # the DiT at the U-ViT's budget (5x a UNet's), as the stronger DiT teacher's DiT student was run
+        "dit (826k), 6,000 steps": [DIT, "--steps", "6000"],
     },
     "diversity": {
         "DKDM (default)": [],
