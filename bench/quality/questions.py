@@ -242,7 +242,7 @@ def markdown(results: list[dict], question: str) -> str:
         cells = [_mean_sd([r[k] for r in rs]) for k in KEYS]
         ratio = _mean_sd([r["digits_fid"] / r["teacher_fid"] if r["teacher_fid"] else None for r in rs])
         unet = f" {_mean_sd([r['digits_fid'] / first[r['seed']] for r in rs if r['seed'] in first])} |" if extra else ""
-        lines.append(f"| {row} | {', '.join(str(r['seed']) for r in rs)} | {cells[0]} |{unet} {ratio} | "
+        lines.append(f"| {row} | {', '.join(str(s) for s in sorted(r['seed'] for r in rs))} | {cells[0]} |{unet} {ratio} | "
                      + " | ".join(cells[1:]) + " |")
     return "\n".join(lines)
 
