@@ -16,7 +16,8 @@ Questions:
       in 0.01 / 0.1 / 1 (default) / 10, and lambda 1 without the stop-gradient on the mean.
   families: the default UNet student against a DiT, a U-ViT and a network named only by its import
       path (bench/quality/example_net.py), each at about the default student's size, no other flag
-      (the family rule: 2.5x the UNet's budget, 3x its lr); and each at the UNet's budget and lr.
+      (the family rule: 2.5x the UNet's budget, 3x its lr; 5x the budget for the U-ViT and the DiT,
+      whose 2.5x rows stay as run); and each at the UNet's budget and lr.
   diversity: the default DKDM student beside the same network trained on the real digits with the
       same budget and optimizer (`dkdm train`): do density, coverage and the class histogram see a
       difference that FID does not?
@@ -26,7 +27,8 @@ Questions:
   teacher_families: the teacher-family axis: a DiT teacher (bench/quality/teachers.py's) distilled into a
       DiT, a UNet, a U-ViT and the ConvMixer by import path, each with no other flag; and the same
       transformer trained twice as long (12,000 steps, its lr annealed: a teacher as good as the
-      bundled UNet) distilled into the same four families, and its DiT student at twice its budget.
+      bundled UNet) distilled into the same four families; the DiT student at 3,000 steps (the 2.5x
+      rule when they ran) and, for the stronger teacher, at 6,000 (the rule since).
   ceiling: DKDM at 1x / 2x / 4x the default budget, the same network trained on the real digits at
       the same budgets, and the data-free baseline (`dkdm synth` then `dkdm train`) on synthetic sets
       of 1x / 4x / 16x the real training set's 1,437 images, at the 4x budget.
@@ -65,8 +67,10 @@ QUESTIONS = {
     },
     "families": {
         "unet (default, 518k)": [],
-        "dit (826k)": [DIT],
-        "uvit (517k)": [UVIT],
+        # the DiT and U-ViT at their family rule (5x a UNet's budget: 6,000 steps) are the rows below;
+        # these two ran at the 2.5x rule of their day, pinned so that they rerun as recorded
+        "dit (826k), 3,000 steps (2.5x)": [DIT, "--steps", "3000"],
+        "uvit (517k), 3,000 steps (2.5x)": [UVIT, "--steps", "3000"],
         "ConvMixer by import path (554k)": [CONVMIXER],
         # before the family rule (defaults.CONV_FAMILIES): every family at the UNet's budget and rate
         "dit (826k), a UNet's budget and lr": [DIT, *UNET_RULE],
@@ -74,7 +78,7 @@ QUESTIONS = {
         "ConvMixer (554k), a UNet's budget and lr": [CONVMIXER, *UNET_RULE],
         "dit (826k), a UNet's budget, lr 3e-3": [DIT, "--steps", "1200", "--lr", "3e-3"],
         "uvit (517k), a UNet's budget, lr 3e-3": [UVIT, "--steps", "1200", "--lr", "3e-3"],
-        # the DiT at the U-ViT's budget (5x a UNet's), as the stronger DiT teacher's DiT student was run
+        # the DiT at 5x a UNet's budget, its family rule since 2026-12-07 (the flag as it was run)
         "dit (826k), 6,000 steps": [DIT, "--steps", "6000"],
     },
     "diversity": {
@@ -100,15 +104,17 @@ RHO_TEACHERS = {"0.23M": "@teacher:small", "0.92M (bundled)": "builtin:digits", 
 QUESTIONS["rho"] = {f"teacher {name}, rho {rho:g}": ["--teacher", ref, "--rho", f"{rho:g}"]
                     for name, ref in RHO_TEACHERS.items() for rho in RHOS}
 #: The teacher-family axis: each transformer teacher distilled into each student family, no flag but the
-#: student (its default student is a DiT at half its width); compared with the UNet teacher's rows.
+#: student (its default student is a DiT at half its width; its rows pin the 3,000 steps of the 2.5x rule
+#: they ran at); compared with the UNet teacher's rows.
 DIT_TEACHERS = {"DiT teacher": "@teacher:dit", "DiT teacher, 12,000 steps": "@teacher:dit-long"}
-DIT_TEACHERS_STUDENTS = {"dit (its default student)": [], "unet (518k)": ["--student=unet:widths=24-48,layers=2"],
+DIT_TEACHERS_STUDENTS = {"dit (its default student), 3,000 steps (2.5x)": ["--steps", "3000"],
+                         "unet (518k)": ["--student=unet:widths=24-48,layers=2"],
                          "uvit (517k)": [UVIT], "ConvMixer by import path (554k)": [CONVMIXER]}
 QUESTIONS["teacher_families"] = {f"{teacher} -> {student}": ["--teacher", ref, *flags]
                                  for teacher, ref in DIT_TEACHERS.items()
                                  for student, flags in DIT_TEACHERS_STUDENTS.items()}
-#: the lever on the one cell the stronger teacher left above 1.5x: its DiT student at twice its default
-#: budget (6,000 steps, 5x a UNet's; its loss was still falling when the 3,000-step schedule ended)
+#: the lever on the one cell the stronger teacher left above 1.5x: its DiT student at twice the 2.5x
+#: budget (6,000 steps, 5x a UNet's, the DiT rule since 2026-12-07; its loss was still falling at 3,000)
 QUESTIONS["teacher_families"]["DiT teacher, 12,000 steps -> dit (its default student), 6,000 steps"] = [
     "--teacher", DIT_TEACHERS["DiT teacher, 12,000 steps"], "--steps", "6000"]
 DATA_BASED = QUESTIONS["diversity"]["data-based, same network and budget"]

@@ -36,8 +36,11 @@ LR_MAX, LR_MIN, LR_PARAMS = 1e-3, 1e-4, 1_000_000
 CONV_FAMILIES = ("unet", "adm", "mlp")
 SLOW_BUDGET_FACTOR, SLOW_LR_FACTOR = 2.5, 3.0
 #: Families that need more than SLOW_BUDGET_FACTOR (docs/questions.md, 3 seeds each): the U-ViT scored
-#: 1.43 / 1.57 / 1.76x the UNet student at 2.5x its budget, 1.19 / 1.22 / 1.11x at 5x.
-FAMILY_BUDGET_FACTORS = {"uvit": 5.0}
+#: 1.43 / 1.57 / 1.76x the UNet student at 2.5x its budget, 1.19 / 1.22 / 1.11x at 5x; the DiT
+#: 1.39 / 1.69 / 1.24x at 2.5x, 1.17 / 1.20 / 0.93x at 5x (and better at 5x on each seed of a DiT
+#: teacher); its few-step generators, whose budget this doubles too, gained at 1 and 4 steps on each
+#: of 3 seeds and held at 2 in the mean (1.47x the teacher both; docs/few-step.md).
+FAMILY_BUDGET_FACTORS = {"uvit": 5.0, "dit": 5.0}
 EMA = 0.9999
 GRAD_CLIP = 1.0
 
@@ -55,7 +58,7 @@ def _millions(n: int) -> str:
 def step_budget(num_steps: int, sample_numel: int, batch: int, family: str = "unet") -> int:
     """Fixed training steps: SAMPLES_PER_STEP_VALUE * T * sample values / batch (times
     ``budget_factor(family)``), within [MIN_STEPS, MAX_STEPS]. Every diffusion step gets the same
-    number of training samples per value of a sample: 1,200 steps on digits at batch 128 (3,000 for
+    number of training samples per value of a sample: 1,200 steps on digits at batch 128 (6,000 for
     a DiT), 57,600 on CIFAR-10."""
     per_value = SAMPLES_PER_STEP_VALUE * budget_factor(family)
     return int(min(MAX_STEPS, max(MIN_STEPS, round(per_value * num_steps * sample_numel / batch))))
