@@ -80,6 +80,8 @@ QUESTIONS = {
         "uvit (517k), a UNet's budget, lr 3e-3": [UVIT, "--steps", "1200", "--lr", "3e-3"],
         # the DiT at 5x a UNet's budget, its family rule since 2026-12-07 (the flag as it was run)
         "dit (826k), 6,000 steps": [DIT, "--steps", "6000"],
+        # the U-ViT at its family rule (5x, since 2026-12-05; its three seeds were first run by hand)
+        "uvit (517k), 6,000 steps": [UVIT, "--steps", "6000"],
     },
     "diversity": {
         "DKDM (default)": [],
