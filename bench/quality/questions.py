@@ -55,6 +55,9 @@ KEYS = ("digits_fid", "precision", "recall", "density", "coverage", "class_tv")
 DIT, UVIT = "--student=dit:width=96,heads=3", "--student=uvit:width=72,heads=3,depth=7"
 CONVMIXER = "--student=example_net:ConvMixer:width=160,depth=8"
 UNET_RULE = ["--steps", "1200", "--lr", "1e-3"]
+#: digits step budgets of the non-convolutional families: 2.5x a UNet's (the rule until 2026-12-07 for the
+#: DiT, 2026-12-05 for the U-ViT; rows run under it pin it so they rerun as recorded) and 5x (the rule since)
+AT_2_5X, AT_5X = ["--steps", "3000"], ["--steps", "6000"]
 QUESTIONS = {
     "objective": {
         "lambda 1 (default)": [],
@@ -67,10 +70,9 @@ QUESTIONS = {
     },
     "families": {
         "unet (default, 518k)": [],
-        # the DiT and U-ViT at their family rule (5x a UNet's budget: 6,000 steps) are the rows below;
-        # these two ran at the 2.5x rule of their day, pinned so that they rerun as recorded
-        "dit (826k), 3,000 steps (2.5x)": [DIT, "--steps", "3000"],
-        "uvit (517k), 3,000 steps (2.5x)": [UVIT, "--steps", "3000"],
+        # run at the 2.5x rule of their day; the two families' 5x rule is the 6,000-step rows below
+        "dit (826k), 3,000 steps (2.5x)": [DIT, *AT_2_5X],
+        "uvit (517k), 3,000 steps (2.5x)": [UVIT, *AT_2_5X],
         "ConvMixer by import path (554k)": [CONVMIXER],
         # before the family rule (defaults.CONV_FAMILIES): every family at the UNet's budget and rate
         "dit (826k), a UNet's budget and lr": [DIT, *UNET_RULE],
@@ -79,9 +81,9 @@ QUESTIONS = {
         "dit (826k), a UNet's budget, lr 3e-3": [DIT, "--steps", "1200", "--lr", "3e-3"],
         "uvit (517k), a UNet's budget, lr 3e-3": [UVIT, "--steps", "1200", "--lr", "3e-3"],
         # the DiT at 5x a UNet's budget, its family rule since 2026-12-07 (the flag as it was run)
-        "dit (826k), 6,000 steps": [DIT, "--steps", "6000"],
+        "dit (826k), 6,000 steps": [DIT, *AT_5X],
         # the U-ViT at its family rule (5x, since 2026-12-05; its three seeds were first run by hand)
-        "uvit (517k), 6,000 steps": [UVIT, "--steps", "6000"],
+        "uvit (517k), 6,000 steps": [UVIT, *AT_5X],
     },
     "diversity": {
         "DKDM (default)": [],
@@ -109,7 +111,7 @@ QUESTIONS["rho"] = {f"teacher {name}, rho {rho:g}": ["--teacher", ref, "--rho", 
 #: student (its default student is a DiT at half its width; its rows pin the 3,000 steps of the 2.5x rule
 #: they ran at); compared with the UNet teacher's rows.
 DIT_TEACHERS = {"DiT teacher": "@teacher:dit", "DiT teacher, 12,000 steps": "@teacher:dit-long"}
-DIT_TEACHERS_STUDENTS = {"dit (its default student), 3,000 steps (2.5x)": ["--steps", "3000"],
+DIT_TEACHERS_STUDENTS = {"dit (its default student), 3,000 steps (2.5x)": AT_2_5X,
                          "unet (518k)": ["--student=unet:widths=24-48,layers=2"],
                          "uvit (517k)": [UVIT], "ConvMixer by import path (554k)": [CONVMIXER]}
 QUESTIONS["teacher_families"] = {f"{teacher} -> {student}": ["--teacher", ref, *flags]
@@ -118,7 +120,7 @@ QUESTIONS["teacher_families"] = {f"{teacher} -> {student}": ["--teacher", ref, *
 #: the lever on the one cell the stronger teacher left above 1.5x: its DiT student at twice the 2.5x
 #: budget (6,000 steps, 5x a UNet's, the DiT rule since 2026-12-07; its loss was still falling at 3,000)
 QUESTIONS["teacher_families"]["DiT teacher, 12,000 steps -> dit (its default student), 6,000 steps"] = [
-    "--teacher", DIT_TEACHERS["DiT teacher, 12,000 steps"], "--steps", "6000"]
+    "--teacher", DIT_TEACHERS["DiT teacher, 12,000 steps"], *AT_5X]
 DATA_BASED = QUESTIONS["diversity"]["data-based, same network and budget"]
 QUESTIONS["ceiling"] = {
     **{f"DKDM, {k}x budget": [] if k == 1 else ["--steps", str(1200 * k)] for k in (1, 2, 4)},
