@@ -166,22 +166,29 @@ def test_soak_ten_kills_at_random_moments_end_bit_identical(tmp_path, teacher):
     """SIGKILL at 10 random moments of one distillation (preparation, training, checkpoint writing,
     the final save), resumed each time: the result is the uninterrupted run's, bit for bit."""
     args = lambda *extra: prep_argv(teacher, tmp_path / "b", "--ckpt-every", "20", *extra, steps=400)  # noqa: E731
-    t0, prepared = time.time(), None
+    t0, preparing, prepared = time.time(), None, None
     proc = spawn(prep_argv(teacher, tmp_path / "a", "--ckpt-every", "20", steps=400))
-    while proc.poll() is None:  # when training's first checkpoint appears: the preparation is over
+    while proc.poll() is None:  # its first chunk saved: preparing; training's first checkpoint: prepared
+        if preparing is None and (tmp_path / "a" / "preparation").is_dir():
+            preparing = time.time() - t0
         if prepared is None and (tmp_path / "a" / "checkpoints").is_dir():
             prepared = time.time() - t0
         time.sleep(0.02)
-    assert proc.returncode == 0 and prepared is not None, proc.stderr.read()
+    assert proc.returncode == 0 and None not in (preparing, prepared), proc.stderr.read()
     whole = time.time() - t0
-    rng, phases = random.Random(0), []
+    rng, phases, out = random.Random(0), [], tmp_path / "b"
     while len(phases) < 10:
-        out = tmp_path / "b"
         resume = (out / "checkpoints").is_dir() or (out / "preparation").is_dir() or (out / "run.json").is_file()
         proc = spawn(args(*(["--resume"] if resume else [])))
-        # the first kill falls in the preparation, the others anywhere in what a resumed run has left (its
-        # start-up, training, checkpoints, the final save and report), up to the end
-        time.sleep(rng.uniform(0.5, prepared if not phases else whole - prepared + 2.0))
+        # Each phase is reached by watching the run, not by guessing how long this CPU takes to start a
+        # process: the first kill waits for the preparation's first saved chunk, then falls in the first half
+        # of what the rest of the preparation took uninterrupted; every other kill waits for training's first
+        # checkpoint, then falls in the first half of what the rest took (training, checkpoint writing, the
+        # final save and report).
+        mark, rest = ("preparation", prepared - preparing) if not phases else ("checkpoints", whole - prepared)
+        while not (out / mark).is_dir() and proc.poll() is None:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.5) * rest)
         if proc.poll() is not None:  # finished before the kill
             assert proc.returncode == 0, proc.stderr.read()
             break
