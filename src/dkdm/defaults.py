@@ -35,11 +35,9 @@ LR_MAX, LR_MIN, LR_PARAMS = 1e-3, 1e-4, 1_000_000
 #: tapering back to the rule by ~9M parameters (measured only below 1M).
 CONV_FAMILIES = ("unet", "adm", "mlp")
 SLOW_BUDGET_FACTOR, SLOW_LR_FACTOR = 2.5, 3.0
-#: Families that need more than SLOW_BUDGET_FACTOR (docs/questions.md, 3 seeds each): the U-ViT scored
-#: 1.43 / 1.57 / 1.76x the UNet student at 2.5x its budget, 1.19 / 1.22 / 1.11x at 5x; the DiT
-#: 1.39 / 1.69 / 1.24x at 2.5x, 1.17 / 1.20 / 0.93x at 5x (and better at 5x on each seed of a DiT
-#: teacher); its few-step generators, whose budget this doubles too, gained at 1 and 4 steps on each
-#: of 3 seeds and held at 2 in the mean (1.47x the teacher both; docs/few-step.md).
+#: Families that need more than SLOW_BUDGET_FACTOR: at 5x a UNet's budget the U-ViT and the DiT came
+#: from 1.59x / 1.44x to 1.16x / 1.10x the UNet student (mean of 3 seeds); the evidence, the few-step
+#: runs this doubles too, and the cost are in docs/defaults.md.
 FAMILY_BUDGET_FACTORS = {"uvit": 5.0, "dit": 5.0}
 EMA = 0.9999
 GRAD_CLIP = 1.0
